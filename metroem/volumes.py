@@ -212,7 +212,9 @@ def write_all_mips(
     num_mips = len(info.mips) if num_mips is None else num_mips
     k = 2 ** (num_mips - 1)
     if x0 % k or y0 % k:
-        raise MetroemError(f"offset ({x0}, {y0}) must be a multiple of {k} to write {num_mips} MIPs")
+        raise MetroemError(
+            f"offset ({x0}, {y0}) must be a multiple of {k} to write {num_mips} MIPs"
+        )
     x = data if isinstance(data, Tensor) else torch.from_numpy(np.asarray(data))
     for mip in range(num_mips):
         if mip > 0:
