@@ -40,8 +40,10 @@ def smooth_field(
     out = torch.empty(n, 2, h, w, dtype=torch.float64)
     for i in range(n):
         for ch in range(2):
-            out[i, ch] = a[i, ch] * torch.sin(xs / period + ph[i, ch, 0]) * torch.cos(
-                ys / period + ph[i, ch, 1]
+            out[i, ch] = (
+                a[i, ch]
+                * torch.sin(xs / period + ph[i, ch, 0])
+                * torch.cos(ys / period + ph[i, ch, 1])
             )
     return out.float()
 
@@ -334,7 +336,8 @@ def test_torchfields_interop_non_square(h, w):
     tf = fields.to_torchfields(f)
     assert type(tf).__name__ == "DisplacementField"
     assert torch.allclose(
-        torch.Tensor(tf.sample(img)).as_subclass(torch.Tensor), fields.warp_image(img, f),
+        torch.Tensor(tf.sample(img)).as_subclass(torch.Tensor),
+        fields.warp_image(img, f),
         atol=1e-5,
     )
     back = fields.from_torchfields(tf)
