@@ -497,7 +497,7 @@ def _probe(path: str, kind: str) -> tuple[_Layout, dict, np.ndarray, str]:
 
 
 def list_datasets(folder: str) -> list[DatasetSummary]:
-    """Summarise every image and field dataset file in ``folder`` (sorted by name).
+    """Summarise every image and field dataset file in ``folder`` (sorted by file name).
 
     Files whose names follow neither pattern are ignored; a file with a dataset name that cannot
     be read raises :class:`MetroemError`.
@@ -555,7 +555,7 @@ def _match_field(
 class PairDataset(torch.utils.data.Dataset):
     """Image pairs (and optionally fields) of one MIP from a dataset folder.
 
-    Item ``i`` is ``{"src": (1, S, S) float32, "tgt": (1, S, S) float32, "field": (2, S, S)
+    Files are ordered by (z, y, x, suffix). Item ``i`` is ``{"src": (1, S, S) float32, "tgt": (1, S, S) float32, "field": (2, S, S)
     float32 (only with ``field_stage``), "index": global pair index, "z": source z, "file":
     image file path}``. Images keep raw values (0 = no data). Files are opened lazily, once per
     process (so DataLoader workers never share a handle inherited through fork).
@@ -576,7 +576,10 @@ class PairDataset(torch.utils.data.Dataset):
         paths = _files(self.folder)
         images = [(p, parse_image_filename(p)) for p in paths]
         images = [(p, n) for p, n in images if n is not None]
-        chosen = [(p, n) for p, n in images if n.mip == self.mip]
+        chosen = sorted(
+            ((p, n) for p, n in images if n.mip == self.mip),
+            key=lambda pn: (pn[1].z, pn[1].y, pn[1].x, pn[1].suffix or ""),
+        )
         if not chosen:
             mips = sorted({n.mip for _, n in images})
             have = f"it has MIPs {mips}" if mips else "it has no image files x*_y*_z*_MIP*.h5"
