@@ -557,8 +557,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     Files are ordered by (z, y, x, suffix). Item ``i`` is ``{"src": (1, S, S) float32, "tgt":
     (1, S, S) float32, "field": (2, S, S) float32 (only with ``field_stage``), "index": global
-    pair index, "z": source z, "file": image file path}``. Images keep raw values (0 = no data). Files are opened lazily, once per
-    process (so DataLoader workers never share a handle inherited through fork).
+    pair index, "z": source z, "file": image file path}``. Images keep raw values (0 = no data).
+    Files are opened lazily, once per process (so DataLoader workers never share a handle
+    inherited through fork).
     ``indices`` restricts the dataset to those global pair indices (e.g. a train/val split).
     """
 
