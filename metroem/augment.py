@@ -392,18 +392,20 @@ def add_fold(batch: Batch, side: str, width: float, displacement: float, generat
     field is updated as for any source (``compose(d^-1, f)``) or target (``compose(f, d)``)
     warp. The zeroed band (half-width at least ``s/2 + 1.5``) covers the lost tissue.
     """
+    if side not in _SIDE_KEYS:
+        raise ValueError(f"side must be 'src' or 'tgt', got {side!r}")
     n, _, h, w = batch["src"].shape
     like = batch["src"]
     phi, normal = band(n, h, w, generator, like)
     s = _rand(n, generator, like).to(like.dtype) * displacement
+    if displacement <= 0:  # a flat fold: only the band, no resampling
+        return add_defect(batch, side, phi.abs() <= width / 2)
     shift = (s.view(n, 1) * normal).view(n, 2, 1, 1)
     d = shift * (phi > 0).to(like.dtype)
     if side == "src":
         out = warp_source(batch, d, inverse=-shift * (phi > s.view(n, 1, 1, 1) / 2).to(d))
-    elif side == "tgt":
-        out = warp_target(batch, d)
     else:
-        raise ValueError(f"side must be 'src' or 'tgt', got {side!r}")
+        out = warp_target(batch, d)
     half = torch.maximum(torch.full_like(s, width / 2), s / 2 + 1.5).view(n, 1, 1, 1)
     return add_defect(out, side, phi.abs() <= half)
 
