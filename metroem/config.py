@@ -428,9 +428,7 @@ def _optimizer_class(name: str) -> type:
     names = optimizer_names()
     match = [n for n in names if n.lower() == str(name).lower()]
     if not match:
-        raise MetroemError(
-            f"optimizer.name: unknown optimizer {name!r}; valid: {', '.join(names)}"
-        )
+        raise MetroemError(f"optimizer.name: unknown optimizer {name!r}; valid: {', '.join(names)}")
     return getattr(torch.optim, match[0])
 
 
@@ -438,9 +436,7 @@ def _check_optimizer(section: Mapping) -> None:
     cls = _optimizer_class(section["name"])
     params = section["params"]
     accepted = [
-        p
-        for p in list(inspect.signature(cls.__init__).parameters)[1:]
-        if p not in ("params", "lr")
+        p for p in list(inspect.signature(cls.__init__).parameters)[1:] if p not in ("params", "lr")
     ]
     for key in params:
         if key == "lr":

@@ -100,9 +100,9 @@ def parse_module_name(name: str) -> tuple[int, int, str] | None:
 
 def _looks_like_module(entry: Path) -> bool:
     """A folder meant as a module but misnamed: 'mip' in its name, or module files inside."""
-    return "mip" in entry.name.lower() or (entry / "create.py").exists() or (
-        entry / "model"
-    ).is_dir()
+    return (
+        "mip" in entry.name.lower() or (entry / "create.py").exists() or (entry / "model").is_dir()
+    )
 
 
 def _check_order(modules: list[ModuleInfo]) -> None:
