@@ -121,8 +121,8 @@ def restore_rng_states(states: Mapping) -> None:
 
 def _check_plain(value, where: str) -> None:
     """Raise TypeError unless ``value`` is tensors / plain values that weights_only can load."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
+        return  # exact types: str/int subclasses (e.g. torch's TorchVersion) do not load
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_plain(item, f"{where}[{i}]")
@@ -165,7 +165,7 @@ def save_training_state(
         "format": FORMAT,
         "version": VERSION,
         "metroem_version": metroem.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "step": int(step),
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -175,7 +175,15 @@ def save_training_state(
         "config": dict(config),
         "extra": dict(extra or {}),
     }
-    for key in ("scheduler", "rng", "data_state", "config", "extra"):
+    for key in (
+        "metroem_version",
+        "torch_version",
+        "scheduler",
+        "rng",
+        "data_state",
+        "config",
+        "extra",
+    ):
         _check_plain(state[key], key)
     path = Path(path)
     with atomic_path(str(path)) as tmp:
