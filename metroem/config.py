@@ -270,9 +270,9 @@ def _check_values(config: Mapping) -> None:
                 limits = _interval(lo, hi, lo_in, hi_in)
                 raise MetroemError(f"{path}: must be {limits}, got {value}")
     _check_optimizer(config["optimizer"])
-    for section in SECTION_MODULES:
+    for section in SECTION_MODULES:  # the section owner's own checks (validate or resolve)
         module = _section_module(section)
-        check = getattr(module, "validate", None) if module else None
+        check = getattr(module, "validate", None) or getattr(module, "resolve", None)
         if callable(check) and section in config:
             check(config[section])
 
