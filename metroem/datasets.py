@@ -298,12 +298,14 @@ def write_field_dataset(
 
 @dataclass
 class H5Data:
-    """A dataset file read into memory. ``data`` is ``(N, 2, S, S)`` in (y, x) layout."""
+    """A dataset file read into memory. ``data`` is ``(N, 2, S, S)`` in (y, x) layout, or None
+    when read with ``load_data=False`` (``shape`` is always set)."""
 
     path: str
-    data: np.ndarray
+    data: np.ndarray | None
     translation: np.ndarray  # (N, 2) int64, (x, y) MIP0 px
     attrs: dict = field(default_factory=dict)
+    shape: tuple[int, int, int, int] = (0, 2, 0, 0)
 
     @property
     def z(self) -> list[int]:
@@ -425,32 +427,39 @@ def _translation_of(f, path: str, layout: _Layout, recut: str) -> np.ndarray:
     return t.astype(np.int64)
 
 
-def _read(path: str, kind: str) -> H5Data:
+def _read(path: str, kind: str, load_data: bool) -> H5Data:
     path = os.path.abspath(os.path.expanduser(path))
     recut = RECUT_IMAGE if kind == "image" else RECUT_FIELD
     with _open(path, recut) as f:
         try:
             layout = _layout(f, path, kind)
-            data = _to_zyx(_read_array(f[layout.key], (), path, recut), layout)
+            data = None
+            if load_data:
+                data = _to_zyx(_read_array(f[layout.key], (), path, recut), layout)
             translation = _translation_of(f, path, layout, recut)
             attrs = _attrs_of(f, path, layout, kind)
         except (OSError, KeyError, RuntimeError) as e:
             raise MetroemError(f"{path} is corrupt ({_one_line(e)}); delete it and {recut}") from e
-    return H5Data(path=path, data=data, translation=translation, attrs=attrs)
+    shape = (layout.n, 2, layout.size, layout.size)
+    return H5Data(path=path, data=data, translation=translation, attrs=attrs, shape=shape)
 
 
-def read_image_dataset(path: str) -> H5Data:
-    """Read and validate an image pair file (ours or upstream). ``data`` keeps its dtype."""
-    return _read(path, "image")
+def read_image_dataset(path: str, load_data: bool = True) -> H5Data:
+    """Read and validate an image pair file (ours or upstream). ``data`` keeps its dtype.
+
+    ``load_data=False`` reads only attributes and translations (cheap, for checks).
+    """
+    return _read(path, "image", load_data)
 
 
-def read_field_dataset(path: str) -> H5Data:
+def read_field_dataset(path: str, load_data: bool = True) -> H5Data:
     """Read and validate a field file; ``data`` is float32 pixels at ``attrs["mip"]``."""
-    out = _read(path, "field")
+    out = _read(path, "field", load_data)
     for key in ("mip", "x_offset", "y_offset", "z"):
         if key not in out.attrs:
-            raise MetroemError(f"{path}: attribute {key!r} is missing; {RECUT_FIELD}")
-    out.data = out.data.astype(np.float32, copy=False)
+            raise MetroemError(f"{out.path}: attribute {key!r} is missing; {RECUT_FIELD}")
+    if out.data is not None:
+        out.data = out.data.astype(np.float32, copy=False)
     return out
 
 

@@ -168,7 +168,7 @@ def _field_translation(
     field_dset: str, zs: list[int], mips: list[int], sizes: list[int], cx: int, cy: int
 ) -> np.ndarray:
     """Validate ``field_dset`` against the requested cut; return its (N, 2) MIP0 translations."""
-    fd = datasets.read_field_dataset(field_dset)
+    fd = datasets.read_field_dataset(field_dset, load_data=False)  # attrs + translations
     name = os.path.basename(fd.path)
     if fd.z != zs:
         raise MetroemError(
@@ -180,7 +180,7 @@ def _field_translation(
         raise MetroemError(
             f"field dataset {name} is at MIP {fmip} but --mips is {mips}; include MIP {fmip}"
         )
-    fsize = fd.data.shape[-1]
+    fsize = fd.shape[-1]
     if sizes[mips.index(fmip)] != fsize:
         raise MetroemError(
             f"field dataset {name} has {fsize}px patches but the MIP {fmip} patch is "
@@ -477,7 +477,10 @@ def _image_parser() -> argparse.ArgumentParser:
         "--x_offset 200960 --y_offset 136448 --mip 3 5 --patch_size 1536 1536 --cv_path gs://b/img",
     )
     _common(p)
-    p.add_argument("--mips", "--mip", dest="mips", type=int, nargs="+", required=True)
+    p.add_argument(
+        "--mips", "--mip", dest="mips", type=int, nargs="+", required=True,
+        help="MIP(s) to cut, one file each",
+    )
     p.add_argument(
         "--patch_sizes", "--patch_size", dest="patch_sizes", type=int, nargs="+", required=True,
         help="pixels per side at each MIP (one value applies to all MIPs)",

@@ -160,6 +160,9 @@ def test_field_round_trip_exact(tmp_path, rng):
     np.testing.assert_array_equal(out.data, fld)  # bit-exact: no lossy compression
     np.testing.assert_array_equal(out.translation, t)
     assert out.attrs["stage"] == 0 and out.attrs["tag"] == "t" and out.attrs["kind"] == "field"
+    meta = D.read_field_dataset(path, load_data=False)
+    assert meta.data is None and meta.shape == (2, 2, 8, 8) and meta.z == [10, 11]
+    np.testing.assert_array_equal(meta.translation, t)
 
 
 def test_writer_refuses_overwrite_and_nan(tmp_path, rng):
