@@ -1,0 +1,161 @@
+"""Stage aligner network: shapes, saturated semantics, spec round trip, learning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metroem import fields, nets
+
+ISBI = "/work/shared/data/isbi/{:02d}.png"
+
+
+def _tiny(**over) -> dict:
+    base = dict(channels=[4, 8], local_radius=1, head_channels=4, global_radius=2)
+    base.update(over)
+    return nets.default_spec(**base)
+
+
+def _isbi(i: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(ISBI.format(i)))).float()[None, None]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (64, 64), (5, 90), (1, 1)])
+def test_output_shape_any_size(hw):
+    model = nets.build_model(nets.default_spec())
+    src = torch.randint(1, 255, (2, 1, *hw), dtype=torch.uint8)
+    out = model(src, src.clone())
+    assert out.shape == (2, 2, *hw) and out.dtype == torch.float32
+
+
+def test_identity_at_init_and_uint8_input():
+    model = nets.build_model(nets.default_spec())
+    src = torch.randint(1, 255, (1, 1, 40, 48), dtype=torch.uint8)
+    tgt = torch.randint(1, 255, (1, 1, 40, 48), dtype=torch.uint8)
+    out = model(src, tgt, tgt_agg_field=None, src_mask=None)  # corgie's extra kwargs ignored
+    assert out.abs().max() < 1e-6
+
+
+def test_saturated_output_is_compose_of_incoming_and_residual():
+    model = nets.build_model(_tiny())
+    with torch.no_grad():  # make the net non-trivial
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    src, tgt = torch.rand(2, 1, 24, 20) + 0.1, torch.rand(2, 1, 24, 20) + 0.1
+    t = 2 * torch.randn(2, 2, 1, 1).expand(2, 2, 24, 20).contiguous()
+    out = model(src, tgt, src_agg_field=t)
+    res = model(fields.warp_image(src, t), tgt)
+    assert res.abs().max() > 1e-3
+    assert torch.allclose(out, fields.compose(t, res), atol=1e-5)
+
+
+def test_no_data_returns_incoming_field():
+    model = nets.build_model(_tiny())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    agg = torch.randn(2, 2, 16, 16)
+    src = torch.zeros(2, 1, 16, 16)
+    src[1] = torch.rand(1, 16, 16) + 0.1
+    out = model(src, torch.rand(2, 1, 16, 16) + 0.1, src_agg_field=agg)
+    assert torch.equal(out[0], agg[0])  # item 0 has no data
+    assert model(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)).abs().max() == 0
+
+
+def test_spec_round_trip_and_json():
+    model = nets.build_model(_tiny(smooth_output=False, concat_features=True))
+    spec = json.loads(json.dumps(model.spec))
+    clone = nets.build_model(spec)
+    clone.load_state_dict(model.state_dict())
+    x, y = torch.rand(1, 1, 16, 16) + 0.1, torch.rand(1, 1, 16, 16) + 0.1
+    assert torch.equal(clone(x, y), model(x, y))
+    assert not hasattr(type(model), "train") or type(model).train is torch.nn.Module.train
+
+
+def test_bad_specs_raise_value_error_naming_the_key():
+    with pytest.raises(ValueError, match="chanels"):
+        nets.build_model({"chanels": [4]})
+    with pytest.raises(ValueError, match="finest_level"):
+        nets.default_spec(finest_level=9)
+    with pytest.raises(ValueError, match="local_radius"):
+        nets.default_spec(local_radius=[1, 2])
+
+
+def test_levels_shorthand_trims_per_level_lists():
+    spec = nets.default_spec(levels=3)
+    assert len(spec["channels"]) == 2 and len(spec["head_channels"]) == 3
+    assert nets.build_model(spec).num_levels == 3
+
+
+def test_gradients_reach_every_parameter():
+    model = nets.build_model(_tiny(concat_features=True))
+    with torch.no_grad():
+        model.global_head.gain.fill_(1.0)
+        for head in model.heads.values():
+            head.net[-1].weight.normal_(0, 0.1)
+    src, tgt = torch.rand(2, 1, 20, 20) + 0.1, torch.rand(2, 1, 20, 20) + 0.1
+    model(src, tgt).pow(2).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_count_parameters():
+    model = nets.build_model(_tiny())
+    assert nets.count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_soft_argmax_finds_the_peak_of_a_cost_volume():
+    r = 3
+    scores = torch.zeros(2, (2 * r + 1) ** 2)
+    scores[0, (2 + r) * (2 * r + 1) + (-1 + r)] = 1.0  # dy=2, dx=-1
+    scores[1, (0 + r) * (2 * r + 1) + (3 + r)] = 1.0  # dy=0, dx=3
+    t = nets.soft_argmax_translation(scores, r, temperature=20.0)
+    assert torch.allclose(t, torch.tensor([[-1.0, 2.0], [3.0, 0.0]]), atol=1e-3)
+    uniform = nets.soft_argmax_translation(torch.rand(1, 49), r, temperature=0.0)
+    assert uniform.abs().max() < 1e-5  # symmetric window, uniform weights -> no shift
+
+
+def test_global_head_recovers_integer_translation_of_features():
+    head = nets.GlobalTranslation(radius=4, temperature=20.0)
+    with torch.no_grad():
+        head.gain.fill_(1.0)
+    ft = torch.randn(1, 16, 24, 24)
+    fs = torch.roll(ft, shifts=(-2, 3), dims=(2, 3))  # fs[y, x] = ft[y + 2, x - 3]
+    # so fs(p + (dx=3, dy=-2)) = ft(p): the pull translation is (3, -2)
+    ones = torch.ones(1, 1, 24, 24)
+    t = head(ft, fs, ones, ones)
+    assert torch.allclose(t, torch.tensor([[3.0, -2.0]]), atol=0.05)
+
+
+def test_tiny_net_overfits_a_translated_pair():
+    img = _isbi(0)
+    tgt = img[..., 100:164, 100:164]
+    src = img[..., 97:161, 104:168]  # src(p + (-4, 3)) = tgt(p)
+    model = nets.build_model(nets.default_spec(levels=3, global_radius=2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tn = nets.normalize_image(tgt)[0]
+    sn = nets.normalize_image(src)[0]
+    losses = []
+    for _ in range(40):
+        warped = fields.warp_image(sn, model(src, tgt))
+        valid = ((warped != 0) & (tn != 0)).float()
+        loss = ((warped - tn) ** 2 * valid).sum() / valid.sum().clamp_min(1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1])
+    assert min(losses[-5:]) < 0.2 * losses[0]
+    with torch.no_grad():
+        t = fields.mean_translation(model(src, tgt)[..., 16:-16, 16:-16])[0]
+    assert (t - torch.tensor([-4.0, 3.0])).norm() < 0.75
