@@ -538,6 +538,7 @@ class _Entry:
     z: np.ndarray
     field_path: str | None = None
     field_layout: _Layout | None = None
+    translation: np.ndarray | None = None
 
 
 def _match_field(
@@ -566,7 +567,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     Files are ordered by (z, y, x, suffix). Item ``i`` is ``{"src": (1, S, S) float32, "tgt":
     (1, S, S) float32, "field": (2, S, S) float32 (only with ``field_stage``), "index": global
-    pair index, "z": source z, "file": image file path}``. Images keep raw values (0 = no data).
+    pair index, "z": source z, "file": image file path, "pair": index within that file,
+    "translation": (2,) int64 source-window translation in MIP0 px}``. Images keep raw values
+    (0 = no data).
     Files are opened lazily, once per process (so DataLoader workers never share a handle
     inherited through fork).
     ``indices`` restricts the dataset to those global pair indices (e.g. a train/val split).
@@ -579,7 +582,9 @@ class PairDataset(torch.utils.data.Dataset):
         field_stage: int | None = None,
         field_tag: str | None = None,
         indices: Sequence[int] | None = None,
+        suffix: str | None | bool = False,
     ):
+        """``suffix``: only image files with this suffix (None: only plain files; False: all)."""
         self.folder = os.path.abspath(os.path.expanduser(folder))
         self.mip = int(mip)
         self.field_stage = field_stage
@@ -587,7 +592,11 @@ class PairDataset(torch.utils.data.Dataset):
         images = [(p, parse_image_filename(p)) for p in paths]
         images = [(p, n) for p, n in images if n is not None]
         chosen = sorted(
-            ((p, n) for p, n in images if n.mip == self.mip),
+            (
+                (p, n)
+                for p, n in images
+                if n.mip == self.mip and (suffix is False or n.suffix == suffix)
+            ),
             key=lambda pn: (pn[1].z, pn[1].y, pn[1].x, pn[1].suffix or ""),
         )
         if not chosen:
@@ -607,6 +616,7 @@ class PairDataset(torch.utils.data.Dataset):
         for path, name in chosen:
             layout, attrs, translation, _ = _probe(path, "image")
             entry = _Entry(path, layout, np.asarray(attrs.get("z", np.arange(layout.n))))
+            entry.translation = np.asarray(translation, np.int64)
             if field_stage is not None:
                 fpath = _match_field(path, name, fields_by_key, int(field_stage), field_tag)
                 self._check_pair(entry, translation, fpath)
@@ -644,6 +654,10 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self._starts[-1] if self.indices is None else len(self.indices)
 
+    def image_files(self) -> list[str]:
+        """The image files this dataset reads, in pair order."""
+        return [e.path for e in self._entries]
+
     def _handle(self, path: str):
         pid = os.getpid()
         if self._pid != pid:  # new process (DataLoader worker): never reuse a parent's handle
@@ -673,6 +687,8 @@ class PairDataset(torch.utils.data.Dataset):
             "index": g,
             "z": int(entry.z[j]),
             "file": entry.path,
+            "pair": j,
+            "translation": torch.from_numpy(entry.translation[j].copy()),
         }
         if entry.field_path is not None:
             f = _read_array(

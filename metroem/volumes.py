@@ -49,21 +49,55 @@ class VolumeInfo:
     size: dict[int, tuple[int, int, int]]  # voxel extent (x, y, z), per MIP
 
 
-def open_volume(path: str, mip: int = 0, fill_missing: bool = True, **kwargs):
-    """Open a CloudVolume at ``mip`` with metroem's defaults (quiet, missing chunks read as 0)."""
+_OPEN: dict = {}  # (path, mip, options) -> CloudVolume; remote info files are fetched once
+_OPEN_MAX = 64
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
+
+
+def forget(path: str | None = None) -> None:
+    """Drop cached open volumes (all, or those of ``path``), e.g. after re-creating a layer."""
+    if path is None:
+        _OPEN.clear()
+        return
     path = normalize_path(path)
-    CloudVolume = _cloudvolume()
+    for key in [k for k in _OPEN if k[0] == path]:
+        del _OPEN[key]
+
+
+def open_volume(path: str, mip: int = 0, fill_missing: bool = True, **kwargs):
+    """Open a CloudVolume at ``mip`` with metroem's defaults (quiet, missing chunks read as 0).
+
+    Opened volumes are cached per (path, MIP, options) so a remote info file is read once.
+    """
+    path = normalize_path(path)
     if path.startswith("file://"):
         local = path[len("file://") :]
         if not os.path.exists(os.path.join(local, "info")):
+            _OPEN.pop(path, None)
             raise MetroemError(
                 f"no CloudVolume at {path}: {local}/info does not exist; check --cv_path "
                 "(create a demo volume with `metroem-demo-volume`)"
             )
+    key = (path, int(mip), bool(fill_missing), tuple(sorted(kwargs.items())))
+    vol = _OPEN.get(key)
+    if vol is None:
+        vol = _open_uncached(path, int(mip), fill_missing, **kwargs)
+        if len(_OPEN) >= _OPEN_MAX:
+            _OPEN.pop(next(iter(_OPEN)))
+        _OPEN[key] = vol
+    return vol
+
+
+def _open_uncached(path: str, mip: int, fill_missing: bool, **kwargs):
+    CloudVolume = _cloudvolume()
     try:
         info_vol = CloudVolume(path, mip=0, progress=False, fill_missing=fill_missing, **kwargs)
     except Exception as e:  # cloudvolume raises many types for a bad path
-        raise MetroemError(f"cannot open CloudVolume {path}: {e}") from e
+        raise MetroemError(f"cannot open CloudVolume {path}: {_one_line(e)}") from e
     available = [i for i in range(len(info_vol.info["scales"]))]
     if mip not in available:
         raise MetroemError(
@@ -126,6 +160,7 @@ def create_volume(
     )
     vol = CloudVolume(path, info=info, progress=False)
     vol.commit_info()
+    forget(path)
 
 
 def _bbox(vol, x0: int, y0: int, z0: int, width: int, height: int, nz: int):

@@ -1,0 +1,103 @@
+"""Multi-process training through torchrun: process group setup and the few collectives we need.
+
+A single process needs no torchrun: everything here degrades to no-ops when ``WORLD_SIZE`` is
+unset or 1. CPU uses the gloo backend, CUDA uses NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from metroem.errors import MetroemError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``cpu``, ``gpu``/``cuda`` (this process's GPU), ``cuda:N`` or ``N`` -> a torch.device.
+
+    Naming a GPU that is not there is a MetroemError, never a silent CPU fallback.
+    """
+    name = (device or "cpu").strip().lower()
+    if name == "cpu":
+        return torch.device("cpu")
+    if name in ("gpu", "cuda"):
+        index = local_rank
+    elif name.startswith("cuda:") and name[5:].isdigit():
+        index = int(name[5:])
+    elif name.isdigit():
+        index = int(name)
+    else:
+        raise MetroemError(f"unknown device {device!r}; use cpu, gpu, cuda:N or a GPU index N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise MetroemError(
+            f"device {device!r} asks for GPU {index} but {count} GPU(s) are visible; "
+            "use --device cpu or a visible GPU index"
+        )
+    return torch.device("cuda", index)
+
+
+def init(device: str | None = None) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group if launched by torchrun; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    info = DistInfo(rank=rank, world_size=world, local_rank=local)
+    dev = resolve_device(device, local)
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+    return info, dev
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_agree_finite(info: DistInfo, finite: bool, device: torch.device) -> bool:
+    """True only if every rank saw a finite loss and gradients.
+
+    All ranks call this every step, so a NaN on one rank makes every rank skip the same step and
+    the gradient all-reduce never waits on a rank that stepped out.
+    """
+    if not info.enabled:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() == 0.0)
+
+
+def mean_scalar(info: DistInfo, value: float, device: torch.device) -> float:
+    """Average a Python float over ranks (for logging)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / info.world_size
