@@ -669,7 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is not None and len(args.size) not in (1, 2):
         raise MetroemError("--size takes one value (square) or two (WIDTH HEIGHT)")
     size = None if args.size is None else (args.size * 2)[:2]
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     demo = build_demo_volume(
         args.out_dir,
         num_sections=args.num_sections,

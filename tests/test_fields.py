@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from metroem import fields
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread is faster (and fair to a shared CPU); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def smooth_image(h: int, w: int, n: int = 1, c: int = 1, seed: int = 0) -> torch.Tensor:
