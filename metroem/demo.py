@@ -562,6 +562,11 @@ def build_demo_volume(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        # Volumes opened (and cached) under the temporary or the replaced folder are stale now.
+        for name in LAYERS.values():
+            volumes.forget(str(tmp / name))
+            volumes.forget(str(out / name))
     if verbose:
         print(f"built in {time.time() - started:.1f} s", flush=True)
     return demo

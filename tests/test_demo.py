@@ -182,6 +182,7 @@ def test_refuses_to_overwrite_and_bad_input(tmp_path):
     with pytest.raises(MetroemError, match="already exists.*--overwrite"):
         demo.build_demo_volume(out, num_sections=1, size=64, num_mips=2)
     before = volumes.read(str(out / "image"), 0, 0, 0, 0, 64)
+    assert volumes.volume_info(str(out / "image")).size[0] == (64, 64, 1)
     demo.build_demo_volume(out, num_sections=2, size=64, num_mips=2, seed=9, overwrite=True)
     assert volumes.volume_info(str(out / "image")).size[0] == (64, 64, 2)
     assert not torch.equal(volumes.read(str(out / "image"), 0, 0, 0, 0, 64), before)
