@@ -1,4 +1,4 @@
-"""Packaging for metroem. Metadata lives in pyproject.toml; this file exists for tools that call setup.py."""
+"""Packaging for metroem; metadata lives in pyproject.toml (this file serves setup.py callers)."""
 from setuptools import setup
 
 setup()

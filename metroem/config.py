@@ -60,7 +60,6 @@ FREE = {"optimizer.params", "per_mip"}
 
 ENUMS = {
     "preset": PRESETS,
-    "data.supervised": ("none", "gt", "synthetic"),
     "schedule.name": ("none", "cosine", "step", "onecycle"),
 }
 
@@ -71,8 +70,6 @@ RANGES = [
     ("data.crop_size", 1, math.inf, True, False),
     ("data.num_workers", 0, math.inf, True, False),
     ("data.val_fraction", 0, 1, True, False),
-    ("data.synthetic.*", 0, math.inf, True, False),
-    ("data.synthetic.elastic_scale", 0, math.inf, False, False),
     ("optimizer.lr", 0, math.inf, False, False),
     ("schedule.warmup_steps", 0, math.inf, True, False),
     ("schedule.min_lr_ratio", 0, 1, True, True),

@@ -41,6 +41,15 @@ def _fresh_dir(out: str, resume: bool) -> None:
         json.dump({"started": time.time()}, f)
 
 
+def _load_volume(vol_dir: str) -> demo.DemoVolume:
+    """The DemoVolume described by an existing ``demo.json`` (for --resume)."""
+    with open(os.path.join(vol_dir, "demo.json")) as f:
+        meta = json.load(f)
+    keys = demo.DemoVolume.__dataclass_fields__
+    vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in keys}
+    return demo.DemoVolume(**vals)
+
+
 def copy_pyramid_definition(src: str, dst: str) -> list[modules.ModuleInfo]:
     """Copy a pyramid's module folders (spec + code, no weights) into ``dst``."""
     mods = modules.discover(src)
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     vol_dir, data_dir, pyr = (os.path.join(out, d) for d in ("volume", "data", "pyramid"))
     print(f"[1/4] building the demo volume in {vol_dir}", flush=True)
     if a.resume and os.path.exists(os.path.join(vol_dir, "demo.json")):
-        vol = demo.load_demo_volume(vol_dir)
+        vol = _load_volume(vol_dir)
     else:
         vol = demo.build_demo_volume(vol_dir, num_sections=a.num_sections, size=a.size,
                                      seed=a.seed, sections_dir=a.sections, overwrite=True)
@@ -138,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         train_args.append("--resume")
     results = train_cli.run(train_cli.build_parser().parse_args(train_args))
     print("[4/4] results: validation end-point error (median over tissue) vs ground truth")
-    print(f"  {'stage':>5} {'MIP':>3} {'before (px)':>12} {'after (px)':>11} {'after (MIP0 px)':>16}")
+    header = ("stage", "MIP", "before (px)", "after (px)", "after (MIP0 px)")
+    print("  {:>5} {:>3} {:>12} {:>11} {:>16}".format(*header))
     for r in results:
         epe = r.val.get("epe_median", float("nan"))
         print(f"  {r.stage:>5} {r.mip:>3} {base[r.mip]:>12.3f} {epe:>11.3f} "

@@ -91,7 +91,7 @@ def test_overrides_as_strings_or_mapping():
     [
         (["train.steps=ten"], "train.steps: expected int, got str 'ten'"),
         (["train.steps=2.5"], "train.steps: expected int, got float 2.5"),
-        (["data.supervised=true"], "data.supervised: expected str, got bool True"),
+        (["schedule.name=true"], "schedule.name: expected str, got bool True"),
         (["train.nan_policy=3"], "train.nan_policy: expected dict, got int 3"),
         (["augment.wrap.p=1"], "unknown key 'augment.wrap' (did you mean 'warp'?)"),
         (["masks.valid_mi=3"], "unknown key 'masks.valid_mi' (did you mean 'valid_min'?)"),

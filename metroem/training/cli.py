@@ -23,7 +23,7 @@ import time
 
 from metroem import config as config_mod
 from metroem import modules
-from metroem.errors import MetroemError, cli_errors
+from metroem.errors import cli_errors
 from metroem.generate import generate_fields
 from metroem.training import distributed as dist
 from metroem.training.engine import StageResult, StopRequested, env_summary, train_stage

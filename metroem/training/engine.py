@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from metroem import augment as augment_mod
 from metroem import config as config_mod
-from metroem import losses, masks, modules, nets
+from metroem import losses, modules, nets
 from metroem.errors import MetroemError
 from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
@@ -89,7 +89,7 @@ def _epe(pred: Tensor, gt: Tensor, valid: Tensor | None) -> Tensor:
 
 
 @torch.no_grad()
-def validate(model, loader_items, loss_fn, mask_section, device) -> dict[str, float]:
+def validate(model, loader_items, loss_for, device) -> dict[str, float]:
     """Mean loss terms and EPE percentiles (where ground truth exists) over validation pairs."""
     model.eval()
     sums: dict[str, float] = {}
@@ -98,8 +98,7 @@ def validate(model, loader_items, loss_fn, mask_section, device) -> dict[str, fl
     for item in loader_items:
         b = _to({k: v.unsqueeze(0) for k, v in item.items() if isinstance(v, Tensor)}, device)
         pred = model(b["src"], b["tgt"], src_agg_field=b.get("src_agg_field"))
-        weights = masks.build_masks(mask_section, b["src"], b["tgt"], pred)
-        _, terms = loss_fn(b["src"], b["tgt"], pred, gt_field=b.get("field"), **weights)
+        _, terms = loss_for(b)(b["src"], b["tgt"], pred, gt_field=b.get("field"))
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if "field" in b:
@@ -148,7 +147,7 @@ def train_stage(
     # --- data ------------------------------------------------------------------------------
     base = stage_dataset(dataset_path, module.mip, prev, checkpoint_name)
     train_idx, val_idx = split_indices(len(base), float(dcfg["val_fraction"]), seed)
-    crop = config_mod.crop_for(cfg, module.mip)
+    crop = int(dcfg["crop_size"])
     stream = BatchStream(
         CropDataset(base, train_idx, crop, seed),
         batch_size=int(dcfg["batch_size"]),
@@ -157,14 +156,14 @@ def train_stage(
         world_size=info.world_size,
         num_workers=int(dcfg["num_workers"]),
     )
-    val_crop = config_mod.val_crop_for(cfg, module.mip)
+    val_crop = 2 * crop
     val_items = [_center_crop(base[i], val_crop) for i in val_idx] if info.is_main else []
 
     # --- model, optimiser, schedule ---------------------------------------------------------
     spec, _ = modules.read_spec(module.path)
     model = nets.build_model(spec)
     weights = modules.weights_path(module.path, checkpoint_name)
-    state_path = ckpt.state_path(module.path, checkpoint_name)
+    state_path = ckpt.training_state_path(module.path, checkpoint_name)
     if mode == "finetune" and not resume:
         start = _finetune_source(module.path, checkpoint_name)
         if start is None:
@@ -174,21 +173,30 @@ def train_stage(
             )
         modules.load_state_dict(model, torch.load(start, weights_only=True), str(start))
     model.to(device).train()
-    optimizer = config_mod.build_optimizer(cfg, model.parameters())
-    scheduler = config_mod.build_scheduler(cfg, optimizer)
+    optimizer = config_mod.build_optimizer(model.parameters(), cfg)
+    scheduler = config_mod.build_scheduler(optimizer, cfg)
     steps = int(tcfg["steps"])
     step, skipped = 0, 0
     if resume and state_path.exists():
-        restored = ckpt.load_training_state(state_path, model, optimizer, scheduler, device=device)
-        step = int(restored["step"])
-        skipped = int(restored.get("extra", {}).get("skipped", 0))
-        stream.load_state(restored.get("data_state") or {})
+        restored = ckpt.load_training_state(
+            state_path, model, optimizer, scheduler, map_location=device
+        )
+        step = int(restored.step)
+        skipped = int((restored.extra or {}).get("skipped", 0))
+        stream.load_state(restored.data_state or {})
         logger.message(f"stage {module.stage}: resumed at step {step} from {state_path}")
     elif resume:
         logger.message(f"stage {module.stage}: no training state at {state_path}; starting fresh")
     net = DistributedDataParallel(model) if info.enabled else model
 
-    loss_fn = losses.build_loss(cfg["loss"])
+    # Batches with a known field (ground truth or synthetic same-section pairs) get the
+    # supervised term; the others are trained self-supervised only.
+    loss_sup = losses.build_loss(cfg["loss"], cfg["masks"])
+    loss_self = losses.build_loss({**cfg["loss"], "supervised_weight": 0.0}, cfg["masks"])
+
+    def loss_for(batch: dict):
+        return loss_sup if "field" in batch else loss_self
+
     aug = augment_mod.build_augment(cfg["augment"])
     max_skips = int(tcfg["nan_policy"]["max_skips"])
     clip = float(tcfg["grad_clip"])
@@ -214,12 +222,12 @@ def train_stage(
         while step < steps:
             # One step: data -> augment -> forward -> loss -> (finite?) -> backward -> step.
             batch = _to(next(stream), device)
-            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step * 97 + info.rank)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + info.rank)
             batch = aug(batch, gen)
             pred = net(batch["src"], batch["tgt"], src_agg_field=batch.get("src_agg_field"))
-            weights_ = masks.build_masks(cfg["masks"], batch["src"], batch["tgt"], pred)
-            total, terms = loss_fn(
-                batch["src"], batch["tgt"], pred, gt_field=batch.get("field"), **weights_
+            total, terms = loss_for(batch)(
+                batch["src"], batch["tgt"], pred, gt_field=batch.get("field"),
+                src_mask=batch.get("src_defects"), tgt_mask=batch.get("tgt_defects"),
             )
             optimizer.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(total))
@@ -250,9 +258,11 @@ def train_stage(
 
             if step % log_every == 0 or step == steps:
                 dt = time.time() - t_last
-                values = {k: dist.mean_scalar(info, float(v), device) for k, v in terms.items()}
+                values = {
+                    k: dist.mean_scalar(info, float(v.detach()), device) for k, v in terms.items()
+                }
                 values.update(
-                    loss=dist.mean_scalar(info, float(total), device),
+                    loss=dist.mean_scalar(info, float(total.detach()), device),
                     lr=optimizer.param_groups[0]["lr"],
                     grad_norm=float(gnorm),
                     samples_per_s=samples / max(dt, 1e-9),
@@ -265,7 +275,7 @@ def train_stage(
                 logger.panel(step, "train/pair", batch["src"][0, 0], batch["tgt"][0, 0],
                              pred[0].detach())
             if info.is_main and val_items and (step % val_every == 0 or step == steps):
-                val_metrics = validate(model, val_items, loss_fn, cfg["masks"], device)
+                val_metrics = validate(model, val_items, loss_for, device)
                 logger.scalars(step, val_metrics, prefix="val/")
                 v0 = _center_crop(val_items[0], None)
                 with torch.no_grad():
@@ -283,7 +293,7 @@ def train_stage(
             if stop.requested:
                 save()
                 logger.end_stage()
-                raise StopRequested(f"stopped at step {step}; checkpoint written, --resume continues")
+                raise StopRequested(f"stopped at step {step}; checkpoint written; --resume goes on")
     save(final=True)
     dist.barrier(info)
     logger.end_stage()
