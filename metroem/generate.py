@@ -141,3 +141,26 @@ def _recut_images(data, summary, field_path, tag, t0, mip, dataset_path) -> None
     datasets.write_image_dataset(
         path, shifted, attrs, translation=t0.long().numpy(), overwrite=True
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``metroem generate``: write the fields (and re-cut images) after a trained stage."""
+    import argparse
+
+    from metroem.errors import cli_errors
+    from metroem.training.distributed import resolve_device
+
+    p = argparse.ArgumentParser(prog="metroem generate", description=__doc__.splitlines()[0])
+    p.add_argument("--pyramid_path", required=True)
+    p.add_argument("--dataset_path", required=True)
+    p.add_argument("--checkpoint_name", required=True)
+    p.add_argument("--stage", type=int, required=True, help="run stages up to this one")
+    p.add_argument("--device", default="cpu")
+
+    @cli_errors
+    def run(args) -> int:
+        generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name, args.stage,
+                        device=resolve_device(args.device))
+        return 0
+
+    return run(p.parse_args(argv))

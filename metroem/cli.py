@@ -1,0 +1,54 @@
+"""``metroem <command> ...``: one entry point for every command-line tool.
+
+Each command lives in its own module with a ``main(argv)``; this file only dispatches, so
+``metroem align ...`` is the same as ``python -m metroem.align ...``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("metroem.demo_pipeline:main", "run the whole pipeline on the built-in demo stack"),
+    "demo-volume": ("metroem.demo:main", "build a misaligned demo CloudVolume with ground truth"),
+    "download-image": ("metroem.download:download_image_main", "cut image pairs into h5"),
+    "download-field": ("metroem.download:download_field_main", "cut a field volume into h5"),
+    "train": ("metroem.training.cli:main", "train a pyramid stage by stage"),
+    "generate": ("metroem.generate:main", "generate the fields that feed the next stage"),
+    "align": ("metroem.align:main", "align images or a CloudVolume z range, tile by tile"),
+    "export": ("metroem.export:main", "export a pyramid as one TorchScript file"),
+    "eval": ("metroem.eval.cli:main", "measure alignment quality, compare baselines, report"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: metroem <command> [options]", "", "commands:"]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`metroem <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func = COMMANDS[name][0].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"error: command {name!r} is not available in this install", file=sys.stderr)
+            return 2
+        raise
+    result = getattr(module, func)(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
