@@ -47,7 +47,7 @@ _DEFAULTS: dict = {
     "global_radius": 4,  # its search radius, in coarsest-level pixels
     "global_temperature": 5.0,  # initial softmax temperature on standardised scores (learned)
     "local_radius": [1, 1, 2, 2, 2],  # local correlation radius per level 0..L (or one int)
-    "head_channels": [8, 8, 16, 16, 16],  # residual head hidden channels per level 0..L (or int)
+    "head_channels": [8, 8, 12, 16, 16],  # residual head hidden channels per level 0..L (or int)
     "concat_features": False,  # also feed target + warped source features to the heads
     "smooth_output": True,  # Gaussian-blur each residual (cuts folds)
     "smooth_sigma": 1.0,  # its standard deviation, in pixels of the level
@@ -173,7 +173,9 @@ def soft_argmax_translation(scores: Tensor, radius: int, temperature: Tensor | f
     ``scores`` is ``(N, (2r+1)^2)`` ordered like :func:`local_correlation`. Standardising the
     scores per item makes the temperature independent of the feature scale.
     """
-    z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+    centred = scores - scores.mean(1, keepdim=True)
+    # sqrt(var + eps) keeps the gradient bounded when all scores are (nearly) equal.
+    z = centred / torch.sqrt((centred**2).mean(1, keepdim=True) + 1e-6)
     prob = torch.softmax(z * temperature, dim=1)
     d = torch.arange(-radius, radius + 1, device=scores.device, dtype=scores.dtype)
     dy, dx = torch.meshgrid(d, d, indexing="ij")
@@ -195,7 +197,7 @@ def _gaussian_kernel(sigma: float) -> Tensor:
 class Encoder(nn.Module):
     """Siamese feature pyramid. Level 0 is the normalised image itself (no full-resolution
     convolutions: they dominate CPU time); level ``i >= 1`` has ``channels[i - 1]`` channels at
-    1/2^i resolution. Level 1 starts from a lossless 2x2 space-to-depth of (image, validity).
+    1/2^i resolution. Level 1 starts with a 4x4 stride-2 conv of (image, validity).
     """
 
     def __init__(self, channels: list[int]):
@@ -203,8 +205,7 @@ class Encoder(nn.Module):
         c0 = channels[0]
         blocks = [
             nn.Sequential(
-                nn.PixelUnshuffle(2),
-                nn.Conv2d(8, c0, 3, padding=1),
+                nn.Conv2d(2, c0, 4, stride=2, padding=1),
                 _act(),
                 nn.Conv2d(c0, c0, 3, padding=1),
                 _act(),
@@ -246,13 +247,14 @@ class GlobalTranslation(nn.Module):
 
     def forward(self, ft: Tensor, fs: Tensor, vt: Tensor, vs: Tensor) -> Tensor:
         n, c, h, w = ft.shape
-        k, r = (2 * self.radius + 1) ** 2, self.radius
-        # unfold lists, for each pixel p, the values at p + d for every shift d (row-major).
-        fs_u = F.unfold(F.normalize(fs, dim=1), 2 * r + 1, padding=r).view(n, c, k, h * w)
-        vs_u = F.unfold(vs, 2 * r + 1, padding=r).view(n, k, h * w)
-        cos = (F.normalize(ft, dim=1).view(n, c, 1, h * w) * fs_u).sum(1)  # (n, k, hw)
-        m = vt.view(n, 1, h * w) * vs_u
-        scores = (cos * m).sum(2) / m.sum(2).clamp_min(1)
+        r = self.radius
+        # Summing tgt(p) * src(p + d) over p for every shift d is a cross-correlation of the
+        # padded source with the target as kernel: one grouped conv per item.
+        kern = (F.normalize(ft, dim=1) * vt).reshape(n, c, h, w)
+        inp = F.pad(F.normalize(fs, dim=1) * vs, (r, r, r, r)).reshape(1, n * c, h + 2 * r, -1)
+        total = F.conv2d(inp, kern, groups=n).reshape(n, -1)
+        count = F.conv2d(F.pad(vs, (r, r, r, r)).reshape(1, n, h + 2 * r, -1), vt, groups=n)
+        scores = total / count.reshape(n, -1).clamp_min(1)
         t = soft_argmax_translation(scores, r, self.log_temperature.exp())
         return t * self.gain
 

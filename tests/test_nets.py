@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +30,13 @@ def _isbi(i: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    # Tiny tensors: one thread is faster and does not stall when the CPUs are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("hw", [(37, 53), (64, 64), (5, 90), (1, 1)])
@@ -109,6 +118,18 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_gradients_finite_with_a_no_data_item():
+    model = nets.build_model(_tiny())
+    with torch.no_grad():
+        model.global_head.gain.fill_(1.0)
+    src = torch.rand(2, 1, 16, 16) + 0.1
+    src[0] = 0
+    out = model(src, torch.rand(2, 1, 16, 16) + 0.1, src_agg_field=torch.zeros(2, 2, 16, 16))
+    out.sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
 def test_count_parameters():
     model = nets.build_model(_tiny())
     assert nets.count_parameters(model) == sum(p.numel() for p in model.parameters())
@@ -159,3 +180,26 @@ def test_tiny_net_overfits_a_translated_pair():
     with torch.no_grad():
         t = fields.mean_translation(model(src, tgt)[..., 16:-16, 16:-16])[0]
     assert (t - torch.tensor([-4.0, 3.0])).norm() < 0.75
+
+
+def test_frozen_copy_loads_without_metroem(tmp_path):
+    """A module folder's frozen copies of fields.py + nets.py work with metroem unimportable."""
+    pkg = tmp_path / "frozen"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("fields.py", "nets.py"):
+        shutil.copy(Path(nets.__file__).with_name(name), pkg / name)
+    model = nets.build_model(_tiny())
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "spec.json").write_text(json.dumps(model.spec))
+    code = (
+        "import sys, json, torch; sys.modules['metroem'] = None\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from frozen import nets\n"
+        f"m = nets.build_model(json.load(open({str(tmp_path / 'spec.json')!r})))\n"
+        f"m.load_state_dict(torch.load({str(tmp_path / 'w.pt')!r}))\n"
+        "print(tuple(m(torch.ones(1, 1, 9, 9), torch.ones(1, 1, 9, 9)).shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 2, 9, 9)"
