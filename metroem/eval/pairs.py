@@ -1,0 +1,175 @@
+"""Benchmark pairs with known answers, built from real sections with fixed seeds.
+
+Two kinds of pair, at several difficulties (:data:`DIFFICULTIES`):
+
+* ``same``: a deformed, noisy copy of section z against section z. The ground-truth field is
+  known exactly (``invert(d)`` for the deformation ``d``, see :func:`metroem.synth.deformed_pair`),
+  so end-point error (EPE) measures accuracy.
+* ``neighbour``: section z, deformed, against section z-1. The true field between neighbours is
+  unknown, but the synthetic part is: a method's field on the deformed pair should equal
+  ``compose(h, f0)`` where ``f0`` is its field on the undeformed pair and ``h = invert(d)``
+  (:func:`metroem.eval.metrics.equivariance_target`). That gap is the equivariance EPE.
+
+Sections come from a folder of images (default: the ISBI ssTEM stack at
+``<repo>/../shared/data/isbi``); everything else is drawn from seeds, so a pair list is the same
+on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metroem import fields, synth
+from metroem.errors import MetroemError
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "DIFFICULTIES",
+    "DEFAULT_DATA",
+    "BenchmarkPair",
+    "default_data_dir",
+    "load_stack",
+    "make_pairs",
+    "gt_valid_mask",
+    "deformed_field_check",
+]
+
+# Deformation of the source at each difficulty, in pixels of the 512 x 512 sections.
+DIFFICULTIES: dict[str, synth.DeformationSpec] = {
+    "shift8": synth.DeformationSpec(translation=8),
+    "shift48": synth.DeformationSpec(translation=48),
+    "affine": synth.DeformationSpec(translation=8, rotation_deg=3, scale=0.04, shear=0.03),
+    "elastic": synth.DeformationSpec(
+        translation=8, rotation_deg=3, scale=0.04, shear=0.03, elastic=3.0, elastic_scale=96
+    ),
+}
+NOISE_STD = 8.0  # grey levels of Gaussian noise added to same-section sources (uint8 scale)
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "isbi"
+
+
+@dataclass
+class BenchmarkPair:
+    """One benchmark pair; images ``(H, W)`` float32 with raw values, 0 = no data.
+
+    ``gt`` (``(2, H, W)``) is the field aligning ``src`` to ``tgt`` for ``same`` pairs. For
+    ``neighbour`` pairs ``src_undeformed`` is section z itself and ``h = invert(d)`` undoes the
+    deformation, for the equivariance check; ``gt`` is None.
+    """
+
+    kind: str
+    difficulty: str
+    z: int
+    src: Tensor
+    tgt: Tensor
+    deformation: Tensor
+    h: Tensor
+    gt: Tensor | None = None
+    src_undeformed: Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.difficulty}_z{self.z:02d}"
+
+
+def default_data_dir() -> Path:
+    """``$METROEM_BENCH_DATA`` if set, else ``<repo>/../shared/data/isbi``."""
+    env = os.environ.get("METROEM_BENCH_DATA")
+    return Path(env) if env else DEFAULT_DATA
+
+
+def load_stack(data_dir: str | os.PathLike | None = None, num_sections: int | None = None) -> Tensor:
+    """The benchmark sections as ``(Z, H, W)`` float32 (values >= 1; 0 stays reserved)."""
+    from metroem.demo import load_sections
+
+    folder = Path(data_dir) if data_dir is not None else default_data_dir()
+    if not folder.is_dir():
+        raise MetroemError(
+            f"benchmark sections not found at {folder}; pass --data DIR (a folder of consecutive "
+            "section images) or set METROEM_BENCH_DATA"
+        )
+    stack = load_sections(folder, num_sections)
+    if stack.shape[0] < 2:
+        raise MetroemError(f"{folder} has {stack.shape[0]} section(s); neighbour pairs need >= 2")
+    return stack[:, 0].float()
+
+
+def _seed(kind: str, difficulty: str, z: int, seed: int) -> int:
+    k = 0 if kind == "same" else 1
+    d = list(DIFFICULTIES).index(difficulty)
+    return seed * 1_000_003 + k * 10_007 + d * 101 + z
+
+
+def _one(stack: Tensor, kind: str, difficulty: str, z: int, seed: int, crop: int | None):
+    gen = torch.Generator().manual_seed(_seed(kind, difficulty, z, seed))
+    section = stack[z]
+    target = section if kind == "same" else stack[z - 1]
+    if crop is not None:
+        section, target = section[:crop, :crop], target[:crop, :crop]
+    h, w = section.shape
+    d = synth.random_field(1, h, w, DIFFICULTIES[difficulty], generator=gen)
+    src, h_field = synth.deformed_pair(section[None, None], d)
+    src = src[0, 0]
+    if kind == "same":
+        noise = torch.randn(src.shape, generator=gen) * NOISE_STD
+        src = torch.where(src != 0, (src + noise).clamp(1, 255), torch.zeros_like(src))
+    return BenchmarkPair(
+        kind=kind,
+        difficulty=difficulty,
+        z=z,
+        src=src,
+        tgt=target.clone(),
+        deformation=d[0],
+        h=h_field[0],
+        gt=h_field[0] if kind == "same" else None,
+        src_undeformed=section.clone() if kind == "neighbour" else None,
+    )
+
+
+def make_pairs(
+    stack: Tensor,
+    difficulties: list[str] | None = None,
+    per_difficulty: int = 3,
+    kinds: tuple[str, ...] = ("same", "neighbour"),
+    seed: int = 0,
+    crop: int | None = None,
+) -> list[BenchmarkPair]:
+    """``per_difficulty`` pairs of each kind at each difficulty, on evenly spread sections.
+
+    ``crop`` keeps only the top-left ``crop x crop`` pixels (smoke runs). Same seed, same pairs.
+    """
+    names = list(DIFFICULTIES) if difficulties is None else list(difficulties)
+    unknown = [n for n in names if n not in DIFFICULTIES]
+    if unknown:
+        raise MetroemError(
+            f"unknown difficulty {unknown[0]!r}; choose from {', '.join(DIFFICULTIES)}"
+        )
+    nz = stack.shape[0]
+    if per_difficulty < 1 or per_difficulty > nz - 1:
+        raise MetroemError(f"per_difficulty must be in [1, {nz - 1}] for {nz} sections")
+    zs = torch.linspace(1, nz - 1, per_difficulty).round().long().tolist()
+    return [
+        _one(stack, kind, diff, z, seed, crop) for diff in names for kind in kinds for z in zs
+    ]
+
+
+def gt_valid_mask(pair: BenchmarkPair, margin: int = 4) -> Tensor:
+    """Tissue pixels of the target whose ground-truth sample point lies in the source data."""
+    from metroem.eval.metrics import valid_after_warp
+
+    gt = pair.gt if pair.gt is not None else pair.h
+    ok = valid_after_warp(pair.src, gt, margin=margin)
+    return ok & (pair.tgt != 0)
+
+
+def deformed_field_check(pair: BenchmarkPair) -> float:
+    """Median |warp(src, gt) - tgt| over valid pixels: a sanity value for a ``same`` pair."""
+    if pair.gt is None:
+        raise ValueError("only same-section pairs have a ground-truth field")
+    warped = fields.warp_image(pair.src[None, None], pair.gt[None])[0, 0]
+    m = gt_valid_mask(pair)
+    return float((warped - pair.tgt)[m].abs().median())
