@@ -1,16 +1,19 @@
 """Fields between stages: run stages ``0..k`` over every pair and write the next stage's data.
 
-For the stage after ``k`` (MIP ``m``): read every plain image dataset at ``m``, run the pyramid
-up to stage ``k`` at input MIP ``m``, remove each pair's average translation over tissue
-(snapped to whole pixels at the pyramid's coarsest MIP so every MIP can move by an integer),
-and write
+For the stage after ``k`` (MIP ``m``): read every plain image dataset ``x*_y*_z*_MIP{m}.h5``,
+run the pyramid up to stage ``k`` at input MIP ``m``, remove each pair's average translation over
+tissue (snapped to a multiple of ``2**(coarsest MIP of the pyramid)`` MIP0 pixels, so every MIP
+moves by whole pixels), and write
 
-* ``field_{k}_x*_y*_z*_MIP{m}_{C}.h5``: the saturated field minus its translation, and
-* ``x*_y*_z*_MIP{m}_{C}.h5``: the image pairs re-cut from the source volume with each source
-  window moved by that translation (so ``src(p + f(p))`` is unchanged).
+* ``field_{k}_x*_y*_z*_MIP{m}_{C}.h5``: the saturated field minus that translation, and
+* ``x*_y*_z*_MIP{m}_{C}.h5``: the image pairs with each source window moved by it, re-read from
+  the source volume (0 outside it), so ``src(p + f(p))`` is unchanged.
 
-When the image dataset's source volume is not reachable, the stored source patch is shifted by
-the (integer) translation instead, with no-data (0) filling what comes in from outside.
+Both files record the same per-pair translation: the one just removed plus any the plain image
+file was already cut with. When the source volume is not reachable any more, the stored source
+patch is shifted by the (integer) translation instead, with 0 (no data) filling what comes in
+from outside the patch. For the last stage, fields are written at its own MIP (for evaluation)
+and no images are re-cut.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from metroem import datasets, download, fields, modules
+from metroem import datasets, download, fields, modules, volumes
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
 
@@ -34,14 +37,47 @@ def snap_translation(t_mip0: torch.Tensor, step: int) -> torch.Tensor:
     return torch.round(t_mip0 / step) * step
 
 
-def _shift_source(pairs: np.ndarray, t_px: np.ndarray) -> np.ndarray:
-    """Move each source patch window by integer ``t_px`` (x, y) at the patch's MIP, 0-filled."""
+def shift_source(pairs: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Copy of ``pairs`` ``(N, 2, S, S)`` whose sources are moved by integer ``shift`` ``(N, 2)``
+    (x, y, pixels of the patch): ``new_src(p) = src(p + shift)``, 0 where that is outside."""
     out = pairs.copy()
-    for i, (tx, ty) in enumerate(t_px.astype(int)):
-        src = torch.from_numpy(pairs[i, 0:1][None].astype(np.float32))
-        f = torch.zeros(1, 2, *src.shape[-2:])
-        f[:, 0], f[:, 1] = float(tx), float(ty)
-        out[i, 0] = fields.warp_image(src, f)[0, 0].numpy().astype(pairs.dtype)
+    size_y, size_x = pairs.shape[-2:]
+    for i, (dx, dy) in enumerate(np.asarray(shift, np.int64)):
+        src = pairs[i, 0]
+        moved = np.zeros_like(src)
+        y0, y1 = max(0, -dy), min(size_y, size_y - dy)
+        x0, x1 = max(0, -dx), min(size_x, size_x - dx)
+        if y0 < y1 and x0 < x1:
+            moved[y0:y1, x0:x1] = src[y0 + dy : y1 + dy, x0 + dx : x1 + dx]
+        out[i, 0] = moved
+    return out
+
+
+def _read_moved_sources(data: datasets.H5Data, t_total: np.ndarray, mip: int) -> np.ndarray:
+    """The pairs of ``data`` with each source re-read from the source volume at its window moved
+    by ``t_total`` (MIP0 px from the unmoved window; 0 outside the volume). Raises MetroemError
+    when the volume (or its defect volume) cannot be read."""
+    source = str(data.attrs.get("source", ""))
+    if not source:
+        raise MetroemError("the image dataset records no source volume")
+    size = data.shape[-1]
+    try:
+        x0, y0 = download.patch_origin(
+            int(data.attrs["x_offset"]), int(data.attrs["y_offset"]), mip, size
+        )
+    except (KeyError, ValueError) as e:
+        raise MetroemError(f"the image dataset's centre is not usable ({e})") from e
+    info = volumes.volume_info(source)
+    defects = str(data.attrs.get("defects", "") or "")
+    threshold = float(data.attrs.get("defect_threshold", 0.0))
+    out = data.data.copy()
+    for i, z in enumerate(data.z):
+        dx, dy = (int(v) // 2**mip for v in t_total[i])
+        img = volumes.read(info.path, mip, x0 + dx, y0 + dy, z, size)[0, 0]
+        if defects:
+            d = volumes.read(defects, mip, x0 + dx, y0 + dy, z, size)[0, 0]
+            img = torch.where(d.float() > threshold, 0, img)
+        out[i, 0] = img.numpy().astype(out.dtype)
     return out
 
 
@@ -66,13 +102,6 @@ def generate_fields(
     k = stage_numbers.index(upto_stage)
     nxt = mods[k + 1] if k + 1 < len(mods) else None
     out_mip = nxt.mip if nxt is not None else mods[k].mip
-    used = mods[: k + 1]
-    stages = [
-        (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
-        for m in used
-    ]
-    aligner = PyramidAligner(stages, input_mip=out_mip).to(device).eval()
-    step = _snap_step([m.mip for m in mods])
     plain = [
         s for s in datasets.list_datasets(dataset_path)
         if s.kind == "image" and s.mip == out_mip and s.suffix is None
@@ -82,6 +111,12 @@ def generate_fields(
             f"no image datasets at MIP {out_mip} in {dataset_path} to generate fields for; cut "
             f"them with metroem-download-image --mips {out_mip}"
         )
+    stages = [
+        (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
+        for m in mods[: k + 1]
+    ]
+    aligner = PyramidAligner(stages, input_mip=out_mip).to(device).eval()
+    step = _snap_step([m.mip for m in mods])
     written = []
     for summary in plain:
         data = datasets.read_image_dataset(summary.path)
@@ -93,9 +128,9 @@ def generate_fields(
                 out.append(aligner(chunk[:, 0:1], chunk[:, 1:2]).cpu())
         field = torch.cat(out)
         tissue = (pairs[:, 1:2] != 0) & (pairs[:, 0:1] != 0)
-        t_mip = fields.mean_translation(field, tissue)
-        t0 = snap_translation(t_mip * 2**out_mip, step)
-        field_rm = field - (t0 / 2**out_mip).view(-1, 2, 1, 1)
+        t_new = snap_translation(fields.mean_translation(field, tissue) * 2**out_mip, step)
+        t_total = t_new.long().numpy() + data.translation  # from the unmoved windows
+        field_rm = field - (t_new / 2**out_mip).view(-1, 2, 1, 1)
         attrs = {
             k_: data.attrs[k_] for k_ in ("x_offset", "y_offset", "z", "patch_size", "resolution")
             if k_ in data.attrs
@@ -106,41 +141,32 @@ def generate_fields(
         )
         fpath = os.path.join(dataset_path, fname)
         datasets.write_field_dataset(
-            fpath, field_rm.numpy(), translation=t0.long().numpy(), attrs=attrs, overwrite=True
+            fpath, field_rm.numpy(), translation=t_total, attrs=attrs, overwrite=True
         )
         written.append(fpath)
         if nxt is not None:
-            _recut_images(data, summary, fpath, checkpoint_name, t0, out_mip, dataset_path)
-        mean_shift = float(t0.norm(dim=1).mean())
+            _recut_images(data, summary, fpath, checkpoint_name, t_new, t_total, out_mip,
+                          dataset_path, log)
+        mean_shift = float(t_new.norm(dim=1).mean())
         log(f"generated {fname}: {len(field)} pairs, mean removed translation {mean_shift:.1f} "
             "MIP0 px")
     return written
 
 
-def _recut_images(data, summary, field_path, tag, t0, mip, dataset_path) -> None:
-    source = str(data.attrs.get("source", ""))
-    z = data.z
-    contiguous = z == list(range(z[0], z[0] + len(z)))
-    if source and contiguous:
-        try:
-            download.download_image(
-                source, dataset_path, z[0], z[-1] + 1, int(data.attrs["x_offset"]),
-                int(data.attrs["y_offset"]), [mip], [int(data.attrs["patch_size"])],
-                field_dset=field_path, suffix=tag, overwrite=True, progress=False,
-            )
-            return
-        except MetroemError as e:
-            if "no CloudVolume" not in str(e) and "cannot open" not in str(e):
-                raise
-    shifted = _shift_source(data.data, (t0 / 2**mip).numpy())
+def _recut_images(data, summary, field_path, tag, t_new, t_total, mip, dataset_path, log):
+    """Write ``x*_y*_z*_MIP{mip}_{tag}.h5``: the pairs with sources moved by the translation."""
+    try:
+        pairs = _read_moved_sources(data, t_total, mip)
+    except MetroemError as e:
+        log(f"cannot re-read {os.path.basename(summary.path)}'s source volume ({e}); shifting "
+            "the stored patches instead (0 = no data where the window leaves them)")
+        pairs = shift_source(data.data, (t_new / 2**mip).long().numpy())
     path = os.path.join(
         dataset_path, datasets.image_filename(summary.x, summary.y, summary.z_start, mip, tag)
     )
     attrs = dict(data.attrs)
     attrs["field_dset"] = field_path
-    datasets.write_image_dataset(
-        path, shifted, attrs, translation=t0.long().numpy(), overwrite=True
-    )
+    datasets.write_image_dataset(path, pairs, attrs, translation=t_total, overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,22 +12,40 @@ Several processes (DDP; gloo on CPU, NCCL on GPU)::
 For each stage in ``--train_stages`` (default: all) the stage is trained, then (if it is in
 ``--generate_field_stages``, default: every trained stage that has a next stage) the fields that
 feed the next stage are generated. ``--resume`` continues every stage from its last checkpoint.
+Everything that can be checked up front (arguments, config, module folders, datasets, weights to
+finetune, the device, a concurrent run on the same modules) is checked before anything is
+written. See docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 from metroem import config as config_mod
 from metroem import modules
-from metroem.errors import cli_errors
+from metroem.atomic import FileLock
+from metroem.errors import MetroemError, cli_errors
 from metroem.generate import generate_fields
 from metroem.training import distributed as dist
-from metroem.training.engine import StageResult, StopRequested, env_summary, train_stage
+from metroem.training.engine import (
+    Faults,
+    StageResult,
+    StopFlag,
+    StopRequested,
+    check_stage,
+    env_summary,
+    train_stage,
+)
 from metroem.training.logger import RunLogger
+from metroem.training.stage_data import GROUND_TRUTH_TAG, check_images
+
+# Extra ``KEY=VALUE`` config overrides, separated by ';', applied before --set: for launchers
+# whose command line is fixed (upstream scripts, job templates).
+OVERRIDES_ENV = "METROEM_TRAIN_SET"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_stages", type=int, nargs="*", default=None,
                    help="stage numbers to train (default: all; none given: train nothing)")
     p.add_argument("--generate_field_stages", type=int, nargs="*", default=None,
-                   help="stages after which to generate fields (default: every trained stage)")
+                   help="stages after which to generate fields (default: every trained stage "
+                        "that has a next stage)")
     p.add_argument("--device", default=None, help="cpu, gpu, cuda:N or N (default: cpu)")
     p.add_argument("--gpu", default=None, help="alias of --device N (upstream name)")
     p.add_argument("--no_redirect_stdout", action="store_true",
@@ -56,40 +75,104 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    env = os.environ.get(OVERRIDES_ENV, "")
+    out = [o.strip() for o in env.replace("\n", ";").split(";") if o.strip()]
+    out += list(args.overrides)
+    if args.seed is not None:
+        out.append(f"seed={args.seed}")
+    return out
+
+
+def _check_checkpoint_name(name: str) -> None:
+    if name == GROUND_TRUTH_TAG:
+        raise MetroemError(
+            f"--checkpoint_name {GROUND_TRUTH_TAG!r} is reserved for ground-truth field datasets; "
+            "pick another name"
+        )
+    modules.weights_path(".", name)  # raises on names that cannot be a file name
+
+
+def _preflight(args, cfg, mods, train_numbers, gen_numbers) -> dict[int, dict]:
+    """Check every stage to train and every generation; returns the per-stage configs."""
+    stage_cfgs = {}
+    for i, m in enumerate(mods):
+        if m.stage in train_numbers:
+            stage_cfgs[m.stage] = config_mod.resolve(cfg, m.mip)
+            prev = mods[i - 1] if i > 0 else None
+            inputs_ready = prev is None or prev.stage not in gen_numbers
+            check_stage(m, prev, args.dataset_path, args.checkpoint_name, stage_cfgs[m.stage],
+                        args.train_mode, args.resume, inputs_ready)
+        if m.stage in gen_numbers:
+            if i + 1 < len(mods):
+                check_images(args.dataset_path, mods[i + 1].mip)
+            for used in mods[: i + 1]:
+                weights = modules.weights_path(used.path, args.checkpoint_name)
+                if used.stage not in train_numbers and not weights.exists():
+                    raise MetroemError(
+                        f"generating fields after stage {m.stage} needs stage {used.stage}'s "
+                        f"weights {weights}; train it (--train_stages {used.stage}) or use the "
+                        "--checkpoint_name it was trained with"
+                    )
+    return stage_cfgs
+
+
 def run(args: argparse.Namespace) -> list[StageResult]:
     """Train and generate as the arguments say; returns the per-stage results."""
+    _check_checkpoint_name(args.checkpoint_name)
     device_name = args.device if args.device is not None else args.gpu
     info, device = dist.init(device_name)
-    overrides = list(args.overrides)
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = config_mod.load_config(args.train_mode, args.train_params_path, overrides)
+    try:
+        return _run(args, info, device)
+    finally:
+        dist.shutdown()
+
+
+def _run(args: argparse.Namespace, info: dist.DistInfo, device) -> list[StageResult]:
+    cfg = config_mod.load_config(args.train_mode, args.train_params_path, _overrides(args))
+    faults = Faults.from_env()
     mods = modules.discover(args.pyramid_path)
-    to_train = modules.select_stages(mods, args.train_stages)
-    train_numbers = [m.stage for m in to_train]
+    train_numbers = [m.stage for m in modules.select_stages(mods, args.train_stages)]
     last = mods[-1].stage
     if args.generate_field_stages is None:
         gen_numbers = [s for s in train_numbers if s != last]
     else:
         gen_numbers = [m.stage for m in modules.select_stages(mods, args.generate_field_stages)]
     log_dir = args.log_dir or os.path.join(args.pyramid_path, "_runs", args.checkpoint_name)
-    logger = RunLogger(log_dir, enabled=info.is_main, redirect_stdout=not args.no_redirect_stdout)
     results: list[StageResult] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        # Checks and locks come first and are agreed on by all ranks: bad input stops every
+        # process with one line and leaves nothing behind.
+        error = None
+        try:
+            if info.is_main:
+                for m in mods:
+                    if m.stage in train_numbers:
+                        stack.enter_context(FileLock(str(m.path)))
+            stage_cfgs = _preflight(args, cfg, mods, train_numbers, gen_numbers)
+        except MetroemError as e:
+            error = e
+        if not dist.all_true(info, error is None):
+            raise error or MetroemError("another process of this run failed its checks (above)")
+        stop = stack.enter_context(StopFlag())
+        logger = RunLogger(log_dir, enabled=info.is_main,
+                           redirect_stdout=not args.no_redirect_stdout)
+        stack.callback(logger.close)
         logger.message(f"metroem train: {env_summary(device, info)}; logs in {log_dir}")
         if info.is_main:
             config_mod.save_resolved(cfg, os.path.join(log_dir, "config.yaml"))
         for i, m in enumerate(mods):
             if m.stage in train_numbers:
-                stage_cfg = config_mod.resolve(cfg, m.mip)
                 prev = mods[i - 1] if i > 0 else None
                 logger.message(f"stage {m.stage} ({m.name}): training at MIP {m.mip}")
-                res = train_stage(m, prev, args.dataset_path, args.checkpoint_name, stage_cfg,
-                                  args.train_mode, args.resume, device, info, logger)
+                res = train_stage(m, prev, args.dataset_path, args.checkpoint_name,
+                                  stage_cfgs[m.stage], args.train_mode, args.resume, device,
+                                  info, logger, stop=stop, faults=faults)
                 results.append(res)
                 epe = res.val.get("epe_median")
                 logger.message(
-                    f"stage {m.stage} done: {res.steps} steps in {res.seconds:.0f} s"
+                    f"stage {m.stage} done: {res.steps} steps ({res.skipped} skipped) in "
+                    f"{res.seconds:.0f} s"
                     + (f", validation EPE median {epe:.3f} px" if epe is not None else "")
                 )
             if m.stage in gen_numbers:
@@ -99,9 +182,12 @@ def run(args: argparse.Namespace) -> list[StageResult]:
                                     m.stage, device=device, log=logger.message)
                     logger.message(f"fields after stage {m.stage} in {time.time() - t0:.0f} s")
                 dist.barrier(info)
-    finally:
-        logger.close()
-        dist.shutdown()
+            later = [s for s in train_numbers + gen_numbers if s > m.stage]
+            if later and not dist.all_true(info, not stop.requested):
+                raise StopRequested(
+                    f"stopped after stage {m.stage}; its checkpoint is complete; run again "
+                    "with --resume to go on"
+                )
     return results
 
 

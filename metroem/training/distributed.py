@@ -81,15 +81,34 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_agree_finite(info: DistInfo, finite: bool, device: torch.device) -> bool:
-    """True only if every rank saw a finite loss and gradients.
+def agree(
+    info: DistInfo, finite: bool, stop: bool, device: torch.device
+) -> tuple[bool, bool]:
+    """``(every rank is finite, some rank wants to stop)`` with one all-reduce.
 
-    All ranks call this every step, so a NaN on one rank makes every rank skip the same step and
-    the gradient all-reduce never waits on a rank that stepped out.
+    All ranks call this every step, so a NaN on one rank makes every rank skip the same step,
+    and a SIGTERM that reaches the ranks at different moments stops them all at the same step.
     """
     if not info.enabled:
-        return finite
-    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        return finite, stop
+    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if stop else 0.0], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item() == 0.0), bool(flags[1].item() > 0.0)
+
+
+def all_agree_finite(info: DistInfo, finite: bool, device: torch.device) -> bool:
+    """True only if every rank saw a finite loss and gradients."""
+    return agree(info, finite, False, device)[0]
+
+
+def all_true(info: DistInfo, value: bool) -> bool:
+    """True only if ``value`` is true on every rank (CPU tensor: works before a device is used,
+    on gloo; NCCL needs the rank's GPU, which :func:`init` has set)."""
+    if not info.enabled:
+        return value
+    on_gpu = dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    flag = torch.tensor([0.0 if value else 1.0], device=dev)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() == 0.0)
 

@@ -1,13 +1,22 @@
-"""Train one pyramid stage: the training loop, validation, checkpoints, NaN policy.
+"""Train one pyramid stage: the training loop, validation, checkpoints, NaN policy, fault hooks.
 
 The loop reads top to bottom in :func:`train_stage`: take a batch, augment it, predict the
-saturated field, compute the loss terms, agree across ranks that everything is finite (else skip
-the step), clip, step, log, validate, checkpoint. A SIGTERM/SIGINT finishes the current step,
-writes a checkpoint and stops cleanly (preemption-friendly).
+saturated field, compute the loss terms, back-propagate, agree across ranks that loss and
+gradients are finite (else skip the step) and whether a stop was requested, clip, step, log,
+validate, checkpoint. A SIGTERM/SIGINT (see :class:`StopFlag`) finishes the current step, writes
+a checkpoint and raises :class:`StopRequested` (preemption-friendly; ``--resume`` goes on).
+
+Resuming is exact: every random choice of a step is a function of (seed, step, rank), the batch
+order is restored from the checkpoint, and model, optimizer and scheduler states are saved
+whole, so a resumed run ends with the same weights as an uninterrupted one (on the same device).
+
+Fault injection for tests and drills (``METROEM_FAULT``, see docs/training.md), e.g.
+``sigterm@step=5``, ``nan@step=3,rank=1``, ``nan@step=2+``, ``kill9@save=2,file=weights``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -23,11 +32,13 @@ from metroem import losses, modules, nets
 from metroem.errors import MetroemError
 from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
+from metroem.training import stage_data
 from metroem.training.data import BatchStream, CropDataset, split_indices
 from metroem.training.logger import RunLogger
-from metroem.training.stage_data import stage_dataset
 
 Tensor = torch.Tensor
+
+FAULT_ENV = "METROEM_FAULT"
 
 
 class StopRequested(Exception):
@@ -44,14 +55,14 @@ class StageResult:
     seconds: float = 0.0
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGTERM/SIGINT into a flag checked between steps (a second signal is immediate)."""
 
     def __init__(self):
         self.requested = False
         self._old = {}
 
-    def __enter__(self):
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -67,6 +78,120 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+# --- fault injection ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One ``ACTION@KEY=VALUE,...`` entry of ``METROEM_FAULT``."""
+
+    action: str  # sigterm | kill9 | nan
+    steps: tuple[int, float] | None = None  # inclusive range of 1-based step numbers
+    stage: int | None = None
+    rank: int | None = None
+    save: int | None = None  # kill9: the N-th checkpoint write of this process
+    file: str = "state"  # kill9@save: die before renaming the "state" or "weights" temp file
+
+    def matches(self, stage: int, step: int | None, rank: int) -> bool:
+        if self.stage is not None and self.stage != stage:
+            return False
+        if self.rank is not None and self.rank != rank:
+            return False
+        return step is not None and self.steps is not None and (
+            self.steps[0] <= step <= self.steps[1]
+        )
+
+
+def parse_faults(text: str | None) -> list[Fault]:
+    """Parse ``METROEM_FAULT``: entries separated by ``;``, e.g. ``nan@step=3-5,rank=1``."""
+    out = []
+    for entry in (text or "").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        bad = MetroemError(
+            f"{FAULT_ENV} entry {entry!r} is not ACTION@KEY=VALUE[,KEY=VALUE] with ACTION "
+            "sigterm|kill9|nan and keys step (N, N-M, N+), stage, rank, save, file"
+        )
+        action, _, rest = entry.partition("@")
+        if action not in ("sigterm", "kill9", "nan") or not rest:
+            raise bad
+        kw: dict = {"action": action}
+        for part in rest.split(","):
+            key, _, value = part.strip().partition("=")
+            try:
+                if key == "step":
+                    lo, dash, hi = value.partition("-")
+                    if value.endswith("+"):
+                        kw["steps"] = (int(value[:-1]), math.inf)
+                    else:
+                        kw["steps"] = (int(lo), int(hi) if dash else int(lo))
+                elif key in ("stage", "rank", "save"):
+                    kw[key] = int(value)
+                elif key == "file" and value in ("state", "weights"):
+                    kw["file"] = value
+                else:
+                    raise ValueError(key)
+            except ValueError:
+                raise bad from None
+        has_step, has_save = "steps" in kw, "save" in kw
+        if has_step == has_save or (has_save and action != "kill9"):
+            raise bad  # exactly one trigger: step=... (any action) or save=N (kill9)
+        out.append(Fault(**kw))
+    return out
+
+
+class Faults:
+    """The faults of ``METROEM_FAULT`` and the hooks the loop calls (no-ops when unset)."""
+
+    def __init__(self, text: str | None = None):
+        self.faults = parse_faults(text)
+        self.saves = 0  # checkpoint writes by this process so far
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        return cls(os.environ.get(FAULT_ENV))
+
+    def before_step(self, stage: int, step: int, rank: int) -> None:
+        """Signal this process at the start of 1-based step ``step`` if a fault says so."""
+        for f in self.faults:
+            if f.action in ("sigterm", "kill9") and f.save is None and f.matches(stage, step, rank):
+                os.kill(os.getpid(), signal.SIGTERM if f.action == "sigterm" else signal.SIGKILL)
+
+    def poison(self, stage: int, step: int, rank: int) -> bool:
+        """Whether step ``step``'s loss is to be made NaN on this rank."""
+        return any(f.action == "nan" and f.matches(stage, step, rank) for f in self.faults)
+
+    @contextlib.contextmanager
+    def saving(self, stage: int):
+        """Around one checkpoint write: ``kill9@save=N`` dies once the temp file is written,
+        just before it would be renamed onto its final name (``file=state|weights``)."""
+        self.saves += 1
+        armed = [
+            f for f in self.faults
+            if f.action == "kill9" and f.save == self.saves and f.stage in (None, stage)
+        ]
+        if not armed:
+            yield
+            return
+        suffix = ckpt.STATE_SUFFIX if armed[0].file == "state" else modules.WEIGHTS_SUFFIX
+        real_replace = os.replace
+
+        def replace(src, dst, *a, **kw):
+            if str(dst).endswith(suffix):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst, *a, **kw)
+
+        os.replace = replace
+        try:
+            yield
+        finally:
+            os.replace = real_replace
+
+
+# --- helpers --------------------------------------------------------------------------------
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -88,29 +213,30 @@ def _epe(pred: Tensor, gt: Tensor, valid: Tensor | None) -> Tensor:
     return e.flatten()
 
 
+def _unsqueeze(item: dict, device: torch.device) -> dict:
+    return _to({k: v.unsqueeze(0) for k, v in item.items() if isinstance(v, Tensor)}, device)
+
+
 @torch.no_grad()
-def validate(model, loader_items, loss_for, device) -> dict[str, float]:
+def validate(model, items, loss_for, device) -> dict[str, float]:
     """Mean loss terms and EPE percentiles (where ground truth exists) over validation pairs."""
     model.eval()
     sums: dict[str, float] = {}
     errs = []
-    n = 0
-    for item in loader_items:
-        b = _to({k: v.unsqueeze(0) for k, v in item.items() if isinstance(v, Tensor)}, device)
+    for item in items:
+        b = _unsqueeze(item, device)
         pred = model(b["src"], b["tgt"], src_agg_field=b.get("src_agg_field"))
         _, terms = loss_for(b)(b["src"], b["tgt"], pred, gt_field=b.get("field"))
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if "field" in b:
             errs.append(_epe(pred, b["field"], (b["tgt"] != 0).float()).cpu())
-        n += 1
-    out = {k: v / max(n, 1) for k, v in sums.items()}
-    if errs:
-        e = torch.cat(errs)
-        if e.numel():
-            out["epe_median"] = float(e.median())
-            out["epe_mean"] = float(e.mean())
-            out["epe_p95"] = float(e.quantile(0.95)) if e.numel() < 16_000_000 else float("nan")
+    out = {k: v / max(len(items), 1) for k, v in sums.items()}
+    e = torch.cat(errs) if errs else torch.zeros(0)
+    if e.numel():
+        out["epe_median"] = float(e.median())
+        out["epe_mean"] = float(e.mean())
+        out["epe_p95"] = float(e.kthvalue(max(1, math.ceil(0.95 * e.numel()))).values)
     model.train()
     return out
 
@@ -126,6 +252,79 @@ def _center_crop(item: dict, size: int | None) -> dict:
     return out
 
 
+def _every(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _finetune_source(module_path, checkpoint_name: str):
+    """Weights to start a finetune from: the named checkpoint if present, else the default."""
+    path = modules.weights_path(module_path, checkpoint_name)
+    if path.exists():
+        return path
+    _, default = modules.read_spec(module_path)
+    if default:
+        p = modules.weights_path(module_path, default)
+        if p.exists():
+            return p
+    names = modules.checkpoint_names(module_path)
+    return modules.weights_path(module_path, names[-1]) if names else None
+
+
+def _initial_model(module: modules.ModuleInfo, checkpoint_name: str, mode: str, resume: bool):
+    """The stage's model from its spec; finetune (not resuming) loads the existing weights."""
+    spec, _ = modules.read_spec(module.path)
+    try:
+        model = nets.build_model(spec)
+    except (ValueError, TypeError) as e:
+        raise MetroemError(f"{module.path}: cannot build the model spec ({e}); fix it") from e
+    state_path = ckpt.training_state_path(module.path, checkpoint_name)
+    if mode == "finetune" and not (resume and state_path.exists()):
+        start = _finetune_source(module.path, checkpoint_name)
+        if start is None:
+            raise MetroemError(
+                f"--train_mode finetune needs existing weights in {module.path}/model; "
+                "train with --train_mode scratch first"
+            )
+        modules.load_state_dict(model, torch.load(start, weights_only=True), str(start))
+    return model
+
+
+def check_stage(
+    module: modules.ModuleInfo,
+    prev: modules.ModuleInfo | None,
+    dataset_path: str,
+    checkpoint_name: str,
+    cfg: dict,
+    mode: str,
+    resume: bool,
+    inputs_ready: bool,
+) -> None:
+    """Raise what :func:`train_stage` would reject, before a run writes anything.
+
+    ``inputs_ready``: the stage's incoming field files must exist already (they are not
+    generated earlier in this run), so the whole stage dataset is checked.
+    """
+    if inputs_ready:
+        ds = stage_data.stage_dataset(dataset_path, module.mip, prev, checkpoint_name)
+        sizes = ds.patch_sizes()
+    else:
+        sizes = stage_data.check_images(dataset_path, module.mip)
+    crop = int(cfg["data"]["crop_size"])
+    if len(set(sizes)) > 1 and crop > min(sizes):
+        raise MetroemError(
+            f"stage {module.stage}: patches at MIP {module.mip} have sizes {sorted(set(sizes))} "
+            f"and data.crop_size {crop} exceeds the smallest; set data.crop_size <= {min(sizes)} "
+            f"(per_mip.{module.mip}.data.crop_size)"
+        )
+    model = _initial_model(module, checkpoint_name, mode, resume)
+    state_path = ckpt.training_state_path(module.path, checkpoint_name)
+    if resume and state_path.exists():
+        ckpt.load_training_state(state_path, model, restore_rng=False)
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
 def train_stage(
     module: modules.ModuleInfo,
     prev: modules.ModuleInfo | None,
@@ -137,15 +336,19 @@ def train_stage(
     device: torch.device,
     info: dist.DistInfo,
     logger: RunLogger,
+    stop: StopFlag | None = None,
+    faults: Faults | None = None,
 ) -> StageResult:
     """Train ``module`` on the stage's dataset with the resolved config ``cfg``."""
     t_start = time.time()
+    stop = stop if stop is not None else StopFlag()
+    faults = faults if faults is not None else Faults.from_env()
     tcfg, dcfg = cfg["train"], cfg["data"]
     seed = int(cfg["seed"])
     torch.manual_seed(seed + info.rank)
 
     # --- data ------------------------------------------------------------------------------
-    base = stage_dataset(dataset_path, module.mip, prev, checkpoint_name)
+    base = stage_data.stage_dataset(dataset_path, module.mip, prev, checkpoint_name)
     train_idx, val_idx = split_indices(len(base), float(dcfg["val_fraction"]), seed)
     crop = int(dcfg["crop_size"])
     stream = BatchStream(
@@ -156,33 +359,26 @@ def train_stage(
         world_size=info.world_size,
         num_workers=int(dcfg["num_workers"]),
     )
-    val_crop = 2 * crop
-    val_items = [_center_crop(base[i], val_crop) for i in val_idx] if info.is_main else []
+    val_items = [_center_crop(base[i], 2 * crop) for i in val_idx] if info.is_main else []
 
-    # --- model, optimiser, schedule ---------------------------------------------------------
-    spec, _ = modules.read_spec(module.path)
-    model = nets.build_model(spec)
+    # --- model, optimiser, schedule, resume -------------------------------------------------
+    model = _initial_model(module, checkpoint_name, mode, resume)
     weights = modules.weights_path(module.path, checkpoint_name)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
-    if mode == "finetune" and not resume:
-        start = _finetune_source(module.path, checkpoint_name)
-        if start is None:
-            raise MetroemError(
-                f"--train_mode finetune needs existing weights in {module.path}/model; "
-                "train with --train_mode scratch first"
-            )
-        modules.load_state_dict(model, torch.load(start, weights_only=True), str(start))
     model.to(device).train()
     optimizer = config_mod.build_optimizer(model.parameters(), cfg)
     scheduler = config_mod.build_scheduler(optimizer, cfg)
     steps = int(tcfg["steps"])
     step, skipped = 0, 0
+    val_metrics: dict[str, float] = {}
     if resume and state_path.exists():
         restored = ckpt.load_training_state(
             state_path, model, optimizer, scheduler, map_location=device
         )
         step = int(restored.step)
-        skipped = int((restored.extra or {}).get("skipped", 0))
+        extra = restored.extra or {}
+        skipped = int(extra.get("skipped", 0))
+        val_metrics = dict(extra.get("val") or {})
         stream.load_state(restored.data_state or {})
         logger.message(f"stage {module.stage}: resumed at step {step} from {state_path}")
     elif resume:
@@ -202,119 +398,113 @@ def train_stage(
     clip = float(tcfg["grad_clip"])
     log_every, image_every = int(tcfg["log_every"]), int(tcfg["image_every"])
     val_every, ckpt_every = int(tcfg["val_every"]), int(tcfg["checkpoint_every"])
+    code_frozen = False
 
     def save(final: bool = False) -> None:
+        nonlocal code_frozen
         if not info.is_main:
             return
-        modules.refresh_code(module.path)
-        modules.save_weights(module.path, checkpoint_name, model.state_dict())
-        ckpt.save_training_state(
-            state_path, model, optimizer, scheduler, step=step,
-            rng_states=ckpt.capture_rng_states(), data_state=stream.state(), config=cfg,
-            extra={"skipped": skipped, "final": final, "stage": module.stage},
-        )
+        with faults.saving(module.stage):
+            if not code_frozen:  # the folder rebuilds with the code these weights came from
+                modules.refresh_code(module.path)
+                code_frozen = True
+            modules.save_weights(module.path, checkpoint_name, model.state_dict())
+            ckpt.save_training_state(
+                state_path, model, optimizer, scheduler, step=step,
+                rng_states=ckpt.capture_rng_states(), data_state=stream.state(), config=cfg,
+                extra={"skipped": skipped, "final": final, "stage": module.stage,
+                       "val": {k: float(v) for k, v in val_metrics.items()}},
+            )
 
     name = f"stage{module.stage}_mip{module.mip}"
     logger.start_stage(name, steps, step)
-    val_metrics: dict[str, float] = {}
     t_last, samples = time.time(), 0
-    with _StopFlag() as stop:
-        while step < steps:
-            # One step: data -> augment -> forward -> loss -> (finite?) -> backward -> step.
-            batch = _to(next(stream), device)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + info.rank)
-            batch = aug(batch, gen)
-            pred = net(batch["src"], batch["tgt"], src_agg_field=batch.get("src_agg_field"))
-            total, terms = loss_for(batch)(
-                batch["src"], batch["tgt"], pred, gt_field=batch.get("field"),
-                src_mask=batch.get("src_defects"), tgt_mask=batch.get("tgt_defects"),
-            )
-            optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(total))
-            if finite:
-                total.backward()
-                gnorm = _grad_norm(model)
-                finite = bool(torch.isfinite(gnorm))
-            if not dist.all_agree_finite(info, finite, device):
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                logger.message(f"step {step}: non-finite loss or gradient, skipped ({skipped})")
-                if skipped > max_skips:
-                    save()
-                    raise MetroemError(
-                        f"stage {module.stage}: {skipped} non-finite steps (limit {max_skips}); "
-                        f"last good weights saved to {weights}; check the data for NaN/inf or "
-                        "lower the learning rate"
-                    )
-                step += 1
-                scheduler.step()
-                continue
+    while step < steps:
+        # One step: data -> augment -> forward -> loss -> backward -> agree -> step.
+        faults.before_step(module.stage, step + 1, info.rank)
+        batch = _to(next(stream), device)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + info.rank)
+        batch = aug(batch, gen)
+        pred = net(batch["src"], batch["tgt"], src_agg_field=batch.get("src_agg_field"))
+        total, terms = loss_for(batch)(
+            batch["src"], batch["tgt"], pred, gt_field=batch.get("field"),
+            src_mask=batch.get("src_defects"), tgt_mask=batch.get("tgt_defects"),
+        )
+        if faults.poison(module.stage, step + 1, info.rank):
+            total = total * float("nan")
+        optimizer.zero_grad(set_to_none=True)
+        # Every rank back-propagates, even a non-finite loss, so DDP's gradient all-reduce
+        # always pairs up; the verdict below is shared, so all ranks skip the same steps.
+        total.backward()
+        gnorm = _grad_norm(model)
+        finite = bool(torch.isfinite(total)) and bool(torch.isfinite(gnorm))
+        all_finite, stop_now = dist.agree(info, finite, stop.requested, device)
+        step += 1
+        if all_finite:
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
-            scheduler.step()
-            step += 1
-            samples += batch["src"].shape[0] * info.world_size
-
-            if step % log_every == 0 or step == steps:
-                dt = time.time() - t_last
-                values = {
-                    k: dist.mean_scalar(info, float(v.detach()), device) for k, v in terms.items()
-                }
-                values.update(
-                    loss=dist.mean_scalar(info, float(total.detach()), device),
-                    lr=optimizer.param_groups[0]["lr"],
-                    grad_norm=float(gnorm),
-                    samples_per_s=samples / max(dt, 1e-9),
-                )
-                logger.scalars(step, values, prefix="train/")
-                logger.step(log_every if step % log_every == 0 else step % log_every,
-                            loss=values["loss"])
-                t_last, samples = time.time(), 0
-            if info.is_main and image_every > 0 and step % image_every == 0:
-                logger.panel(step, "train/pair", batch["src"][0, 0], batch["tgt"][0, 0],
-                             pred[0].detach())
-            if info.is_main and val_items and (step % val_every == 0 or step == steps):
-                val_metrics = validate(model, val_items, loss_for, device)
-                logger.scalars(step, val_metrics, prefix="val/")
-                v0 = _center_crop(val_items[0], None)
-                with torch.no_grad():
-                    vb = _to({k: v.unsqueeze(0) for k, v in v0.items()
-                              if isinstance(v, Tensor)}, device)
-                    vp = model.eval()(vb["src"], vb["tgt"], src_agg_field=vb.get("src_agg_field"))
-                    model.train()
-                logger.panel(step, "val/pair", vb["src"][0, 0], vb["tgt"][0, 0], vp[0])
-                if "epe_median" in val_metrics:
-                    logger.message(
-                        f"{name} step {step}: val EPE median {val_metrics['epe_median']:.3f} px"
-                    )
-            if ckpt_every > 0 and step % ckpt_every == 0:
-                save()
-            if stop.requested:
+        else:
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            logger.message(f"{name} step {step}: non-finite loss or gradient, skipped "
+                           f"({skipped} of at most {max_skips})")
+            if skipped > max_skips:
                 save()
                 logger.end_stage()
-                raise StopRequested(f"stopped at step {step}; checkpoint written; --resume goes on")
+                raise MetroemError(
+                    f"stage {module.stage}: {skipped} non-finite steps (limit "
+                    f"train.nan_policy.max_skips={max_skips}); last good weights saved to "
+                    f"{weights}; check the data for NaN/inf or lower the learning rate"
+                )
+        scheduler.step()
+        samples += batch["src"].shape[0] * info.world_size
+        logger.step(1)
+
+        if all_finite and (_every(step, log_every) or step == steps):
+            dt = time.time() - t_last
+            values = {
+                k: dist.mean_scalar(info, float(v.detach()), device) for k, v in terms.items()
+            }
+            values.update(
+                loss=dist.mean_scalar(info, float(total.detach()), device),
+                lr=optimizer.param_groups[0]["lr"],
+                grad_norm=float(gnorm),
+                samples_per_s=samples / max(dt, 1e-9),
+            )
+            logger.scalars(step, values, prefix="train/")
+            logger.postfix(loss=values["loss"])
+            t_last, samples = time.time(), 0
+        if info.is_main and _every(step, image_every):
+            logger.panel(step, "train/pair", batch["src"][0, 0], batch["tgt"][0, 0],
+                         pred[0].detach())
+        if info.is_main and val_items and (_every(step, val_every) or step == steps):
+            val_metrics = validate(model, val_items, loss_for, device)
+            logger.scalars(step, val_metrics, prefix="val/")
+            with torch.no_grad():
+                vb = _unsqueeze(val_items[0], device)
+                vp = model.eval()(vb["src"], vb["tgt"], src_agg_field=vb.get("src_agg_field"))
+                model.train()
+            logger.panel(step, "val/pair", vb["src"][0, 0], vb["tgt"][0, 0], vp[0])
+            if "epe_median" in val_metrics:
+                logger.message(
+                    f"{name} step {step}: val EPE median {val_metrics['epe_median']:.3f} px"
+                )
+        if step < steps and (_every(step, ckpt_every) or stop_now):
+            save()
+        if stop_now and step < steps:
+            logger.end_stage()
+            raise StopRequested(
+                f"stage {module.stage} stopped at step {step}; checkpoint written to "
+                f"{state_path}; run again with --resume to go on"
+            )
     save(final=True)
     dist.barrier(info)
     logger.end_stage()
-    if not math.isfinite(sum(val_metrics.values())) if val_metrics else False:
+    if val_metrics and not all(math.isfinite(v) for v in val_metrics.values()):
         logger.message(f"{name}: validation produced non-finite metrics {val_metrics}")
     return StageResult(module.stage, module.mip, step, skipped, val_metrics,
                        time.time() - t_start)
-
-
-def _finetune_source(module_path, checkpoint_name: str):
-    """Weights to start a finetune from: the named checkpoint if present, else the default."""
-    path = modules.weights_path(module_path, checkpoint_name)
-    if path.exists():
-        return path
-    _, default = modules.read_spec(module_path)
-    if default:
-        p = modules.weights_path(module_path, default)
-        if p.exists():
-            return p
-    names = modules.checkpoint_names(module_path)
-    return modules.weights_path(module_path, names[-1]) if names else None
 
 
 def env_summary(device: torch.device, info: dist.DistInfo) -> str:

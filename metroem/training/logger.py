@@ -80,11 +80,15 @@ class RunLogger:
             file=self._tees[1].stream if self._tees else sys.stderr, mininterval=1.0,
         )
 
-    def step(self, n: int = 1, **postfix) -> None:
+    def step(self, n: int = 1) -> None:
+        """Advance the progress bar by ``n`` steps."""
         if self._bar is not None:
             self._bar.update(n)
-            if postfix:
-                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def postfix(self, **values: float) -> None:
+        """Show ``values`` (e.g. the latest loss) beside the progress bar."""
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not self.enabled or self.writer is None:

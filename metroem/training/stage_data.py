@@ -35,6 +35,34 @@ def image_suffix_for(dataset_path: str, mip: int, checkpoint_name: str) -> str |
     return None
 
 
+def check_images(dataset_path: str, mip: int) -> list[int]:
+    """Patch sizes of the plain image datasets at ``mip``; a one-line error when there are none."""
+    summaries = datasets.list_datasets(dataset_path)
+    sizes = [s.size for s in summaries if s.kind == "image" and s.mip == mip and s.suffix is None]
+    if not sizes:
+        have = sorted({s.mip for s in summaries if s.kind == "image"})
+        raise MetroemError(
+            f"no image datasets x*_y*_z*_MIP{mip}.h5 in {dataset_path} (image MIPs there: "
+            f"{have or 'none'}); cut MIP {mip} with metroem-download-image --mips {mip}"
+        )
+    return sizes
+
+
+def _check_incoming_fields(dataset_path: str, mip: int, prev_stage: int, tag: str) -> None:
+    """A training-oriented error when the previous stage's field datasets are missing."""
+    have = [
+        s for s in datasets.list_datasets(dataset_path)
+        if s.kind == "field" and s.mip == mip and s.stage == prev_stage and s.tag == tag
+    ]
+    if not have:
+        raise MetroemError(
+            f"no field datasets field_{prev_stage}_x*_y*_z*_MIP{mip}_{tag}.h5 in {dataset_path} "
+            f"for the stage after stage {prev_stage}; train stage {prev_stage} with "
+            f"--generate_field_stages {prev_stage} (same --checkpoint_name) or cut them with "
+            "metroem-download-field"
+        )
+
+
 def _ground_truth_files(dataset_path: str, mip: int) -> dict[tuple[int, int, int], str]:
     out = {}
     for s in datasets.list_datasets(dataset_path):
@@ -50,6 +78,8 @@ class StageDataset(Dataset):
         if checkpoint_name == GROUND_TRUTH_TAG:
             raise MetroemError(f"checkpoint name {GROUND_TRUTH_TAG!r} is reserved; pick another")
         self.mip = mip
+        if prev_stage is not None:
+            _check_incoming_fields(dataset_path, mip, prev_stage, checkpoint_name)
         suffix = image_suffix_for(dataset_path, mip, checkpoint_name)
         self.pairs = datasets.PairDataset(
             dataset_path,
@@ -72,6 +102,13 @@ class StageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def patch_sizes(self) -> list[int]:
+        """Patch side of every image file, in pair order."""
+        return [
+            datasets.read_image_dataset(p, load_data=False).shape[-1]
+            for p in self.pairs.image_files()
+        ]
 
     def _truth(self, image_path: str, j: int) -> torch.Tensor:
         if image_path not in self._gt:
