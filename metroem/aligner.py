@@ -5,6 +5,13 @@ own MIP (masked box average, so 0 = no data survives) and the field so far resam
 MIP; it returns the saturated field at its MIP, which is carried on to the next stage. Images are
 warped once per stage from the raw source, never resampled repeatedly. The result is in pixels
 at the input MIP.
+
+Example::
+
+    import metroem
+    aligner = metroem.load_aligner("models/my_pyramid", device="cpu")
+    field = aligner(src, tgt)            # (N, 1, H, W) images at the finest stage's MIP
+    aligned = metroem.fields.warp_image(src, field)
 """
 
 from __future__ import annotations
@@ -16,20 +23,67 @@ import torch.nn.functional as F
 from torch import nn
 
 from metroem import fields, modules
+from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
 
+__all__ = ["PyramidAligner", "load_aligner", "plain_tensor"]
+
+
+def plain_tensor(t: Tensor | None) -> Tensor | None:
+    """``t`` as a plain ``torch.Tensor`` (strips torchfields' DisplacementField subclass)."""
+    if t is None or type(t) is Tensor:
+        return t
+    return t.as_subclass(Tensor)
+
 
 class PyramidAligner(nn.Module):
-    """Runs ``stages`` (a list of ``(mip, model)``, coarse to fine) on an image pair."""
+    """Runs ``stages`` (a list of ``(mip, model)``, coarse to fine) on an image pair.
 
-    def __init__(self, stages: list[tuple[int, nn.Module]], input_mip: int | None = None):
+    ``finetune=True`` refines the network's field on each pair by optimising the field itself
+    (see :mod:`metroem.finetune`); ``finetune_options`` are passed to
+    :func:`metroem.finetune.finetune_field` (``iterations``, ``lr``, ``smoothness``, ...).
+    """
+
+    def __init__(
+        self,
+        stages: list[tuple[int, nn.Module]],
+        input_mip: int | None = None,
+        finetune: bool = False,
+        finetune_options: dict | None = None,
+    ):
         super().__init__()
         if not stages:
             raise ValueError("a pyramid aligner needs at least one stage")
         self.mips = [int(m) for m, _ in stages]
+        if any(b > a for a, b in zip(self.mips, self.mips[1:], strict=False)):
+            raise ValueError(f"stages must run coarse to fine (MIPs never increase): {self.mips}")
         self.stages = nn.ModuleList([m for _, m in stages])
         self.input_mip = min(self.mips) if input_mip is None else int(input_mip)
+        self.finetune = bool(finetune)
+        self.finetune_options = dict(finetune_options or {})
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def size_multiple(self, input_mip: int | None = None) -> int:
+        """Tile origins and sizes that are multiples of this keep every stage's grids aligned.
+
+        A stage at MIP m downsamples the input by 2^(m - input_mip) and its network pools by
+        its ``stride``; cutting a large image at multiples of the product gives each tile the
+        same coarse pixels the whole image has.
+        """
+        mip_in = self.input_mip if input_mip is None else int(input_mip)
+        best = 1
+        for mip, model in zip(self.mips, self.stages, strict=True):
+            stride = int(getattr(model, "stride", 1))
+            best = max(best, 2 ** max(0, mip - mip_in) * stride)
+        return best
 
     def forward(
         self,
@@ -37,38 +91,79 @@ class PyramidAligner(nn.Module):
         tgt_img: Tensor,
         src_agg_field: Tensor | None = None,
         input_mip: int | None = None,
+        finetune: bool | None = None,
+        src_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
         **kwargs,
     ) -> Tensor:
-        """Saturated field ``(N, 2, H, W)`` in pixels at ``input_mip`` (default: finest stage)."""
-        mip_in = self.input_mip if input_mip is None else int(input_mip)
-        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            return self._run(src_img, tgt_img, src_agg_field, mip_in)
+        """Saturated field ``(N, 2, H, W)`` in pixels at ``input_mip`` (default: finest stage).
 
-    def _run(self, src_img, tgt_img, agg, mip_in: int) -> Tensor:
-        dev = next(self.parameters()).device
+        Images are ``(N, 1, H, W)`` of any dtype with raw values (0 = no data). The network runs
+        on the aligner's device; the field comes back on the device of ``src_img``. Without
+        gradients unless the aligner is in training mode. ``finetune`` (default: the
+        aligner's setting) refines the field on the pair; ``src_mask`` / ``tgt_mask`` (defects,
+        nonzero = exclude) are respected by finetuning. Other keyword arguments (corgie's
+        ``tgt_agg_field`` and the like) are ignored.
+        """
+        mip_in = self.input_mip if input_mip is None else int(input_mip)
+        if src_img.dim() != 4 or src_img.shape[1] != 1 or src_img.shape != tgt_img.shape:
+            raise ValueError(
+                f"src_img and tgt_img must both be (N, 1, H, W), got {tuple(src_img.shape)} "
+                f"and {tuple(tgt_img.shape)}"
+            )
+        out_device = src_img.device
+        agg = plain_tensor(src_agg_field)
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            field = self._run(plain_tensor(src_img), plain_tensor(tgt_img), agg, mip_in)
+        if self.finetune if finetune is None else finetune:
+            from metroem.finetune import finetune_field
+
+            field = finetune_field(
+                src_img.to(field.device),
+                tgt_img.to(field.device),
+                field.detach(),
+                src_mask=None if src_mask is None else src_mask.to(field.device),
+                tgt_mask=None if tgt_mask is None else tgt_mask.to(field.device),
+                **self.finetune_options,
+            )
+        return field.to(out_device)
+
+    def _run(self, src_img: Tensor, tgt_img: Tensor, agg: Tensor | None, mip_in: int) -> Tensor:
+        dev = self.device
         src = src_img.to(device=dev, dtype=torch.float32)
         tgt = tgt_img.to(device=dev, dtype=torch.float32)
         n, _, h, w = src.shape
         if agg is not None:
             agg = agg.to(device=dev, dtype=torch.float32)
-        if not (src.flatten(1).ne(0).any() and tgt.flatten(1).ne(0).any()):
-            return agg if agg is not None else fields.identity(n, h, w, device=dev)
+            fields.check_field(agg, "src_agg_field")
+            if agg.shape[0] != n or agg.shape[-2:] != (h, w):
+                raise ValueError(
+                    f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
+                )
+        if h == 0 or w == 0 or not (src.ne(0).any() and tgt.ne(0).any()):
+            return agg.clone() if agg is not None else fields.identity(n, h, w, device=dev)
+        if mip_in > max(self.mips):
+            raise ValueError(
+                f"input MIP {mip_in} is coarser than every stage (MIPs {self.mips}); pass "
+                "images at a MIP the pyramid runs at or finer"
+            )
         k = 2 ** max(0, max(self.mips) - mip_in)
         ph, pw = (-h) % k, (-w) % k
         if ph or pw:
             src, tgt = F.pad(src, (0, pw, 0, ph)), F.pad(tgt, (0, pw, 0, ph))
             if agg is not None:
                 agg = F.pad(agg, (0, pw, 0, ph), mode="replicate")
+        size = tuple(src.shape[-2:])
         for mip, model in zip(self.mips, self.stages, strict=True):
             s = fields.resample_image(src, mip_in, mip)
             t = fields.resample_image(tgt, mip_in, mip)
             a = None if agg is None else fields.resample_field(agg, mip_in, mip)
-            out = model(s, t, src_agg_field=a)
+            out = plain_tensor(model(s, t, src_agg_field=a))
             if mip > mip_in:
-                agg = fields.upsample_field(out, mip - mip_in, size=tuple(src.shape[-2:]))
+                agg = fields.upsample_field(out, mip - mip_in, size=size)
             else:
                 agg = fields.downsample_field(out, mip_in - mip)
-        return agg[..., :h, :w]
+        return agg[..., :h, :w].contiguous()
 
 
 def load_aligner(
@@ -77,11 +172,24 @@ def load_aligner(
     stages: list[int] | None = None,
     device: str | torch.device = "cpu",
     input_mip: int | None = None,
+    finetune: bool = False,
+    finetune_options: dict | None = None,
 ) -> PyramidAligner:
-    """Load a trained pyramid (all stages or the given stage numbers) as one aligner."""
+    """Load a trained pyramid (all stages or the given stage numbers) as one aligner.
+
+    Each module folder is loaded through its own ``create.py`` (as modelhouse does), with
+    ``checkpoint_name`` (default: each module's default / latest checkpoint). ``input_mip`` is
+    the MIP of the images the aligner will be called with (default: the finest stage's).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MetroemError(f"device {device} requested but no GPU is available; use device='cpu'")
     mods = modules.select_stages(modules.discover(pyramid_path), stages)
     loaded = [
         (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
         for m in mods
     ]
-    return PyramidAligner(loaded, input_mip=input_mip).to(device).eval()
+    aligner = PyramidAligner(
+        loaded, input_mip=input_mip, finetune=finetune, finetune_options=finetune_options
+    )
+    return aligner.to(device).eval()
