@@ -82,7 +82,9 @@ def default_data_dir() -> Path:
     return Path(env) if env else DEFAULT_DATA
 
 
-def load_stack(data_dir: str | os.PathLike | None = None, num_sections: int | None = None) -> Tensor:
+def load_stack(
+    data_dir: str | os.PathLike | None = None, num_sections: int | None = None
+) -> Tensor:
     """The benchmark sections as ``(Z, H, W)`` float32 (values >= 1; 0 stays reserved)."""
     from metroem.demo import load_sections
 
