@@ -211,7 +211,7 @@ def align_files(
     markers = _Markers(os.path.join(work, "done"))
 
     def work_fn(model, c: tiling.Chunk) -> None:
-        f = tiling.align_chunk(model, s, t, c, pad)
+        f = tiling.align_chunk(model, s, t, c, pad, chunk)
         fw.write(c.y0, c.x0, f[0].numpy())
         if iw is not None:
             img = tiling.warp_chunk(s, f, c)[0].numpy()
@@ -370,7 +370,7 @@ def align_volume(
     def work_fn(model, job: _VolJob) -> None:
         src = tiling.VolumeSource(src_path, mip, job.z)
         tgt = tiling.VolumeSource(tgt_path, mip, target[job.z])
-        f = tiling.align_chunk(model, src, tgt, job.chunk, pad)
+        f = tiling.align_chunk(model, src, tgt, job.chunk, pad, chunk)
         img = tiling.warp_chunk(src, f, job.chunk) if image_path else None
         with write_lock:
             if field_path:

@@ -42,6 +42,7 @@ __all__ = [
     "NpyWriter",
     "VolumeSource",
     "align_chunk",
+    "window_size",
     "warp_chunk",
     "align_tiled",
     "parse_devices",
@@ -221,15 +222,21 @@ def _as_tensor(a: np.ndarray, device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)[None, None]
 
 
-def align_chunk(aligner, src, tgt, chunk: Chunk, pad: int, **kwargs) -> Tensor:
+def window_size(chunk_size: int, pad: int, multiple: int) -> int:
+    """Side of every window: ``chunk + 2 pad`` rounded up to the aligner's size multiple."""
+    return math.ceil((chunk_size + 2 * pad) / multiple) * multiple
+
+
+def align_chunk(
+    aligner, src, tgt, chunk: Chunk, pad: int, chunk_size: int | None = None, **kwargs
+) -> Tensor:
     """Field ``(1, 2, h, w)`` (CPU) of one chunk: align the padded window, keep the centre.
 
-    The window is ``chunk + 2 pad`` rounded up to the aligner's size multiple so that edge
-    chunks see the same grid as interior ones.
+    Every window has the same size (:func:`window_size` of the nominal ``chunk_size``), so
+    edge chunks see the same grid and the same amount of context as interior ones.
     """
     m = aligner.size_multiple() if hasattr(aligner, "size_multiple") else 1
-    wh = math.ceil((chunk.h + 2 * pad) / m) * m
-    ww = math.ceil((chunk.w + 2 * pad) / m) * m
+    wh = ww = window_size(chunk_size or max(chunk.h, chunk.w), pad, m)
     y0, x0 = chunk.y0 - pad, chunk.x0 - pad
     dev = getattr(aligner, "device", torch.device("cpu"))
     s = _as_tensor(src.read(y0, x0, wh, ww), dev)
@@ -264,7 +271,7 @@ def align_tiled(aligner, src, tgt, chunk: int, pad: int, **kwargs) -> Tensor:
     out = torch.zeros(1, 2, h, w)
     for c in plan_chunks(h, w, chunk):
         out[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = align_chunk(
-            aligner, src, tgt, c, pad, **kwargs
+            aligner, src, tgt, c, pad, chunk, **kwargs
         )
     return out
 
