@@ -1,0 +1,197 @@
+"""load_aligner / PyramidAligner properties, and module folders as corgie processors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import metroem
+from metroem import aligner as aligner_mod
+from metroem import fields, modules, nets
+
+ISBI = Path("/work/shared/data/isbi")
+SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
+
+
+def isbi_pair(size: int = 64, y: int = 100, x: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two consecutive real sections as uint8 (1, 1, size, size), the source shifted."""
+    a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (0, 1))
+    src = a[y + 3 : y + 3 + size, x + 2 : x + 2 + size]
+    tgt = b[y : y + size, x : x + size]
+    return tuple(torch.from_numpy(np.ascontiguousarray(v))[None, None] for v in (src, tgt))
+
+
+def random_pyramid(root: Path, mips=(1, 0), seed: int = 0, spec: dict = SPEC) -> Path:
+    """A pyramid of modules with random (non-zero) weights saved as checkpoint 'rand'."""
+    torch.manual_seed(seed)
+    for stage, mip in enumerate(mips):
+        info = modules.create_module(root, stage, mip, "t", spec)
+        model = nets.build_model(spec)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        modules.save_weights(info.path, "rand", model.state_dict())
+    return root
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory) -> Path:
+    return random_pyramid(tmp_path_factory.mktemp("pyr") / "pyramid")
+
+
+def test_load_aligner_is_lazy_export_and_eval_module(pyramid):
+    assert metroem.load_aligner is aligner_mod.load_aligner
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    assert isinstance(al, torch.nn.Module) and not al.training
+    assert al.mips == [1, 0] and al.input_mip == 0
+    assert len(metroem.load_aligner(pyramid, stages=[1]).stages) == 1
+
+
+def test_stages_run_coarse_to_fine_and_compose(pyramid):
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    src, tgt = isbi_pair(64)
+    with torch.no_grad():
+        field = al(src, tgt)
+        s, t = src.float(), tgt.float()
+        coarse = al.stages[0](fields.downsample_image(s, 1), fields.downsample_image(t, 1))
+        up = fields.upsample_field(coarse, 1)
+        expected = al.stages[1](s, t, src_agg_field=up)
+    assert field.shape == (1, 2, 64, 64) and field.dtype == torch.float32
+    assert torch.allclose(field, expected, atol=1e-5)
+    assert field.abs().max() > 0.01  # the random weights really move something
+
+
+def test_input_mip_gives_field_at_input_resolution(pyramid):
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    src, tgt = isbi_pair(64)
+    s1, t1 = fields.downsample_image(src, 1).float(), fields.downsample_image(tgt, 1).float()
+    with torch.no_grad():
+        at1 = al(s1, t1, input_mip=1)
+        coarse = al.stages[0](s1, t1)  # the MIP-1 stage sees the images as given
+        fine = al.stages[1](
+            fields.resample_image(s1, 1, 0),
+            fields.resample_image(t1, 1, 0),
+            src_agg_field=fields.upsample_field(coarse, 1),
+        )
+    assert at1.shape == (1, 2, 32, 32)
+    assert torch.allclose(at1, fields.downsample_field(fine, 1), atol=1e-5)
+
+
+def test_raw_uint8_equals_float_and_odd_sizes(pyramid):
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    src, tgt = isbi_pair(64)
+    src, tgt = src[..., :61, :53], tgt[..., :61, :53]
+    with torch.no_grad():
+        a = al(src, tgt)
+        b = al(src.float(), tgt.float())
+    assert a.shape == (1, 2, 61, 53)
+    assert torch.equal(a, b)
+
+
+def test_no_grad_unless_training(pyramid):
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    src, tgt = isbi_pair(32)
+    assert not al(src, tgt).requires_grad
+    al.train()
+    out = al(src.float(), tgt.float())
+    assert out.requires_grad
+    out.abs().sum().backward()
+    assert any(p.grad is not None for p in al.parameters())
+
+
+def test_empty_input_returns_incoming_field_or_zeros(pyramid):
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    src, tgt = isbi_pair(32)
+    empty = torch.zeros_like(src)
+    agg = torch.randn(1, 2, 32, 32)
+    assert torch.equal(al(empty, tgt), torch.zeros(1, 2, 32, 32))
+    assert torch.equal(al(src, empty, src_agg_field=agg), agg)
+    assert al(src[..., :0, :], tgt[..., :0, :]).shape == (1, 2, 0, 32)
+
+
+def test_field_follows_input_device_and_ignores_corgie_extras(pyramid):
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    src, tgt = isbi_pair(32)
+    out = al(src, tgt, tgt_agg_field=None, src_mask=None, tgt_plastic=src)
+    assert out.device == src.device == al.device
+    if torch.cuda.is_available():
+        gpu = metroem.load_aligner(pyramid, checkpoint_name="rand", device="cuda")
+        assert gpu(src, tgt).device.type == "cpu"
+        assert gpu(src.cuda(), tgt.cuda()).device.type == "cuda"
+        assert torch.allclose(gpu(src, tgt), out, atol=1e-3)
+
+
+def test_missing_gpu_is_one_line_error(pyramid):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(metroem.MetroemError) as e:
+        metroem.load_aligner(pyramid, device="cuda")
+    assert "\n" not in str(e.value) and "GPU" in str(e.value)
+
+
+# --- corgie / modelhouse ---------------------------------------------------------------------
+
+
+def corgie_call(processor, src, tgt, agg=None):
+    """What corgie's ApplyModel does: one call with a dict of keyword tensors, no no_grad."""
+    inputs = {
+        "src_img": src,
+        "tgt_img": tgt,
+        "src_agg_field": agg,
+        "tgt_agg_field": None,
+        "src_mask": torch.zeros_like(src),
+        "tgt_plastic": torch.zeros_like(tgt),
+    }
+    return processor(**inputs)
+
+
+def test_module_folder_is_a_corgie_processor(pyramid, monkeypatch, tmp_path):
+    modelhouse = pytest.importorskip("modelhouse")
+    from torchfields.fields import DisplacementField
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # modelhouse prepends its temp folder
+    monkeypatch.chdir(tmp_path)
+    folder = str(modules.discover(pyramid)[1].path)
+    params = {"checkpoint_name": "rand", "output": "torchfields", "mip": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        simple = modelhouse.load_model_simple(folder, **params)
+        from_json = modelhouse.load_model(folder, json.dumps(params))
+    plain = modules.load_module(folder, "rand")
+    src, tgt = isbi_pair(48)
+    agg = (torch.ones(1, 2, 48, 48) * 1.5).field()  # corgie hands fields in as DisplacementFields
+    for proc in (simple, from_json):
+        out = corgie_call(proc, src, tgt, agg)
+        assert isinstance(out, DisplacementField)
+        assert out.shape == (1, 2, 48, 48) and out.device == src.device
+        assert not out.requires_grad
+        with torch.no_grad():
+            expected = plain(src, tgt, src_agg_field=agg.as_subclass(torch.Tensor))
+        assert torch.allclose(out.as_subclass(torch.Tensor), expected, atol=1e-6)
+        # what corgie does with the result: shift by the target drift, crop, warp
+        out.x += 2.0
+        out.y += -1.0
+        assert torch.allclose(out.as_subclass(torch.Tensor)[:, 0], expected[:, 0] + 2.0)
+        cropped = out[..., 8:-8, 8:-8]
+        warped = cropped.from_pixels().sample(src[..., 8:-8, 8:-8].float())
+        assert warped.shape == (1, 1, 32, 32) and torch.isfinite(warped).all()
+    none_agg = corgie_call(simple, src, tgt)
+    assert isinstance(none_agg, DisplacementField)
+
+
+def test_plain_output_stays_a_tensor(pyramid):
+    folder = modules.discover(pyramid)[0].path
+    model = modules.load_module(folder, "rand")
+    src, tgt = isbi_pair(32)
+    with torch.no_grad():
+        assert type(model(src, tgt)) is torch.Tensor
+    with pytest.raises(metroem.MetroemError):
+        creator = modules._import_file(folder / "create.py")
+        creator.create(output="numpy")
