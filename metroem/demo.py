@@ -17,7 +17,7 @@ Each section z is misaligned by a known smooth deformation d_z (random-walk drif
 Example::
 
     metroem-demo-volume demo_volume                      # 12 sections of 1024 x 1024, 4 MIPs
-    python -m metroem.demo demo_isbi --sections_dir /work/shared/data/isbi --num_mips 3
+    python -m metroem.demo demo_isbi --sections_dir ../shared/data/isbi --num_mips 3
 """
 
 from __future__ import annotations

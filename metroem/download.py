@@ -89,6 +89,18 @@ def _check_inside(info: volumes.VolumeInfo, mip: int, x0: int, y0: int, size: in
         )
 
 
+def _check_overlaps(
+    info: volumes.VolumeInfo, mip: int, x0: int, y0: int, size: int, what: str
+) -> None:
+    (ox, oy, _), (sx, sy, _) = info.offset[mip], info.size[mip]
+    if x0 + size <= ox or x0 >= ox + sx or y0 + size <= oy or y0 >= oy + sy:
+        raise MetroemError(
+            f"{what} x[{x0},{x0 + size}) y[{y0},{y0 + size}) at MIP {mip} does not overlap the "
+            f"volume x[{ox},{ox + sx}) y[{oy},{oy + sy}); the field's translation is too large "
+            "for this window"
+        )
+
+
 def _check_z(info: volumes.VolumeInfo, lo: int, hi: int, z_start: int, z_end: int, what: str):
     vz0, vzn = info.offset[0][2], info.size[0][2]
     if z_end <= z_start:
@@ -257,7 +269,9 @@ def download_image(
         shift = np.array([[_snap(v, 2**m) // 2**m for v in t] for t in translation], np.int64)
         _check_inside(info, m, x0, y0, s, "target patch")
         for z, (dx, dy) in zip(zs, shift, strict=True):
-            _check_inside(info, m, x0 + int(dx), y0 + int(dy), s, f"source patch of z={z}")
+            # A window moved by a field's translation may run past the volume's edge (that part
+            # reads as 0 = no data), but it must still overlap the volume.
+            _check_overlaps(info, m, x0 + int(dx), y0 + int(dy), s, f"source patch of z={z}")
         path = os.path.join(folder, datasets.image_filename(cx, cy, z_start, m, suffix))
         datasets.check_output_free(path, overwrite)
         plans.append(_ImagePlan(m, s, x0, y0, shift, path))

@@ -4,7 +4,6 @@ Test pairs are built with a known smooth field, so before augmenting the match i
 each augmentation must keep it near exact (a wrong field update would not).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +13,10 @@ import torch.nn.functional as F
 from metroem import augment as A
 from metroem import fields
 from metroem.errors import MetroemError
+from metroem.sample_data import isbi_dir
 from metroem.synth import DeformationSpec, random_field
 
-ISBI = Path("/work/shared/data/isbi")
+ISBI = isbi_dir()
 TOL = 0.025  # relative mean |warp(src, field) - tgt| after augmenting (before: ~0.008)
 WRONG = 0.04  # a wrong field is at least this far off
 

@@ -14,9 +14,9 @@ import torch
 
 from metroem import demo, fields, volumes
 from metroem.errors import MetroemError
+from metroem.sample_data import isbi_dir
 
-ISBI = Path("/work/shared/data/isbi")
-needs_isbi = pytest.mark.skipif(not ISBI.exists(), reason="shared ISBI data not available")
+ISBI = isbi_dir()
 
 SIZE, NZ, MIPS, MARGIN = 256, 4, 3, 24
 
@@ -128,7 +128,6 @@ def test_pair_ground_truth_on_procedural_stack(tiny):
         demo.pair_ground_truth(tiny.field_path, 0, 0, 0, 0, 32)
 
 
-@needs_isbi
 def test_pair_ground_truth_aligns_identical_real_sections(tmp_path):
     # The same real image three times: observed z and z-1 then differ only by the known
     # deformations, and the pair field must map one onto the other almost exactly.
@@ -154,7 +153,6 @@ def test_pair_ground_truth_aligns_identical_real_sections(tmp_path):
     assert (obs[0] == 0).any()  # real sections: no margin, 0 where pulled from outside
 
 
-@needs_isbi
 def test_sections_dir_mode_with_real_images(tmp_path):
     src_dir = tmp_path / "isbi"
     src_dir.mkdir()

@@ -27,8 +27,9 @@ from metroem.download import (
     snap_centre,
 )
 from metroem.errors import MetroemError
+from metroem.sample_data import isbi_dir
 
-ISBI = "/work/shared/data/isbi"
+ISBI = str(isbi_dir())
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OX, OY, OZ, EXT, NZ = 199168, 134656, 8170, 3584, 12
 CX, CY = 200960, 136448  # the upstream example centre

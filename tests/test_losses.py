@@ -11,10 +11,11 @@ from PIL import Image
 
 from metroem import fields, losses, synth
 from metroem.errors import MetroemError
+from metroem.sample_data import isbi_section
 
 
 def _isbi(i: int, size: int = 64) -> torch.Tensor:
-    img = np.array(Image.open(f"/work/shared/data/isbi/{i:02d}.png"))[:size, :size]
+    img = np.array(Image.open(isbi_section(i)))[:size, :size]
     return torch.from_numpy(img).float()[None, None]
 
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from metroem import fields, synth
+from metroem.sample_data import isbi_dir
 
-ISBI = Path("/work/shared/data/isbi")
+ISBI = isbi_dir()
 
 
 def gen(seed: int) -> torch.Generator:
@@ -90,7 +89,6 @@ def test_zero_spec_is_identity():
     assert torch.allclose(f, torch.zeros_like(f), atol=1e-5)
 
 
-@pytest.mark.skipif(not ISBI.exists(), reason="shared ISBI data not available")
 def test_deformed_pair_ground_truth_aligns_source():
     img = torch.from_numpy(np.array(Image.open(ISBI / "05.png"))[:256, :320].copy())
     img = img.float().view(1, 1, 256, 320)
