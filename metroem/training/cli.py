@@ -161,34 +161,45 @@ def _run(args: argparse.Namespace, info: dist.DistInfo, device) -> list[StageRes
         logger.message(f"metroem train: {env_summary(device, info)}; logs in {log_dir}")
         if info.is_main:
             config_mod.save_resolved(cfg, os.path.join(log_dir, "config.yaml"))
-        for i, m in enumerate(mods):
-            if m.stage in train_numbers:
-                prev = mods[i - 1] if i > 0 else None
-                logger.message(f"stage {m.stage} ({m.name}): training at MIP {m.mip}")
-                res = train_stage(m, prev, args.dataset_path, args.checkpoint_name,
-                                  stage_cfgs[m.stage], args.train_mode, args.resume, device,
-                                  info, logger, stop=stop, faults=faults)
-                results.append(res)
-                epe = res.val.get("epe_median")
-                logger.message(
-                    f"stage {m.stage} done: {res.steps} steps ({res.skipped} skipped) in "
-                    f"{res.seconds:.0f} s"
-                    + (f", validation EPE median {epe:.3f} px" if epe is not None else "")
-                )
-            if m.stage in gen_numbers:
-                if info.is_main:
-                    t0 = time.time()
-                    generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name,
-                                    m.stage, device=device, log=logger.message)
-                    logger.message(f"fields after stage {m.stage} in {time.time() - t0:.0f} s")
-                dist.barrier(info)
-            later = [s for s in train_numbers + gen_numbers if s > m.stage]
-            if later and not dist.all_true(info, not stop.requested):
-                raise StopRequested(
-                    f"stopped after stage {m.stage}; its checkpoint is complete; run again "
-                    "with --resume to go on"
-                )
+        try:
+            _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, stop,
+                    faults, logger, results)
+        except StopRequested as e:
+            logger.message(f"training stopped: {e}")
+            raise
     return results
+
+
+def _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, stop, faults,
+            logger, results) -> None:
+    """Train and generate stage by stage (the body of :func:`run`)."""
+    for i, m in enumerate(mods):
+        if m.stage in train_numbers:
+            prev = mods[i - 1] if i > 0 else None
+            logger.message(f"stage {m.stage} ({m.name}): training at MIP {m.mip}")
+            res = train_stage(m, prev, args.dataset_path, args.checkpoint_name,
+                              stage_cfgs[m.stage], args.train_mode, args.resume, device,
+                              info, logger, stop=stop, faults=faults)
+            results.append(res)
+            epe = res.val.get("epe_median")
+            logger.message(
+                f"stage {m.stage} done: {res.steps} steps ({res.skipped} skipped) in "
+                f"{res.seconds:.0f} s"
+                + (f", validation EPE median {epe:.3f} px" if epe is not None else "")
+            )
+        if m.stage in gen_numbers:
+            if info.is_main:
+                t0 = time.time()
+                generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name,
+                                m.stage, device=device, log=logger.message)
+                logger.message(f"fields after stage {m.stage} in {time.time() - t0:.0f} s")
+            dist.barrier(info)
+        later = [s for s in train_numbers + gen_numbers if s > m.stage]
+        if later and not dist.all_true(info, not stop.requested):
+            raise StopRequested(
+                f"stopped after stage {m.stage}; its checkpoint is complete; run again "
+                "with --resume to go on"
+            )
 
 
 @cli_errors
@@ -196,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except StopRequested as e:
-        print(f"training stopped: {e}", file=sys.stderr)
+    except StopRequested:  # already reported by the run's logger
         return 0
     return 0
 

@@ -22,6 +22,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -252,6 +253,30 @@ def _center_crop(item: dict, size: int | None) -> dict:
     return out
 
 
+def remove_stale_temp_files(module_path) -> list[str]:
+    """Delete hidden ``.NAME.tmp-PID-*`` files (see metroem.atomic) left in a module folder by
+    a process that was killed mid-write (its pid is gone); returns what was removed."""
+    removed = []
+    for folder in (Path(module_path), Path(module_path) / "model", Path(module_path) / "code"):
+        for path in folder.glob(".*.tmp-*"):
+            pid = path.name.rsplit(".tmp-", 1)[1].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(str(path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _every(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
@@ -416,6 +441,9 @@ def train_stage(
                        "val": {k: float(v) for k, v in val_metrics.items()}},
             )
 
+    if info.is_main:  # we hold the module's lock: leftovers of a killed run can go
+        for path in remove_stale_temp_files(module.path):
+            logger.message(f"removed {path}, left by an interrupted run")
     name = f"stage{module.stage}_mip{module.mip}"
     logger.start_stage(name, steps, step)
     t_last, samples = time.time(), 0
