@@ -120,7 +120,10 @@ class _Markers:
         return os.path.exists(self.path(key))
 
     def mark(self, key: str) -> None:
-        atomic_write_bytes(self.path(key), b"")
+        # An empty file created after the chunk's data was written: a killed process leaves
+        # either no marker or a complete chunk (the page cache survives the process).
+        with open(self.path(key), "wb"):
+            pass
 
 
 # --- files --------------------------------------------------------------------------------------

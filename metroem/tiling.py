@@ -188,7 +188,6 @@ class NpyWriter:
                 for y in range(data.shape[1]):
                     pos = self.offset + ((ch * hh + y0 + y) * ww + x0) * self.dtype.itemsize
                     os.pwrite(fd, data[ch, y].tobytes(), pos)
-            os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -20,6 +20,15 @@ ISBI = Path("/work/shared/data/isbi")
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny windows on a shared 2-core machine run far faster so."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def isbi_pair(size: int = 64, y: int = 100, x: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Two consecutive real sections as uint8 (1, 1, size, size), the source shifted."""
     a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (0, 1))

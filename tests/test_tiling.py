@@ -17,6 +17,15 @@ from metroem.errors import MetroemError
 ISBI = Path("/work/shared/data/isbi")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny windows on a shared 2-core machine run far faster so."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def sections(size: int = 192) -> tuple[np.ndarray, np.ndarray]:
     a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (0, 1))
     src = np.ascontiguousarray(a[5 : 5 + size, 7 : 7 + size])

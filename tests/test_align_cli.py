@@ -1,0 +1,181 @@
+"""`metroem align`: image files and CloudVolume z ranges, overwrite/resume, kill + resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metroem import align, cli, fields, modules, nets, tiling, volumes
+from metroem.aligner import load_aligner
+from metroem.errors import MetroemError
+
+ISBI = Path("/work/shared/data/isbi")
+SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
+CHUNK, PAD = 32, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny windows on a shared 2-core machine run far faster so."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pyr") / "pyramid"
+    torch.manual_seed(0)
+    for stage, mip in enumerate((1, 0)):
+        info = modules.create_module(root, stage, mip, "t", SPEC)
+        model = nets.build_model(SPEC)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        modules.save_weights(info.path, "rand", model.state_dict())
+    return root
+
+
+def section(i: int, size: int) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(Image.open(ISBI / f"{i:02d}.png"))[:size, :size])
+
+
+def expected_field(pyramid, a, b) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        al = load_aligner(pyramid)
+    return tiling.align_tiled(al, a, b, CHUNK, PAD)
+
+
+def test_help_documents_an_example(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["align", "--help"])
+    out = capsys.readouterr().out
+    assert "example" in out and "metroem align models/demo --src" in out and "--resume" in out
+
+
+def test_align_files_png_and_npy(pyramid, tmp_path):
+    a, b = section(0, 96), section(1, 96)
+    Image.fromarray(a).save(tmp_path / "s.png")
+    np.save(tmp_path / "t.npy", b)
+    field_out, image_out = tmp_path / "f.npy", tmp_path / "out.png"
+    args = [str(pyramid), "--src", str(tmp_path / "s.png"), "--tgt", str(tmp_path / "t.npy"),
+            "--field_out", str(field_out), "--image_out", str(image_out), "--chunk", str(CHUNK),
+            "--pad", str(PAD), "--no_progress"]
+    assert align.main(args) == 0
+    field = np.load(field_out)
+    expected = expected_field(pyramid, a, b)
+    assert field.shape == (2, 96, 96) and np.abs(field - expected[0].numpy()).max() < 1e-5
+    img = np.asarray(Image.open(image_out))
+    ref = fields.warp_image(torch.from_numpy(a)[None, None].float(), expected)[0, 0].numpy()
+    assert img.dtype == np.uint8 and np.abs(img - ref).max() <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "out.png", "s.png", "t.npy"]
+    # an existing output is never replaced without --overwrite; --resume sees it complete
+    with pytest.raises(SystemExit) as e:
+        align.main(args)
+    assert e.value.code == 2
+    assert align.align_files(str(pyramid), str(tmp_path / "s.png"), str(tmp_path / "t.npy"),
+                             str(field_out), chunk=CHUNK, pad=PAD, resume=True)["skipped"]
+    np.save(tmp_path / "t.npy", np.zeros_like(b))
+    assert align.main([*args, "--overwrite"]) == 0
+    assert np.abs(np.load(field_out)).max() == 0  # no target data: identity field
+
+
+def test_bad_inputs_are_one_line_errors(pyramid, tmp_path):
+    np.save(tmp_path / "a.npy", section(0, 64))
+    np.save(tmp_path / "b.npy", section(1, 48))
+    with pytest.raises(MetroemError, match="one size"):
+        align.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
+                          str(tmp_path / "f.npy"), chunk=CHUNK, pad=PAD)
+    with pytest.raises(MetroemError, match="multiple of 16"):
+        align.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "a.npy"),
+                          str(tmp_path / "f.npy"), chunk=40, pad=PAD)
+    with pytest.raises(MetroemError, match="does not exist"):
+        align.align_files(str(pyramid), str(tmp_path / "nope.png"), str(tmp_path / "a.npy"),
+                          str(tmp_path / "f.npy"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(pyramid, tmp_path):
+    a, b = section(2, 384), section(3, 384)
+    np.save(tmp_path / "s.npy", a)
+    np.save(tmp_path / "t.npy", b)
+    base = [sys.executable, "-m", "metroem.align", str(pyramid), "--src", str(tmp_path / "s.npy"),
+            "--tgt", str(tmp_path / "t.npy"), "--chunk", str(CHUNK), "--pad", str(PAD),
+            "--no_progress"]
+    out = tmp_path / "killed.npy"
+    markers = tmp_path / ".killed.npy.partial" / "done"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*base, "--field_out", str(out)], stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if markers.is_dir() and len([n for n in os.listdir(markers) if n.endswith(".done")]) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len([n for n in os.listdir(markers) if n.endswith(".done")])
+    assert 10 <= partial < 144 and not out.exists()
+    with pytest.raises(MetroemError, match="--resume"):
+        align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
+                          str(out), chunk=CHUNK, pad=PAD)
+    res = align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
+                            str(out), chunk=CHUNK, pad=PAD, resume=True, progress=False)
+    assert res["chunks_run"] == 144 - partial
+    once = tmp_path / "once.npy"
+    align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"), str(once),
+                      chunk=CHUNK, pad=PAD, progress=False)
+    assert np.array_equal(np.load(out), np.load(once))
+
+
+def make_volume(path: Path, n: int = 3, size: int = 64) -> str:
+    url = volumes.normalize_path(str(path))
+    volumes.create_volume(url, (size, size, n), num_mips=2, chunk_xy=32, offset_xyz=(64, 32, 0))
+    for z in range(n):
+        volumes.write_all_mips(url, 64, 32, z, torch.from_numpy(section(z + 4, size))[None, None])
+    return url
+
+
+def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
+    src = make_volume(tmp_path / "img")
+    fpath, ipath = str(tmp_path / "field"), str(tmp_path / "aligned")
+    args = [str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "3", "--field_path",
+            fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--pad", str(PAD),
+            "--no_progress"]
+    assert align.main(args) == 0
+    info = volumes.volume_info(fpath)
+    assert info.size == volumes.volume_info(src).size and info.offset[0] == (64, 32, 0)
+    for z in (1, 2):
+        a, b = section(z + 4, 64), section(z + 3, 64)
+        expected = expected_field(pyramid, a, b)
+        got = volumes.read(fpath, 0, 64, 32, z, 64)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(volumes.read(fpath, 1, 32, 16, z, 32),
+                              fields.downsample_field(expected, 1), atol=1e-5)
+        img = volumes.read(ipath, 0, 64, 32, z, 64).float()
+        ref = fields.warp_image(torch.from_numpy(a)[None, None].float(), expected)
+        assert (img - ref).abs().max() <= 1.0
+        assert volumes.read(ipath, 1, 32, 16, z, 32).float().mean() > 0
+    assert volumes.read(fpath, 0, 64, 32, 0, 64).abs().max() == 0  # z=0 was not a source
+    with pytest.raises(SystemExit):
+        align.main(args)  # exists: no silent overwrite
+    assert align.align_volume(str(pyramid), src, 1, 3, fpath, ipath, chunk=CHUNK, pad=PAD,
+                              resume=True, progress=False)["chunks_run"] == 0
+    assert align.align_volume(str(pyramid), src, 2, 3, fpath, None, tgt_z=0, chunk=CHUNK,
+                              pad=PAD, overwrite=True, progress=False)["chunks_run"] == 4
+    expected = expected_field(pyramid, section(6, 64), section(4, 64))
+    assert torch.allclose(volumes.read(fpath, 0, 64, 32, 2, 64), expected, atol=1e-5)
+    with pytest.raises(MetroemError, match="z_start 1"):
+        align.align_volume(str(pyramid), src, 0, 2, str(tmp_path / "f2"), chunk=CHUNK, pad=PAD)
