@@ -44,6 +44,7 @@ Images enter as raw intensities where 0 means no data; every method sees the sam
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -162,11 +163,14 @@ def elastix(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
     params = itk.ParameterObject.New()
     pmap = params.GetDefaultParameterMap("bspline", 4, 64.0)
     params.AddParameterMap(pmap)
-    _, result = itk.elastix_registration_method(
-        fixed, moving, parameter_object=params, log_to_console=False
-    )
-    disp = itk.transformix_deformation_field(moving, result)
-    arr = np.asarray(itk.array_view_from_image(disp), dtype=np.float32)  # (H, W, 2) in (x, y)
+    # transformix writes deformationField.nii into its output directory (default: the current
+    # one); keep every file it makes in a throw-away folder.
+    with tempfile.TemporaryDirectory(prefix="metroem-elastix-") as tmp:
+        _, result = itk.elastix_registration_method(
+            fixed, moving, parameter_object=params, log_to_console=False, output_directory=tmp
+        )
+        disp = itk.transformix_deformation_field(moving, result, output_directory=tmp)
+        arr = np.array(itk.array_view_from_image(disp), dtype=np.float32)  # (H, W, 2): (x, y)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -256,20 +260,37 @@ def available_methods(include_optional: bool = True) -> list[str]:
 
 
 def metroem_method(
-    pyramid_path: str, checkpoint_name: str | None = None, device: str = "cpu"
+    pyramid_path: str,
+    checkpoint_name: str | None = None,
+    device: str = "cpu",
+    finetune: bool = False,
 ) -> FieldFn:
-    """A trained metroem pyramid as a baseline-style method (raw images in, field out)."""
+    """A trained metroem pyramid as a baseline-style method (raw images in, field out).
+
+    ``finetune=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair fine-tuning
+    variant (an error if this metroem's aligner has none).
+    """
     from metroem.aligner import load_aligner
 
-    aligner = load_aligner(pyramid_path, checkpoint_name=checkpoint_name, device=device)
+    extra = {"finetune": True} if finetune else {}
+    try:
+        aligner = load_aligner(
+            pyramid_path, checkpoint_name=checkpoint_name, device=device, **extra
+        )
+    except TypeError as e:
+        if finetune and "finetune" in str(e):
+            raise MetroemError(
+                "this metroem's aligner has no fine-tuning option; drop --finetune"
+            ) from e
+        raise
 
     def run(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
+        with torch.no_grad() if not finetune else torch.enable_grad():
             s = torch.from_numpy(np.asarray(src, np.float32))[None, None]
             t = torch.from_numpy(np.asarray(tgt, np.float32))[None, None]
-            return aligner(s, t)[0].float().cpu().numpy()
+            return aligner(s, t)[0].detach().float().cpu().numpy()
 
-    run.__name__ = "metroem"
+    run.__name__ = "metroem-finetune" if finetune else "metroem"
     return run
 
 

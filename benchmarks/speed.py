@@ -1,0 +1,281 @@
+"""Speed of metroem and the classical baselines on this machine's CPU, in one run.
+
+Measures
+
+1. inference throughput (megapixels of target per second) of every method on the same
+   512 x 512 section pair, and each baseline's ratio to metroem;
+2. training step time per pyramid stage (forward + loss + backward + Adam step on a batch of
+   crops at the stage's MIP);
+3. scaling: metroem and two baselines vs image size, and metroem vs the number of sections
+   (pairs aligned one after the other, and as one batch).
+
+metroem runs the pyramid given with ``--pyramid`` (default ``models/isbi`` when it exists), else
+an untrained pyramid of the default stage network at MIPs 2/1/0: the weights do not change the
+compute, so the timings hold for a trained one of the same spec. Every timing is the median of
+``--repeats`` runs after one warm-up; threads are pinned with ``--threads``.
+
+Writes ``<out>/speed.json`` and ``<out>/speed.md``.
+
+Examples::
+
+    python benchmarks/speed.py                         # ~3-5 min on 2 cores
+    python benchmarks/speed.py --quick --out /tmp/s    # smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metroem import losses, nets
+from metroem.aligner import PyramidAligner, load_aligner
+from metroem.atomic import atomic_path
+from metroem.errors import MetroemError, cli_errors
+from metroem.eval import baselines, pairs
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PYRAMID = REPO / "models" / "isbi"
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+UNTRAINED_MIPS = (2, 1, 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="folder of section images (default: isbi)")
+    p.add_argument("--pyramid", default=None, help="metroem pyramid to time")
+    p.add_argument("--methods", nargs="+", default=None, help="baselines (default: installed)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=int, default=512, help="side of the throughput pair")
+    p.add_argument("--train-crop", type=int, default=256, help="training crop side at each MIP")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    return p
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _metroem(pyramid: str | None) -> tuple[PyramidAligner, str]:
+    path = pyramid or (str(DEFAULT_PYRAMID) if DEFAULT_PYRAMID.is_dir() else None)
+    if path:
+        return load_aligner(path), f"pyramid {path}"
+    torch.manual_seed(0)
+    stages = [(m, nets.build_model(nets.default_spec())) for m in UNTRAINED_MIPS]
+    return PyramidAligner(stages).eval(), "untrained default spec, MIPs 2/1/0"
+
+
+def _align_fn(aligner: PyramidAligner):
+    def run(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            s = torch.from_numpy(np.asarray(src, np.float32))[None, None]
+            t = torch.from_numpy(np.asarray(tgt, np.float32))[None, None]
+            return aligner(s, t)[0].numpy()
+
+    return run
+
+
+def _pair(stack: torch.Tensor, size: int, z: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Sections z and z-1 at ``size`` (reflect-tiled when larger than the data)."""
+    def fit(a: np.ndarray) -> np.ndarray:
+        h, w = a.shape
+        if size > h or size > w:
+            a = np.pad(a, ((0, max(0, size - h)), (0, max(0, size - w))), mode="reflect")
+        return np.ascontiguousarray(a[:size, :size])
+
+    return fit(stack[z].numpy()), fit(stack[z - 1].numpy())
+
+
+def throughput(methods: dict, src, tgt, repeats: int) -> dict:
+    mpix = src.size / 1e6
+    out = {}
+    for name, fn in methods.items():
+        reps = 1 if name in baselines.OPTIONAL else repeats
+        sec = _time(lambda fn=fn: baselines.align(fn, src, tgt), reps)
+        out[name] = {"seconds": sec, "mpix_per_s": mpix / sec}
+        print(f"  {name:16s} {sec:8.3f} s  {mpix / sec:8.3f} MP/s", flush=True)
+    ref = out["metroem"]["mpix_per_s"]
+    for v in out.values():
+        v["ratio_to_metroem"] = v["mpix_per_s"] / ref
+    return out
+
+
+def train_steps(aligner: PyramidAligner, crop: int, batch: int, repeats: int, stack) -> dict:
+    """Seconds per optimisation step for each stage, on real crops at the stage's own size."""
+    loss_fn = losses.build_loss()
+    out = {}
+    for mip, model in zip(aligner.mips, aligner.stages, strict=True):
+        model = model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        src = stack[1 : 1 + batch, None, :crop, :crop].clone()
+        tgt = stack[0:batch, None, :crop, :crop].clone()
+
+        def step(model=model, opt=opt, src=src, tgt=tgt):
+            field = model(src, tgt)
+            total, _ = loss_fn(src, tgt, field)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+
+        sec = _time(step, repeats)
+        model.eval()
+        out[f"mip{mip}"] = {"seconds_per_step": sec, "batch": batch, "crop": crop,
+                            "mpix_per_s": batch * crop * crop / 1e6 / sec}
+        print(f"  stage mip{mip}: {sec:.3f} s/step (batch {batch} x {crop}^2)", flush=True)
+    return out
+
+
+def scaling_size(methods: dict, stack, sizes: list[int], repeats: int) -> dict:
+    out: dict = {}
+    for name, fn in methods.items():
+        out[name] = {}
+        for s in sizes:
+            src, tgt = _pair(stack, s)
+            sec = _time(lambda fn=fn, src=src, tgt=tgt: baselines.align(fn, src, tgt), repeats)
+            out[name][str(s)] = {"seconds": sec, "mpix_per_s": s * s / 1e6 / sec}
+            print(f"  {name:10s} {s:5d}^2: {sec:8.3f} s", flush=True)
+    return out
+
+
+def scaling_sections(aligner: PyramidAligner, stack, counts: list[int], size: int,
+                     repeats: int) -> dict:
+    out = {}
+    for n in counts:
+        if n + 1 > stack.shape[0]:
+            break
+        src = stack[1 : n + 1, None, :size, :size].clone()
+        tgt = stack[0:n, None, :size, :size].clone()
+
+        def sequential(src=src, tgt=tgt):
+            with torch.no_grad():
+                for i in range(src.shape[0]):
+                    aligner(src[i : i + 1], tgt[i : i + 1])
+
+        def batched(src=src, tgt=tgt):
+            with torch.no_grad():
+                aligner(src, tgt)
+
+        seq, bat = _time(sequential, repeats), _time(batched, repeats)
+        out[str(n)] = {"sequential_s": seq, "batched_s": bat, "per_section_s": seq / n}
+        print(f"  {n:3d} sections: {seq:.3f} s one by one, {bat:.3f} s batched", flush=True)
+    return out
+
+
+def markdown(r: dict) -> str:
+    c = r["config"]
+    lines = [
+        "# Speed benchmark",
+        "",
+        f"`{c['command']}` on {c['machine']}, {c['threads']} threads, torch {c['torch']}. "
+        f"metroem: {c['metroem']}. Median of {c['repeats']} runs after a warm-up "
+        "(optional baselines: 1 run).",
+        "",
+        f"## Inference on one {c['size']}x{c['size']} pair",
+        "",
+        "| method | s / pair | MP/s | x metroem |",
+        "|---|---:|---:|---:|",
+    ]
+    for m, v in sorted(r["throughput"].items(), key=lambda kv: kv[1]["seconds"]):
+        lines.append(f"| {m} | {v['seconds']:.3f} | {v['mpix_per_s']:.3f} | "
+                     f"{v['ratio_to_metroem']:.2f} |")
+    lines += ["", "## Training step per stage", "", "| stage | batch x crop | s / step | MP/s |",
+              "|---|---|---:|---:|"]
+    for s, v in r["train"].items():
+        lines.append(f"| {s} | {v['batch']} x {v['crop']}² | {v['seconds_per_step']:.3f} | "
+                     f"{v['mpix_per_s']:.3f} |")
+    sizes = next(iter(r["scaling_size"].values())).keys()
+    lines += ["", "## Cost vs image size (s / pair)", "",
+              "| method | " + " | ".join(f"{s}²" for s in sizes) + " |",
+              "|---|" + "---:|" * len(sizes)]
+    for m, v in r["scaling_size"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{v[s]['seconds']:.3f}" for s in sizes) + " |")
+    lines += ["", f"## metroem cost vs number of sections ({c['size']}² pairs)", "",
+              "| sections | one by one (s) | batched (s) | s / section |", "|---:|---:|---:|---:|"]
+    for n, v in r["scaling_sections"].items():
+        lines.append(f"| {n} | {v['sequential_s']:.3f} | {v['batched_s']:.3f} | "
+                     f"{v['per_section_s']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(args.threads)
+    except ImportError:
+        pass
+    if args.quick:
+        args.size, args.repeats, args.train_crop, args.train_batch = 128, 1, 64, 1
+    names = args.methods or (["identity", "dis"] if args.quick else baselines.available_methods())
+    unknown = [n for n in names if n not in baselines.METHODS]
+    if unknown:
+        raise MetroemError(f"unknown method {unknown[0]!r}; see benchmarks/quality.py --list")
+    stack = pairs.load_stack(args.data)
+    aligner, desc = _metroem(args.pyramid)
+    run_metroem = _align_fn(aligner)
+    methods = {"metroem": run_metroem, **{n: baselines.METHODS[n] for n in names}}
+    t0 = time.perf_counter()
+    src, tgt = _pair(stack, args.size)
+    print("inference throughput", flush=True)
+    thr = throughput(methods, src, tgt, args.repeats)
+    print("training steps", flush=True)
+    train = train_steps(aligner, args.train_crop, args.train_batch, args.repeats, stack)
+    sizes = [64, 128] if args.quick else [256, 512, 1024]
+    scale_methods = {"metroem": run_metroem}
+    for n in ("dis", "tvl1"):
+        if n in names:
+            scale_methods[n] = baselines.METHODS[n]
+    print("scaling with image size", flush=True)
+    by_size = scaling_size(scale_methods, stack, sizes, args.repeats)
+    counts = [1, 2] if args.quick else [1, 2, 4, 8]
+    print("scaling with number of sections", flush=True)
+    by_n = scaling_sections(aligner, stack, counts, args.size, args.repeats)
+    result = {
+        "config": {
+            "command": "python benchmarks/speed.py " + " ".join(argv or sys.argv[1:]),
+            "machine": f"{platform.machine()} ({os.cpu_count()} CPUs)",
+            "threads": args.threads, "torch": torch.__version__, "metroem": desc,
+            "repeats": args.repeats, "size": args.size,
+            "total_seconds": time.perf_counter() - t0,
+        },
+        "throughput": thr, "train": train, "scaling_size": by_size, "scaling_sections": by_n,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = json.loads(json.dumps(result, default=float), parse_constant=lambda _: None)
+    _write(out / "speed.json", json.dumps(clean, indent=1) + "\n")
+    _write(out / "speed.md", markdown(result))
+    print(markdown(result))
+    print(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
+    return 0 if all(math.isfinite(v["seconds"]) for v in thr.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

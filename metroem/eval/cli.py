@@ -1,0 +1,310 @@
+"""``metroem eval``: measure how well a field aligns images, and draw it.
+
+Two inputs:
+
+* two images and a field (a ``.npy``/``.pt`` file, a metroem pyramid, or a classical baseline)::
+
+      metroem eval --src 01.png --tgt 00.png --method dis+pc --report eval_out
+      metroem eval --src s.png --tgt t.png --field f.npy --gt gt.npy
+      metroem eval --src s.png --tgt t.png --pyramid models/isbi
+
+  prints residual similarity, chunked Pearson, folds and roughness before/after (and EPE when a
+  ground-truth field is given); ``--report DIR`` writes the pictures (docs/evaluation.md).
+
+* a CloudVolume z range: each section z is compared with z-1 inside ``--bbox`` at ``--mip``::
+
+      metroem eval --cv_path file://vol/image --z_start 1 --z_end 8 --bbox 0 0 512 512 \\
+          --field_path file://vol/field --pearson_dst file://vol/pearson --report eval_cv
+
+  with ``--field_path`` both sections are first warped by their field in that layer (fields that
+  align every section into one frame); with ``--pyramid``/``--method`` section z is aligned to
+  z-1; with neither the stack is taken as already aligned. The chunked-Pearson map is written
+  as a float32 layer with one voxel per ``--chunk`` block (resolution x chunk) and as PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from metroem import fields, viz
+from metroem.errors import MetroemError, cli_errors
+from metroem.eval import baselines, metrics, report
+
+Tensor = torch.Tensor
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="metroem eval",
+        description="Measure alignment quality (EPE, chunked Pearson, folds, residuals).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Two inputs:")[1],
+    )
+    img = p.add_argument_group("image pair")
+    img.add_argument("--src", help="source image (PNG/TIF/...; 0 = no data)")
+    img.add_argument("--tgt", help="target image, same size")
+    img.add_argument("--field", help="field aligning src to tgt: .npy or .pt, (2, H, W) pixels")
+    img.add_argument("--gt", help="ground-truth field (.npy/.pt) for end-point error")
+    vol = p.add_argument_group("CloudVolume z range")
+    vol.add_argument("--cv_path", help="image layer (file://, gs://, ...)")
+    vol.add_argument("--z_start", type=int, help="first section compared with its z-1")
+    vol.add_argument("--z_end", type=int, help="one past the last section")
+    vol.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "W", "H"),
+                     help="region in voxels at --mip (default: the whole section)")
+    vol.add_argument("--mip", type=int, default=0)
+    vol.add_argument("--field_path", help="field layer aligning every section into one frame")
+    vol.add_argument("--pearson_dst", help="write the chunked-Pearson map as this layer")
+    src = p.add_argument_group("where the field comes from (pair or z range)")
+    src.add_argument("--pyramid", help="align with this trained metroem pyramid")
+    src.add_argument("--checkpoint", default=None, help="checkpoint name inside --pyramid")
+    src.add_argument("--method", help=f"align with a baseline: {', '.join(baselines.METHODS)}")
+    p.add_argument("--chunk", type=int, default=32, help="Pearson block side in pixels")
+    p.add_argument("--report", metavar="DIR", help="write PNG pictures into DIR")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    return p
+
+
+def read_image(path: str) -> Tensor:
+    """A greyscale image file as ``(H, W)`` float32 raw values."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise MetroemError(f"image {path} does not exist; pass an existing PNG/TIF file")
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("F") if im.mode in ("I", "I;16", "F") else im.convert("L"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise MetroemError(f"cannot read image {path}: {str(e).splitlines()[0]}") from e
+    return torch.from_numpy(a.astype(np.float32))
+
+
+def _aligner(args):
+    if args.pyramid and args.method:
+        raise MetroemError("give --pyramid or --method, not both")
+    if args.pyramid:
+        if not os.path.isdir(args.pyramid):
+            raise MetroemError(f"pyramid {args.pyramid} is not a folder; pass a trained pyramid")
+        return baselines.metroem_method(args.pyramid, args.checkpoint)
+    if args.method:
+        if args.method not in baselines.METHODS:
+            raise MetroemError(
+                f"unknown --method {args.method!r}; choose from {', '.join(baselines.METHODS)}"
+            )
+        return baselines.METHODS[args.method]
+    return None
+
+
+def pair_metrics(src: Tensor, tgt: Tensor, field: Tensor, chunk: int, gt=None) -> dict:
+    """Every pair metric, before (identity) and after warping ``src`` by ``field``."""
+    warped = fields.warp_image(metrics.as_image(src), metrics.as_field(field))[0, 0]
+    out = {
+        "before": {
+            "residual": metrics.residual(src, tgt),
+            "pearson": metrics.pearson_summary(metrics.chunked_pearson(src, tgt, chunk)),
+        },
+        "after": {
+            "residual": metrics.residual(warped, tgt),
+            "pearson": metrics.pearson_summary(metrics.chunked_pearson(warped, tgt, chunk)),
+        },
+        "folds": metrics.fold_stats(field),
+        "roughness": metrics.roughness(field),
+        "mean_displacement": [float(v) for v in metrics.as_field(field).mean((0, 2, 3))],
+    }
+    if gt is not None:
+        mask = metrics.valid_after_warp(src, gt, margin=4) & (metrics.as_image(tgt)[0, 0] != 0)
+        out["epe"] = metrics.epe_stats(field, gt, mask)
+    return out
+
+
+def _print_pair(m: dict) -> None:
+    for when in ("before", "after"):
+        r, p = m[when]["residual"], m[when]["pearson"]
+        print(f"{when:6s}  mse {r['mse']:.2f}  ncc {r['ncc']:.4f}  chunked r mean "
+              f"{p['mean']:.4f} median {p['median']:.4f} p5 {p['p5']:.4f} "
+              f"low-r blocks {100 * p['frac_low']:.1f}%")
+    f = m["folds"]
+    dx, dy = m["mean_displacement"]
+    print(f"field   mean ({dx:.2f}, {dy:.2f}) px  folds {f['count']} "
+          f"({100 * f['fraction']:.4f}%)  roughness {m['roughness']:.4f} px")
+    if "epe" in m:
+        e = m["epe"]
+        print(f"EPE     median {e['median']:.3f}  p95 {e['p95']:.3f}  max {e['max']:.3f}  "
+              f"mean {e['mean']:.3f} px over {e['pixels']} pixels")
+
+
+def _run_pair(args) -> dict:
+    if not (args.src and args.tgt):
+        raise MetroemError("an image pair needs both --src and --tgt")
+    src, tgt = read_image(args.src), read_image(args.tgt)
+    if src.shape != tgt.shape:
+        raise MetroemError(
+            f"--src is {src.shape[1]}x{src.shape[0]} but --tgt is {tgt.shape[1]}x{tgt.shape[0]};"
+            " crop them to one size"
+        )
+    method = _aligner(args)
+    if args.field and method is not None:
+        raise MetroemError("give --field or --pyramid/--method, not both")
+    if args.field:
+        field = report.field_from_file(args.field)
+    elif method is not None:
+        field = baselines.align(method, src, tgt)
+    else:
+        raise MetroemError("no field to evaluate; pass --field F.npy, --pyramid DIR or --method")
+    if tuple(field.shape[-2:]) != tuple(src.shape):
+        raise MetroemError(
+            f"field is {field.shape[-1]}x{field.shape[-2]} but the images are "
+            f"{src.shape[1]}x{src.shape[0]}; pass the field of this pair at this resolution"
+        )
+    gt = report.field_from_file(args.gt) if args.gt else None
+    if gt is not None and gt.shape != field.shape:
+        raise MetroemError(f"--gt has shape {tuple(gt.shape)}, the field {tuple(field.shape)}")
+    m = pair_metrics(src, tgt, field, args.chunk, gt)
+    if args.report:
+        paths = report.write_pair_report(args.report, src, tgt, field, name="pair",
+                                         chunk=args.chunk, gt=gt)
+        m["report"] = paths
+    return m
+
+
+def _check_chunk_alignment(x0: int, y0: int, chunk: int) -> None:
+    if x0 % chunk or y0 % chunk:
+        raise MetroemError(
+            f"--bbox origin ({x0}, {y0}) must be a multiple of --chunk {chunk} to write a "
+            "Pearson layer; move the box or drop --pearson_dst"
+        )
+
+
+def _pearson_layer(args, info, x0, y0, w, h) -> str:
+    """Create (or reuse) the Pearson map layer; return its path."""
+    from metroem import volumes
+
+    c = args.chunk
+    _check_chunk_alignment(x0, y0, c)
+    res = info.resolution[args.mip]
+    want_res = (res[0] * c, res[1] * c, res[2])
+    path = volumes.normalize_path(args.pearson_dst)
+    lo = (x0 // c, y0 // c, args.z_start)
+    size = (w // c, h // c, args.z_end - args.z_start)
+    try:
+        existing = volumes.volume_info(path)
+    except MetroemError:
+        existing = None
+    if existing is None:
+        volumes.create_volume(path, size, 1, dtype="float32", resolution=want_res,
+                              offset_xyz=lo, chunk_xy=64)
+        return path
+    e_lo, e_size = existing.offset[0], existing.size[0]
+    inside = all(e_lo[i] <= lo[i] and lo[i] + size[i] <= e_lo[i] + e_size[i] for i in range(3))
+    if tuple(existing.resolution[0]) != tuple(float(v) for v in want_res) or not inside:
+        raise MetroemError(
+            f"{path} exists with another resolution or bounds; pick a new --pearson_dst"
+        )
+    return path
+
+
+def _run_volume(args) -> dict:
+    from metroem import volumes
+
+    if args.z_start is None or args.z_end is None:
+        raise MetroemError("a CloudVolume z range needs --z_start and --z_end")
+    if args.z_end <= args.z_start:
+        raise MetroemError(f"--z_end ({args.z_end}) must be greater than --z_start")
+    if args.field or args.gt or args.src or args.tgt:
+        raise MetroemError("--src/--tgt/--field/--gt are for image pairs, not with --cv_path")
+    method = _aligner(args)
+    if args.field_path and method is not None:
+        raise MetroemError("give --field_path or --pyramid/--method, not both")
+    info = volumes.volume_info(args.cv_path)
+    if args.mip not in info.mips:
+        raise MetroemError(f"{args.cv_path} has no MIP {args.mip}; it has {list(info.mips)}")
+    if args.bbox:
+        x0, y0, w, h = args.bbox
+    else:
+        (x0, y0, _), (w, h, _) = info.offset[args.mip], info.size[args.mip]
+    if w < args.chunk or h < args.chunk:
+        raise MetroemError(f"--bbox {w}x{h} is smaller than one --chunk {args.chunk} block")
+    dst = _pearson_layer(args, info, x0, y0, w, h) if args.pearson_dst else None
+
+    def section(z: int) -> Tensor:
+        img = volumes.read(args.cv_path, args.mip, x0, y0, z, w, h, dtype=torch.float32)
+        if args.field_path:
+            f = volumes.read(args.field_path, args.mip, x0, y0, z, w, h, dtype=torch.float32)
+            img = fields.warp_image(img, f)
+        return img[0, 0]
+
+    per_z, maps = {}, []
+    prev = section(args.z_start - 1)
+    for z in range(args.z_start, args.z_end):
+        cur = section(z)
+        field = baselines.align(method, cur, prev) if method is not None else None
+        moved = cur if field is None else fields.warp_image(cur[None, None], field)[0, 0]
+        rmap = metrics.chunked_pearson(moved, prev, args.chunk)
+        maps.append(rmap)
+        entry = {
+            "pearson": metrics.pearson_summary(rmap),
+            "residual": metrics.residual(moved, prev),
+        }
+        if field is not None:
+            entry["folds"] = metrics.fold_stats(field)
+        per_z[z] = entry
+        p = entry["pearson"]
+        print(f"z {z:5d} vs {z - 1:5d}: chunked r mean {p['mean']:.4f} p5 {p['p5']:.4f} "
+              f"low-r blocks {100 * p['frac_low']:.1f}%  ncc {entry['residual']['ncc']:.4f}")
+        if dst is not None:
+            volumes.write(dst, 0, x0 // args.chunk, y0 // args.chunk, z, rmap[None, None])
+        if args.report:
+            panel = viz.side_by_side(
+                viz.titled(viz.overlay(moved, prev), f"z {z} (red) on z {z - 1} (green)"),
+                viz.titled(viz.heatmap(rmap, -0.2, 1.0, cell=args.chunk),
+                           f"chunked r, mean {p['mean']:.3f}"),
+                viz.titled(viz.colorbar(-0.2, 1.0), "r"),
+            )
+            viz.save_png(os.path.join(args.report, f"pearson_z{z}.png"), panel)
+        prev = cur
+    overall = metrics.pearson_summary(torch.cat([m.flatten() for m in maps]))
+    print(f"all      : chunked r mean {overall['mean']:.4f} p5 {overall['p5']:.4f} over "
+          f"{overall['blocks']} blocks")
+    return {"sections": per_z, "overall": overall, "pearson_layer": dst}
+
+
+def _clean(x):
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.chunk < 2:
+        raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
+    if args.cv_path and (args.src or args.tgt):
+        raise MetroemError("give either --src/--tgt (image pair) or --cv_path (volume), not both")
+    if args.cv_path:
+        result = _run_volume(args)
+    elif args.src or args.tgt:
+        result = _run_pair(args)
+        if not args.json:
+            _print_pair(result)
+    else:
+        raise MetroemError("nothing to evaluate; pass --src/--tgt or --cv_path (see --help)")
+    if args.json:
+        print(json.dumps(_clean(result), indent=1))
+    if args.report:
+        print(f"pictures in {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
