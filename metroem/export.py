@@ -119,6 +119,10 @@ def export_pyramid(
         warnings.simplefilter("ignore")  # TracerWarnings: sizes are fixed on purpose
         core = torch.jit.trace(_Core(aligner), (ex, ex.roll(3, -1)), check_trace=False)
         scripted = torch.jit.script(TiledField(core, chunk, pad, window, aligner.input_mip))
+        # Freezing folds the weights in: the first calls after loading optimise less.
+        scripted = torch.jit.freeze(
+            scripted.eval(), preserved_attrs=["chunk", "pad", "window", "input_mip"]
+        )
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
     with atomic_path(out_path) as tmp:
