@@ -221,3 +221,32 @@ def test_kill9_anywhere_then_resume_is_identical(tiny_world, tmp_path, reference
         assert_no_leftovers(run)
         shutil.rmtree(run.root)
     assert killed >= 20
+
+
+def test_second_train_py_on_the_same_module_is_refused(tiny_world, tmp_path):
+    run = fresh_copy(tiny_world, tmp_path)
+    argv = run.argv("tiny", "--no_redirect_stdout", "--train_stages", "0",
+                    "--set", "train.steps=100000", "--set", "train.checkpoint_every=0")
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=str(REPO),
+                             env=subprocess_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = run.pyramid / ".0_mip1in_tiny.lock"
+    try:
+        deadline = time.time() + 120
+        while not (run.pyramid / "_runs" / "tiny").exists() and time.time() < deadline:
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            time.sleep(0.05)
+        assert lock.read_text().strip() == str(first.pid)
+        second = run_train_py(argv)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: another process")
+        assert f"pid {first.pid}" in lines[0]
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 0 and "training stopped" in out
+        assert not lock.exists()  # released on the way out
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()

@@ -429,3 +429,27 @@ def test_module_locked_by_another_live_process(tiny_run, capsys):
     # the holder died without releasing: its stale lock is taken over
     assert train(tiny_run.argv("tiny", "--train_stages", "0", "--no_redirect_stdout",
                                "--set", "train.steps=1")) == 0
+
+
+# --- the demo pipeline ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_pipeline_prints_the_results_table(tmp_path):
+    out = tmp_path / "demo"
+    res = subprocess.run(
+        [sys.executable, "-m", "metroem.demo_pipeline", "--out", str(out), "--num_sections", "5",
+         "--size", "256", "--set", "train.steps=3", "--set", "data.batch_size=2",
+         "--set", "data.crop_size=64"],
+        capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    header = next(i for i, ln in enumerate(lines) if "before (px)" in ln)
+    rows = [ln.split() for ln in lines[header + 1 : header + 4]]
+    assert [(r[0], r[1]) for r in rows] == [("0", "2"), ("1", "1"), ("2", "0")]
+    for r in rows:  # identity EPE before, validation EPE after: finite numbers
+        assert all(np.isfinite(float(v)) for v in r[2:])
+    for stage, mip in ((0, 2), (1, 1), (2, 0)):
+        module = out / "pyramid" / f"{stage}_mip{mip}in_demo"
+        assert (module / "model" / "demo.state.pth.tar").is_file()
