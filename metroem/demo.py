@@ -111,7 +111,9 @@ def _layout(gen, nz: int, h: int, w: int, cell_px: float) -> _Tissue:
             -cell_px * (0.12 + 0.1 * torch.rand(n_small, generator=gen)),
         )
     )
-    vel = torch.randn(s, 2, generator=gen) * 4.5
+    # Slow lateral motion: neighbouring sections differ by content (growth, organelles, noise)
+    # far more than by sliding, so the ground-truth pair field is what an aligner can recover.
+    vel = torch.randn(s, 2, generator=gen) * 0.8
     wobble = torch.stack(
         (torch.rand(s, generator=gen) * 6.28, 0.1 + 0.25 * torch.rand(s, generator=gen)), 1
     )
@@ -193,7 +195,8 @@ def procedural_stack(
 
     Light cytoplasm; dark membranes of a curved (weighted, domain-warped) Voronoi tessellation;
     mitochondria (dark ellipses with cristae); vesicle clouds beside dark synaptic bands; grain
-    and slow illumination changes. Cells move a few pixels per section, so neighbouring sections
+    and slow illumination changes. Cells drift well under a pixel per section (so the true
+    pair field is recoverable) and change shape, so neighbouring sections
     correlate (Pearson r ~0.3-0.5 at MIP0) and distant ones do not. ``cell_px`` is the spacing
     of the large cells in pixels; small (axon-like) profiles fill the space between them.
     """
@@ -202,7 +205,7 @@ def procedural_stack(
     tissue = _layout(gen, nz, h, w, cell_px)
     # Half-resolution grid for the tessellation, padded to whole 32 x 32 tiles.
     hh, hw = math.ceil(h / 64) * 32, math.ceil(w / 64) * 32
-    bend = _zsmooth_noise(gen, nz, hh, hw, cell_px * 0.5, 4.0, ch=2) * (cell_px * 0.1)
+    bend = _zsmooth_noise(gen, nz, hh, hw, cell_px * 0.5, 4.0, ch=2) * (cell_px * 0.04)
     contrast = _zsmooth_noise(gen, nz, h, w, cell_px * 0.5, 3.0)
     texture = _zsmooth_noise(gen, nz, h, w, 10.0, 1.5)
     ys, xs = torch.meshgrid(
@@ -220,7 +223,7 @@ def procedural_stack(
     for z in range(nz):
         centres = tissue.pos0 + tissue.vel * z
         wob = torch.sin(tissue.wobble[:, 0] + tissue.wobble[:, 1] * z)
-        radius = tissue.radius + 0.08 * cell_px * wob
+        radius = tissue.radius + 0.05 * cell_px * wob
         e1, e2, idx = _voronoi(centres, radius, base_px + bend[z].permute(1, 2, 0))
         # Half the weighted-distance gap is the distance to the cell boundary in pixels.
         gap = F.interpolate(((e2 - e1) / 2)[None, None], scale_factor=2, mode="bilinear")
@@ -243,8 +246,8 @@ def procedural_stack(
         img = img * (1 - 0.25 * _stamp(h, w, speck_xy, speck_kernel).clamp(0, 1))
 
         # Grain (per section) and a slow illumination gradient.
-        img = img + 0.045 * _blur_noise(gen, 1, h, w, 2)[0, 0]
-        img = img + 0.03 * torch.randn(h, w, generator=gen)
+        img = img + 0.07 * _blur_noise(gen, 1, h, w, 2)[0, 0]
+        img = img + 0.05 * torch.randn(h, w, generator=gen)
         tilt = torch.randn(2, generator=gen) * 0.06
         img = img * (1 + tilt[0] * (xx / w - 0.5) + tilt[1] * (yy / h - 0.5))
         out[z, 0] = (img.clamp(0, 1) * 254 + 1).round().to(torch.uint8)
