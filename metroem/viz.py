@@ -227,7 +227,7 @@ def stack_rows(*rows: np.ndarray, gap: int = 4) -> np.ndarray:
 # Distinct line colours for charts (colour-blind-friendly Okabe-Ito order, then greys).
 CHART_COLORS = [
     (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233),
-    (213, 94, 0), (240, 228, 66), (0, 0, 0), (120, 120, 120), (170, 60, 60), (60, 60, 170),
+    (213, 94, 0), (0, 0, 0), (190, 160, 0), (120, 120, 120), (170, 60, 60), (60, 60, 170),
     (90, 150, 60),
 ]
 
@@ -239,11 +239,14 @@ def line_chart(
     ylabel: str = "",
     log_y: bool = False,
     size: tuple[int, int] = (760, 420),
+    colors: dict[str, tuple[int, int, int]] | None = None,
+    dashed: set[str] | frozenset[str] = frozenset(),
 ) -> np.ndarray:
     """A simple line chart (one line per series over categorical x) as an RGB array.
 
     NaN / missing values break the line. ``log_y`` plots log10 of positive values, with tick
-    labels at powers of ten.
+    labels at powers of ten. ``colors`` overrides a series' colour; series in ``dashed`` are
+    drawn with dashes (e.g. a variant in its base method's colour).
     """
     from PIL import Image, ImageDraw
 
@@ -289,17 +292,31 @@ def line_chart(
         d.text((x - 3 * len(name), top + ph + 6), name, fill=(0, 0, 0), font=font)
     d.text((left, 6), title, fill=(0, 0, 0), font=_font(14))
     d.text((left, h - 16), ylabel, fill=(80, 80, 80), font=font)
+    def segment(p0, p1, col, dash: bool, width: int = 2):
+        if not dash:
+            d.line([p0, p1], fill=col, width=width)
+            return
+        length = float(np.hypot(p1[0] - p0[0], p1[1] - p0[1]))
+        for s in np.arange(0, length, 9.0):
+            a, b = s / max(length, 1e-9), min(s + 5.0, length) / max(length, 1e-9)
+            d.line([(p0[0] + a * (p1[0] - p0[0]), p0[1] + a * (p1[1] - p0[1])),
+                    (p0[0] + b * (p1[0] - p0[0]), p0[1] + b * (p1[1] - p0[1]))],
+                   fill=col, width=width)
+
+    colors = colors or {}
     for k, (name, ys) in enumerate(series.items()):
-        col = CHART_COLORS[k % len(CHART_COLORS)]
+        col = tuple(colors.get(name, CHART_COLORS[k % len(CHART_COLORS)]))
+        dash = name in dashed
         pts = [(i, tr(v)) for i, v in enumerate(ys)]
         for (i0, a), (i1, b) in zip(pts, pts[1:], strict=False):
             if a is not None and b is not None:
-                d.line([px(i0, a), px(i1, b)], fill=col, width=2)
+                segment(px(i0, a), px(i1, b), col, dash)
         for i, v in pts:
             if v is not None:
                 x, y = px(i, v)
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+                box = [x - 3, y - 3, x + 3, y + 3]
+                d.ellipse(box, fill=(255, 255, 255) if dash else col, outline=col, width=2)
         ly = top + 4 + 16 * k
-        d.line([(left + pw + 10, ly + 7), (left + pw + 30, ly + 7)], fill=col, width=3)
+        segment((left + pw + 10, ly + 7), (left + pw + 30, ly + 7), col, dash, width=3)
         d.text((left + pw + 36, ly), name, fill=(0, 0, 0), font=font)
     return np.asarray(im).copy()

@@ -107,7 +107,17 @@ def write_epe_chart(
     }
     floor = 1e-2  # exact methods would sit at -inf on a log axis
     clean = {k: [max(v, floor) if np.isfinite(v) else v for v in vs] for k, vs in clean.items()}
-    rgb = viz.line_chart(clean, difficulties, title=title, ylabel=ylabel, log_y=True)
+    # A "<base>+<variant>" series (e.g. dis+pc) is drawn dashed in its base method's colour.
+    base = [k for k in clean if "+" not in k]
+    colors = {k: viz.CHART_COLORS[i % len(viz.CHART_COLORS)] for i, k in enumerate(base)}
+    extra = [k for k in clean if k not in colors and k.split("+")[0] not in colors]
+    for i, k in enumerate(extra, start=len(base)):
+        colors[k] = viz.CHART_COLORS[i % len(viz.CHART_COLORS)]
+    dashed = {k for k in clean if "+" in k and k.split("+")[0] in colors}
+    for k in dashed:
+        colors[k] = colors[k.split("+")[0]]
+    rgb = viz.line_chart(clean, difficulties, title=title, ylabel=ylabel, log_y=True,
+                         colors=colors, dashed=dashed)
     return viz.save_png(str(path), rgb)
 
 
