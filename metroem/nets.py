@@ -82,9 +82,13 @@ def default_spec(**over) -> dict:
             raise ValueError(f"levels must be 2..{len(_DEFAULTS['channels']) + 1}, got {levels}")
         if "channels" not in over:
             spec["channels"] = spec["channels"][: levels - 1]
-        for key in _PER_LEVEL:
-            if isinstance(spec[key], list) and key not in over:
-                spec[key] = spec[key][:levels]
+    # Per-level lists that were not given follow the number of levels: trimmed, or extended
+    # with their last (coarsest) value.
+    n_levels = len(spec["channels"]) + 1
+    for key in _PER_LEVEL:
+        value = spec[key]
+        if isinstance(value, list) and key not in over and len(value) != n_levels:
+            spec[key] = (value + [value[-1]] * n_levels)[:n_levels]
     return validate_spec(spec)
 
 

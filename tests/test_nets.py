@@ -224,3 +224,12 @@ def test_frozen_copy_loads_without_metroem(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1, 2, 9, 9)"
+
+
+def test_per_level_lists_follow_the_number_of_levels():
+    short = nets.default_spec(channels=[4, 8])
+    assert len(short["local_radius"]) == len(short["head_channels"]) == 3
+    deep = nets.default_spec(channels=[4, 8, 8, 8, 8, 8])
+    assert len(deep["local_radius"]) == 7 and deep["local_radius"][-1] == deep["local_radius"][4]
+    out = nets.build_model(short)(torch.rand(1, 1, 32, 32) + 0.1, torch.rand(1, 1, 32, 32) + 0.1)
+    assert out.shape == (1, 2, 32, 32)
