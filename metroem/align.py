@@ -357,7 +357,6 @@ def align_volume(
         mip=mip, chunk=chunk, pad=pad, checkpoint=checkpoint_name, stages=stages,
         finetune=finetune, finetune_options=json.dumps(finetune_options or {}, sort_keys=True)))
     h, w = info.size[mip][1], info.size[mip][0]
-    xo, yo = info.offset[mip][0], info.offset[mip][1]
     jobs = [_VolJob(z, c) for z, _ in pairs for c in tiling.plan_chunks(h, w, chunk)]
     target = dict(pairs)
     write_lock = threading.Lock()  # coarse MIPs share storage chunks: read-modify-write
@@ -368,7 +367,8 @@ def align_volume(
                 data = fields.downsample_field(data, 1) if is_field else \
                     fields.downsample_image(data, 1)
             k = 2 ** (m - mip)
-            volumes.write(path, m, xo // k + c.x0 // k, yo // k + c.y0 // k, z, data)
+            ox, oy = info.offset[m][0], info.offset[m][1]
+            volumes.write(path, m, ox + c.x0 // k, oy + c.y0 // k, z, data)
 
     def work_fn(model, job: _VolJob) -> None:
         src = tiling.VolumeSource(src_path, mip, job.z)
