@@ -8,7 +8,7 @@ allocations (``tracemalloc``). The pyramid is a two-stage stand-in (MIP 1 and 0,
 resampling and warps, writes) and stays within minutes on 2 CPU cores; a real network adds
 its own, also window-sized, activations.
 
-    .venv/bin/python benchmarks/tiling_memory.py            # ~5 min on 2 cores
+    .venv/bin/python benchmarks/tiling_memory.py            # ~8 min on 2 cores
     .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 4096
 
 Results: benchmarks/results/tiling_memory.json and .md. Not part of CI.
