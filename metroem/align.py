@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--finetune", action="store_true", help="refine each field online")
     m.add_argument("--finetune_iterations", type=int, default=60, help="steps per level")
     m.add_argument("--finetune_lr", type=float, default=0.3, help="px per step (cosine decay)")
-    m.add_argument("--finetune_smoothness", type=float, default=0.3, help="smoothness weight")
+    m.add_argument("--finetune_smoothness", type=float, default=3.0, help="smoothness weight")
     o = p.add_argument_group("outputs")
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")

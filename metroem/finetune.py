@@ -33,7 +33,7 @@ DEFAULTS: dict = {
     "levels": 3,  # coarse-to-fine levels: images downsampled 2^(levels-1) ... 1 times
     "lr": 0.3,  # Adam learning rate, pixels of the level per step, cosine-decayed to lr / 20
     "similarity": "mse",  # mse | ncc
-    "smoothness": 0.3,  # weight of the smoothness term
+    "smoothness": 3.0,  # weight of the smoothness term (the data term alone overfits noise)
     "smoothness_kind": "rigidity",  # rigidity | laplacian
     "fold_weight": 10.0,  # weight of relu(0.1 - det J)^2
     "nodata_smoothness": 0.1,  # smoothness weight where there is no data or a defect

@@ -56,13 +56,13 @@ def test_finetuning_improves_epe_without_folds(demo_pair, untrained):
     tuned = load_aligner(untrained, finetune=True)(src, tgt)
     before = losses.epe(net, gt, w)[0].item()
     after = losses.epe(tuned, gt, w)[0].item()
-    assert before > 1.0  # the demo pair really is misaligned
-    assert after < before - 0.1
+    assert losses.epe(torch.zeros_like(gt), gt, w)[0] > 3.0  # the pair really is misaligned
+    assert after < before - 0.3
     assert fields.jacobian_determinant(tuned).min() > 0
     assert not tuned.requires_grad and tuned.shape == net.shape
-    # starting from a partly right field keeps improving it
-    half = finetune_field(src, tgt, 0.5 * gt)
-    assert losses.epe(half, gt, w)[0] < losses.epe(0.5 * gt, gt, w)[0]
+    # starting from nothing (identity) it improves too
+    zero = torch.zeros_like(gt)
+    assert losses.epe(finetune_field(src, tgt, zero), gt, w)[0] < losses.epe(zero, gt, w)[0]
 
 
 def test_no_folds_even_with_aggressive_settings(demo_pair):
