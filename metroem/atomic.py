@@ -8,6 +8,11 @@ error or Ctrl-C leaves nothing, or at worst a hidden ``.name.tmp-*`` file after 
 :class:`FileLock` keeps two processes from writing the same output at once. It is a plain
 ``O_CREAT | O_EXCL`` lock file holding the owner's pid; a lock left by a dead process is taken
 over. It is advisory and meant for one machine (pids are not comparable across hosts).
+
+A full disk (``ENOSPC``, ``EDQUOT``) or a file-size limit (``EFBIG``) while writing inside
+:func:`atomic_path` becomes a one-line :class:`MetroemError`; the temporary file is removed and
+the final name keeps its old content. :class:`WriteGuard` lets a C library (HDF5) write through
+Python and keeps it from ever seeing such a failure midway, which HDF5 does not survive.
 """
 
 from __future__ import annotations
@@ -21,7 +26,18 @@ from collections.abc import Iterator
 
 from metroem.errors import MetroemError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "temp_name", "FileLock", "lock_path_for"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "temp_name",
+    "FileLock",
+    "lock_path_for",
+    "WriteGuard",
+    "DISK_FULL_ERRNOS",
+]
+
+# Errors that mean "no room to write": a full disk, a full quota, a file-size limit.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 # A lock file whose content is not a pid (its writer died between create and write) counts as
 # stale once it is this old.
@@ -45,6 +61,11 @@ def atomic_path(final_path: str) -> Iterator[str]:
     tmp = temp_name(final_path)
     try:
         yield tmp
+    except OSError as e:
+        _remove_quietly(tmp)
+        if e.errno in DISK_FULL_ERRNOS:
+            raise _disk_full(final_path, e) from e
+        raise
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -64,6 +85,87 @@ def atomic_write_bytes(final_path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _disk_full(final_path: str, e: OSError) -> MetroemError:
+    what = "exists unchanged" if os.path.exists(final_path) else "was not created"
+    return MetroemError(
+        f"cannot write {final_path}: {e.strerror} (disk full or file-size limit); free space "
+        f"or write elsewhere, then run again ({os.path.basename(final_path)} {what})"
+    )
+
+
+class WriteGuard:
+    """A binary file for a C library to write through (h5py's ``fileobj`` driver).
+
+    The first ``OSError`` of a write, truncate or flush is remembered and every later write is
+    swallowed (reported as done), so the library finishes and closes normally; the caller then
+    calls :meth:`check`, which raises the remembered error. Reads go straight to the file.
+    """
+
+    def __init__(self, path: str):
+        self._f = open(path, "w+b", buffering=0)  # unbuffered: a seek never flushes
+        self.error: OSError | None = None
+
+    def _guard(self, fn, *args):
+        if self.error is None:
+            try:
+                return fn(*args)
+            except OSError as e:
+                self.error = e
+        return None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n, start = len(view), self._f.tell()
+        self._guard(self._write_all, view)
+        if self.error is not None:  # pretend: move on as if written
+            self._f.seek(start + n)
+        return n
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            view = view[self._f.write(view) :]
+
+    def truncate(self, size: int | None = None) -> int:
+        self._guard(self._f.truncate, size)
+        return self._f.tell() if size is None else size
+
+    def flush(self) -> None:
+        self._guard(self._f.flush)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, buffer) -> int:
+        return self._f.readinto(buffer)
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def check(self) -> None:
+        """Raise the remembered write error, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Flush and close the file, then raise the remembered write error, if any."""
+        if not self._f.closed:
+            self.flush()
+            self._f.close()
+        self.check()
+
+    def __enter__(self) -> WriteGuard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        elif not self._f.closed:
+            self._f.close()
 
 
 def _remove_quietly(path: str) -> None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from metroem.atomic import FileLock, atomic_path
+from metroem.atomic import FileLock, WriteGuard, atomic_path
 from metroem.errors import MetroemError
 
 __all__ = [
@@ -152,9 +152,10 @@ def _h5py():
 class DatasetWriter:
     """Fills a dataset being written by :func:`open_writer`, one pair at a time."""
 
-    def __init__(self, data, translation, path: str):
+    def __init__(self, data, translation, path: str, guard: WriteGuard | None = None):
         self._data = data
         self._translation = translation
+        self._guard = guard
         self.path = path
         self.n = data.shape[0]
         self._written = np.zeros(self.n, dtype=bool)
@@ -171,6 +172,8 @@ class DatasetWriter:
         self._data[i] = item.astype(self._data.dtype, copy=False)
         self._translation[i] = np.asarray(translation, dtype=np.int64)
         self._written[i] = True
+        if self._guard is not None:
+            self._guard.check()  # a full disk stops the cut now, not after the last pair
 
     def missing(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self._written)]
@@ -230,7 +233,9 @@ def open_writer(
     h5py = _h5py()
     with FileLock(path), atomic_path(path) as tmp:
         check_output_free(path, overwrite)  # again, now that we hold the lock
-        with h5py.File(tmp, "w") as f:
+        # HDF5 writes through a WriteGuard: a full disk never fails a write inside HDF5 (it
+        # cannot recover from that); the error is raised here instead and the file removed.
+        with WriteGuard(tmp) as out, h5py.File(out, "w") as f:
             data = f.create_dataset(
                 "img" if kind == "image" else FIELD_KEY,
                 shape=(n, 2, size, size),
@@ -244,7 +249,7 @@ def open_writer(
             translation = f.create_dataset("translation", data=np.zeros((n, 2), dtype=np.int64))
             for key, value in full_attrs.items():
                 f.attrs[key] = value
-            writer = DatasetWriter(data, translation, path)
+            writer = DatasetWriter(data, translation, path, out)
             yield writer
             if writer.missing():
                 raise RuntimeError(f"{path}: pairs {writer.missing()} were never written")
@@ -318,8 +323,12 @@ def _one_line(e: BaseException) -> str:
 
 def _open(path: str, recut: str):
     """Open an h5 file for reading or raise a MetroemError naming it."""
+    if os.path.isdir(path):
+        raise MetroemError(f"{path} is a folder, not an h5 file; move it out of the dataset folder")
     if not os.path.isfile(path):
         raise MetroemError(f"dataset file {path} does not exist; check the path")
+    if not os.access(path, os.R_OK):
+        raise MetroemError(f"{path} cannot be read (permission denied); fix its permissions")
     h5py = _h5py()
     try:
         return h5py.File(path, "r")

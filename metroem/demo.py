@@ -637,8 +637,15 @@ def pair_ground_truth(
 # --- command line -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line MetroemErrors (``error: ...``, exit 2)."""
+
+    def error(self, message: str):
+        raise MetroemError(f"{message}; see {self.prog} --help")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="metroem-demo-volume",
         description="Build a local misaligned EM-like demo volume with ground-truth fields.",
         epilog="example: metroem-demo-volume demo_volume --num_sections 12 --size 1024",

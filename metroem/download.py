@@ -151,9 +151,23 @@ def _expand(path: str | None) -> str | None:
 
 
 def _prepare_folder(dst_folder: str) -> str:
+    """The absolute output folder, checked (not created) up front: it is or can become a
+    writable folder, so a bad --dst_folder fails before any data is read."""
     folder = _expand(dst_folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise MetroemError(f"--dst_folder {folder} exists and is not a folder; pick another path")
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise MetroemError(
+            f"cannot create --dst_folder {folder}: {existing} is a file, not a folder; pick "
+            "another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MetroemError(
+            f"cannot write in {existing} (permission denied); pick a writable --dst_folder"
+        )
     return folder
 
 

@@ -18,6 +18,7 @@ load modules you trust.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from metroem.atomic import atomic_path, atomic_write_bytes
+from metroem.atomic import atomic_write_bytes
 from metroem.errors import MetroemError
 
 __all__ = [
@@ -286,8 +287,11 @@ def save_weights(
     module = _module_dir(module_path)
     path = weights_path(module, checkpoint_name)
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    with atomic_path(str(path)) as tmp:
-        torch.save(state, tmp)
+    # Serialised in memory first: torch's own file writer turns a full disk into an opaque
+    # RuntimeError; atomic_write_bytes reports it in one line and keeps the old file.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(str(path), buffer.getvalue())
     if make_default:
         _set_default_checkpoint(module, checkpoint_name)
     return path

@@ -13,6 +13,7 @@ Python values, so they load with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import warnings
@@ -26,7 +27,7 @@ import torch
 
 import metroem
 from metroem import modules
-from metroem.atomic import atomic_path
+from metroem.atomic import atomic_write_bytes
 from metroem.errors import MetroemError
 
 __all__ = [
@@ -186,8 +187,9 @@ def save_training_state(
     ):
         _check_plain(state[key], key)
     path = Path(path)
-    with atomic_path(str(path)) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()  # in memory first, so a full disk is a one-line error (atomic.py)
+    torch.save(state, buffer)
+    atomic_write_bytes(str(path), buffer.getvalue())
     return path
 
 

@@ -48,8 +48,15 @@ from metroem.training.stage_data import GROUND_TRUTH_TAG, check_images
 OVERRIDES_ENV = "METROEM_TRAIN_SET"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line MetroemErrors (``error: ...``, exit 2)."""
+
+    def error(self, message: str):
+        raise MetroemError(f"{message}; see {self.prog} --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py", description="Train a multi-stage pyramid aligner, stage by stage."
     )
     p.add_argument("--pyramid_path", required=True, help="folder of <STAGE>_mip<MIP>in_<SUFFIX>")
