@@ -34,6 +34,7 @@ __all__ = [
     "lock_path_for",
     "WriteGuard",
     "DISK_FULL_ERRNOS",
+    "remove_stale_temps",
 ]
 
 # Errors that mean "no room to write": a full disk, a full quota, a file-size limit.
@@ -85,6 +86,26 @@ def atomic_write_bytes(final_path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def remove_stale_temps(final_path: str) -> list[str]:
+    """Delete the temporary siblings ``.name.tmp-PID-*`` of ``final_path`` whose writer (PID)
+    is dead (killed mid-write). Call it while holding ``FileLock(final_path)``. Returns them."""
+    folder, name = os.path.split(os.path.abspath(final_path))
+    prefix = f".{name}.tmp-"
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry[len(prefix) :].split("-")[0] if entry.startswith(prefix) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            path = os.path.join(folder, entry)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def _disk_full(final_path: str, e: OSError) -> MetroemError:

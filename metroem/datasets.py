@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from metroem.atomic import FileLock, WriteGuard, atomic_path
+from metroem.atomic import FileLock, WriteGuard, atomic_path, remove_stale_temps
 from metroem.errors import MetroemError
 
 __all__ = [
@@ -233,6 +233,7 @@ def open_writer(
     h5py = _h5py()
     with FileLock(path), atomic_path(path) as tmp:
         check_output_free(path, overwrite)  # again, now that we hold the lock
+        remove_stale_temps(path)  # left by a writer that was killed (we hold its lock now)
         # HDF5 writes through a WriteGuard: a full disk never fails a write inside HDF5 (it
         # cannot recover from that); the error is raised here instead and the file removed.
         with WriteGuard(tmp) as out, h5py.File(out, "w") as f:
