@@ -236,7 +236,8 @@ def open_writer(
         remove_stale_temps(path)  # left by a writer that was killed (we hold its lock now)
         # HDF5 writes through a WriteGuard: a full disk never fails a write inside HDF5 (it
         # cannot recover from that); the error is raised here instead and the file removed.
-        with WriteGuard(tmp) as out, h5py.File(out, "w") as f:
+        # libver v110: object headers (attributes included) carry checksums as well as data.
+        with WriteGuard(tmp) as out, h5py.File(out, "w", libver=("v110", "latest")) as f:
             data = f.create_dataset(
                 "img" if kind == "image" else FIELD_KEY,
                 shape=(n, 2, size, size),
@@ -247,7 +248,10 @@ def open_writer(
                 shuffle=True,
                 fletcher32=True,
             )
-            translation = f.create_dataset("translation", data=np.zeros((n, 2), dtype=np.int64))
+            translation = f.create_dataset(
+                "translation", data=np.zeros((n, 2), dtype=np.int64), chunks=(n, 2),
+                fletcher32=True,
+            )
             for key, value in full_attrs.items():
                 f.attrs[key] = value
             writer = DatasetWriter(data, translation, path, out)
@@ -448,7 +452,7 @@ def _read(path: str, kind: str, load_data: bool) -> H5Data:
                 data = _to_zyx(_read_array(f[layout.key], (), path, recut), layout)
             translation = _translation_of(f, path, layout, recut)
             attrs = _attrs_of(f, path, layout, kind)
-        except (OSError, KeyError, RuntimeError) as e:
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as e:
             raise MetroemError(f"{path} is corrupt ({_one_line(e)}); delete it and {recut}") from e
     shape = (layout.n, 2, layout.size, layout.size)
     return H5Data(path=path, data=data, translation=translation, attrs=attrs, shape=shape)
@@ -510,7 +514,7 @@ def _probe(path: str, kind: str) -> tuple[_Layout, dict, np.ndarray, str]:
             attrs = _attrs_of(f, path, layout, kind)
             translation = _translation_of(f, path, layout, recut)
             dtype = str(f[layout.key].dtype)
-        except (OSError, KeyError, RuntimeError) as e:
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as e:
             raise MetroemError(f"{path} is corrupt ({_one_line(e)}); delete it and {recut}") from e
     return layout, attrs, translation, dtype
 
