@@ -12,7 +12,8 @@ pyramid), runs the real command (``download_image.py``, ``download_field.py``, `
   (no hidden ``.*.tmp-*`` or ``.*.lock`` file is left behind).
 
 ``tests/test_bad_input.py`` runs the table; ``benchmarks/bad_inputs.py`` writes it out as
-``benchmarks/results/bad_inputs.{md,json}``. This module is the one list of cases.
+``benchmarks/results/bad_inputs.{md,json}``. This module is the one list of cases. It runs the
+checkout's top-level scripts, so it needs a source checkout (``pip install -e .``).
 """
 
 from __future__ import annotations

@@ -97,7 +97,10 @@ def _open_uncached(path: str, mip: int, fill_missing: bool, **kwargs):
     try:
         info_vol = CloudVolume(path, mip=0, progress=False, fill_missing=fill_missing, **kwargs)
     except Exception as e:  # cloudvolume raises many types for a bad path
-        raise MetroemError(f"cannot open CloudVolume {path}: {_one_line(e)}") from e
+        raise MetroemError(
+            f"cannot open CloudVolume {path}: {_one_line(e)}; check the path and that its info "
+            "file is a readable file"
+        ) from e
     available = [i for i in range(len(info_vol.info["scales"]))]
     if mip not in available:
         raise MetroemError(
