@@ -43,7 +43,13 @@ _DEFAULTS: dict = {
     # encoder channels of levels 1, 2, ... (level i is at 1/2^i resolution); level 0 is the image
     "channels": [8, 16, 24, 32],
     "finest_level": 1,  # finest level refined (0..len(channels)); upsampled from there
-    "global_translation": True,  # image-wide translation head at the coarsest level
+    # Local normalisation makes a stage's output depend only on a bounded neighbourhood, so tiled
+    # inference equals whole-image inference; "global" normalises over the whole input.
+    "normalization": "local",  # local | global
+    "norm_sigma": 64.0,  # local: Gaussian window (std) of the mean/variance, pixels of the stage
+    # Image-wide translation head at the coarsest level. Off by default: the block-matching
+    # prior already covers large shifts, and an image-wide estimate is not tile-invariant.
+    "global_translation": False,
     "global_radius": 4,  # its search radius, in coarsest-level pixels
     "global_temperature": 5.0,  # initial softmax temperature on standardised scores (learned)
     "local_radius": [1, 1, 2, 2, 2],  # local correlation radius per level 0..L (or one int)
@@ -124,7 +130,11 @@ def validate_spec(spec: dict) -> dict:
                 f"{key} must be an int >= 1 or a list of {levels} such ints "
                 f"(levels 0..{levels - 1}), got {v!r}"
             )
-    for key in ("global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature"):
+    if out["normalization"] not in ("local", "global"):
+        raise ValueError(f"normalization must be 'local' or 'global', got {out['normalization']!r}")
+    for key in (
+        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma"
+    ):
         if not isinstance(out[key], (int, float)) or out[key] <= 0:
             raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
     g = out["global_gain_init"]
@@ -163,6 +173,38 @@ def normalize_image(img: Tensor) -> tuple[Tensor, Tensor]:
     var = (((x - mean) * valid) ** 2).sum(dim=(1, 2, 3), keepdim=True) / count
     out = (x - mean) / var.sqrt().clamp_min(1e-6) * valid
     return out, valid
+
+
+def normalize_image_local(img: Tensor, sigma: float, factor: int = 8) -> tuple[Tensor, Tensor]:
+    """``(normalised, valid)`` with the mean and variance of a Gaussian window over valid pixels.
+
+    The statistics are computed on a ``factor``-times coarser grid (box sums, Gaussian blur with
+    zero padding divided by the blurred validity) and interpolated back, which keeps the cost low
+    and the result local: a pixel depends only on its neighbourhood, so tiles agree with the
+    whole image away from their borders (tile origins on multiples of ``factor``).
+    """
+    x = img.float()
+    valid = (x != 0).float()
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % factor, (-w) % factor
+    xp, vp = (F.pad(t, (0, pw, 0, ph)) for t in (x, valid))
+    s1 = F.avg_pool2d(xp * vp, factor)
+    s2 = F.avg_pool2d(xp * xp * vp, factor)
+    s0 = F.avg_pool2d(vp, factor)
+    k = _gaussian_kernel(max(sigma / factor, 0.5)).to(x)
+    r = k.numel() // 2
+
+    def blur(t: Tensor) -> Tensor:
+        t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
+
+    b0 = blur(s0).clamp_min(1e-6)
+    mean = blur(s1) / b0
+    var = (blur(s2) / b0 - mean**2).clamp_min(0)
+    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=factor, mode="bilinear",
+                          align_corners=False)[..., :h, :w]
+    std = stats[:, 1:2].sqrt().clamp_min(1e-3 * (stats[:, :1].abs() + 1))
+    return (x - stats[:, :1]) / std * valid, valid
 
 
 def _shifted(x: Tensor, radius: int):
@@ -399,8 +441,13 @@ class StageAligner(nn.Module):
     def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Residual field aligning an (already warped) float source to the target, same size."""
         h, w = tgt.shape[-2:]
-        src_n, src_v = normalize_image(src)
-        tgt_n, tgt_v = normalize_image(tgt)
+        if self.spec["normalization"] == "local":
+            sigma = float(self.spec["norm_sigma"])
+            src_n, src_v = normalize_image_local(src, sigma)
+            tgt_n, tgt_v = normalize_image_local(tgt, sigma)
+        else:
+            src_n, src_v = normalize_image(src)
+            tgt_n, tgt_v = normalize_image(tgt)
         n = src.shape[0]
         x = self._pad(torch.cat((torch.cat((src_n, src_v), 1), torch.cat((tgt_n, tgt_v), 1))))
         feats = self.encoder(x)

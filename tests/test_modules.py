@@ -234,8 +234,8 @@ WIDER = {"channels": [c * 2 for c in nets.default_spec()["channels"]]}
 @pytest.mark.parametrize(
     "ours, theirs, expected",
     [
-        ({}, {"global_translation": False}, "missing: global_head"),
-        ({"global_translation": False}, {}, "unexpected: global_head"),
+        ({"global_translation": True}, {}, "missing: global_head"),
+        ({}, {"global_translation": True}, "unexpected: global_head"),
         ({}, WIDER, r"shape: \S+ \(\d+, \d+, \d+, \d+\) vs \("),
     ],
 )

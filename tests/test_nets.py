@@ -21,7 +21,8 @@ ISBI = str(isbi_dir() / "{:02d}.png")
 
 
 def _tiny(**over) -> dict:
-    base = dict(channels=[4, 8], local_radius=1, head_channels=4, global_radius=2)
+    base = dict(channels=[4, 8], local_radius=1, head_channels=4, global_radius=2,
+                global_translation=True)
     base.update(over)
     return nets.default_spec(**base)
 
@@ -182,7 +183,9 @@ def test_tiny_net_overfits_a_translated_pair():
     tgt = img[..., 100:164, 100:164]
     src = img[..., 97:161, 104:168]  # src(p + (-4, 3)) = tgt(p)
     # Prior off and global gain at 0: the net starts at the identity and must learn the shift.
-    spec = nets.default_spec(levels=3, global_radius=2, local_prior=False, global_gain_init=0.0)
+    spec = nets.default_spec(
+        levels=3, global_translation=True, global_radius=2, local_prior=False, global_gain_init=0.0
+    )
     model = nets.build_model(spec)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tn = nets.normalize_image(tgt)[0]
