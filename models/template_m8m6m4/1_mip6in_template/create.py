@@ -43,15 +43,51 @@ except ImportError:
         """A module folder that cannot be loaded, explained in one line."""
 
 
-def create(checkpoint_name: str | None = None, device: str = "cpu", **kwargs) -> torch.nn.Module:
+OUTPUTS = ("tensor", "torchfields")
+
+
+def create(
+    checkpoint_name: str | None = None, device: str = "cpu", output: str = "tensor", **kwargs
+) -> torch.nn.Module:
     """The aligner of this folder with weights loaded, in eval mode, on ``device``.
 
     ``checkpoint_name`` picks ``model/<checkpoint_name>.state.pth.tar``; by default the spec's
     ``default_checkpoint``, else the only (or most recently modified) checkpoint. Without any
-    checkpoint the model is untrained (with a warning). Other keyword arguments (corgie passes
-    its processor params through) are ignored.
+    checkpoint the model is untrained (with a warning). ``output="tensor"`` returns the plain
+    stage model (fields are plain tensors); ``output="torchfields"`` wraps it as a corgie
+    processor (:class:`CorgieProcessor`) whose fields are torchfields DisplacementFields.
+    Other keyword arguments (corgie passes its processor params through) are ignored.
     """
-    return load(HERE, checkpoint_name=checkpoint_name, device=device)
+    if output not in OUTPUTS:
+        raise ModuleLoadError(f"output={output!r} is not one of {', '.join(OUTPUTS)}")
+    model = load(HERE, checkpoint_name=checkpoint_name, device=device)
+    return CorgieProcessor(model) if output == "torchfields" else model
+
+
+class CorgieProcessor(torch.nn.Module):
+    """A stage model as corgie calls it: keyword tensors in, a ``DisplacementField`` out.
+
+    corgie calls ``processor(src_img=..., tgt_img=..., src_agg_field=..., tgt_agg_field=...,
+    **other src_*/tgt_* layers)`` with uint8 ``(1, 1, H, W)`` CPU tensors and without
+    ``torch.no_grad()``, and reads the result's ``.x`` / ``.y``. The field is the saturated
+    one, in pixels of the module's MIP (channel 0 along the last axis), as a torchfields
+    ``DisplacementField`` (``tensor.field()``: a Tensor subclass, values unchanged) on the
+    input's device. Extra layers are ignored.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_img, tgt_img, src_agg_field=None, tgt_agg_field=None, **kwargs):
+        import torchfields  # noqa: F401  (registers Tensor.field)
+
+        agg = None if src_agg_field is None else src_agg_field.as_subclass(torch.Tensor)
+        with torch.no_grad():
+            field = self.model(
+                src_img.as_subclass(torch.Tensor), tgt_img.as_subclass(torch.Tensor), agg
+            )
+        return field.as_subclass(torch.Tensor).to(src_img.device).contiguous().field()
 
 
 def load(folder: str, checkpoint_name: str | None = None, device: str = "cpu") -> torch.nn.Module:

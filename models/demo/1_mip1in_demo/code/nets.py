@@ -43,14 +43,28 @@ _DEFAULTS: dict = {
     # encoder channels of levels 1, 2, ... (level i is at 1/2^i resolution); level 0 is the image
     "channels": [8, 16, 24, 32],
     "finest_level": 1,  # finest level refined (0..len(channels)); upsampled from there
-    "global_translation": True,  # image-wide translation head at the coarsest level
+    # Local normalisation makes a stage's output depend only on a bounded neighbourhood, so tiled
+    # inference equals whole-image inference; "global" normalises over the whole input.
+    "normalization": "local",  # local | global
+    "norm_sigma": 64.0,  # local: Gaussian window (std) of the mean/variance, pixels of the stage
+    # Image-wide translation head at the coarsest level. Off by default: the block-matching
+    # prior already covers large shifts, and an image-wide estimate is not tile-invariant.
+    "global_translation": False,
     "global_radius": 4,  # its search radius, in coarsest-level pixels
     "global_temperature": 5.0,  # initial softmax temperature on standardised scores (learned)
     "local_radius": [1, 1, 2, 2, 2],  # local correlation radius per level 0..L (or one int)
-    "head_channels": [8, 8, 16, 16, 16],  # residual head hidden channels per level 0..L (or int)
+    "head_channels": [8, 8, 12, 16, 16],  # residual head hidden channels per level 0..L (or int)
     "concat_features": False,  # also feed target + warped source features to the heads
     "smooth_output": True,  # Gaussian-blur each residual (cuts folds)
     "smooth_sigma": 1.0,  # its standard deviation, in pixels of the level
+    # Block-matching prior: at each level the residual starts as the soft-argmax of a local NCC
+    # cost volume of the image pyramid (high-passed, aggregated over a Gaussian window), and the
+    # head (which also sees that cost volume) learns a correction. An untrained net is then
+    # already a multi-scale block matcher, which makes training far faster.
+    "local_prior": True,
+    "prior_sigma": 3.0,  # NCC window (Gaussian std), level pixels
+    "prior_temperature": 4.0,  # initial softmax temperature on standardised scores (learned)
+    "global_gain_init": 1.0,  # initial gain of the global translation head (0 = identity)
 }
 
 
@@ -74,9 +88,13 @@ def default_spec(**over) -> dict:
             raise ValueError(f"levels must be 2..{len(_DEFAULTS['channels']) + 1}, got {levels}")
         if "channels" not in over:
             spec["channels"] = spec["channels"][: levels - 1]
-        for key in _PER_LEVEL:
-            if isinstance(spec[key], list) and key not in over:
-                spec[key] = spec[key][:levels]
+    # Per-level lists that were not given follow the number of levels: trimmed, or extended
+    # with their last (coarsest) value.
+    n_levels = len(spec["channels"]) + 1
+    for key in _PER_LEVEL:
+        value = spec[key]
+        if isinstance(value, list) and key not in over and len(value) != n_levels:
+            spec[key] = (value + [value[-1]] * n_levels)[:n_levels]
     return validate_spec(spec)
 
 
@@ -112,10 +130,17 @@ def validate_spec(spec: dict) -> dict:
                 f"{key} must be an int >= 1 or a list of {levels} such ints "
                 f"(levels 0..{levels - 1}), got {v!r}"
             )
-    for key in ("global_temperature", "smooth_sigma"):
+    if out["normalization"] not in ("local", "global"):
+        raise ValueError(f"normalization must be 'local' or 'global', got {out['normalization']!r}")
+    for key in (
+        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma"
+    ):
         if not isinstance(out[key], (int, float)) or out[key] <= 0:
             raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
-    for key in ("global_translation", "concat_features", "smooth_output"):
+    g = out["global_gain_init"]
+    if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
+        raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
+    for key in ("global_translation", "concat_features", "smooth_output", "local_prior"):
         if not isinstance(out[key], bool):
             raise ValueError(f"{key} must be true or false, got {out[key]!r}")
     return out
@@ -150,6 +175,38 @@ def normalize_image(img: Tensor) -> tuple[Tensor, Tensor]:
     return out, valid
 
 
+def normalize_image_local(img: Tensor, sigma: float, factor: int = 8) -> tuple[Tensor, Tensor]:
+    """``(normalised, valid)`` with the mean and variance of a Gaussian window over valid pixels.
+
+    The statistics are computed on a ``factor``-times coarser grid (box sums, Gaussian blur with
+    zero padding divided by the blurred validity) and interpolated back, which keeps the cost low
+    and the result local: a pixel depends only on its neighbourhood, so tiles agree with the
+    whole image away from their borders (tile origins on multiples of ``factor``).
+    """
+    x = img.float()
+    valid = (x != 0).float()
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % factor, (-w) % factor
+    xp, vp = (F.pad(t, (0, pw, 0, ph)) for t in (x, valid))
+    s1 = F.avg_pool2d(xp * vp, factor)
+    s2 = F.avg_pool2d(xp * xp * vp, factor)
+    s0 = F.avg_pool2d(vp, factor)
+    k = _gaussian_kernel(max(sigma / factor, 0.5)).to(x)
+    r = k.numel() // 2
+
+    def blur(t: Tensor) -> Tensor:
+        t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
+
+    b0 = blur(s0).clamp_min(1e-6)
+    mean = blur(s1) / b0
+    var = (blur(s2) / b0 - mean**2).clamp_min(0)
+    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=factor, mode="bilinear",
+                          align_corners=False)[..., :h, :w]
+    std = stats[:, 1:2].sqrt().clamp_min(1e-3 * (stats[:, :1].abs() + 1))
+    return (x - stats[:, :1]) / std * valid, valid
+
+
 def _shifted(x: Tensor, radius: int):
     """Yield ``(dx, dy, x_shifted)`` with ``x_shifted(p) = x(p + (dx, dy))`` (zeros outside)."""
     h, w = x.shape[-2:]
@@ -173,7 +230,9 @@ def soft_argmax_translation(scores: Tensor, radius: int, temperature: Tensor | f
     ``scores`` is ``(N, (2r+1)^2)`` ordered like :func:`local_correlation`. Standardising the
     scores per item makes the temperature independent of the feature scale.
     """
-    z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+    centred = scores - scores.mean(1, keepdim=True)
+    # sqrt(var + eps) keeps the gradient bounded when all scores are (nearly) equal.
+    z = centred / torch.sqrt((centred**2).mean(1, keepdim=True) + 1e-6)
     prob = torch.softmax(z * temperature, dim=1)
     d = torch.arange(-radius, radius + 1, device=scores.device, dtype=scores.dtype)
     dy, dx = torch.meshgrid(d, d, indexing="ij")
@@ -195,7 +254,7 @@ def _gaussian_kernel(sigma: float) -> Tensor:
 class Encoder(nn.Module):
     """Siamese feature pyramid. Level 0 is the normalised image itself (no full-resolution
     convolutions: they dominate CPU time); level ``i >= 1`` has ``channels[i - 1]`` channels at
-    1/2^i resolution. Level 1 starts from a lossless 2x2 space-to-depth of (image, validity).
+    1/2^i resolution. Level 1 starts with a 4x4 stride-2 conv of (image, validity).
     """
 
     def __init__(self, channels: list[int]):
@@ -203,8 +262,7 @@ class Encoder(nn.Module):
         c0 = channels[0]
         blocks = [
             nn.Sequential(
-                nn.PixelUnshuffle(2),
-                nn.Conv2d(8, c0, 3, padding=1),
+                nn.Conv2d(2, c0, 4, stride=2, padding=1),
                 _act(),
                 nn.Conv2d(c0, c0, 3, padding=1),
                 _act(),
@@ -238,23 +296,67 @@ class GlobalTranslation(nn.Module):
     output is scaled by a learned gain initialised at 0, so an untrained head is the identity.
     """
 
-    def __init__(self, radius: int, temperature: float):
+    def __init__(self, radius: int, temperature: float, gain: float = 0.0):
         super().__init__()
         self.radius = radius
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
-        self.gain = nn.Parameter(torch.zeros(()))
+        self.gain = nn.Parameter(torch.tensor(float(gain)))
 
     def forward(self, ft: Tensor, fs: Tensor, vt: Tensor, vs: Tensor) -> Tensor:
         n, c, h, w = ft.shape
-        k, r = (2 * self.radius + 1) ** 2, self.radius
-        # unfold lists, for each pixel p, the values at p + d for every shift d (row-major).
-        fs_u = F.unfold(F.normalize(fs, dim=1), 2 * r + 1, padding=r).view(n, c, k, h * w)
-        vs_u = F.unfold(vs, 2 * r + 1, padding=r).view(n, k, h * w)
-        cos = (F.normalize(ft, dim=1).view(n, c, 1, h * w) * fs_u).sum(1)  # (n, k, hw)
-        m = vt.view(n, 1, h * w) * vs_u
-        scores = (cos * m).sum(2) / m.sum(2).clamp_min(1)
+        r = self.radius
+        # Summing tgt(p) * src(p + d) over p for every shift d is a cross-correlation of the
+        # padded source with the target as kernel: one grouped conv per item.
+        kern = (F.normalize(ft, dim=1) * vt).reshape(n, c, h, w)
+        inp = F.pad(F.normalize(fs, dim=1) * vs, (r, r, r, r)).reshape(1, n * c, h + 2 * r, -1)
+        total = F.conv2d(inp, kern, groups=n).reshape(n, -1)
+        count = F.conv2d(F.pad(vs, (r, r, r, r)).reshape(1, n, h + 2 * r, -1), vt, groups=n)
+        scores = total / count.reshape(n, -1).clamp_min(1)
         t = soft_argmax_translation(scores, r, self.log_temperature.exp())
         return t * self.gain
+
+
+def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor | float) -> Tensor:
+    """Per-pixel expected shift ``(N, 2, H, W)`` under a softmax over the cost volume's shifts.
+
+    ``cost`` is ``(N, (2r+1)^2, H, W)`` ordered like :func:`local_correlation`; scores are
+    standardised per pixel so the temperature does not depend on the feature scale.
+    """
+    centred = cost - cost.mean(1, keepdim=True)
+    z = centred / torch.sqrt((centred**2).mean(1, keepdim=True) + 1e-6)
+    prob = torch.softmax(z * temperature, dim=1)
+    d = torch.arange(-radius, radius + 1, device=cost.device, dtype=cost.dtype)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    sx = (prob * dx.reshape(1, -1, 1, 1)).sum(1)
+    sy = (prob * dy.reshape(1, -1, 1, 1)).sum(1)
+    return torch.stack((sx, sy), dim=1)
+
+
+def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Tensor:
+    """Local normalised cross-correlation ``(N, (2r+1)^2, H, W)`` of one-channel images.
+
+    Both images are high-passed (minus their Gaussian-blurred selves); for each shift ``d`` the
+    score is ``<t, s_d> / sqrt(<t, t> <s_d, s_d>)`` with ``<a, b>`` a Gaussian-weighted local sum.
+    Ordered like :func:`local_correlation`.
+    """
+    t = tgt - gaussian_blur(tgt, kernel)
+    s = src - gaussian_blur(src, kernel)
+    tt = gaussian_blur(t * t, kernel)
+    out = []
+    for _, _, sd in _shifted(s, radius):
+        num = gaussian_blur(t * sd, kernel)
+        out.append(num / torch.sqrt(tt * gaussian_blur(sd * sd, kernel) + 1e-4))
+    return torch.cat(out, 1)
+
+
+def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
+    """Separable blur of every channel with a 1-D kernel, replicate padding."""
+    c = x.shape[1]
+    r = kernel.numel() // 2
+    x = F.pad(x, (r, r, 0, 0), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 class ResidualHead(nn.Module):
@@ -293,7 +395,9 @@ class StageAligner(nn.Module):
         self.stride = 2 ** (self.num_levels - 1)
         self.encoder = Encoder(ch)
         self.global_head = (
-            GlobalTranslation(s["global_radius"], float(s["global_temperature"]))
+            GlobalTranslation(
+                s["global_radius"], float(s["global_temperature"]), float(s["global_gain_init"])
+            )
             if s["global_translation"]
             else None
         )
@@ -303,24 +407,28 @@ class StageAligner(nn.Module):
         for level in range(self.finest_level, self.num_levels):
             corr = (2 * self.radii[level] + 1) ** 2
             extra = 2 * ([1] + ch)[level] if s["concat_features"] else 0
+            extra += corr if s["local_prior"] else 0
             self.heads[str(level)] = ResidualHead(corr + extra, hidden[level])
         if s["smooth_output"]:
             self.register_buffer("smooth_kernel", _gaussian_kernel(float(s["smooth_sigma"])))
         else:
             self.smooth_kernel = None
+        if s["local_prior"]:
+            self.register_buffer("prior_kernel", _gaussian_kernel(float(s["prior_sigma"])))
+            self.prior_log_temperature = nn.ParameterDict(
+                {
+                    str(level): nn.Parameter(torch.tensor(math.log(s["prior_temperature"])))
+                    for level in range(self.finest_level, self.num_levels)
+                }
+            )
+        else:
+            self.prior_kernel = None
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _smooth(self, field: Tensor) -> Tensor:
-        k = self.smooth_kernel
-        if k is None:
-            return field
-        r = k.numel() // 2
         # Replicate padding keeps a constant field constant at the borders.
-        x = F.pad(field, (r, r, 0, 0), mode="replicate")
-        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(2, 1, 1, -1), groups=2)
-        x = F.pad(x, (0, 0, r, r), mode="replicate")
-        return F.conv2d(x, k.view(1, 1, -1, 1).expand(2, 1, -1, 1), groups=2)
+        return field if self.smooth_kernel is None else gaussian_blur(field, self.smooth_kernel)
 
     def _pad(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -333,12 +441,22 @@ class StageAligner(nn.Module):
     def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Residual field aligning an (already warped) float source to the target, same size."""
         h, w = tgt.shape[-2:]
-        src_n, src_v = normalize_image(src)
-        tgt_n, tgt_v = normalize_image(tgt)
+        if self.spec["normalization"] == "local":
+            sigma = float(self.spec["norm_sigma"])
+            src_n, src_v = normalize_image_local(src, sigma)
+            tgt_n, tgt_v = normalize_image_local(tgt, sigma)
+        else:
+            src_n, src_v = normalize_image(src)
+            tgt_n, tgt_v = normalize_image(tgt)
         n = src.shape[0]
         x = self._pad(torch.cat((torch.cat((src_n, src_v), 1), torch.cat((tgt_n, tgt_v), 1))))
         feats = self.encoder(x)
         top = self.num_levels - 1
+        if self.prior_kernel is not None:
+            # image pyramid for the block-matching prior (level 0 = the normalised image)
+            pyr = [x[:, :1]]
+            for _ in range(top):
+                pyr.append(F.avg_pool2d(pyr[-1], 2))
         ch_, cw_ = feats[top].shape[-2:]
         field = fields.identity(n, ch_, cw_, device=x.device, dtype=x.dtype)
         if self.global_head is not None:
@@ -351,10 +469,20 @@ class StageAligner(nn.Module):
             if field.shape[-2:] != fs.shape[-2:]:
                 field = fields.upsample_field(field, 1, size=tuple(fs.shape[-2:]))
             ws = fields.warp(fs, field)
-            inp = local_correlation(ft, ws, self.radii[level])
-            if self.spec["concat_features"]:
-                inp = torch.cat((inp, ft, ws), 1)
-            res = self._smooth(self.heads[str(level)](inp))
+            r = self.radii[level]
+            cost = local_correlation(ft, ws, r)
+            inp = torch.cat((cost, ft, ws), 1) if self.spec["concat_features"] else cost
+            prior = None
+            if self.prior_kernel is not None:
+                img_s = fields.warp(pyr[level][:n], field)
+                ncc = local_ncc_cost(pyr[level][n:], img_s, r, self.prior_kernel)
+                temp = self.prior_log_temperature[str(level)].exp()
+                prior = local_soft_argmax(ncc, r, temp)
+                inp = torch.cat((inp, ncc), 1)
+            res = self.heads[str(level)](inp)
+            if prior is not None:
+                res = res + prior
+            res = self._smooth(res)
             field = fields.compose(field, res)
         if self.finest_level > 0:
             field = fields.upsample_field(field, self.finest_level, size=tuple(x.shape[-2:]))
