@@ -150,12 +150,13 @@ def test_a_folder_where_an_h5_file_is_expected(tmp_path):
         datasets.list_datasets(str(tmp_path))
 
 
-@pytest.mark.skipif(rc.IS_ROOT, reason="root reads files whatever their mode (folder case above)")
 def test_an_unreadable_h5_file(tmp_path):
+    """chmod 000 where that blocks reads; as root (who reads anyway) a folder in its place."""
     path = tmp_path / "x0_y0_z1_MIP0.h5"
     path.write_bytes(b"")
-    path.chmod(0)
-    with pytest.raises(MetroemError, match="permission denied"):
+    how = rc._unreadable(path)
+    expected = "is a folder" if how.startswith("a folder") else "permission denied"
+    with pytest.raises(MetroemError, match=expected):
         datasets.read_image_dataset(str(path))
 
 
@@ -271,3 +272,19 @@ def test_existing_datasets_need_overwrite(tmp_path):
     assert path.read_bytes() == before
     datasets.write_image_dataset(str(path), pairs * 2, attrs, overwrite=True)
     assert datasets.read_image_dataset(str(path)).data.max() == 2
+
+
+def test_spec_path_through_a_symlink_cannot_leave_the_module(tmp_path):
+    """tests/test_modules.py covers ``../`` and absolute references; a link inside the folder
+    that points outside is refused too (references are resolved before the check)."""
+    import json
+
+    info = modules.create_module(tmp_path / "pyr", 0, 0, "a", rc.tiny_spec())
+    (tmp_path / "outside.json").write_text(json.dumps(rc.tiny_spec()))
+    (info.path / "model" / "inside.json").symlink_to(tmp_path / "outside.json")
+    spec_file = info.path / "model" / "model_spec.json"
+    doc = json.loads(spec_file.read_text())
+    doc["spec"] = {"path": "inside.json"}
+    spec_file.write_text(json.dumps(doc))
+    with pytest.raises(MetroemError, match="leaves the module folder"):
+        modules.load_module(info.path)
