@@ -182,8 +182,12 @@ def load_aligner(
     the MIP of the images the aligner will be called with (default: the finest stage's).
     """
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MetroemError(f"device {device} requested but no GPU is available; use device='cpu'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise MetroemError(
+            f"device {device} requested but {count} GPU(s) are visible; use device='cpu' or a "
+            "visible GPU"
+        )
     mods = modules.select_stages(modules.discover(pyramid_path), stages)
     loaded = [
         (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown command {name!r}; `metroem --help` lists the commands",
+              file=sys.stderr)
         return 2
     module_name, func = COMMANDS[name][0].split(":")
     try:

@@ -158,7 +158,7 @@ def test_checkpoint_in_module_folder(tmp_path):
     with torch.no_grad():
         assert torch.equal(modules.load_module(info.path)(src, tgt), model.eval()(src, tgt))
 
-    other = nets.build_model(nets.default_spec(global_translation=False))
+    other = nets.build_model(nets.default_spec(global_translation=True))
     with pytest.raises(MetroemError, match="another architecture"):
         ckpt.load_checkpoint(info.path, "last", other)
     fresh = nets.build_model(spec)
