@@ -70,6 +70,7 @@ RANGES = [
     ("data.crop_size", 1, math.inf, True, False),
     ("data.num_workers", 0, math.inf, True, False),
     ("data.val_fraction", 0, 1, True, False),
+    ("data.cache_mb", 0, math.inf, True, False),
     ("optimizer.lr", 0, math.inf, False, False),
     ("schedule.warmup_steps", 0, math.inf, True, False),
     ("schedule.min_lr_ratio", 0, 1, True, True),

@@ -373,7 +373,9 @@ def train_stage(
     torch.manual_seed(seed + info.rank)
 
     # --- data ------------------------------------------------------------------------------
-    base = stage_data.stage_dataset(dataset_path, module.mip, prev, checkpoint_name)
+    base = stage_data.stage_dataset(
+        dataset_path, module.mip, prev, checkpoint_name, float(dcfg["cache_mb"])
+    )
     train_idx, val_idx = split_indices(len(base), float(dcfg["val_fraction"]), seed)
     crop = int(dcfg["crop_size"])
     stream = BatchStream(

@@ -74,7 +74,14 @@ def _ground_truth_files(dataset_path: str, mip: int) -> dict[tuple[int, int, int
 class StageDataset(Dataset):
     """Pairs of one stage with their incoming field and (where it exists) ground truth."""
 
-    def __init__(self, dataset_path: str, mip: int, prev_stage: int | None, checkpoint_name: str):
+    def __init__(
+        self,
+        dataset_path: str,
+        mip: int,
+        prev_stage: int | None,
+        checkpoint_name: str,
+        cache_mb: float = 2048.0,
+    ):
         if checkpoint_name == GROUND_TRUTH_TAG:
             raise MetroemError(f"checkpoint name {GROUND_TRUTH_TAG!r} is reserved; pick another")
         self.mip = mip
@@ -99,6 +106,11 @@ class StageDataset(Dataset):
         self.has_ground_truth = bool(self._gt_path) and len(self._gt_path) == len(
             self.pairs.image_files()
         )
+        # Decoded pairs, kept up to a memory budget: a training crop needs a small window but
+        # h5 decompresses whole pairs, so re-reading them every step would dominate the step time.
+        self._cache: dict[int, dict] = {}
+        self._cache_bytes = 0
+        self._cache_limit = int(cache_mb * 2**20)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -116,6 +128,9 @@ class StageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self._gt[image_path][j], dtype=np.float32))
 
     def __getitem__(self, i: int) -> dict:
+        cached = self._cache.get(i)
+        if cached is not None:
+            return dict(cached)
         item = self.pairs[i]
         out = {"src": item["src"], "tgt": item["tgt"]}
         if "field" in item:
@@ -123,9 +138,16 @@ class StageDataset(Dataset):
         if self.has_ground_truth:
             t = torch.as_tensor(item["translation"], dtype=torch.float32) / 2**self.mip
             out["field"] = self._truth(item["file"], item["pair"]) - t.view(2, 1, 1)
-        return out
+        size = sum(v.numel() * v.element_size() for v in out.values())
+        if self._cache_bytes + size <= self._cache_limit:
+            self._cache[i] = out
+            self._cache_bytes += size
+        return dict(out)
 
 
-def stage_dataset(dataset_path: str, mip: int, prev, checkpoint_name: str) -> StageDataset:
+def stage_dataset(
+    dataset_path: str, mip: int, prev, checkpoint_name: str, cache_mb: float = 2048.0
+) -> StageDataset:
     """The dataset of the stage at ``mip`` whose previous stage is ``prev`` (None for the first)."""
-    return StageDataset(dataset_path, mip, None if prev is None else prev.stage, checkpoint_name)
+    prev_stage = None if prev is None else prev.stage
+    return StageDataset(dataset_path, mip, prev_stage, checkpoint_name, cache_mb)
