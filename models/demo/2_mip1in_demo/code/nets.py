@@ -62,7 +62,7 @@ _DEFAULTS: dict = {
     # head (which also sees that cost volume) learns a correction. An untrained net is then
     # already a multi-scale block matcher, which makes training far faster.
     "local_prior": True,
-    "prior_sigma": 3.0,  # NCC window (Gaussian std), level pixels
+    "prior_sigma": 5.0,  # NCC window (Gaussian std), level pixels
     "prior_temperature": 4.0,  # initial softmax temperature on standardised scores (learned)
     "global_gain_init": 1.0,  # initial gain of the global translation head (0 = identity)
 }
