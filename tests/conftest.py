@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from metroem import demo, demo_pipeline, modules, nets
+from metroem.sample_data import isbi_dir
 
 REPO = Path(__file__).resolve().parents[1]
-ISBI = Path("/work/shared/data/isbi")
+ISBI = isbi_dir()
 MIPS = (1, 0)  # stage 0 at MIP 1, stage 1 at MIP 0
 
 # A training config small enough that one step takes milliseconds on one CPU thread.

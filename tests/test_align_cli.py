@@ -18,8 +18,9 @@ from PIL import Image
 from metroem import align, cli, fields, modules, nets, tiling, volumes
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
+from metroem.sample_data import isbi_dir
 
-ISBI = Path("/work/shared/data/isbi")
+ISBI = isbi_dir()
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 CHUNK, PAD = 32, 16
 

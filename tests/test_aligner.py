@@ -15,8 +15,9 @@ from PIL import Image
 import metroem
 from metroem import aligner as aligner_mod
 from metroem import fields, modules, nets
+from metroem.sample_data import isbi_dir
 
-ISBI = Path("/work/shared/data/isbi")
+ISBI = isbi_dir()
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 
 

@@ -17,8 +17,9 @@ from PIL import Image
 from metroem import export, modules, nets, tiling
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
+from metroem.sample_data import isbi_dir
 
-ISBI = Path("/work/shared/data/isbi")
+ISBI = isbi_dir()
 REPO = Path(modules.__file__).resolve().parent.parent
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 CHUNK, PAD = 64, 32

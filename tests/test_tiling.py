@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,8 +11,9 @@ from torch import nn
 from metroem import fields, tiling
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
+from metroem.sample_data import isbi_dir
 
-ISBI = Path("/work/shared/data/isbi")
+ISBI = isbi_dir()
 
 
 @pytest.fixture(autouse=True)
