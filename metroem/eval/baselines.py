@@ -264,8 +264,12 @@ def metroem_method(
     checkpoint_name: str | None = None,
     device: str = "cpu",
     finetune: bool = False,
+    input_mip: int = 0,
 ) -> FieldFn:
     """A trained metroem pyramid as a baseline-style method (raw images in, field out).
+
+    ``input_mip`` is the MIP of the images it is given (benchmark sections are MIP0); every
+    stage sees them resampled to its own MIP and the field comes back at ``input_mip``.
 
     ``finetune=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair fine-tuning
     variant (an error if this metroem's aligner has none).
@@ -275,7 +279,8 @@ def metroem_method(
     extra = {"finetune": True} if finetune else {}
     try:
         aligner = load_aligner(
-            pyramid_path, checkpoint_name=checkpoint_name, device=device, **extra
+            pyramid_path, checkpoint_name=checkpoint_name, device=device,
+            input_mip=input_mip, **extra
         )
     except TypeError as e:
         if finetune and "finetune" in str(e):
