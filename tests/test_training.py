@@ -445,11 +445,12 @@ def test_demo_pipeline_prints_the_results_table(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
-    header = next(i for i, ln in enumerate(lines) if "before (px)" in ln)
+    header = next(i for i, ln in enumerate(lines) if "val before" in ln)
     rows = [ln.split() for ln in lines[header + 1 : header + 4]]
-    assert [(r[0], r[1]) for r in rows] == [("0", "2"), ("1", "1"), ("2", "0")]
-    for r in rows:  # identity EPE before, validation EPE after: finite numbers
-        assert all(np.isfinite(float(v)) for v in r[2:])
-    for stage, mip in ((0, 2), (1, 1), (2, 0)):
+    assert [(r[0], r[1]) for r in rows] == [("0", "3"), ("1", "2"), ("2", "1")]
+    for r in rows:  # identity EPE, validation EPE, EPE of the pyramid through the stage
+        assert len(r) == 5 and all(np.isfinite(float(v)) for v in r[2:])
+        assert float(r[4]) < float(rows[0][2]) * 2**3  # better than doing nothing (MIP0 px)
+    for stage, mip in ((0, 3), (1, 2), (2, 1)):
         module = out / "pyramid" / f"{stage}_mip{mip}in_demo"
         assert (module / "model" / "demo.state.pth.tar").is_file()
