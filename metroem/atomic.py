@@ -92,14 +92,25 @@ def remove_stale_temps(final_path: str) -> list[str]:
     """Delete the temporary siblings ``.name.tmp-PID-*`` of ``final_path`` whose writer (PID)
     is dead (killed mid-write). Call it while holding ``FileLock(final_path)``. Returns them."""
     folder, name = os.path.split(os.path.abspath(final_path))
-    prefix = f".{name}.tmp-"
+    return remove_stale_temps_in(folder, name)
+
+
+def remove_stale_temps_in(folder: str, name: str | None = None) -> list[str]:
+    """Delete every ``.NAME.tmp-PID-*`` in ``folder`` (only of ``name`` if given) whose writer
+    (PID) is dead. Returns the removed paths."""
     removed = []
     try:
         entries = os.listdir(folder)
     except OSError:
         return removed
     for entry in entries:
-        pid = entry[len(prefix) :].split("-")[0] if entry.startswith(prefix) else ""
+        if name is not None:
+            prefix = f".{name}.tmp-"
+            pid = entry[len(prefix) :].split("-")[0] if entry.startswith(prefix) else ""
+        else:
+            pid = entry.rsplit(".tmp-", 1)[1].split("-")[0] if entry.startswith(".") and (
+                ".tmp-" in entry
+            ) else ""
         if pid.isdigit() and not _pid_alive(int(pid)):
             path = os.path.join(folder, entry)
             with contextlib.suppress(FileNotFoundError):

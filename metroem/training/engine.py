@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from metroem import augment as augment_mod
 from metroem import config as config_mod
 from metroem import losses, modules, nets
+from metroem.atomic import remove_stale_temps_in
 from metroem.errors import MetroemError
 from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
@@ -258,23 +259,8 @@ def remove_stale_temp_files(module_path) -> list[str]:
     a process that was killed mid-write (its pid is gone); returns what was removed."""
     removed = []
     for folder in (Path(module_path), Path(module_path) / "model", Path(module_path) / "code"):
-        for path in folder.glob(".*.tmp-*"):
-            pid = path.name.rsplit(".tmp-", 1)[1].split("-")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed.append(str(path))
+        removed += remove_stale_temps_in(str(folder))
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _every(step: int, every: int) -> bool:
