@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test isbi lint clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,19 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m metroem.demo_pipeline $(ARGS)
+
+# The real-data recipe of models/isbi: ISBI ssTEM sections -> CloudVolume -> h5 -> train.py.
+# Sections 0,1,14,15,28,29 are held out (the quality benchmark's pairs). ~45 min on 2 CPU cores.
+ISBI ?= ../shared/data/isbi
+RUN ?= runs/isbi
+isbi: $(STAMP)
+	$(PY) -m metroem.cli ingest $(ISBI) $(RUN)/volume --num_mips 3 --exclude 0,1,14,15,28,29 --overwrite
+	$(PY) download_image.py --cv_path $(RUN)/volume --dst_folder $(RUN)/data --z_start 1 --z_end 24 \
+	    --x_offset 256 --y_offset 256 --mips 0 1 2 --patch_sizes 512 256 128 --overwrite
+	rm -rf $(RUN)/pyramid
+	$(PY) -c "from metroem.demo_pipeline import copy_pyramid_definition as c; c('models/isbi', '$(RUN)/pyramid')"
+	$(PY) train.py --pyramid_path $(RUN)/pyramid --dataset_path $(RUN)/data --checkpoint_name isbi \
+	    --train_mode custom --train_params_path models/isbi/train.yaml --seed 0 $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

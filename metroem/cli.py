@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("metroem.demo_pipeline:main", "run the whole pipeline on the built-in demo stack"),
     "demo-volume": ("metroem.demo:main", "build a misaligned demo CloudVolume with ground truth"),
+    "ingest": ("metroem.ingest:main", "import a folder of section images as a CloudVolume"),
     "download-image": ("metroem.download:download_image_main", "cut image pairs into h5"),
     "download-field": ("metroem.download:download_field_main", "cut a field volume into h5"),
     "train": ("metroem.training.cli:main", "train a pyramid stage by stage"),

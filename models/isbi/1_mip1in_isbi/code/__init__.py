@@ -1,0 +1,1 @@
+"""Frozen copy of metroem code for this module."""

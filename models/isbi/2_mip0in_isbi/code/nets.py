@@ -1,0 +1,519 @@
+"""The stage aligner network, built from a JSON-serialisable spec.
+
+One pyramid stage is one :class:`StageAligner`. It is called like a corgie processor::
+
+    field = model(src_img, tgt_img, src_agg_field=None)   # extra keyword arguments ignored
+
+Images are ``(N, 1, H, W)`` of any dtype with raw values (0 = no data); the result is the
+*saturated* field ``(N, 2, H, W)`` in pixels of the stage's MIP: the incoming field composed with
+the residual the network predicts on the source warped once by the incoming field.
+
+Architecture (see docs/nets_and_losses.md):
+
+1. normalise both images over their valid pixels (no-data stays 0) and feed (image, validity);
+2. a siamese conv encoder (shared weights) makes a feature pyramid at 1, 1/2, 1/4, ... ;
+3. optionally a global translation head at the coarsest level: an image-wide cost volume over a
+   search radius, soft-argmax -> one translation per item;
+4. coarse-to-fine refinement: at each level warp the source features by the current field, take
+   a local correlation, a small conv head predicts a residual (optionally Gaussian-smoothed)
+   that is composed onto the field;
+5. the field is upsampled from the finest refined level to full resolution.
+
+This file imports only torch, the standard library and ``fields`` (relatively), so a module
+folder can carry frozen copies of ``fields.py`` and ``nets.py`` and load without metroem.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fields
+
+Tensor = torch.Tensor
+
+ARCH = "metroem-stage-v1"
+
+_DEFAULTS: dict = {
+    "arch": ARCH,  # architecture name; checked on build
+    # encoder channels of levels 1, 2, ... (level i is at 1/2^i resolution); level 0 is the image
+    "channels": [8, 16, 24, 32],
+    "finest_level": 1,  # finest level refined (0..len(channels)); upsampled from there
+    # Local normalisation makes a stage's output depend only on a bounded neighbourhood, so tiled
+    # inference equals whole-image inference; "global" normalises over the whole input.
+    "normalization": "local",  # local | global
+    "norm_sigma": 64.0,  # local: Gaussian window (std) of the mean/variance, pixels of the stage
+    # Image-wide translation head at the coarsest level. Off by default: the block-matching
+    # prior already covers large shifts, and an image-wide estimate is not tile-invariant.
+    "global_translation": False,
+    "global_radius": 4,  # its search radius, in coarsest-level pixels
+    "global_temperature": 5.0,  # initial softmax temperature on standardised scores (learned)
+    "local_radius": [1, 1, 2, 2, 2],  # local correlation radius per level 0..L (or one int)
+    "head_channels": [8, 8, 12, 16, 16],  # residual head hidden channels per level 0..L (or int)
+    "concat_features": False,  # also feed target + warped source features to the heads
+    "smooth_output": True,  # Gaussian-blur each residual (cuts folds)
+    "smooth_sigma": 1.0,  # its standard deviation, in pixels of the level
+    # Block-matching prior: at each level the residual starts as the soft-argmax of a local NCC
+    # cost volume of the image pyramid (high-passed, aggregated over a Gaussian window), and the
+    # head (which also sees that cost volume) learns a correction. An untrained net is then
+    # already a multi-scale block matcher, which makes training far faster.
+    "local_prior": True,
+    "prior_sigma": 5.0,  # NCC window (Gaussian std), level pixels
+    "prior_temperature": 4.0,  # initial softmax temperature on standardised scores (learned)
+    "global_gain_init": 1.0,  # initial gain of the global translation head (0 = identity)
+}
+
+
+_PER_LEVEL = ("local_radius", "head_channels")  # lists with one entry per level 0..L
+
+
+def default_spec(**over) -> dict:
+    """The default spec with ``over`` applied; unknown keys raise ``ValueError``.
+
+    ``levels=k`` is a shorthand: keep the first ``k - 1`` default encoder channel counts (and
+    per-level lists), so the pyramid has levels 0..k-1.
+    """
+    spec = copy.deepcopy(_DEFAULTS)
+    levels = over.pop("levels", None)
+    for key in over:
+        if key not in spec:
+            raise ValueError(f"unknown nets spec key {key!r}; known: {sorted(spec) + ['levels']}")
+    spec.update(copy.deepcopy(over))
+    if levels is not None:
+        if not isinstance(levels, int) or not 2 <= levels <= len(_DEFAULTS["channels"]) + 1:
+            raise ValueError(f"levels must be 2..{len(_DEFAULTS['channels']) + 1}, got {levels}")
+        if "channels" not in over:
+            spec["channels"] = spec["channels"][: levels - 1]
+    # Per-level lists that were not given follow the number of levels: trimmed, or extended
+    # with their last (coarsest) value.
+    n_levels = len(spec["channels"]) + 1
+    for key in _PER_LEVEL:
+        value = spec[key]
+        if isinstance(value, list) and key not in over and len(value) != n_levels:
+            spec[key] = (value + [value[-1]] * n_levels)[:n_levels]
+    return validate_spec(spec)
+
+
+def validate_spec(spec: dict) -> dict:
+    """Return a complete, checked copy of ``spec`` (defaults filled in) or raise ValueError."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"nets spec must be a dict, got {type(spec).__name__}")
+    for key in spec:
+        if key not in _DEFAULTS:
+            raise ValueError(f"unknown nets spec key {key!r}; known: {sorted(_DEFAULTS)}")
+    out = copy.deepcopy(_DEFAULTS)
+    out.update(copy.deepcopy(spec))
+    if out["arch"] != ARCH:
+        raise ValueError(f"nets spec arch {out['arch']!r} is not {ARCH!r}")
+    ch = out["channels"]
+    if not isinstance(ch, list) or not ch or not all(isinstance(c, int) and c > 0 for c in ch):
+        raise ValueError(f"channels must be a non-empty list of positive ints, got {ch!r}")
+    levels = len(ch) + 1
+    if not isinstance(out["finest_level"], int) or not 0 <= out["finest_level"] < levels:
+        raise ValueError(f"finest_level must be an int in 0..{levels - 1}")
+    if not isinstance(out["global_radius"], int) or out["global_radius"] < 1:
+        raise ValueError(f"global_radius must be an int >= 1, got {out['global_radius']!r}")
+    for key in _PER_LEVEL:
+        v = out[key]
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        ok = ok or (
+            isinstance(v, list)
+            and len(v) == levels
+            and all(isinstance(i, int) and i >= 1 for i in v)
+        )
+        if not ok:
+            raise ValueError(
+                f"{key} must be an int >= 1 or a list of {levels} such ints "
+                f"(levels 0..{levels - 1}), got {v!r}"
+            )
+    if out["normalization"] not in ("local", "global"):
+        raise ValueError(f"normalization must be 'local' or 'global', got {out['normalization']!r}")
+    for key in (
+        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma"
+    ):
+        if not isinstance(out[key], (int, float)) or out[key] <= 0:
+            raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
+    g = out["global_gain_init"]
+    if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
+        raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
+    for key in ("global_translation", "concat_features", "smooth_output", "local_prior"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"{key} must be true or false, got {out[key]!r}")
+    return out
+
+
+def build_model(spec: dict | None = None) -> StageAligner:
+    """Build a stage aligner from ``spec`` (missing keys take defaults; unknown keys raise)."""
+    return StageAligner(validate_spec(spec if spec is not None else {}))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.1)
+
+
+def normalize_image(img: Tensor) -> tuple[Tensor, Tensor]:
+    """``(normalised, valid)``: zero mean, unit variance per item over pixels != 0; invalid -> 0."""
+    x = img.float()
+    valid = (x != 0).float()
+    count = valid.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
+    mean = (x * valid).sum(dim=(1, 2, 3), keepdim=True) / count
+    var = (((x - mean) * valid) ** 2).sum(dim=(1, 2, 3), keepdim=True) / count
+    out = (x - mean) / var.sqrt().clamp_min(1e-6) * valid
+    return out, valid
+
+
+def normalize_image_local(img: Tensor, sigma: float, factor: int = 8) -> tuple[Tensor, Tensor]:
+    """``(normalised, valid)`` with the mean and variance of a Gaussian window over valid pixels.
+
+    The statistics are computed on a ``factor``-times coarser grid (box sums, Gaussian blur with
+    zero padding divided by the blurred validity) and interpolated back, which keeps the cost low
+    and the result local: a pixel depends only on its neighbourhood, so tiles agree with the
+    whole image away from their borders (tile origins on multiples of ``factor``).
+    """
+    x = img.float()
+    valid = (x != 0).float()
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % factor, (-w) % factor
+    xp, vp = (F.pad(t, (0, pw, 0, ph)) for t in (x, valid))
+    s1 = F.avg_pool2d(xp * vp, factor)
+    s2 = F.avg_pool2d(xp * xp * vp, factor)
+    s0 = F.avg_pool2d(vp, factor)
+    k = _gaussian_kernel(max(sigma / factor, 0.5)).to(x)
+    r = k.numel() // 2
+
+    def blur(t: Tensor) -> Tensor:
+        t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
+
+    b0 = blur(s0).clamp_min(1e-6)
+    mean = blur(s1) / b0
+    var = (blur(s2) / b0 - mean**2).clamp_min(0)
+    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=factor, mode="bilinear",
+                          align_corners=False)[..., :h, :w]
+    std = stats[:, 1:2].sqrt().clamp_min(1e-3 * (stats[:, :1].abs() + 1))
+    return (x - stats[:, :1]) / std * valid, valid
+
+
+def _shifted(x: Tensor, radius: int):
+    """Yield ``(dx, dy, x_shifted)`` with ``x_shifted(p) = x(p + (dx, dy))`` (zeros outside)."""
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (radius, radius, radius, radius))
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            yield dx, dy, xp[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+
+
+def local_correlation(tgt: Tensor, src: Tensor, radius: int) -> Tensor:
+    """Cost volume ``(N, (2r+1)^2, H, W)``: channel-mean of ``tgt(p) * src(p + d)`` per shift d.
+
+    Shifts are ordered row-major over ``dy`` then ``dx`` in ``[-r, r]``.
+    """
+    return torch.stack([(tgt * s).mean(1) for _, _, s in _shifted(src, radius)], dim=1)
+
+
+def soft_argmax_translation(scores: Tensor, radius: int, temperature: Tensor | float) -> Tensor:
+    """Expected shift ``(N, 2)`` (x, y) under ``softmax(temperature * standardised scores)``.
+
+    ``scores`` is ``(N, (2r+1)^2)`` ordered like :func:`local_correlation`. Standardising the
+    scores per item makes the temperature independent of the feature scale.
+    """
+    centred = scores - scores.mean(1, keepdim=True)
+    # sqrt(var + eps) keeps the gradient bounded when all scores are (nearly) equal.
+    z = centred / torch.sqrt((centred**2).mean(1, keepdim=True) + 1e-6)
+    prob = torch.softmax(z * temperature, dim=1)
+    d = torch.arange(-radius, radius + 1, device=scores.device, dtype=scores.dtype)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    shifts = torch.stack((dx.reshape(-1), dy.reshape(-1)), dim=1)  # ((2r+1)^2, 2)
+    return prob @ shifts
+
+
+def _per_level(value: int | list[int], levels: int) -> list[int]:
+    return list(value) if isinstance(value, list) else [value] * levels
+
+
+def _gaussian_kernel(sigma: float) -> Tensor:
+    r = max(1, math.ceil(2 * sigma))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+class Encoder(nn.Module):
+    """Siamese feature pyramid. Level 0 is the normalised image itself (no full-resolution
+    convolutions: they dominate CPU time); level ``i >= 1`` has ``channels[i - 1]`` channels at
+    1/2^i resolution. Level 1 starts with a 4x4 stride-2 conv of (image, validity).
+    """
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        c0 = channels[0]
+        blocks = [
+            nn.Sequential(
+                nn.Conv2d(2, c0, 4, stride=2, padding=1),
+                _act(),
+                nn.Conv2d(c0, c0, 3, padding=1),
+                _act(),
+            )
+        ]
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                    _act(),
+                    nn.Conv2d(c_out, c_out, 3, padding=1),
+                    _act(),
+                )
+            )
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``x`` is ``(B, 2, H, W)`` (image, validity); returns features of levels 0..L-1."""
+        feats = [x[:, :1]]
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x)
+        return feats
+
+
+class GlobalTranslation(nn.Module):
+    """One translation per item from an image-wide cost volume at the coarsest level.
+
+    The score of shift d is the mean cosine similarity of ``tgt(p)`` and ``src(p + d)`` over
+    pixels valid in both; a soft-argmax over standardised scores gives the translation. The
+    output is scaled by a learned gain initialised at 0, so an untrained head is the identity.
+    """
+
+    def __init__(self, radius: int, temperature: float, gain: float = 0.0):
+        super().__init__()
+        self.radius = radius
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        self.gain = nn.Parameter(torch.tensor(float(gain)))
+
+    def forward(self, ft: Tensor, fs: Tensor, vt: Tensor, vs: Tensor) -> Tensor:
+        n, c, h, w = ft.shape
+        r = self.radius
+        # Summing tgt(p) * src(p + d) over p for every shift d is a cross-correlation of the
+        # padded source with the target as kernel: one grouped conv per item.
+        kern = (F.normalize(ft, dim=1) * vt).reshape(n, c, h, w)
+        inp = F.pad(F.normalize(fs, dim=1) * vs, (r, r, r, r)).reshape(1, n * c, h + 2 * r, -1)
+        total = F.conv2d(inp, kern, groups=n).reshape(n, -1)
+        count = F.conv2d(F.pad(vs, (r, r, r, r)).reshape(1, n, h + 2 * r, -1), vt, groups=n)
+        scores = total / count.reshape(n, -1).clamp_min(1)
+        t = soft_argmax_translation(scores, r, self.log_temperature.exp())
+        return t * self.gain
+
+
+def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor | float) -> Tensor:
+    """Per-pixel expected shift ``(N, 2, H, W)`` under a softmax over the cost volume's shifts.
+
+    ``cost`` is ``(N, (2r+1)^2, H, W)`` ordered like :func:`local_correlation`; scores are
+    standardised per pixel so the temperature does not depend on the feature scale.
+    """
+    centred = cost - cost.mean(1, keepdim=True)
+    z = centred / torch.sqrt((centred**2).mean(1, keepdim=True) + 1e-6)
+    prob = torch.softmax(z * temperature, dim=1)
+    d = torch.arange(-radius, radius + 1, device=cost.device, dtype=cost.dtype)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    sx = (prob * dx.reshape(1, -1, 1, 1)).sum(1)
+    sy = (prob * dy.reshape(1, -1, 1, 1)).sum(1)
+    return torch.stack((sx, sy), dim=1)
+
+
+def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Tensor:
+    """Local normalised cross-correlation ``(N, (2r+1)^2, H, W)`` of one-channel images.
+
+    Both images are high-passed (minus their Gaussian-blurred selves); for each shift ``d`` the
+    score is ``<t, s_d> / sqrt(<t, t> <s_d, s_d>)`` with ``<a, b>`` a Gaussian-weighted local sum.
+    Ordered like :func:`local_correlation`.
+    """
+    t = tgt - gaussian_blur(tgt, kernel)
+    s = src - gaussian_blur(src, kernel)
+    tt = gaussian_blur(t * t, kernel)
+    out = []
+    for _, _, sd in _shifted(s, radius):
+        num = gaussian_blur(t * sd, kernel)
+        out.append(num / torch.sqrt(tt * gaussian_blur(sd * sd, kernel) + 1e-4))
+    return torch.cat(out, 1)
+
+
+def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
+    """Separable blur of every channel with a 1-D kernel, replicate padding."""
+    c = x.shape[1]
+    r = kernel.numel() // 2
+    x = F.pad(x, (r, r, 0, 0), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+class ResidualHead(nn.Module):
+    """Local correlation (+ optional features) -> residual field at one level."""
+
+    def __init__(self, in_channels: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            _act(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            _act(),
+            nn.Conv2d(hidden, 2, 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+# --------------------------------------------------------------------------------------------
+# the stage model
+
+
+class StageAligner(nn.Module):
+    """Aligns a source image to a target image; returns the saturated field (see module doc)."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = validate_spec(spec)
+        s = self.spec
+        ch = s["channels"]
+        self.num_levels = len(ch) + 1
+        self.finest_level = s["finest_level"]
+        self.stride = 2 ** (self.num_levels - 1)
+        self.encoder = Encoder(ch)
+        self.global_head = (
+            GlobalTranslation(
+                s["global_radius"], float(s["global_temperature"]), float(s["global_gain_init"])
+            )
+            if s["global_translation"]
+            else None
+        )
+        self.radii = _per_level(s["local_radius"], self.num_levels)
+        hidden = _per_level(s["head_channels"], self.num_levels)
+        self.heads = nn.ModuleDict()
+        for level in range(self.finest_level, self.num_levels):
+            corr = (2 * self.radii[level] + 1) ** 2
+            extra = 2 * ([1] + ch)[level] if s["concat_features"] else 0
+            extra += corr if s["local_prior"] else 0
+            self.heads[str(level)] = ResidualHead(corr + extra, hidden[level])
+        if s["smooth_output"]:
+            self.register_buffer("smooth_kernel", _gaussian_kernel(float(s["smooth_sigma"])))
+        else:
+            self.smooth_kernel = None
+        if s["local_prior"]:
+            self.register_buffer("prior_kernel", _gaussian_kernel(float(s["prior_sigma"])))
+            self.prior_log_temperature = nn.ParameterDict(
+                {
+                    str(level): nn.Parameter(torch.tensor(math.log(s["prior_temperature"])))
+                    for level in range(self.finest_level, self.num_levels)
+                }
+            )
+        else:
+            self.prior_kernel = None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _smooth(self, field: Tensor) -> Tensor:
+        # Replicate padding keeps a constant field constant at the borders.
+        return field if self.smooth_kernel is None else gaussian_blur(field, self.smooth_kernel)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        ph = (-h) % self.stride
+        pw = (-w) % self.stride
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Residual field aligning an (already warped) float source to the target, same size."""
+        h, w = tgt.shape[-2:]
+        if self.spec["normalization"] == "local":
+            sigma = float(self.spec["norm_sigma"])
+            src_n, src_v = normalize_image_local(src, sigma)
+            tgt_n, tgt_v = normalize_image_local(tgt, sigma)
+        else:
+            src_n, src_v = normalize_image(src)
+            tgt_n, tgt_v = normalize_image(tgt)
+        n = src.shape[0]
+        x = self._pad(torch.cat((torch.cat((src_n, src_v), 1), torch.cat((tgt_n, tgt_v), 1))))
+        feats = self.encoder(x)
+        top = self.num_levels - 1
+        if self.prior_kernel is not None:
+            # image pyramid for the block-matching prior (level 0 = the normalised image)
+            pyr = [x[:, :1]]
+            for _ in range(top):
+                pyr.append(F.avg_pool2d(pyr[-1], 2))
+        ch_, cw_ = feats[top].shape[-2:]
+        field = fields.identity(n, ch_, cw_, device=x.device, dtype=x.dtype)
+        if self.global_head is not None:
+            valid = F.avg_pool2d(x[:, 1:2], 2**top) > 0.5
+            vs, vt = valid[:n].float(), valid[n:].float()
+            t = self.global_head(feats[top][n:], feats[top][:n], vt, vs)
+            field = field + t.view(n, 2, 1, 1)
+        for level in range(top, self.finest_level - 1, -1):
+            fs, ft = feats[level][:n], feats[level][n:]
+            if field.shape[-2:] != fs.shape[-2:]:
+                field = fields.upsample_field(field, 1, size=tuple(fs.shape[-2:]))
+            ws = fields.warp(fs, field)
+            r = self.radii[level]
+            cost = local_correlation(ft, ws, r)
+            inp = torch.cat((cost, ft, ws), 1) if self.spec["concat_features"] else cost
+            prior = None
+            if self.prior_kernel is not None:
+                img_s = fields.warp(pyr[level][:n], field)
+                ncc = local_ncc_cost(pyr[level][n:], img_s, r, self.prior_kernel)
+                temp = self.prior_log_temperature[str(level)].exp()
+                prior = local_soft_argmax(ncc, r, temp)
+                inp = torch.cat((inp, ncc), 1)
+            res = self.heads[str(level)](inp)
+            if prior is not None:
+                res = res + prior
+            res = self._smooth(res)
+            field = fields.compose(field, res)
+        if self.finest_level > 0:
+            field = fields.upsample_field(field, self.finest_level, size=tuple(x.shape[-2:]))
+        has_data = (src_v.flatten(1).amax(1) > 0) & (tgt_v.flatten(1).amax(1) > 0)
+        field = field[..., :h, :w] * has_data.view(n, 1, 1, 1).to(field.dtype)
+        return field
+
+    def forward(
+        self, src_img: Tensor, tgt_img: Tensor, src_agg_field: Tensor | None = None, **kwargs
+    ) -> Tensor:
+        """Saturated field ``(N, 2, H, W)`` aligning ``src_img`` to ``tgt_img`` (see module doc).
+
+        Extra keyword arguments (corgie passes ``tgt_agg_field``, masks, ...) are ignored.
+        """
+        dev = next(self.parameters()).device
+        src = src_img.to(device=dev, dtype=torch.float32)
+        tgt = tgt_img.to(device=dev, dtype=torch.float32)
+        if src.dim() != 4 or tgt.dim() != 4 or src.shape[1] != 1 or src.shape != tgt.shape:
+            raise ValueError(
+                f"src_img and tgt_img must both be (N, 1, H, W), got {tuple(src.shape)} and "
+                f"{tuple(tgt.shape)}"
+            )
+        if src_agg_field is None:
+            return self.residual(src, tgt)
+        agg = src_agg_field.to(device=dev, dtype=torch.float32)
+        fields.check_field(agg, "src_agg_field")
+        if agg.shape[0] != src.shape[0] or agg.shape[-2:] != src.shape[-2:]:
+            raise ValueError(
+                f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
+            )
+        warped = fields.warp_image(src, agg)
+        res = self.residual(warped, tgt)
+        has_data = (warped.flatten(1).ne(0).any(1)) & (tgt.flatten(1).ne(0).any(1))
+        return torch.where(has_data.view(-1, 1, 1, 1), fields.compose(agg, res), agg)
