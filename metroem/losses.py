@@ -1,4 +1,4 @@
-"""Training losses for stage aligners: similarity, smoothness, folds, supervision.
+"""Training losses for stage aligners: similarity, smoothness, folds, supervision, embedding.
 
 Every term takes ``(N, ...)`` batches of any size and optional weight maps ``(N, 1, H, W)`` on
 the target grid (see :mod:`metroem.masks`). Fields follow :mod:`metroem.fields` (pull, pixels).
@@ -8,7 +8,9 @@ the target grid (see :mod:`metroem.masks`). Fields follow :mod:`metroem.fields` 
   :func:`rigidity` (8-neighbour springs, zero for rotations and translations),
   :func:`laplacian` (bending, zero for affine fields), :func:`total_variation`;
 * :func:`fold_penalty`: ``relu(margin - det J)^2``;
-* :func:`epe`: end-point error against a known field.
+* :func:`epe`: end-point error against a known field;
+* embedding (metric learning on the network's own encoder features): :func:`feature_contrast`
+  for one level, :func:`embedding_loss` over the pyramid levels.
 
 :func:`build_loss` turns the config section ``loss`` into ``loss_fn(src, tgt, field, ...)``.
 """
@@ -38,10 +40,19 @@ DEFAULTS: dict = {
     "fold_weight": 10.0,  # weight of relu(fold_margin - det J)^2
     "fold_margin": 0.1,
     "supervised_weight": 0.0,  # weight of the mean end-point error (needs ground-truth fields)
+    # Embedding (metric-learning) term on the encoder features: source features warped by a
+    # field that aligns the pair should match the target's at the same pixel and differ from
+    # the target's a few pixels away. 0 = off.
+    "embedding_weight": 0.0,
+    "embedding_margin": 1.0,  # push apart until the unit-feature distance reaches this (0, 2]
+    "embedding_radius": 1,  # negatives: target features shifted 1..radius level pixels
+    "embedding_levels": [],  # encoder levels (1..L) it applies to; [] = all of them
+    "embedding_field": "auto",  # auto | truth | predicted (which field says what corresponds)
 }
 
 SIMILARITIES = ("mse", "ncc", "none")
 SMOOTHNESS = ("rigidity", "laplacian", "tv", "none")
+EMBEDDING_FIELDS = ("auto", "truth", "predicted")
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +196,111 @@ def epe(field: Tensor, gt_field: Tensor, weight: Tensor | None = None) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------
+# embedding (metric learning on encoder features)
+
+
+def _unit_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distance ``(N, 1, H, W)`` of unit feature vectors (differentiable at 0)."""
+    return torch.sqrt(((a - b) ** 2).sum(1, keepdim=True) + 1e-8)
+
+
+def feature_contrast(
+    src_feat: Tensor,
+    tgt_feat: Tensor,
+    field: Tensor,
+    weight: Tensor | None = None,
+    margin: float = 1.0,
+    radius: int = 1,
+) -> Tensor:
+    """Contrastive loss of one feature level under a field that aligns the pair.
+
+    ``src_feat`` / ``tgt_feat`` are ``(N, C, H, W)``, ``field`` the pull field ``(N, 2, H, W)`` in
+    pixels of this level, ``weight`` ``(N, 1, H, W)`` on the target grid. Feature vectors are
+    scaled to unit length; with ``a = warp(src, field)`` and ``b = tgt``::
+
+        pull(p) = |a(p) - b(p)|^2                        (corresponding pixels agree)
+        push(p) = mean_d relu(margin - |a(p) - b(p + d)|)^2   (1 <= max(|dx|, |dy|) <= radius)
+
+    The result is the ``weight``-weighted mean of pull plus the mean over shifts ``d`` of the
+    push averaged with weight ``w(p) w(p + d)`` (pairs leaving the grid count 0). It is 0 when
+    the warped source equals the target and features ``radius`` pixels apart are at least
+    ``margin`` away from each other.
+    """
+    if src_feat.shape != tgt_feat.shape or field.shape[-2:] != tgt_feat.shape[-2:]:
+        raise ValueError(
+            f"features {tuple(src_feat.shape)}, {tuple(tgt_feat.shape)} and field "
+            f"{tuple(field.shape)} must share N, H, W"
+        )
+    a = F.normalize(fields.warp(src_feat, field.to(src_feat.dtype)), dim=1, eps=1e-6)
+    b = F.normalize(tgt_feat, dim=1, eps=1e-6)
+    pull = ((a - b) ** 2).sum(1, keepdim=True)
+    total = _weighted_mean(pull, weight)
+    w = torch.ones_like(pull) if weight is None else weight.to(pull.dtype).expand_as(pull)
+    h, wd = b.shape[-2:]
+    r = radius
+    bp, wp = F.pad(b, (r, r, r, r)), F.pad(w, (r, r, r, r))
+    push = []
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dx == 0 and dy == 0:
+                continue
+            rows, cols = slice(r + dy, r + dy + h), slice(r + dx, r + dx + wd)
+            dist = _unit_distance(a, bp[..., rows, cols])
+            push.append(_weighted_mean(F.relu(margin - dist) ** 2, w * wp[..., rows, cols]))
+    return total + torch.stack(push).mean()
+
+
+def _min_pool(weight: Tensor, k: int) -> Tensor:
+    return weight if k == 1 else -F.max_pool2d(-weight, k)
+
+
+def embedding_loss(
+    src_feats: list[Tensor],
+    tgt_feats: list[Tensor],
+    field: Tensor,
+    weight: Tensor | None = None,
+    levels: list[int] | None = None,
+    margin: float = 1.0,
+    radius: int = 1,
+) -> Tensor:
+    """Mean of :func:`feature_contrast` over encoder ``levels`` (None = all of 1..L).
+
+    ``src_feats`` / ``tgt_feats`` are the network's features of levels 0..L (see
+    ``StageAligner.pair_features``): level ``i`` is the pair's grid, padded up to a multiple of
+    ``2^L``, at ``1/2^i`` resolution. ``field`` ``(N, 2, H, W)`` aligns the pair in pixels of
+    the stage; it is detached, padded (border values) and box-downsampled to each level.
+    ``weight`` ``(N, 1, H, W)`` is padded with 0 and min-pooled, so a level pixel counts only
+    where all the stage pixels it covers do.
+    """
+    top = len(tgt_feats) - 1
+    levels = list(range(1, top + 1)) if not levels else list(levels)
+    bad = [lv for lv in levels if not 1 <= lv <= top]
+    if bad:
+        raise MetroemError(
+            f"loss.embedding_levels: {bad} are not encoder levels of this network (1..{top}); "
+            "use levels in that range or [] for all"
+        )
+    stride = 2**top
+    h, w = field.shape[-2:]
+    ph, pw = tgt_feats[0].shape[-2] - h, tgt_feats[0].shape[-1] - w
+    if ph < 0 or pw < 0 or tgt_feats[0].shape[-2] % stride or tgt_feats[0].shape[-1] % stride:
+        raise ValueError(
+            f"level-0 features {tuple(tgt_feats[0].shape)} are not the field's grid "
+            f"{(h, w)} padded to a multiple of {stride}"
+        )
+    f = F.pad(field.detach().float(), (0, pw, 0, ph), mode="replicate")
+    wt = None if weight is None else F.pad(weight.detach().float(), (0, pw, 0, ph))
+    total = field.new_zeros(())
+    for lv in levels:
+        k = 2**lv
+        level_w = None if wt is None else _min_pool(wt, k)
+        total = total + feature_contrast(
+            src_feats[lv], tgt_feats[lv], fields.downsample_field(f, lv), level_w, margin, radius
+        )
+    return total / len(levels)
+
+
+# --------------------------------------------------------------------------------------------
 # config -> loss function
 
 
@@ -218,7 +334,38 @@ def resolve(section: dict | None) -> dict:
     m = cfg["fold_margin"]
     if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
         raise _err("fold_margin", f"must be a number in [0, 1), got {m!r}")
+    v = cfg["embedding_weight"]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+        raise _err("embedding_weight", f"must be a number >= 0, got {v!r}")
+    m = cfg["embedding_margin"]
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 < m <= 2:
+        raise _err("embedding_margin", f"must be a number in (0, 2] (unit-vector distance), "
+                   f"got {m!r}")
+    r = cfg["embedding_radius"]
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 4:
+        raise _err("embedding_radius", f"must be an integer in 1..4 (level pixels), got {r!r}")
+    lv = cfg["embedding_levels"]
+    if not isinstance(lv, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in lv
+    ):
+        raise _err("embedding_levels", f"must be a list of encoder levels >= 1 (level 0 is the "
+                   f"image and has no weights) or [] for all, got {lv!r}")
+    cfg["embedding_levels"] = sorted(set(lv))
+    if cfg["embedding_field"] not in EMBEDDING_FIELDS:
+        raise _err("embedding_field", f"must be one of {', '.join(EMBEDDING_FIELDS)}, got "
+                   f"{cfg['embedding_field']!r}")
     return cfg
+
+
+def check_embedding_levels(section: dict | None, num_levels: int) -> None:
+    """Raise MetroemError when ``loss.embedding_levels`` names a level a network with
+    ``num_levels`` pyramid levels (0..num_levels-1) does not have (only when the term is on)."""
+    cfg = resolve(section)
+    top = num_levels - 1
+    bad = [lv for lv in cfg["embedding_levels"] if lv > top]
+    if cfg["embedding_weight"] > 0 and bad:
+        raise _err("embedding_levels", f"{bad} are not encoder levels of this network "
+                   f"(1..{top}); use levels in that range or [] for all")
 
 
 LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
@@ -228,10 +375,16 @@ def build_loss(section: dict | None = None, masks_section: dict | None = None) -
     """Build ``loss_fn`` from config sections ``loss`` and ``masks`` (both validated here).
 
     ``loss_fn(src, tgt, field, gt_field=None, src_mask=None, tgt_mask=None, sim_weight=None,
-    smooth_weight=None) -> (total, terms)`` warps ``src`` by ``field`` itself; weights not given
-    come from :func:`metroem.masks.build_masks`. ``terms`` holds the unweighted value of every
-    configured term (``similarity``, ``smoothness``, ``fold``, ``supervised``) plus
-    ``epe`` / ``epe_median`` whenever ``gt_field`` is given; ``total`` is the weighted sum.
+    smooth_weight=None, features=None) -> (total, terms)`` warps ``src`` by ``field`` itself;
+    weights not given come from :func:`metroem.masks.build_masks`. ``terms`` holds the
+    unweighted value of every configured term (``similarity``, ``smoothness``, ``fold``,
+    ``supervised``, ``embedding``) plus ``epe`` / ``epe_median`` whenever ``gt_field`` is given;
+    ``total`` is the weighted sum.
+
+    ``features(src, tgt) -> (src_feats, tgt_feats)`` (the model's ``pair_features``) is needed
+    when ``embedding_weight > 0``. The embedding term uses ``gt_field`` where given and the
+    detached ``field`` otherwise (``embedding_field: auto``); with ``truth`` it is left out of
+    batches without ``gt_field``, with ``predicted`` it always uses the detached ``field``.
     """
     cfg = resolve(section)
     mcfg = masks.resolve(masks_section)
@@ -245,6 +398,7 @@ def build_loss(section: dict | None = None, masks_section: dict | None = None) -
         tgt_mask: Tensor | None = None,
         sim_weight: Tensor | None = None,
         smooth_weight: Tensor | None = None,
+        features: Callable[[Tensor, Tensor], tuple[list[Tensor], list[Tensor]]] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         fields.check_field(field)
         if src.shape != tgt.shape or src.shape[-2:] != field.shape[-2:]:
@@ -286,6 +440,29 @@ def build_loss(section: dict | None = None, masks_section: dict | None = None) -
             if cfg["supervised_weight"] > 0:
                 terms["supervised"] = mean
                 total = total + cfg["supervised_weight"] * mean
+        if cfg["embedding_weight"] > 0:
+            mode = cfg["embedding_field"]
+            if mode == "predicted" or (mode == "auto" and gt_field is None):
+                emb_field, emb_weight = field.detach(), sim_weight
+            elif gt_field is not None:
+                emb_field = gt_field.detach()
+                emb_weight = masks.build_masks(
+                    mcfg, src, tgt, emb_field, src_mask, tgt_mask
+                )["sim_weight"]
+            else:  # "truth" and no known field: nothing says what corresponds
+                emb_field = None
+            if emb_field is not None:
+                if features is None:
+                    raise ValueError(
+                        "loss.embedding_weight > 0 needs features=model.pair_features"
+                    )
+                src_feats, tgt_feats = features(src, tgt)
+                terms["embedding"] = embedding_loss(
+                    src_feats, tgt_feats, emb_field, emb_weight,
+                    cfg["embedding_levels"], float(cfg["embedding_margin"]),
+                    cfg["embedding_radius"],
+                )
+                total = total + cfg["embedding_weight"] * terms["embedding"]
         return total, terms
 
     return loss_fn

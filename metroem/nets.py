@@ -438,9 +438,9 @@ class StageAligner(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Residual field aligning an (already warped) float source to the target, same size."""
-        h, w = tgt.shape[-2:]
+    def _encode(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """``(src_valid, tgt_valid, x, feats)``: the padded encoder input ``x`` (sources first,
+        then targets, channels (image, validity)) and the encoder's features of levels 0..L."""
         if self.spec["normalization"] == "local":
             sigma = float(self.spec["norm_sigma"])
             src_n, src_v = normalize_image_local(src, sigma)
@@ -448,9 +448,34 @@ class StageAligner(nn.Module):
         else:
             src_n, src_v = normalize_image(src)
             tgt_n, tgt_v = normalize_image(tgt)
-        n = src.shape[0]
         x = self._pad(torch.cat((torch.cat((src_n, src_v), 1), torch.cat((tgt_n, tgt_v), 1))))
-        feats = self.encoder(x)
+        return src_v, tgt_v, x, self.encoder(x)
+
+    def pair_features(self, src_img: Tensor, tgt_img: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Encoder features ``(src_feats, tgt_feats)`` of a pair, one tensor per level 0..L.
+
+        Images are ``(N, 1, H, W)`` raw values as for :meth:`forward`; level ``i`` is
+        ``(N, C_i, H'/2^i, W'/2^i)`` with ``H', W'`` padded up to a multiple of ``2^L`` (padding
+        is no-data); level 0 is the normalised image. Used by the embedding loss; the forward
+        pass does not call it.
+        """
+        dev = next(self.parameters()).device
+        src = src_img.to(device=dev, dtype=torch.float32)
+        tgt = tgt_img.to(device=dev, dtype=torch.float32)
+        if src.dim() != 4 or src.shape[1] != 1 or src.shape != tgt.shape:
+            raise ValueError(
+                f"src_img and tgt_img must both be (N, 1, H, W), got {tuple(src.shape)} and "
+                f"{tuple(tgt.shape)}"
+            )
+        n = src.shape[0]
+        feats = self._encode(src, tgt)[3]
+        return [f[:n] for f in feats], [f[n:] for f in feats]
+
+    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Residual field aligning an (already warped) float source to the target, same size."""
+        h, w = tgt.shape[-2:]
+        n = src.shape[0]
+        src_v, tgt_v, x, feats = self._encode(src, tgt)
         top = self.num_levels - 1
         if self.prior_kernel is not None:
             # image pyramid for the block-matching prior (level 0 = the normalised image)

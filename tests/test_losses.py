@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from metroem import fields, losses, synth
+from metroem import config as config_mod
+from metroem import fields, losses, nets, synth
 from metroem.errors import MetroemError
 from metroem.sample_data import isbi_section
 
@@ -154,6 +156,14 @@ def test_loss_fn_uses_given_weights():
         ({"smoothness_weight": -1}, "smoothness_weight"),
         ({"smoothness": "elastic"}, "smoothness"),
         ({"fold_margin": 2}, "fold_margin"),
+        ({"embedding_weight": -0.1}, "embedding_weight"),
+        ({"embedding_margin": 0}, "embedding_margin"),
+        ({"embedding_margin": 2.5}, "embedding_margin"),
+        ({"embedding_radius": 0}, "embedding_radius"),
+        ({"embedding_radius": 1.5}, "embedding_radius"),
+        ({"embedding_levels": [0, 1]}, "embedding_levels"),
+        ({"embedding_levels": 2}, "embedding_levels"),
+        ({"embedding_field": "gt"}, "embedding_field"),
     ],
 )
 def test_bad_config_names_the_key(section, key):
@@ -165,3 +175,209 @@ def test_supervised_weight_without_gt_is_a_clear_error():
     loss_fn = losses.build_loss({"supervised_weight": 1.0})
     with pytest.raises(MetroemError, match="supervised_weight"):
         loss_fn(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), torch.zeros(1, 2, 8, 8))
+
+
+# --- embedding (metric-learning) term ---------------------------------------------------------
+
+_EMB_ONLY = {"embedding_weight": 1.0, "similarity": "none", "smoothness": "none",
+             "fold_weight": 0.0}
+
+
+def _tiled_features(n: int, h: int, w: int) -> torch.Tensor:
+    """One-hot features whose channel is (y mod 3, x mod 3): any two pixels at most 2 apart in
+    x and y differ (distance sqrt 2 between unit vectors), equal pixels agree."""
+    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return F.one_hot(3 * (y % 3) + x % 3, 9).permute(2, 0, 1).float().expand(n, 9, h, w).clone()
+
+
+def _translation(n: int, h: int, w: int, tx: float, ty: float) -> torch.Tensor:
+    return torch.tensor([tx, ty]).view(1, 2, 1, 1).expand(n, 2, h, w).contiguous()
+
+
+def _interior(n: int, h: int, w: int, border: int = 4) -> torch.Tensor:
+    weight = torch.zeros(n, 1, h, w)
+    weight[..., border:-border, border:-border] = 1
+    return weight
+
+
+def _contrast_pair():
+    """Source features and target = source pulled by an integer translation (true field)."""
+    src = _tiled_features(2, 24, 30)
+    true = _translation(2, 24, 30, 2.0, -1.0)
+    return src, fields.warp(src, true), true
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_feature_contrast_zero_under_true_field_and_larger_under_wrong(radius):
+    src, tgt, true = _contrast_pair()
+    weight = _interior(2, 24, 30)
+    at_truth = losses.feature_contrast(src, tgt, true, weight, margin=1.0, radius=radius)
+    assert at_truth < 1e-6
+    for wrong in ((0.0, 0.0), (3.0, -1.0), (2.5, -1.0), (2.0, 0.0)):
+        f = _translation(2, 24, 30, *wrong)
+        assert losses.feature_contrast(src, tgt, f, weight, 1.0, radius) > 0.2, wrong
+    # features that cannot tell neighbours apart are pushed: the loss is positive even aligned
+    flat = torch.ones_like(src)
+    pushed = losses.feature_contrast(flat, flat, true, weight, 1.0, radius)
+    assert pushed == pytest.approx(1.0, 1e-3)
+
+
+def test_feature_contrast_ignores_masked_pixels():
+    src, tgt, true = _contrast_pair()
+    weight = _interior(2, 24, 30)
+    weight[..., 8:14, 10:20] = 0
+    clean = losses.feature_contrast(src, tgt, true, weight)
+    g = torch.Generator().manual_seed(3)
+    noisy_src = src.clone().requires_grad_(False)
+    noisy_tgt = tgt.clone()
+    noisy_tgt[..., 8:14, 10:20] = torch.randn(2, 9, 6, 10, generator=g)
+    # the source pixels that land there: target p pulls source p + (2, -1)
+    noisy_src[..., 7:13, 12:22] = torch.randn(2, 9, 6, 10, generator=g)
+    noisy_tgt.requires_grad_(True)
+    noisy = losses.feature_contrast(noisy_src, noisy_tgt, true, weight)
+    assert noisy.item() == pytest.approx(clean.item(), abs=1e-7)
+    noisy.backward()
+    assert noisy_tgt.grad[..., 8:14, 10:20].abs().max() == 0
+    # without the hole in the weights the noise does count
+    assert losses.feature_contrast(noisy_src, noisy_tgt, true, _interior(2, 24, 30)) > clean + 0.05
+    # nothing weighted: 0, finite
+    assert losses.feature_contrast(src, tgt, true, torch.zeros_like(weight)) == 0
+
+
+def test_embedding_loss_levels_downsample_field_and_weights():
+    src = _tiled_features(1, 24, 32)
+    true = _translation(1, 24, 32, 3.0, 0.0)  # stage pixels: level 1 sees 1.5, level 2 sees 0.75
+    feats_s = [src[:, :1], fields.downsample_image(src, 1, masked=False)]
+    feats_t = [f.clone() for f in feats_s]
+    feats_s.append(fields.downsample_image(src, 2, masked=False))
+    feats_t.append(feats_s[2].clone())
+    # level 2 features of the target = level 2 source features moved by the level-2 field
+    lv2 = fields.downsample_field(true, 2)
+    feats_t[2] = fields.warp(feats_s[2], lv2)
+    weight = _interior(1, 24, 32, border=8)
+    only2 = losses.embedding_loss(feats_s, feats_t, true, weight, levels=[2])
+    assert only2 == pytest.approx(
+        losses.feature_contrast(feats_s[2], feats_t[2], lv2, _min_pool_4(weight)).item()
+    )
+    with pytest.raises(MetroemError, match=r"loss\.embedding_levels.*1\.\.2"):
+        losses.embedding_loss(feats_s, feats_t, true, weight, levels=[3])
+
+
+def _min_pool_4(weight: torch.Tensor) -> torch.Tensor:
+    return -F.max_pool2d(-weight, 4)
+
+
+def _isbi_pair(n: int = 2, size: int = 64):
+    """Consecutive ISBI sections as sources and a smooth deformation of each as its target;
+    ``gt`` aligns source to target."""
+    img = torch.cat([_isbi(2 * i, size) for i in range(n)])
+    g = torch.Generator().manual_seed(0)
+    gt = synth.elastic_field(n, size, size, 2.0, 8.0, generator=g)
+    gt = gt + torch.tensor([2.5, -1.5]).view(1, 2, 1, 1)
+    return img, fields.warp_image(img, gt), gt
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return nets.build_model(nets.default_spec(channels=[4, 8, 8], head_channels=4,
+                                              local_radius=1))
+
+
+def test_embedding_gradients_reach_the_encoder_and_training_separates_fields():
+    src, tgt, gt = _isbi_pair()
+    model = _tiny_model()
+    loss_fn = losses.build_loss(_EMB_ONLY)
+    pred = model(src, tgt)
+    total, terms = loss_fn(src, tgt, pred, gt_field=gt, features=model.pair_features)
+    assert set(terms) == {"embedding", "epe", "epe_median"} and torch.isfinite(total)
+    total.backward()
+    for name, p in model.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in model.heads.named_parameters():  # the field is detached: heads untouched
+        assert p.grad is None or p.grad.abs().sum() == 0, name
+    # the term alone trains the encoder towards features that single out the true field
+    opt = torch.optim.Adam(model.encoder.parameters(), 3e-3)
+    first = float(terms["embedding"].detach())
+    for _ in range(25):
+        total, terms = loss_fn(src, tgt, gt, gt_field=gt, features=model.pair_features)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert float(terms["embedding"].detach()) < 0.7 * first
+    with torch.no_grad():
+        at_truth = loss_fn(src, tgt, gt, gt_field=gt, features=model.pair_features)[1]
+        off = gt + torch.tensor([2.0, 2.0]).view(1, 2, 1, 1)
+        at_wrong = loss_fn(src, tgt, off, gt_field=off, features=model.pair_features)[1]
+    assert at_wrong["embedding"] > at_truth["embedding"] + 0.1
+
+
+def test_embedding_field_choice():
+    src, tgt, gt = _isbi_pair(1)
+    model = _tiny_model()
+    wrong = torch.zeros_like(gt, requires_grad=True)
+    feats = model.pair_features
+
+    def term(section, field, gt_field=None):
+        return losses.build_loss({**_EMB_ONLY, **section})(
+            src, tgt, field, gt_field=gt_field, features=feats
+        )[1].get("embedding")
+
+    with torch.no_grad():
+        by_truth = term({}, gt, gt)
+        assert term({}, wrong, gt) == pytest.approx(float(by_truth))  # auto: truth wins
+        assert term({"embedding_field": "predicted"}, wrong, gt) > by_truth + 0.01
+        assert term({"embedding_field": "truth"}, wrong) is None  # no truth: left out
+        assert term({}, gt) == pytest.approx(float(by_truth), abs=1e-4)  # detached prediction
+    total, terms = losses.build_loss(_EMB_ONLY)(src, tgt, wrong, features=feats)
+    total.backward()
+    assert wrong.grad is None  # the predicted field only says what corresponds
+
+
+def test_embedding_off_by_default_and_needs_features():
+    src, tgt, gt = _isbi_pair(1, 32)
+    _, terms = losses.build_loss()(src, tgt, gt)  # no features needed when off
+    assert "embedding" not in terms
+    assert losses.resolve(None)["embedding_weight"] == 0
+    with pytest.raises(ValueError, match="pair_features"):
+        losses.build_loss({"embedding_weight": 0.5})(src, tgt, gt)
+
+
+def test_embedding_keys_in_the_config_schema():
+    cfg = config_mod.load_config("scratch", None, [
+        "loss.embedding_weight=0.2", "loss.embedding_levels=[2, 1]", "loss.embedding_margin=1",
+    ])
+    assert cfg["loss"]["embedding_weight"] == 0.2 and cfg["loss"]["embedding_levels"] == [2, 1]
+    assert cfg["loss"]["embedding_field"] == "auto"
+    for bad, key in (("loss.embedding_radius=0", "embedding_radius"),
+                     ("loss.embedding_weight=-1", "embedding_weight"),
+                     ("loss.embedding_levels=3", "embedding_levels")):
+        with pytest.raises(MetroemError, match=rf"loss\.{key}"):
+            config_mod.load_config("scratch", None, [bad])
+    losses.check_embedding_levels({"embedding_weight": 1.0, "embedding_levels": [3]}, 4)
+    with pytest.raises(MetroemError, match=r"loss\.embedding_levels: \[4\].*1\.\.3"):
+        losses.check_embedding_levels({"embedding_weight": 1.0, "embedding_levels": [4]}, 4)
+    losses.check_embedding_levels({"embedding_levels": [4]}, 4)  # off: not checked
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tiny_training_run_logs_the_embedding_term(tiny_run):
+    from conftest import MIPS
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from metroem.training import cli
+
+    argv = tiny_run.argv("emb", "--train_stages", "0", "--no_redirect_stdout",
+                         "--set", "loss.embedding_weight=0.5")
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = int(e.code)
+    assert code == 0
+    acc = EventAccumulator(str(tiny_run.pyramid / "_runs" / "emb" / f"stage0_mip{MIPS[0]}"),
+                           size_guidance={"scalars": 0})
+    acc.Reload()
+    train = acc.Scalars("train/embedding")
+    assert [e.step for e in train] == [2, 4, 6]
+    assert all(math.isfinite(e.value) and e.value > 0 for e in train)
+    assert all(math.isfinite(e.value) for e in acc.Scalars("val/embedding"))
+    assert all(torch.isfinite(v).all() for v in tiny_run.weights(0, "emb").values())

@@ -228,7 +228,8 @@ def validate(model, items, loss_for, device) -> dict[str, float]:
     for item in items:
         b = _unsqueeze(item, device)
         pred = model(b["src"], b["tgt"], src_agg_field=b.get("src_agg_field"))
-        _, terms = loss_for(b)(b["src"], b["tgt"], pred, gt_field=b.get("field"))
+        _, terms = loss_for(b)(b["src"], b["tgt"], pred, gt_field=b.get("field"),
+                               features=model.pair_features)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if "field" in b:
@@ -328,6 +329,7 @@ def check_stage(
             f"(per_mip.{module.mip}.data.crop_size)"
         )
     model = _initial_model(module, checkpoint_name, mode, resume)
+    losses.check_embedding_levels(cfg["loss"], model.num_levels)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     if resume and state_path.exists():
         ckpt.load_training_state(state_path, model, restore_rng=False)
@@ -445,6 +447,7 @@ def train_stage(
         total, terms = loss_for(batch)(
             batch["src"], batch["tgt"], pred, gt_field=batch.get("field"),
             src_mask=batch.get("src_defects"), tgt_mask=batch.get("tgt_defects"),
+            features=model.pair_features,  # the embedding term's encoder (outside DDP's forward)
         )
         if faults.poison(module.stage, step + 1, info.rank):
             total = total * float("nan")
