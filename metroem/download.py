@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,7 +45,9 @@ Tensor = torch.Tensor
 
 __all__ = [
     "DEFAULT_DEFECT_THRESHOLD",
+    "snap_to_multiple",
     "snap_centre",
+    "remove_translation",
     "patch_origin",
     "download_image",
     "download_field",
@@ -60,15 +61,48 @@ DEFAULT_DEFECT_THRESHOLD = 0.0  # defect value above this blanks the image pixel
 # ----------------------------------------------------------------------------- geometry
 
 
-def _snap(value: float, step: int) -> int:
-    """Nearest multiple of ``step`` (halves round up)."""
-    return int(math.floor(value / step + 0.5)) * step
+def snap_to_multiple(
+    value: float | np.ndarray | Tensor, step: int
+) -> int | np.ndarray | Tensor:
+    """The multiple of ``step`` nearest to ``value``; exact halves round up (towards +inf).
+
+    In units of ``step``: 0.5 -> 1, 1.5 -> 2, -0.5 -> 0, -2.5 -> -2. This is metroem's one
+    snapping rule (docs/datasets.md): patch centres, the translations that ``download_field``
+    and ``metroem generate`` remove, and the source-window shifts of ``download_image`` all use
+    it. A Python or numpy scalar gives an ``int``; numpy arrays and tensors keep their kind
+    (floating point, whole multiples of ``step``).
+    """
+    q = value / step
+    whole = q // 1  # floor, for numbers, arrays and tensors alike
+    whole = whole + ((q - whole) >= 0.5)  # exact: no rounding of q + 0.5 near a half
+    out = whole * step
+    if isinstance(out, (np.ndarray, torch.Tensor)):
+        return out
+    return int(out)
 
 
 def snap_centre(x: int, y: int, coarsest_mip: int) -> tuple[int, int]:
     """Snap a MIP0 centre to the nearest multiple of ``2**coarsest_mip`` (shared integer grid)."""
     k = 2**coarsest_mip
-    return _snap(x, k), _snap(y, k)
+    return snap_to_multiple(x, k), snap_to_multiple(y, k)
+
+
+def remove_translation(
+    field: Tensor, mip: int, coarsest_mip: int, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Split fields ``(N, 2, H, W)`` (px at ``mip``) into ``(field - t / 2**mip, t)``.
+
+    ``t`` ``(N, 2)`` int64 is each field's mean displacement (over ``mask != 0`` if given) in
+    MIP0 px, snapped with :func:`snap_to_multiple` to a multiple of ``2**coarsest_mip`` so that
+    the moved source windows stay on the pixel grid of every MIP up to ``coarsest_mip``. Used by
+    both ``download_field`` and ``metroem generate``.
+    """
+    if coarsest_mip < mip:
+        raise ValueError(f"coarsest_mip {coarsest_mip} is finer than the field's MIP {mip}")
+    mean_mip0 = fields.mean_translation(field, mask).double() * 2**mip
+    t = snap_to_multiple(mean_mip0, 2**coarsest_mip).long()
+    residual = field - (t.double() / 2**mip).to(field.dtype).view(-1, 2, 1, 1)
+    return residual, t
 
 
 def patch_origin(cx: int, cy: int, mip: int, size: int) -> tuple[int, int]:
@@ -280,7 +314,7 @@ def download_image(
     plans = []
     for m, s in zip(mips, sizes, strict=True):
         x0, y0 = patch_origin(cx, cy, m, s)
-        shift = np.array([[_snap(v, 2**m) // 2**m for v in t] for t in translation], np.int64)
+        shift = (snap_to_multiple(translation.astype(np.float64), 2**m) // 2**m).astype(np.int64)
         _check_inside(info, m, x0, y0, s, "target patch")
         for z, (dx, dy) in zip(zs, shift, strict=True):
             # A window moved by a field's translation may run past the volume's edge (that part
@@ -450,10 +484,8 @@ def download_field(
 
     def cut(i: int) -> tuple[np.ndarray, np.ndarray]:
         f = _cut_field(info.path, zs[i], src_mip, dst_mip, patch_size, ax, ay, field_units)
-        mean_mip0 = fields.mean_translation(f)[0].double() * 2**dst_mip
-        t = np.array([_snap(float(v), 2**coarsest) for v in mean_mip0], np.int64)
-        f = f - torch.from_numpy(t / 2**dst_mip).to(f.dtype).view(1, 2, 1, 1)
-        return f[0].numpy(), t
+        f, t = remove_translation(f, dst_mip, coarsest)
+        return f[0].numpy(), t[0].numpy()
 
     attrs = {
         "mip": dst_mip,

@@ -3,7 +3,8 @@
 For the stage after ``k`` (MIP ``m``): read every plain image dataset ``x*_y*_z*_MIP{m}.h5``,
 run the pyramid up to stage ``k`` at input MIP ``m``, remove each pair's average translation over
 tissue (snapped to a multiple of ``2**(coarsest MIP of the pyramid)`` MIP0 pixels, so every MIP
-moves by whole pixels), and write
+moves by whole pixels; :func:`metroem.download.remove_translation`, the same rule as
+``download_field``: halves round up), and write
 
 * ``field_{k}_x*_y*_z*_MIP{m}_{C}.h5``: the saturated field minus that translation, and
 * ``x*_y*_z*_MIP{m}_{C}.h5``: the image pairs with each source window moved by it, re-read from
@@ -23,18 +24,9 @@ import os
 import numpy as np
 import torch
 
-from metroem import datasets, download, fields, modules, volumes
+from metroem import datasets, download, modules, volumes
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
-
-
-def _snap_step(mips: list[int]) -> int:
-    return 2 ** max(mips)
-
-
-def snap_translation(t_mip0: torch.Tensor, step: int) -> torch.Tensor:
-    """Round translations (MIP0 px) to the nearest multiple of ``step``."""
-    return torch.round(t_mip0 / step) * step
 
 
 def shift_source(pairs: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -116,7 +108,7 @@ def generate_fields(
         for m in mods[: k + 1]
     ]
     aligner = PyramidAligner(stages, input_mip=out_mip).to(device).eval()
-    step = _snap_step([m.mip for m in mods])
+    coarsest = max(m.mip for m in mods)
     written = []
     for summary in plain:
         data = datasets.read_image_dataset(summary.path)
@@ -128,9 +120,9 @@ def generate_fields(
                 out.append(aligner(chunk[:, 0:1], chunk[:, 1:2]).cpu())
         field = torch.cat(out)
         tissue = (pairs[:, 1:2] != 0) & (pairs[:, 0:1] != 0)
-        t_new = snap_translation(fields.mean_translation(field, tissue) * 2**out_mip, step)
-        t_total = t_new.long().numpy() + data.translation  # from the unmoved windows
-        field_rm = field - (t_new / 2**out_mip).view(-1, 2, 1, 1)
+        # The same removal (and snapping rule) as download_field.
+        field_rm, t_new = download.remove_translation(field, out_mip, coarsest, tissue)
+        t_total = t_new.numpy() + data.translation  # from the unmoved windows
         attrs = {
             k_: data.attrs[k_] for k_ in ("x_offset", "y_offset", "z", "patch_size", "resolution")
             if k_ in data.attrs
@@ -147,7 +139,7 @@ def generate_fields(
         if nxt is not None:
             _recut_images(data, summary, fpath, checkpoint_name, t_new, t_total, out_mip,
                           dataset_path, log)
-        mean_shift = float(t_new.norm(dim=1).mean())
+        mean_shift = float(t_new.double().norm(dim=1).mean())
         log(f"generated {fname}: {len(field)} pairs, mean removed translation {mean_shift:.1f} "
             "MIP0 px")
     return written
@@ -160,7 +152,7 @@ def _recut_images(data, summary, field_path, tag, t_new, t_total, mip, dataset_p
     except MetroemError as e:
         log(f"cannot re-read {os.path.basename(summary.path)}'s source volume ({e}); shifting "
             "the stored patches instead (0 = no data where the window leaves them)")
-        pairs = shift_source(data.data, (t_new / 2**mip).long().numpy())
+        pairs = shift_source(data.data, (t_new // 2**mip).numpy())
     path = os.path.join(
         dataset_path, datasets.image_filename(summary.x, summary.y, summary.z_start, mip, tag)
     )

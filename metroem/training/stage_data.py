@@ -14,6 +14,7 @@ Items are ``{"src", "tgt", "src_agg_field"?, "field"?}`` with ``field`` the grou
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -96,7 +97,6 @@ class StageDataset(Dataset):
             suffix=suffix,
         )
         gt_files = _ground_truth_files(dataset_path, mip)
-        self._gt: dict[str, np.ndarray] = {}
         self._gt_path: dict[str, str] = {}
         for path in self.pairs.image_files():
             name = datasets.parse_image_filename(os.path.basename(path))
@@ -106,8 +106,16 @@ class StageDataset(Dataset):
         self.has_ground_truth = bool(self._gt_path) and len(self._gt_path) == len(
             self.pairs.image_files()
         )
-        # Decoded pairs, kept up to a memory budget: a training crop needs a small window but
-        # h5 decompresses whole pairs, so re-reading them every step would dominate the step time.
+        if self.has_ground_truth:
+            self._check_ground_truth()
+        # Ground truth is read one pair at a time (files are chunked per pair) through handles
+        # opened lazily, once per process; decoded truth is only kept inside the item cache
+        # below, so it counts against the same budget as the pairs.
+        self._gt_pid: int | None = None
+        self._gt_handles: dict = {}
+        # Decoded items (pairs, incoming field, ground truth), kept up to a memory budget: a
+        # training crop needs a small window but h5 decompresses whole pairs, so re-reading them
+        # every step would dominate the step time.
         self._cache: dict[int, dict] = {}
         self._cache_bytes = 0
         self._cache_limit = int(cache_mb * 2**20)
@@ -122,10 +130,50 @@ class StageDataset(Dataset):
             for p in self.pairs.image_files()
         ]
 
+    def _check_ground_truth(self) -> None:
+        """Every ground-truth file has one field per pair of its image file, of the same size."""
+        for image_path, gt_path in self._gt_path.items():
+            img = datasets.read_image_dataset(image_path, load_data=False)
+            gt = datasets.read_field_dataset(gt_path, load_data=False)
+            if (gt.shape[0], gt.shape[-1]) != (img.shape[0], img.shape[-1]):
+                raise MetroemError(
+                    f"{os.path.basename(gt_path)} has {gt.shape[0]} fields of {gt.shape[-1]}px "
+                    f"but {os.path.basename(image_path)} has {img.shape[0]} pairs of "
+                    f"{img.shape[-1]}px; re-cut the ground truth on the same windows"
+                )
+
+    def _gt_handle(self, path: str):
+        pid = os.getpid()
+        if self._gt_pid != pid:  # new process (DataLoader worker): never reuse a parent's handle
+            self._gt_handles = {}
+            self._gt_pid = pid
+        h = self._gt_handles.get(path)
+        if h is None:
+            h = datasets._open(path, datasets.RECUT_FIELD)
+            self._gt_handles[path] = h
+        return h
+
     def _truth(self, image_path: str, j: int) -> torch.Tensor:
-        if image_path not in self._gt:
-            self._gt[image_path] = datasets.read_field_dataset(self._gt_path[image_path]).data
-        return torch.from_numpy(np.ascontiguousarray(self._gt[image_path][j], dtype=np.float32))
+        """Ground-truth field of pair ``j`` of ``image_path``, (2, S, S) float32 (unmoved)."""
+        path = self._gt_path[image_path]
+        ds = self._gt_handle(path)[datasets.FIELD_KEY]
+        arr = datasets._read_array(ds, j, path, datasets.RECUT_FIELD)
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+    def close(self) -> None:
+        """Close the files this process opened."""
+        if self._gt_pid == os.getpid():
+            for h in self._gt_handles.values():
+                with contextlib.suppress(Exception):
+                    h.close()
+        self._gt_handles = {}
+        self.pairs.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_gt_handles"] = {}
+        state["_gt_pid"] = None
+        return state
 
     def __getitem__(self, i: int) -> dict:
         cached = self._cache.get(i)
