@@ -10,11 +10,13 @@ CloudVolume (each section z aligned to z-1, or to ``--tgt_z`` / the same z of ``
         --field_path file:///data/vol/field --image_path file:///data/vol/aligned
 
 The field output holds pull fields in pixels of each MIP, ``(2, H, W)`` float32 for files
-(channel 0 = x); the aligned image is the source warped by it. Work is cut into chunks
-(``--chunk``, ``--pad`` pixels of context per side, discarded afterwards) spread over the
-``--device``s; a marker file is written after each chunk's data, so ``--resume`` continues an
-interrupted run. Existing outputs are never replaced without ``--overwrite``. See
-docs/inference.md.
+(channel 0 = x); the aligned image is the source warped by it. The pyramid runs one stage at a
+time (:class:`metroem.tiling.StageTiler`), each stage tiled at its own MIP into ``--chunk``
+chunks with ``--pad`` pixels of context per side at that MIP (default: per stage, from its net),
+so the field equals the whole-image field. Chunks are spread over the ``--device``s; a marker
+file is written after each chunk's data (coarse stages keep ``.npy`` caches beside their
+markers), so ``--resume`` continues an interrupted run. Existing outputs are never replaced
+without ``--overwrite``. See docs/inference.md.
 """
 
 from __future__ import annotations
@@ -126,6 +128,40 @@ class _Markers:
             pass
 
 
+TILING = "stages-v1"  # in the job signature: a run of another tiling cannot be resumed
+
+
+def _pad_signature(tiler: tiling.StageTiler) -> str:
+    return ",".join(str(p.pad) for p in tiler.plans)
+
+
+def _stage_desc(tiler: tiling.StageTiler, k: int) -> str:
+    p = tiler.plans[k]
+    return f"stage {k}/{len(tiler.plans) - 1} (MIP {p.mip})"
+
+
+def _run_coarse_stages(tiler: tiling.StageTiler, aligner, devices, src, tgt, folder: str,
+                       progress: bool, label: str = ""):
+    """Run every stage but the last over the whole region into ``.npy`` caches in ``folder``
+    (one marker per chunk, so an interrupted run reuses finished chunks); returns the last
+    coarse stage's store (``None`` for a one-stage pyramid)."""
+    prev = None
+    for p in tiler.coarse:
+        path = os.path.join(folder, f"stage{p.index}.npy")
+        store = tiler.new_store(p.index, path, create=not os.path.exists(path))
+        marks = _Markers(os.path.join(folder, f"stage{p.index}_done"))
+
+        def work_fn(model, c, k=p.index, prev=prev, store=store, marks=marks) -> None:
+            tiler.run_stage_chunk(model, k, c, src, tgt, prev, store)
+            marks.mark(str(c.index))
+
+        tiling.run_chunks(tiler.stage_chunks(p.index), work_fn, aligner, devices,
+                          is_done=lambda c, marks=marks: marks.done(str(c.index)),
+                          progress=progress, desc=label + _stage_desc(tiler, p.index))
+        prev = store
+    return prev
+
+
 # --- files --------------------------------------------------------------------------------------
 
 
@@ -156,7 +192,7 @@ def align_files(
     stages: list[int] | None = None,
     mip: int | None = None,
     chunk: int = 1024,
-    pad: int = 256,
+    pad: int | None = None,
     device: str = "cpu",
     finetune: bool = False,
     finetune_options: dict | None = None,
@@ -196,12 +232,13 @@ def align_files(
     devices = tiling.parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
                           finetune_options)
-    tiling.check_chunking(chunk, pad, aligner.size_multiple())
     h, w = s.shape
+    tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
     os.makedirs(work, exist_ok=True)
     _check_or_write_job(work, _job_signature(
         src=os.path.abspath(src), tgt=os.path.abspath(tgt), size=f"{w}x{h}", chunk=chunk,
-        pad=pad, pyramid=pyramid if isinstance(pyramid, (str, os.PathLike)) else "object",
+        pad=_pad_signature(tiler), tiling=TILING,
+        pyramid=pyramid if isinstance(pyramid, (str, os.PathLike)) else "object",
         checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, finetune=finetune,
         finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
         field_out=bool(field_out), image_out=bool(image_out)))
@@ -212,9 +249,12 @@ def align_files(
         fresh = not os.path.exists(os.path.join(work, "image.npy"))
         iw = tiling.NpyWriter(os.path.join(work, "image.npy"), (h, w), s.dtype, fresh)
     markers = _Markers(os.path.join(work, "done"))
+    chunks = tiler.output_chunks()
+    todo = [c for c in chunks if not markers.done(str(c.index))]
+    prev = _run_coarse_stages(tiler, aligner, devices, s, t, work, progress) if todo else None
 
     def work_fn(model, c: tiling.Chunk) -> None:
-        f = tiling.align_chunk(model, s, t, c, pad, chunk)
+        f = tiler.output_chunk(model, c, s, t, prev)
         fw.write(c.y0, c.x0, f[0].numpy())
         if iw is not None:
             img = tiling.warp_chunk(s, f, c)[0].numpy()
@@ -224,9 +264,9 @@ def align_files(
             iw.write(c.y0, c.x0, img.astype(iw.dtype))
         markers.mark(str(c.index))
 
-    chunks = tiling.plan_chunks(h, w, chunk)
     ran = tiling.run_chunks(chunks, work_fn, aligner, devices,
-                            is_done=lambda c: markers.done(str(c.index)), progress=progress)
+                            is_done=lambda c: markers.done(str(c.index)), progress=progress,
+                            desc=_stage_desc(tiler, len(tiler.plans) - 1))
     if field_out:
         os.replace(os.path.join(work, "field.npy"), field_out)
     if image_out:
@@ -302,7 +342,7 @@ def align_volume(
     stages: list[int] | None = None,
     mip: int | None = None,
     chunk: int = 1024,
-    pad: int = 256,
+    pad: int | None = None,
     device: str = "cpu",
     finetune: bool = False,
     finetune_options: dict | None = None,
@@ -342,7 +382,8 @@ def align_volume(
     if mip not in info.mips:
         raise MetroemError(f"{src_path} has no MIP {mip}; it has MIPs {list(info.mips)}")
     top = max(info.mips)
-    tiling.check_chunking(chunk, pad, aligner.size_multiple())
+    h, w = info.size[mip][1], info.size[mip][0]
+    tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
     if chunk % 2 ** (top - mip):
         raise MetroemError(f"--chunk {chunk} must be a multiple of {2 ** (top - mip)} to write "
                            f"MIPs {mip}..{top}")
@@ -354,11 +395,9 @@ def align_volume(
     markers = _Markers(_marker_dir(field_path, image_path, work_dir))
     _check_or_write_job(markers.folder, _job_signature(
         src=volumes.normalize_path(src_path), tgt=volumes.normalize_path(tgt_path), tgt_z=tgt_z,
-        mip=mip, chunk=chunk, pad=pad, checkpoint=checkpoint_name, stages=stages,
-        finetune=finetune, finetune_options=json.dumps(finetune_options or {}, sort_keys=True)))
-    h, w = info.size[mip][1], info.size[mip][0]
-    jobs = [_VolJob(z, c) for z, _ in pairs for c in tiling.plan_chunks(h, w, chunk)]
-    target = dict(pairs)
+        mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
+        checkpoint=checkpoint_name, stages=stages, finetune=finetune,
+        finetune_options=json.dumps(finetune_options or {}, sort_keys=True)))
     write_lock = threading.Lock()  # coarse MIPs share storage chunks: read-modify-write
 
     def write_mips(path: str, z: int, c: tiling.Chunk, data: torch.Tensor, is_field: bool):
@@ -370,24 +409,37 @@ def align_volume(
             ox, oy = info.offset[m][0], info.offset[m][1]
             volumes.write(path, m, ox + c.x0 // k, oy + c.y0 // k, z, data)
 
-    def work_fn(model, job: _VolJob) -> None:
-        src = tiling.VolumeSource(src_path, mip, job.z)
-        tgt = tiling.VolumeSource(tgt_path, mip, target[job.z])
-        f = tiling.align_chunk(model, src, tgt, job.chunk, pad, chunk)
-        img = tiling.warp_chunk(src, f, job.chunk) if image_path else None
-        with write_lock:
-            if field_path:
-                write_mips(field_path, job.z, job.chunk, f, True)
-            if img is not None:
-                write_mips(image_path, job.z, job.chunk, img, False)
-        markers.mark(job.key)
+    ran = total = 0
+    for z, tz in pairs:
+        jobs = [_VolJob(z, c) for c in tiler.output_chunks()]
+        total += len(jobs)
+        if all(markers.done(j.key) for j in jobs):
+            continue
+        src = tiling.VolumeSource(src_path, mip, z)
+        tgt = tiling.VolumeSource(tgt_path, mip, tz)
+        cache = os.path.join(markers.folder, "stages", f"z{z}")
+        os.makedirs(cache, exist_ok=True)
+        prev = _run_coarse_stages(tiler, aligner, devices, src, tgt, cache, progress,
+                                  label=f"z {z} ")
 
-    ran = tiling.run_chunks(jobs, work_fn, aligner, devices,
-                            is_done=lambda j: markers.done(j.key), progress=progress)
+        def work_fn(model, job: _VolJob, src=src, tgt=tgt, prev=prev) -> None:
+            f = tiler.output_chunk(model, job.chunk, src, tgt, prev)
+            img = tiling.warp_chunk(src, f, job.chunk) if image_path else None
+            with write_lock:
+                if field_path:
+                    write_mips(field_path, job.z, job.chunk, f, True)
+                if img is not None:
+                    write_mips(image_path, job.z, job.chunk, img, False)
+            markers.mark(job.key)
+
+        ran += tiling.run_chunks(jobs, work_fn, aligner, devices,
+                                 is_done=lambda j: markers.done(j.key), progress=progress,
+                                 desc=f"z {z} " + _stage_desc(tiler, len(tiler.plans) - 1))
+        shutil.rmtree(cache, ignore_errors=True)  # the section is done: drop its stage caches
     for p in (field_path, image_path):
         if p:
             volumes.forget(p)
-    return {"chunks_run": ran, "chunks": len(jobs), "sections": [z for z, _ in pairs]}
+    return {"chunks_run": ran, "chunks": total, "sections": [z for z, _ in pairs]}
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -396,7 +448,7 @@ EPILOG = """examples:
   metroem align models/demo --src s.png --tgt t.png --field_out f.npy --image_out aligned.png
   metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
       --field_path file:///data/vol/field --image_path file:///data/vol/aligned \\
-      --chunk 1024 --pad 256 --device all
+      --chunk 2048 --device all
   (add --resume to continue an interrupted run, --finetune to refine each field online)
 """
 
@@ -426,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--stages", type=int, nargs="+", help="stage numbers to run (default: all)")
     m.add_argument("--mip", type=int, help="MIP of the images (default: finest stage's MIP)")
     m.add_argument("--chunk", type=int, default=1024, help="chunk side in pixels (default 1024)")
-    m.add_argument("--pad", type=int, default=256, help="context per side, px (default 256)")
+    m.add_argument("--pad", type=int, default=None,
+                   help="context per side in pixels of each stage's MIP (default: per stage, "
+                   "from its network; 320 for the demo nets)")
     m.add_argument("--device", default="cpu", help="cpu | gpu | all | GPU ids like 0,2")
     m.add_argument("--finetune", action="store_true", help="refine each field online")
     m.add_argument("--finetune_iterations", type=int, default=60, help="steps per level")

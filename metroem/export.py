@@ -6,10 +6,11 @@ pixels (channel 0 = x, pull). It loads with ``torch.jit.load`` and needs only to
 
 How: the pyramid is traced once on a fixed window of ``chunk + 2 pad`` pixels (tracing bakes
 some sizes into the graph, so a trace is exact only at the size it was traced at). A scripted
-wrapper cuts any input into chunks exactly like :func:`metroem.tiling.align_tiled` (same
-windows, zero padding outside, padded borders discarded), so the exported field equals the
-tiled field of the Python aligner with the same ``chunk`` / ``pad``; for inputs of at most one
-chunk it equals a single aligner call on the padded window.
+wrapper cuts any input into chunks exactly like :func:`metroem.tiling.align_windows` (same
+windows, zero padding outside, padded borders discarded), so the exported field equals that
+whole-pyramid-per-window field of the Python aligner with the same ``chunk`` / ``pad`` (not the
+stage-wise :func:`metroem.tiling.align_tiled`); for inputs of at most one chunk it equals a
+single aligner call on the padded window.
 
 Example::
 

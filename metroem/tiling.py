@@ -1,14 +1,22 @@
 """Tiled inference: align images of any size chunk by chunk, with bounded memory.
 
-The output grid is cut into chunks of ``chunk x chunk`` pixels (the last row/column may be
-smaller). Each chunk is aligned on a window padded by ``pad`` pixels on every side (zeros = no
-data outside the image); the padded border of the window's field is discarded. Chunk origins
-and the window size are multiples of :meth:`PyramidAligner.size_multiple`, so every stage sees
-the same coarse pixel grid in a window as in the whole image.
+Stage-wise tiling (:class:`StageTiler`, :func:`align_tiled`, what ``metroem align`` uses) runs
+the pyramid one stage at a time over the whole region. Stage ``k`` is tiled at its own MIP:
+chunks of ``chunk`` stage pixels, each run on a window padded by ``pad_k`` stage pixels per side
+(default: :func:`default_stage_pad` of the stage's net) and clipped to the region, fed the
+images box-averaged to the stage's MIP and the previous stage's field resampled exactly as the
+whole-image :class:`~metroem.aligner.PyramidAligner` resamples it. Coarse stages store their
+field for the whole region (4^k times smaller than the output; in memory or an ``.npy``
+cache); the last stage runs per output chunk and writes straight into the output. The tiled
+field equals the whole-image field wherever the pads cover the stages' reach.
 
-Only one window per device is in memory at a time: sources are read window by window
-(:class:`NpySource` reads rows of an ``.npy`` file with ``pread``, :class:`VolumeSource` reads
-a CloudVolume cutout), so peak memory depends on ``chunk + 2 pad``, not on the image size.
+:func:`align_windows` (what ``metroem export`` bakes in) runs the whole pyramid on one padded
+window per chunk instead (``pad`` in input pixels); coarse stages then see little context.
+
+Only windows are in memory: sources are read window by window (:class:`NpySource` reads rows of
+an ``.npy`` file with ``pread``, :class:`VolumeSource` reads a CloudVolume cutout; coarse stages
+read their window in strips and box-average them), so peak memory depends on ``chunk + 2 pad``,
+not on the image size.
 
 :func:`run_chunks` runs chunk jobs over one or more devices (one worker thread and one copy of
 the aligner per device) with a progress bar; jobs already marked done are skipped, which makes
@@ -45,6 +53,15 @@ __all__ = [
     "window_size",
     "warp_chunk",
     "align_tiled",
+    "align_windows",
+    "StageTiler",
+    "StagePlan",
+    "stage_quantum",
+    "default_stage_pad",
+    "read_resampled",
+    "upsample_region",
+    "MemoryFieldStore",
+    "NpyFieldStore",
     "parse_devices",
     "run_chunks",
 ]
@@ -259,8 +276,14 @@ def warp_chunk(src, field: Tensor, chunk: Chunk) -> Tensor:
     return out[..., margin : margin + chunk.h, margin : margin + chunk.w]
 
 
-def align_tiled(aligner, src, tgt, chunk: int, pad: int, **kwargs) -> Tensor:
-    """Whole field ``(1, 2, H, W)`` of two sources (or 2-D arrays), computed chunk by chunk."""
+def align_windows(aligner, src, tgt, chunk: int, pad: int, **kwargs) -> Tensor:
+    """Whole field ``(1, 2, H, W)``, each chunk from the whole pyramid run on its own window.
+
+    The pre-stage-wise method (what ``metroem export`` bakes in): ``pad`` is in pixels of the
+    input MIP, so coarse stages see only ``pad / 2^(mip - input_mip)`` of their own pixels of
+    context and the field differs from the whole-image field unless ``pad`` covers every
+    stage's receptive field. Prefer :func:`align_tiled`.
+    """
     src = src if hasattr(src, "read") else ArraySource(np.asarray(src))
     tgt = tgt if hasattr(tgt, "read") else ArraySource(np.asarray(tgt))
     if src.shape != tgt.shape:
@@ -272,6 +295,349 @@ def align_tiled(aligner, src, tgt, chunk: int, pad: int, **kwargs) -> Tensor:
         out[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = align_chunk(
             aligner, src, tgt, c, pad, chunk, **kwargs
         )
+    return out
+
+
+# --- stage-wise tiling --------------------------------------------------------------------------
+
+
+def stage_quantum(model) -> int:
+    """Window origins of a stage (its own pixels) must be multiples of this.
+
+    The network pools by its ``stride``; a locally normalised :class:`metroem.nets.StageAligner`
+    also takes its statistics on an 8-pixel grid.
+    """
+    q = int(getattr(model, "stride", 1))
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, dict) and spec.get("normalization") == "local":
+        q = math.lcm(q, 8)
+    return q
+
+
+PAD_SIGMAS = 4.0  # see default_stage_pad; measured in docs/inference.md
+
+
+def default_stage_pad(model) -> int:
+    """Context per side (pixels of the stage's MIP) that makes a stage's tiled field match its
+    whole-image field to a few 0.001 px: the reach of its coarsest level's block-matching prior.
+
+    For a :class:`metroem.nets.StageAligner` the coarsest level (``stride`` = 2^(levels-1)
+    stage pixels per level pixel) aggregates the NCC prior over Gaussians of ``prior_sigma``
+    level pixels (high-pass, then products), which sets the range that matters:
+    ``PAD_SIGMAS * prior_sigma * stride`` (320 for the default net), at least ``norm_sigma``;
+    without the prior ``PAD_SIGMAS * stride``. Rounded up to :func:`stage_quantum`. Other stage
+    modules may define ``tile_pad``; otherwise 8 ``stride``. Measured: docs/inference.md.
+    """
+    q = stage_quantum(model)
+    if hasattr(model, "tile_pad"):
+        pad = int(model.tile_pad)
+    else:
+        stride = int(getattr(model, "stride", 1))
+        spec = getattr(model, "spec", None)
+        if isinstance(spec, dict) and "prior_sigma" in spec:
+            sigma = float(spec["prior_sigma"]) if spec.get("local_prior", False) else 1.0
+            pad = max(PAD_SIGMAS * sigma * stride, float(spec.get("norm_sigma", 0)))
+        else:
+            pad = 8 * stride
+    return int(math.ceil(pad / q) * q)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How one stage is tiled: its grid (the whole-image aligner's padded size at its MIP),
+    chunk, pad and window quantum, all in pixels of the stage's MIP."""
+
+    index: int
+    mip: int
+    levels: int  # mip - input MIP
+    height: int
+    width: int
+    chunk: int
+    pad: int
+    quantum: int
+
+
+def read_resampled(src, levels: int, y0: int, x0: int, h: int, w: int) -> Tensor:
+    """Window ``[y0, y0 + h) x [x0, x0 + w)`` at ``levels`` MIPs above ``src``'s, ``(1, 1, h, w)``
+    float32: the masked box average of :func:`metroem.fields.downsample_image`, read in strips
+    so that no more than about ``h x w`` source pixels are in memory at once."""
+    if levels == 0:
+        return _as_tensor(src.read(y0, x0, h, w), "cpu").float()
+    f = 2**levels
+    out = torch.empty(1, 1, h, w)
+    rows = max(1, h // (f * f))
+    for r0 in range(0, h, rows):
+        n = min(rows, h - r0)
+        strip = _as_tensor(src.read((y0 + r0) * f, x0 * f, n * f, w * f), "cpu").float()
+        out[..., r0 : r0 + n, :] = fields.downsample_image(strip, levels)
+    return out
+
+
+def _clamped(n: int, start: int, size: int) -> np.ndarray:
+    return np.clip(np.arange(start, start + size), 0, n - 1)
+
+
+class MemoryFieldStore:
+    """A stage's field ``(1, 2, H, W)`` in memory; reads outside repeat the border."""
+
+    def __init__(self, height: int, width: int):
+        self.shape = (height, width)
+        self.field = torch.zeros(1, 2, height, width)
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
+        iy = torch.from_numpy(_clamped(self.shape[0], y0, h))
+        ix = torch.from_numpy(_clamped(self.shape[1], x0, w))
+        return self.field.index_select(2, iy).index_select(3, ix)
+
+    def write(self, y0: int, x0: int, data: Tensor) -> None:
+        self.field[..., y0 : y0 + data.shape[-2], x0 : x0 + data.shape[-1]] = data
+
+
+class NpyFieldStore:
+    """A stage's field as a ``(2, H, W)`` float32 ``.npy`` file (a resumable cache on disk);
+    reads outside repeat the border. ``create`` makes the file, else an existing one is used."""
+
+    def __init__(self, path: str, height: int, width: int, create: bool):
+        self.shape = (height, width)
+        if create:  # made under a temporary name: a killed run never leaves a half header
+            from metroem.atomic import atomic_path
+
+            with atomic_path(path) as tmp:
+                NpyWriter(tmp, (2, height, width), np.float32, True)
+        self.writer = NpyWriter(path, (2, height, width), np.float32, False)
+        self.source = NpySource(path)
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
+        iy, ix = _clamped(self.shape[0], y0, h), _clamped(self.shape[1], x0, w)
+        ya, xa = int(iy[0]), int(ix[0])
+        hh, ww = int(iy[-1]) - ya + 1, int(ix[-1]) - xa + 1
+        block = np.stack([self.source.read(ya, xa, hh, ww, channel=c) for c in (0, 1)])
+        return torch.from_numpy(block[:, iy - ya][:, :, ix - xa].copy())[None]
+
+    def write(self, y0: int, x0: int, data: Tensor) -> None:
+        self.writer.write(y0, x0, data[0].numpy())
+
+
+def upsample_region(read, y0: int, x0: int, h: int, w: int, levels: int) -> Tensor:
+    """Region ``[y0, y0 + h) x [x0, x0 + w)`` of ``upsample_field(field, levels)`` where
+    ``read(y0, x0, h, w)`` gives ``field`` ``levels`` MIPs coarser (border repeated outside).
+
+    Bilinear upsampling is local: a crop with one coarse pixel of margin upsamples to exactly the
+    whole field's pixels, and the repeated border reproduces its clamping at the field's edges.
+    """
+    if levels == 0:
+        return read(y0, x0, h, w)
+    r = 2**levels
+    cy0, cx0 = y0 // r - 1, x0 // r - 1
+    cy1, cx1 = -(-(y0 + h) // r) + 1, -(-(x0 + w) // r) + 1
+    up = fields.upsample_field(read(cy0, cx0, cy1 - cy0, cx1 - cx0), levels)
+    oy, ox = y0 - cy0 * r, x0 - cx0 * r
+    return up[..., oy : oy + h, ox : ox + w]
+
+
+def _window_reader(field: Tensor, y0: int, x0: int):
+    """``read`` over a window field whose top-left pixel is ``(y0, x0)``, border repeated."""
+    store = MemoryFieldStore.__new__(MemoryFieldStore)
+    store.shape, store.field = tuple(field.shape[-2:]), field
+    return lambda y, x, h, w: store.read(y - y0, x - x0, h, w)
+
+
+class StageTiler:
+    """Stage-wise tiling of one section pair of ``height x width`` pixels at the input MIP.
+
+    The pyramid runs one stage at a time over the whole region. Stage ``k`` is tiled at its own
+    MIP: chunks of ``chunk`` stage pixels, each run on a window padded by ``pad_k`` stage pixels
+    per side and clipped to the stage's grid (the whole-image aligner's grid at that MIP, so
+    image borders look the same as in a whole-image call). A window sees the images box-averaged
+    from the input MIP to the stage's MIP and the previous stage's field resampled to it
+    exactly as the whole-image aligner does (a bilinear upsampling of a crop); the stage's
+    field for the region goes to a store (memory or ``.npy``). The last stage is run per chunk of
+    the *output* grid (input MIP) and its field upsampled straight into the output, so its
+    chunks are the unit of resumable work.
+
+    ``pad`` is one context width for every stage (stage pixels) or ``None`` for each stage's
+    :func:`default_stage_pad`.
+    """
+
+    def __init__(self, aligner, height: int, width: int, chunk: int, pad: int | None = None):
+        mip_in = aligner.input_mip
+        finer = [m for m in aligner.mips if m < mip_in]
+        if finer:
+            raise MetroemError(
+                f"stage-wise tiling needs every stage at the input MIP {mip_in} or coarser, but "
+                f"a stage runs at MIP {finer[0]}; pass images at MIP {min(aligner.mips)}"
+            )
+        if chunk < 1:
+            raise MetroemError("--chunk must be positive")
+        self.aligner = aligner
+        self.height, self.width = int(height), int(width)
+        self.chunk = int(chunk)
+        levels = [m - mip_in for m in aligner.mips]
+        k = 2 ** max(levels)
+        hp, wp = -(-self.height // k) * k, -(-self.width // k) * k
+        last = len(levels) - 1
+        multiple = math.lcm(aligner.size_multiple(), 2 ** levels[-1] * stage_quantum(
+            aligner.stages[last]))
+        if chunk % multiple:
+            raise MetroemError(
+                f"--chunk {chunk} must be a multiple of {multiple} for this pyramid (its "
+                f"coarsest grid); try {max(multiple, round(chunk / multiple) * multiple)}"
+            )
+        self.plans: list[StagePlan] = []
+        for i, (mip, lev, model) in enumerate(zip(aligner.mips, levels, aligner.stages,
+                                                   strict=True)):
+            q = stage_quantum(model)
+            p = default_stage_pad(model) if pad is None else int(pad)
+            if p < 0 or p % q:
+                raise MetroemError(
+                    f"--pad {p} must be a multiple of {q} (stage {i}'s grid at MIP {mip}); try "
+                    f"{max(q, round(p / q) * q)}"
+                )
+            c = chunk // 2**lev if i == last else -(-chunk // q) * q
+            self.plans.append(StagePlan(i, mip, lev, hp // 2**lev, wp // 2**lev, c, p, q))
+
+    @property
+    def coarse(self) -> list[StagePlan]:
+        """The stages run over the whole region before the output stage."""
+        return self.plans[:-1]
+
+    def stage_chunks(self, k: int) -> list[Chunk]:
+        """Chunks of coarse stage ``k`` (its own pixels)."""
+        p = self.plans[k]
+        return plan_chunks(p.height, p.width, p.chunk)
+
+    def output_chunks(self) -> list[Chunk]:
+        """Chunks of the output (input MIP pixels): the last stage's units of work."""
+        return plan_chunks(self.height, self.width, self.chunk)
+
+    def new_store(self, k: int, path: str | None = None, create: bool = True):
+        """A field store for coarse stage ``k``: in memory, or the ``.npy`` file ``path``."""
+        p = self.plans[k]
+        if path is None:
+            return MemoryFieldStore(p.height, p.width)
+        return NpyFieldStore(path, p.height, p.width, create)
+
+    def _window(self, k: int, y0: int, x0: int, h: int, w: int) -> tuple[int, int, int, int]:
+        p = self.plans[k]
+        wy0, wx0 = max(0, y0 - p.pad), max(0, x0 - p.pad)
+        wy1, wx1 = min(p.height, y0 + h + p.pad), min(p.width, x0 + w + p.pad)
+        return wy0, wx0, wy1 - wy0, wx1 - wx0
+
+    def _incoming(self, k: int, prev, y0: int, x0: int, h: int, w: int) -> Tensor:
+        """The field so far on stage ``k``'s window, as the whole-image aligner hands it over
+        (the previous stage's field upsampled to the input MIP, box-averaged to stage ``k``)."""
+        lev, prev_lev = self.plans[k].levels, self.plans[k - 1].levels
+        if prev_lev > lev:  # up 2^a then box-average 2^b (b < a) is up 2^(a - b), exactly
+            return upsample_region(prev.read, y0, x0, h, w, prev_lev - lev)
+        f = 2**lev  # same MIP: through the input MIP and back, like the aligner
+        fine = upsample_region(prev.read, y0 * f, x0 * f, h * f, w * f, lev)
+        return fields.downsample_field(fine, lev)
+
+    def _run_window(self, model, k: int, src, tgt, prev, win) -> Tensor:
+        wy0, wx0, wh, ww = win
+        lev = self.plans[k].levels
+        dev = model.device
+        s = read_resampled(src, lev, wy0, wx0, wh, ww).to(dev)
+        t = read_resampled(tgt, lev, wy0, wx0, wh, ww).to(dev)
+        a = None if k == 0 else self._incoming(k, prev, wy0, wx0, wh, ww).to(dev)
+        with torch.no_grad():
+            out = model.stages[k](s, t, src_agg_field=a)
+        out = out.as_subclass(Tensor) if type(out) is not Tensor else out
+        return out.float().cpu()
+
+    def run_stage_chunk(self, model, k: int, c: Chunk, src, tgt, prev, store) -> None:
+        """Compute coarse stage ``k`` on chunk ``c`` (stage pixels) and write it to ``store``.
+
+        ``model`` is the :class:`~metroem.aligner.PyramidAligner` (or a copy on another device);
+        ``prev`` is stage ``k - 1``'s store (ignored for stage 0)."""
+        win = self._window(k, c.y0, c.x0, c.h, c.w)
+        out = self._run_window(model, k, src, tgt, prev, win)
+        oy, ox = c.y0 - win[0], c.x0 - win[1]
+        store.write(c.y0, c.x0, out[..., oy : oy + c.h, ox : ox + c.w].contiguous())
+
+    def output_chunk(self, model, c: Chunk, src, tgt, prev) -> Tensor:
+        """Field ``(1, 2, h, w)`` (CPU, pixels of the input MIP) of output chunk ``c``: the last
+        stage on its window, upsampled to the input MIP (and finetuned there if the aligner
+        finetunes)."""
+        k = len(self.plans) - 1
+        lev = self.plans[k].levels
+        r = 2**lev
+        win = self._window(k, c.y0 // r, c.x0 // r, -(-c.h // r), -(-c.w // r))
+        out = self._run_window(model, k, src, tgt, prev, win)
+        read = _window_reader(out, win[0], win[1])
+        if not getattr(model, "finetune", False):
+            return upsample_region(read, c.y0, c.x0, c.h, c.w, lev).contiguous()
+        from metroem.finetune import finetune_field
+
+        fy0, fx0 = win[0] * r, win[1] * r
+        fh = min(win[2] * r, self.height - fy0)
+        fw = min(win[3] * r, self.width - fx0)
+        field = upsample_region(read, fy0, fx0, fh, fw, lev)
+        dev = model.device
+        s = read_resampled(src, 0, fy0, fx0, fh, fw).to(dev)
+        t = read_resampled(tgt, 0, fy0, fx0, fh, fw).to(dev)
+        field = finetune_field(s, t, field.to(dev), **model.finetune_options)
+        oy, ox = c.y0 - fy0, c.x0 - fx0
+        return field[..., oy : oy + c.h, ox : ox + c.w].float().cpu().contiguous()
+
+
+def align_tiled(
+    aligner,
+    src,
+    tgt,
+    chunk: int,
+    pad: int | None = None,
+    method: str = "stages",
+    devices: Sequence[torch.device] | None = None,
+    progress: bool = False,
+    **kwargs,
+) -> Tensor:
+    """Whole field ``(1, 2, H, W)`` of two sources (or 2-D arrays), computed chunk by chunk.
+
+    ``method="stages"`` (default) tiles stage by stage (:class:`StageTiler`; ``pad`` in pixels
+    of each stage's MIP, ``None`` = per-stage default) and equals the whole-image field
+    ``aligner(src, tgt)`` up to the window cuts' effect, which the default pads keep below 0.01
+    px away from the image border. Coarse stages' fields are kept in memory (4^k times smaller
+    than the output); each stage's chunks are spread over ``devices`` (default: the aligner's).
+    ``method="window"`` is :func:`align_windows` (``pad`` in input pixels; ``kwargs`` are passed
+    to the aligner).
+    """
+    if method == "window":
+        return align_windows(aligner, src, tgt, chunk, 0 if pad is None else pad, **kwargs)
+    if method != "stages":
+        raise MetroemError(f"unknown tiling method {method!r}; use 'stages' or 'window'")
+    if kwargs:
+        raise MetroemError(
+            f"stage-wise tiling takes no aligner arguments ({', '.join(kwargs)}); use "
+            "method='window'"
+        )
+    src = src if hasattr(src, "read") else ArraySource(np.asarray(src))
+    tgt = tgt if hasattr(tgt, "read") else ArraySource(np.asarray(tgt))
+    if src.shape != tgt.shape:
+        raise MetroemError(f"source {src.shape} and target {tgt.shape} differ in size")
+    h, w = src.shape
+    tiler = StageTiler(aligner, h, w, chunk, pad)
+    devices = list(devices) if devices else [aligner.device]
+    prev = None
+    for p in tiler.coarse:
+        store = tiler.new_store(p.index)
+
+        def coarse(model, c: Chunk, k=p.index, prev=prev, store=store) -> None:
+            tiler.run_stage_chunk(model, k, c, src, tgt, prev, store)
+
+        run_chunks(tiler.stage_chunks(p.index), coarse, aligner, devices, progress=progress,
+                   desc=f"stage {p.index} (MIP {p.mip})")
+        prev = store
+    out = torch.zeros(1, 2, h, w)
+
+    def final(model, c: Chunk) -> None:
+        out[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = tiler.output_chunk(
+            model, c, src, tgt, prev
+        )
+
+    last = tiler.plans[-1]
+    run_chunks(tiler.output_chunks(), final, aligner, devices, progress=progress,
+               desc=f"stage {last.index} (MIP {last.mip})")
     return out
 
 

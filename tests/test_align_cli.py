@@ -156,6 +156,8 @@ def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
             fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--pad", str(PAD),
             "--no_progress"]
     assert align.main(args) == 0
+    stage_caches = tmp_path / "field" / align.MARKER_DIR / "stages"
+    assert stage_caches.is_dir() and not os.listdir(stage_caches)  # dropped per finished z
     info = volumes.volume_info(fpath)
     assert info.size == volumes.volume_info(src).size and info.offset[0] == (64, 32, 0)
     for z in (1, 2):

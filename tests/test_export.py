@@ -98,7 +98,7 @@ def test_export_matches_tiled_aligner_for_any_size(pyramid, exported):
     inputs = real_inputs([(40, 56), (96, 64), (150, 131)])
     outs = [model(s, t) for s, t in inputs]
     for (s, t), got in zip(inputs, outs, strict=True):
-        expected = tiling.align_tiled(al, s[0, 0].numpy(), t[0, 0].numpy(), CHUNK, PAD)
+        expected = tiling.align_windows(al, s[0, 0].numpy(), t[0, 0].numpy(), CHUNK, PAD)
         assert got.shape == expected.shape
         assert (got - expected).abs().max() < 1e-4
     assert max(float(o.abs().max()) for o in outs) > 0.01  # the exported net does something
@@ -131,5 +131,5 @@ def test_export_runs_without_metroem(pyramid, exported, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     al = aligner(pyramid)
     for (s, t), got in zip(inputs, torch.load(tmp_path / "outs.pt"), strict=True):
-        expected = tiling.align_tiled(al, s[0, 0].numpy(), t[0, 0].numpy(), CHUNK, PAD)
+        expected = tiling.align_windows(al, s[0, 0].numpy(), t[0, 0].numpy(), CHUNK, PAD)
         assert (got - expected).abs().max() < 1e-4

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from metroem import fields, tiling
+import metroem
+from metroem import demo, fields, synth, tiling
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
 from metroem.sample_data import isbi_dir
 
 ISBI = isbi_dir()
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
 @pytest.fixture(autouse=True)
@@ -99,13 +103,94 @@ def test_tiled_field_equals_whole_field_for_local_random_pyramid():
     a, b = sections(256)
     with torch.no_grad():
         whole = al(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None])
-    tiled = tiling.align_tiled(al, a, b, chunk=64, pad=64)
     assert whole.abs().max() > 1  # a real, varying field
-    interior = (tiled - whole)[..., 64:-64, 64:-64].abs().max()
-    assert interior < 1e-4  # well within 0.01 px
-    # too little padding for the receptive field (about 40 px at MIP0) shows up
-    short = tiling.align_tiled(al, a, b, chunk=64, pad=16)
+    # stage-wise: pad in each stage's own pixels; the receptive field is ~14 of them
+    tiled = tiling.align_tiled(al, a, b, chunk=64, pad=16)
+    assert (tiled - whole).abs().max() < 1e-4  # everywhere: windows stop at the image border
+    short = tiling.align_tiled(al, a, b, chunk=64, pad=4)
     assert (short - whole)[..., 64:-64, 64:-64].abs().max() > 0.01
+    # whole pyramid per window (the export's method): pad in input pixels, ~40 needed
+    windows = tiling.align_tiled(al, a, b, chunk=64, pad=64, method="window")
+    assert (windows - whole)[..., 64:-64, 64:-64].abs().max() < 1e-4
+    short = tiling.align_windows(al, a, b, chunk=64, pad=16)
+    assert (short - whole)[..., 64:-64, 64:-64].abs().max() > 0.01
+
+
+def demo_pair(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A procedural section (cells ~40 px) deformed (shift ~6 px, elastic) and its neighbour."""
+    stack = demo.procedural_stack(2, h, w, seed=0, cell_px=40.0)
+    g = torch.Generator().manual_seed(0)
+    spec = synth.DeformationSpec(translation=6.0, rotation_deg=0.5, elastic=3.0,
+                                 elastic_scale=128.0)
+    d = synth.random_field(1, h, w, spec, generator=g)
+    src = fields.warp_image(stack[:1].float(), d).round().clamp(0, 255).to(torch.uint8)
+    return src[0, 0].numpy(), stack[1, 0].numpy()
+
+
+def test_stagewise_tiling_of_the_trained_demo_pyramid_equals_whole_image():
+    """The shipped trained pyramid (MIP 3, 2, 1) at input MIP 1, default per-stage pads.
+
+    2048 x 512 px: tall enough that every stage's windows are cut (chunk 128 + pad 320 < 512
+    rows at MIP 3), wide enough for cuts along x at MIP 1, small enough for ~20 s on 1 thread.
+    """
+    al = metroem.load_aligner(DEMO, input_mip=1)
+    h, w = 2048, 512
+    a, b = demo_pair(h, w)
+    with torch.no_grad():
+        whole = al(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None])
+    assert whole.abs().max() > 3  # the pyramid finds the shift
+    tiler = tiling.StageTiler(al, h, w, chunk=128)
+    assert [p.pad for p in tiler.plans] == [320, 320, 320]
+    for p in tiler.coarse:  # every coarse stage has windows that end inside the image
+        assert p.height > p.chunk + p.pad
+    assert w > tiler.plans[-1].chunk + tiler.plans[-1].pad
+    tiled = tiling.align_tiled(al, a, b, chunk=128)
+    err = (tiled - whole).norm(dim=1)[0]
+    interior = err[32:-32, 32:-32]
+    assert interior.max() < 0.01 and interior.median() < 1e-3
+    assert err.median() < 1e-3
+
+
+def test_upsample_region_and_stores_match_whole_operations(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(1, 2, 13, 11, generator=g)
+    mem = tiling.MemoryFieldStore(13, 11)
+    mem.write(0, 0, coarse)
+    disk = tiling.NpyFieldStore(str(tmp_path / "f.npy"), 13, 11, create=True)
+    for c in tiling.plan_chunks(13, 11, 5):
+        disk.write(c.y0, c.x0, coarse[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w])
+    # reads outside repeat the border
+    ref = torch.nn.functional.pad(coarse, (3, 2, 2, 4), mode="replicate")
+    for store in (mem, disk):
+        assert torch.equal(store.read(-2, -3, 19, 16), ref)
+    # any region of the upsampled field, from a crop: exactly the whole upsampling
+    for levels in (1, 2):
+        up = fields.upsample_field(coarse, levels)
+        for y0, x0, hh, ww in ((0, 0, 7, 9), (5, 3, 20, 13), (13 * 2**levels - 6, 1, 6, 5)):
+            part = tiling.upsample_region(disk.read, y0, x0, hh, ww, levels)
+            assert torch.allclose(part, up[..., y0 : y0 + hh, x0 : x0 + ww], atol=1e-6)
+    # images: the strip-wise masked box average equals the whole one
+    img = np.asarray(Image.open(ISBI / "00.png"))[:96, :80].copy()
+    img[:40, :30] = 0  # no data
+    whole = fields.downsample_image(torch.from_numpy(img)[None, None].float(), 2)
+    got = tiling.read_resampled(tiling.ArraySource(img), 2, 4, -2, 16, 20)
+    expected = torch.zeros(1, 1, 16, 20)
+    expected[..., :, 2:] = whole[..., 4:20, :18]
+    assert torch.equal(got, expected)
+
+
+def test_stage_tiler_checks_its_settings():
+    al = local_pyramid()
+    assert tiling.StageTiler(al, 100, 70, 32).plans[0].pad % 4 == 0
+    with pytest.raises(MetroemError, match="multiple of 16"):
+        tiling.StageTiler(al, 100, 70, 40)
+    with pytest.raises(MetroemError, match="--pad 6 must be a multiple of 4"):
+        tiling.StageTiler(al, 100, 70, 32, pad=6)
+    al.input_mip = 1  # a stage at MIP 0 is finer than the input
+    with pytest.raises(MetroemError, match="MIP 0"):
+        tiling.StageTiler(al, 100, 70, 32)
+    with pytest.raises(MetroemError, match="method='window'"):
+        tiling.align_tiled(local_pyramid(), np.ones((8, 8)), np.ones((8, 8)), 16, 4, foo=1)
 
 
 def test_warp_chunk_matches_whole_warp():
@@ -151,6 +236,14 @@ def test_run_chunks_skips_done_and_reraises():
         tiling.run_chunks(range(3), boom, al, [torch.device("cpu")], progress=False)
 
 
+def test_stage_chunks_spread_over_two_workers_match_one():
+    al = local_pyramid()
+    a, b = sections(128)
+    one = tiling.align_tiled(al, a, b, chunk=32, pad=8)
+    two = tiling.align_tiled(al, a, b, chunk=32, pad=8, devices=[torch.device("cpu")] * 2)
+    assert one.abs().max() > 1 and torch.equal(one, two)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_chunks_on_gpu_match_cpu():
     al = local_pyramid()
@@ -158,3 +251,8 @@ def test_chunks_on_gpu_match_cpu():
     cpu = tiling.align_tiled(al, a, b, chunk=64, pad=32)
     gpu = tiling.align_tiled(al.to("cuda"), a, b, chunk=64, pad=32)
     assert torch.allclose(cpu, gpu, atol=1e-3)
+    demo_cpu = metroem.load_aligner(DEMO, input_mip=1)
+    a, b = demo_pair(512, 512)
+    ref = tiling.align_tiled(demo_cpu, a, b, chunk=128)
+    got = tiling.align_tiled(demo_cpu, a, b, chunk=128, devices=[torch.device("cuda")])
+    assert (ref - got).norm(dim=1).median() < 1e-3
