@@ -107,6 +107,31 @@ def test_bad_inputs_are_one_line_errors(pyramid, tmp_path):
                           str(tmp_path / "f.npy"))
 
 
+def test_resume_reuses_the_coarse_stage_cache(pyramid, tmp_path, monkeypatch):
+    a, b = section(2, 128), section(3, 128)
+    np.save(tmp_path / "s.npy", a)
+    np.save(tmp_path / "t.npy", b)
+    run = [str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy")]
+    out = tmp_path / "f.npy"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after the coarse stage")
+
+    with monkeypatch.context() as m:
+        m.setattr(tiling.StageTiler, "output_chunk", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            align.align_files(*run, str(out), chunk=CHUNK, pad=PAD, progress=False)
+    work = tmp_path / ".f.npy.partial"
+    # stage 0 (MIP 1): 64 x 64 px in 2 x 2 chunks, all done and cached
+    assert len(os.listdir(work / "stage0_done")) == 4 and (work / "stage0.npy").exists()
+    with monkeypatch.context() as m:  # resuming must not run the coarse stage again
+        m.setattr(tiling.StageTiler, "run_stage_chunk", crash)
+        res = align.align_files(*run, str(out), chunk=CHUNK, pad=PAD, resume=True,
+                                progress=False)
+    assert res["chunks_run"] == 16 and not work.exists()
+    assert np.abs(np.load(out) - expected_field(pyramid, a, b)[0].numpy()).max() < 1e-5
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(pyramid, tmp_path):
     a, b = section(2, 384), section(3, 384)
