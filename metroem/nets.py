@@ -339,14 +339,16 @@ def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Ten
     score is ``<t, s_d> / sqrt(<t, t> <s_d, s_d>)`` with ``<a, b>`` a Gaussian-weighted local sum.
     Ordered like :func:`local_correlation`.
     """
-    t = tgt - gaussian_blur(tgt, kernel)
-    s = src - gaussian_blur(src, kernel)
-    tt = gaussian_blur(t * t, kernel)
-    out = []
-    for _, _, sd in _shifted(s, radius):
-        num = gaussian_blur(t * sd, kernel)
-        out.append(num / torch.sqrt(tt * gaussian_blur(sd * sd, kernel) + 1e-4))
-    return torch.cat(out, 1)
+    n = tgt.shape[0]
+    both = torch.cat((tgt, src), 0)
+    hp = both - gaussian_blur(both, kernel)
+    t, s = hp[:n], hp[n:]
+    shifted = torch.cat([sd for _, _, sd in _shifted(s, radius)], 1)  # (N, S, H, W)
+    # One blur call for every local sum (a per-channel blur, so batching changes nothing).
+    sums = gaussian_blur(torch.cat((t * t, t * shifted, shifted * shifted), 1), kernel)
+    k = shifted.shape[1]
+    tt, num, ss = sums[:, :1], sums[:, 1 : 1 + k], sums[:, 1 + k :]
+    return num / torch.sqrt(tt * ss + 1e-4)
 
 
 def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
