@@ -65,6 +65,12 @@ _DEFAULTS: dict = {
     "prior_sigma": 5.0,  # NCC window (Gaussian std), level pixels
     "prior_temperature": 4.0,  # initial softmax temperature on standardised scores (learned)
     "global_gain_init": 1.0,  # initial gain of the global translation head (0 = identity)
+    # Sub-pixel refinement: after the learned levels, this many parameter-free Lucas-Kanade
+    # (Gauss-Newton) steps on the full-resolution normalised images, each solving a 2x2 system
+    # per pixel over a Gaussian window. Closes the last fraction of a pixel that soft-argmax
+    # block matching leaves; 0 = off.
+    "lk_iterations": 0,
+    "lk_sigma": 4.0,  # its window (Gaussian std), pixels of the stage
 }
 
 
@@ -133,10 +139,14 @@ def validate_spec(spec: dict) -> dict:
     if out["normalization"] not in ("local", "global"):
         raise ValueError(f"normalization must be 'local' or 'global', got {out['normalization']!r}")
     for key in (
-        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma"
+        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma",
+        "lk_sigma",
     ):
         if not isinstance(out[key], (int, float)) or out[key] <= 0:
             raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
+    it = out["lk_iterations"]
+    if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+        raise ValueError(f"lk_iterations must be an int >= 0, got {it!r}")
     g = out["global_gain_init"]
     if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
         raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
@@ -361,6 +371,34 @@ def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+def _central_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d/dx, d/dy)`` by central differences (one-sided at the borders via replication)."""
+    px = F.pad(img, (1, 1, 0, 0), mode="replicate")
+    py = F.pad(img, (0, 0, 1, 1), mode="replicate")
+    return (px[..., 2:] - px[..., :-2]) / 2, (py[..., 2:, :] - py[..., :-2, :]) / 2
+
+
+def lucas_kanade_step(
+    warped: Tensor, tgt: Tensor, weight: Tensor, kernel: Tensor, eps: float = 1e-2
+) -> Tensor:
+    """Field update ``(N, 2, H, W)`` that moves ``warped`` (the source pulled by the current
+    field) onto ``tgt`` to first order: per pixel, least squares over a Gaussian window of
+    ``g . d = tgt - warped`` with ``g`` the mean gradient of both images and ``weight`` 0 where
+    either has no data. ``eps`` regularises flat windows towards no update; steps are clamped to
+    one pixel. In the pull convention the new field is ``field + update``.
+    """
+    gx, gy = _central_gradient(0.5 * (warped + tgt))
+    it = tgt - warped
+    sums = gaussian_blur(
+        torch.cat((gx * gx, gx * gy, gy * gy, gx * it, gy * it), 1) * weight, kernel
+    )
+    a, b, c, d, e = sums.split(1, dim=1)
+    a, c = a + eps, c + eps
+    det = a * c - b * b
+    step = torch.cat(((c * d - b * e) / det, (a * e - b * d) / det), 1)
+    return step.clamp(-1.0, 1.0)
+
+
 class ResidualHead(nn.Module):
     """Local correlation (+ optional features) -> residual field at one level."""
 
@@ -425,6 +463,12 @@ class StageAligner(nn.Module):
             )
         else:
             self.prior_kernel = None
+        if s["lk_iterations"] > 0:
+            self.register_buffer(
+                "lk_kernel", _gaussian_kernel(float(s["lk_sigma"])), persistent=False
+            )
+        else:
+            self.lk_kernel = None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -437,6 +481,17 @@ class StageAligner(nn.Module):
         ph = (-h) % self.stride
         pw = (-w) % self.stride
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def _lucas_kanade(self, src: Tensor, tgt: Tensor, field: Tensor) -> Tensor:
+        """``lk_iterations`` Gauss-Newton refinements of a full-resolution field.
+
+        ``src`` / ``tgt`` are (normalised image, validity) pairs ``(N, 2, H, W)``.
+        """
+        for _ in range(int(self.spec["lk_iterations"])):
+            warped = fields.warp(src, field)
+            weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
+            field = field + lucas_kanade_step(warped[:, :1], tgt[:, :1], weight, self.lk_kernel)
+        return field
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -513,6 +568,8 @@ class StageAligner(nn.Module):
             field = fields.compose(field, res)
         if self.finest_level > 0:
             field = fields.upsample_field(field, self.finest_level, size=tuple(x.shape[-2:]))
+        if self.lk_kernel is not None:
+            field = self._lucas_kanade(x[:n, :2], x[n:, :2], field)
         has_data = (src_v.flatten(1).amax(1) > 0) & (tgt_v.flatten(1).amax(1) > 0)
         field = field[..., :h, :w] * has_data.view(n, 1, 1, 1).to(field.dtype)
         return field

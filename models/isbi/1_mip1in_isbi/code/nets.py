@@ -65,6 +65,12 @@ _DEFAULTS: dict = {
     "prior_sigma": 5.0,  # NCC window (Gaussian std), level pixels
     "prior_temperature": 4.0,  # initial softmax temperature on standardised scores (learned)
     "global_gain_init": 1.0,  # initial gain of the global translation head (0 = identity)
+    # Sub-pixel refinement: after the learned levels, this many parameter-free Lucas-Kanade
+    # (Gauss-Newton) steps on the full-resolution normalised images, each solving a 2x2 system
+    # per pixel over a Gaussian window. Closes the last fraction of a pixel that soft-argmax
+    # block matching leaves; 0 = off.
+    "lk_iterations": 0,
+    "lk_sigma": 4.0,  # its window (Gaussian std), pixels of the stage
 }
 
 
@@ -133,10 +139,14 @@ def validate_spec(spec: dict) -> dict:
     if out["normalization"] not in ("local", "global"):
         raise ValueError(f"normalization must be 'local' or 'global', got {out['normalization']!r}")
     for key in (
-        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma"
+        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma",
+        "lk_sigma",
     ):
         if not isinstance(out[key], (int, float)) or out[key] <= 0:
             raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
+    it = out["lk_iterations"]
+    if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+        raise ValueError(f"lk_iterations must be an int >= 0, got {it!r}")
     g = out["global_gain_init"]
     if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
         raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
@@ -339,14 +349,16 @@ def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Ten
     score is ``<t, s_d> / sqrt(<t, t> <s_d, s_d>)`` with ``<a, b>`` a Gaussian-weighted local sum.
     Ordered like :func:`local_correlation`.
     """
-    t = tgt - gaussian_blur(tgt, kernel)
-    s = src - gaussian_blur(src, kernel)
-    tt = gaussian_blur(t * t, kernel)
-    out = []
-    for _, _, sd in _shifted(s, radius):
-        num = gaussian_blur(t * sd, kernel)
-        out.append(num / torch.sqrt(tt * gaussian_blur(sd * sd, kernel) + 1e-4))
-    return torch.cat(out, 1)
+    n = tgt.shape[0]
+    both = torch.cat((tgt, src), 0)
+    hp = both - gaussian_blur(both, kernel)
+    t, s = hp[:n], hp[n:]
+    shifted = torch.cat([sd for _, _, sd in _shifted(s, radius)], 1)  # (N, S, H, W)
+    # One blur call for every local sum (a per-channel blur, so batching changes nothing).
+    sums = gaussian_blur(torch.cat((t * t, t * shifted, shifted * shifted), 1), kernel)
+    k = shifted.shape[1]
+    tt, num, ss = sums[:, :1], sums[:, 1 : 1 + k], sums[:, 1 + k :]
+    return num / torch.sqrt(tt * ss + 1e-4)
 
 
 def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
@@ -357,6 +369,34 @@ def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     x = F.pad(x, (0, 0, r, r), mode="replicate")
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _central_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d/dx, d/dy)`` by central differences (one-sided at the borders via replication)."""
+    px = F.pad(img, (1, 1, 0, 0), mode="replicate")
+    py = F.pad(img, (0, 0, 1, 1), mode="replicate")
+    return (px[..., 2:] - px[..., :-2]) / 2, (py[..., 2:, :] - py[..., :-2, :]) / 2
+
+
+def lucas_kanade_step(
+    warped: Tensor, tgt: Tensor, weight: Tensor, kernel: Tensor, eps: float = 1e-2
+) -> Tensor:
+    """Field update ``(N, 2, H, W)`` that moves ``warped`` (the source pulled by the current
+    field) onto ``tgt`` to first order: per pixel, least squares over a Gaussian window of
+    ``g . d = tgt - warped`` with ``g`` the mean gradient of both images and ``weight`` 0 where
+    either has no data. ``eps`` regularises flat windows towards no update; steps are clamped to
+    one pixel. In the pull convention the new field is ``field + update``.
+    """
+    gx, gy = _central_gradient(0.5 * (warped + tgt))
+    it = tgt - warped
+    sums = gaussian_blur(
+        torch.cat((gx * gx, gx * gy, gy * gy, gx * it, gy * it), 1) * weight, kernel
+    )
+    a, b, c, d, e = sums.split(1, dim=1)
+    a, c = a + eps, c + eps
+    det = a * c - b * b
+    step = torch.cat(((c * d - b * e) / det, (a * e - b * d) / det), 1)
+    return step.clamp(-1.0, 1.0)
 
 
 class ResidualHead(nn.Module):
@@ -423,6 +463,12 @@ class StageAligner(nn.Module):
             )
         else:
             self.prior_kernel = None
+        if s["lk_iterations"] > 0:
+            self.register_buffer(
+                "lk_kernel", _gaussian_kernel(float(s["lk_sigma"])), persistent=False
+            )
+        else:
+            self.lk_kernel = None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -436,11 +482,22 @@ class StageAligner(nn.Module):
         pw = (-w) % self.stride
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
+    def _lucas_kanade(self, src: Tensor, tgt: Tensor, field: Tensor) -> Tensor:
+        """``lk_iterations`` Gauss-Newton refinements of a full-resolution field.
+
+        ``src`` / ``tgt`` are (normalised image, validity) pairs ``(N, 2, H, W)``.
+        """
+        for _ in range(int(self.spec["lk_iterations"])):
+            warped = fields.warp(src, field)
+            weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
+            field = field + lucas_kanade_step(warped[:, :1], tgt[:, :1], weight, self.lk_kernel)
+        return field
+
     # -- forward ------------------------------------------------------------------------------
 
-    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Residual field aligning an (already warped) float source to the target, same size."""
-        h, w = tgt.shape[-2:]
+    def _encode(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """``(src_valid, tgt_valid, x, feats)``: the padded encoder input ``x`` (sources first,
+        then targets, channels (image, validity)) and the encoder's features of levels 0..L."""
         if self.spec["normalization"] == "local":
             sigma = float(self.spec["norm_sigma"])
             src_n, src_v = normalize_image_local(src, sigma)
@@ -448,9 +505,34 @@ class StageAligner(nn.Module):
         else:
             src_n, src_v = normalize_image(src)
             tgt_n, tgt_v = normalize_image(tgt)
-        n = src.shape[0]
         x = self._pad(torch.cat((torch.cat((src_n, src_v), 1), torch.cat((tgt_n, tgt_v), 1))))
-        feats = self.encoder(x)
+        return src_v, tgt_v, x, self.encoder(x)
+
+    def pair_features(self, src_img: Tensor, tgt_img: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Encoder features ``(src_feats, tgt_feats)`` of a pair, one tensor per level 0..L.
+
+        Images are ``(N, 1, H, W)`` raw values as for :meth:`forward`; level ``i`` is
+        ``(N, C_i, H'/2^i, W'/2^i)`` with ``H', W'`` padded up to a multiple of ``2^L`` (padding
+        is no-data); level 0 is the normalised image. Used by the embedding loss; the forward
+        pass does not call it.
+        """
+        dev = next(self.parameters()).device
+        src = src_img.to(device=dev, dtype=torch.float32)
+        tgt = tgt_img.to(device=dev, dtype=torch.float32)
+        if src.dim() != 4 or src.shape[1] != 1 or src.shape != tgt.shape:
+            raise ValueError(
+                f"src_img and tgt_img must both be (N, 1, H, W), got {tuple(src.shape)} and "
+                f"{tuple(tgt.shape)}"
+            )
+        n = src.shape[0]
+        feats = self._encode(src, tgt)[3]
+        return [f[:n] for f in feats], [f[n:] for f in feats]
+
+    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Residual field aligning an (already warped) float source to the target, same size."""
+        h, w = tgt.shape[-2:]
+        n = src.shape[0]
+        src_v, tgt_v, x, feats = self._encode(src, tgt)
         top = self.num_levels - 1
         if self.prior_kernel is not None:
             # image pyramid for the block-matching prior (level 0 = the normalised image)
@@ -486,6 +568,8 @@ class StageAligner(nn.Module):
             field = fields.compose(field, res)
         if self.finest_level > 0:
             field = fields.upsample_field(field, self.finest_level, size=tuple(x.shape[-2:]))
+        if self.lk_kernel is not None:
+            field = self._lucas_kanade(x[:n, :2], x[n:, :2], field)
         has_data = (src_v.flatten(1).amax(1) > 0) & (tgt_v.flatten(1).amax(1) > 0)
         field = field[..., :h, :w] * has_data.view(n, 1, 1, 1).to(field.dtype)
         return field
