@@ -236,3 +236,38 @@ def test_per_level_lists_follow_the_number_of_levels():
     assert len(deep["local_radius"]) == 7 and deep["local_radius"][-1] == deep["local_radius"][4]
     out = nets.build_model(short)(torch.rand(1, 1, 32, 32) + 0.1, torch.rand(1, 1, 32, 32) + 0.1)
     assert out.shape == (1, 2, 32, 32)
+
+
+def test_lucas_kanade_step_recovers_a_sub_pixel_shift_and_ignores_no_data():
+    # One Gauss-Newton step on a real section moved by a known sub-pixel shift: the update is the
+    # shift to within a few hundredths of a pixel; where the weight is 0 there is no update.
+    img = _isbi(5)[..., :128, :128]
+    img = (img - img.mean()) / img.std()
+    t = torch.tensor([0.35, -0.2]).view(1, 2, 1, 1).expand(1, 2, 128, 128)
+    warped = fields.warp_image(img, -t)  # pulling warped by +t gives img back
+    weight = torch.ones(1, 1, 128, 128)
+    weight[..., :, :64] = 0
+    step = nets.lucas_kanade_step(warped, img, weight, nets._gaussian_kernel(4.0))
+    right = step[..., 24:-24, 80:-24]
+    assert (right - t[..., :1, :1]).norm(dim=1).median() < 0.05
+    assert step[..., :, :40].abs().max() < 1e-6  # farther than the window from any weight
+    same = nets.lucas_kanade_step(img, img, weight, nets._gaussian_kernel(4.0))
+    assert same.abs().max() < 1e-6
+
+
+def test_lk_refinement_sharpens_an_untrained_stage_and_keeps_state_dict_keys():
+    img = _isbi(3)[..., :256, :256]
+    true = torch.tensor([1.3, -0.7]).view(1, 2, 1, 1).expand(1, 2, 256, 256)
+    src = fields.warp_image(img, -true)
+    plain = nets.build_model(nets.default_spec())
+    refined = nets.build_model(nets.default_spec(lk_iterations=2))
+    refined.load_state_dict(plain.state_dict())  # no new parameters or persistent buffers
+    inner = (slice(None), slice(None), slice(48, -48), slice(48, -48))
+    with torch.no_grad():
+        e0 = (plain(src, img) - true)[inner].norm(dim=1).median()
+        e1 = (refined(src, img) - true)[inner].norm(dim=1).median()
+    assert e1 < 0.5 * e0 and e1 < 0.1, (float(e0), float(e1))
+    with pytest.raises(ValueError, match="lk_iterations"):
+        nets.default_spec(lk_iterations=-1)
+    with pytest.raises(ValueError, match="lk_sigma"):
+        nets.default_spec(lk_sigma=0)
