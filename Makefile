@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m metroem.demo_pipeline $(ARGS)
 
 # The real-data recipe of models/isbi: ISBI ssTEM sections -> CloudVolume -> h5 -> train.py.
-# Sections 0,1,14,15,28,29 are held out (the quality benchmark's pairs). ~45 min on 2 CPU cores.
+# Sections 0,1,14,15,28,29 are held out (the quality benchmark's pairs). ~35-50 min on 2 CPU cores.
 ISBI ?= ../shared/data/isbi
 RUN ?= runs/isbi
 isbi: $(STAMP)
@@ -32,8 +32,11 @@ isbi: $(STAMP)
 	    --x_offset 256 --y_offset 256 --mips 0 1 2 --patch_sizes 512 256 128 --overwrite
 	rm -rf $(RUN)/pyramid
 	$(PY) -c "from metroem.demo_pipeline import copy_pyramid_definition as c; c('models/isbi', '$(RUN)/pyramid')"
+	# the shipped weights were trained with the parameter-free refinements off, then switched on
+	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=0, residual_sigma=0.0) for x in m.discover('$(RUN)/pyramid')]"
 	$(PY) train.py --pyramid_path $(RUN)/pyramid --dataset_path $(RUN)/data --checkpoint_name isbi \
 	    --train_mode custom --train_params_path models/isbi/train.yaml --seed 0 $(ARGS)
+	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=1, lk_sigma=8.0, residual_sigma=12.0) for x in m.discover('$(RUN)/pyramid')]"
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -308,6 +308,27 @@ def _set_default_checkpoint(module: Path, checkpoint_name: str) -> None:
     atomic_write_bytes(str(path), _spec_document(spec, checkpoint_name))
 
 
+def update_spec(module_path: str | os.PathLike, **changes) -> dict:
+    """Change keys of a module's network spec in place (atomic); returns the new spec.
+
+    For settings that change no parameters (e.g. ``lk_iterations``, ``residual_sigma``), which
+    can be switched on or off for trained weights. The new spec is checked by building the model
+    with the module's own frozen code, so a key that code does not know is refused.
+    """
+    module = _module_dir(module_path)
+    spec, default = read_spec(module)
+    new = {**spec, **changes}
+    try:
+        _call_template("load_code", str(module)).build_model(new)
+    except Exception as e:
+        raise MetroemError(
+            f"{module.name}: the spec change {changes} does not build with this module's code "
+            f"({e}); refresh its code (modules.refresh_code) or fix the keys"
+        ) from e
+    atomic_write_bytes(str(module / SPEC_FILE), _spec_document(new, default))
+    return new
+
+
 def read_spec(module_path: str | os.PathLike) -> tuple[dict, str | None]:
     """``(spec, default_checkpoint)`` of a module, read as its create.py reads it."""
     module = _module_dir(module_path)

@@ -357,3 +357,13 @@ def test_module_loads_without_metroem(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "out.pt"), model(src, tgt))
+
+
+def test_update_spec_switches_parameter_free_settings_and_refuses_unknown_keys(tmp_path):
+    info = modules.create_module(tmp_path, 0, 1, "x", nets.default_spec(levels=2))
+    new = modules.update_spec(info.path, lk_iterations=1, residual_sigma=6.0)
+    spec, _ = modules.read_spec(info.path)
+    assert spec == new and spec["lk_iterations"] == 1 and spec["residual_sigma"] == 6.0
+    with pytest.raises(MetroemError, match="does not build"):
+        modules.update_spec(info.path, lk_iterations=-2)
+    assert modules.read_spec(info.path)[0]["lk_iterations"] == 1  # unchanged on refusal
