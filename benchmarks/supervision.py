@@ -124,8 +124,13 @@ def recipe_stage() -> modules.ModuleInfo:
 
 
 def stage_pyramid(path: Path) -> str:
-    """A fresh one-stage pyramid with the recipe's MIP 2 spec and train.yaml."""
+    """A fresh one-stage pyramid with the recipe's MIP 2 spec and train.yaml.
+
+    The parameter-free refinements (Lucas-Kanade step, residual blur) are switched off, as they
+    were when the shipped weights were trained: the variants differ only in what they learn.
+    """
     spec, _ = modules.read_spec(recipe_stage().path)
+    spec = {**spec, "lk_iterations": 0, "residual_sigma": 0.0}
     modules.create_module(path, 0, MIP, "bench", spec)
     shutil.copy(RECIPE / "train.yaml", path / "train.yaml")
     return str(path)
