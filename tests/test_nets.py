@@ -274,9 +274,9 @@ def test_lk_refinement_sharpens_an_untrained_stage_and_keeps_state_dict_keys():
 
 
 def test_residual_sigma_blurs_the_stage_residual_and_adds_no_state():
-    # The stage's residual is the unsmoothed one blurred at full resolution (192 px is a multiple
-    # of the net's stride, so no padding is involved), and on a smooth known deformation of a
-    # real section the blur does not move the field off target.
+    # The stage's residual is the unsmoothed one, blurred (192 px is a multiple of the net's
+    # stride, so no padding is involved), and on a smooth known deformation of a real section
+    # the blur does not move the field off target.
     img = _isbi(7)[..., :192, :192]
     yy, xx = torch.meshgrid(torch.arange(192.0), torch.arange(192.0), indexing="ij")
     true = torch.stack((1.5 * torch.sin(yy / 40), 1.0 * torch.cos(xx / 50)))[None]
@@ -286,9 +286,11 @@ def test_residual_sigma_blurs_the_stage_residual_and_adds_no_state():
     smooth.load_state_dict(plain.state_dict())  # no new parameters or persistent buffers
     with torch.no_grad():
         a, b = plain(src, img), smooth(src, img)
-    assert torch.allclose(b, nets.gaussian_blur(a, nets._gaussian_kernel(6.0)), atol=1e-5)
-    assert (b - a).abs().max() > 1e-3  # it did something
     inner = (slice(None), slice(None), slice(40, -40), slice(40, -40))
+    # blurred at the finest level (half resolution) and upsampled ~ blurred at full resolution
+    full = nets.gaussian_blur(a, nets._gaussian_kernel(6.0))
+    assert (b - full)[inner].abs().max() < 0.02, float((b - full)[inner].abs().max())
+    assert (b - a).abs().max() > 1e-3  # it did something
     err_a = (a - true)[inner].norm(dim=1).median()
     err_b = (b - true)[inner].norm(dim=1).median()
     assert err_b < err_a + 0.05, (float(err_a), float(err_b))

@@ -70,6 +70,10 @@ _DEFAULTS: dict = {
     # per pixel over a Gaussian window. Closes the last fraction of a pixel that soft-argmax
     # block matching leaves; 0 = off.
     "lk_iterations": 0,
+    # Gaussian blur (std, stage pixels) of the stage's residual (applied at the finest refined
+    # level, before upsampling and the Lucas-Kanade steps): removes the small swirls a net
+    # trained on a similarity loss draws to match texture; 0 = off.
+    "residual_sigma": 0.0,
     "lk_sigma": 4.0,  # its window (Gaussian std), pixels of the stage
 }
 
@@ -144,6 +148,9 @@ def validate_spec(spec: dict) -> dict:
     ):
         if not isinstance(out[key], (int, float)) or out[key] <= 0:
             raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
+    rs = out["residual_sigma"]
+    if not isinstance(rs, (int, float)) or isinstance(rs, bool) or rs < 0:
+        raise ValueError(f"residual_sigma must be a number >= 0, got {rs!r}")
     it = out["lk_iterations"]
     if not isinstance(it, int) or isinstance(it, bool) or it < 0:
         raise ValueError(f"lk_iterations must be an int >= 0, got {it!r}")
@@ -379,23 +386,29 @@ def _central_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def lucas_kanade_step(
-    warped: Tensor, tgt: Tensor, weight: Tensor, kernel: Tensor, eps: float = 1e-2
+    warped: Tensor, tgt: Tensor, weight: Tensor, kernel: Tensor, eps: float = 1e-2,
+    factor: int = 1,
 ) -> Tensor:
     """Field update ``(N, 2, H, W)`` that moves ``warped`` (the source pulled by the current
     field) onto ``tgt`` to first order: per pixel, least squares over a Gaussian window of
     ``g . d = tgt - warped`` with ``g`` the mean gradient of both images and ``weight`` 0 where
     either has no data. ``eps`` regularises flat windows towards no update; steps are clamped to
-    one pixel. In the pull convention the new field is ``field + update``.
+    one pixel. In the pull convention the new field is ``field + update``. With ``factor > 1``
+    the windowed sums are taken on a ``factor``-times coarser grid (``kernel`` is then in coarse
+    pixels) and the update is interpolated back: for wide windows, the same answer for less.
     """
     gx, gy = _central_gradient(0.5 * (warped + tgt))
     it = tgt - warped
-    sums = gaussian_blur(
-        torch.cat((gx * gx, gx * gy, gy * gy, gx * it, gy * it), 1) * weight, kernel
-    )
-    a, b, c, d, e = sums.split(1, dim=1)
+    prods = torch.cat((gx * gx, gx * gy, gy * gy, gx * it, gy * it), 1) * weight
+    if factor > 1:
+        prods = F.avg_pool2d(prods, factor, ceil_mode=True)
+    a, b, c, d, e = gaussian_blur(prods, kernel).split(1, dim=1)
     a, c = a + eps, c + eps
     det = a * c - b * b
     step = torch.cat(((c * d - b * e) / det, (a * e - b * d) / det), 1)
+    if factor > 1:
+        step = F.interpolate(step, size=tuple(tgt.shape[-2:]), mode="bilinear",
+                             align_corners=False)
     return step.clamp(-1.0, 1.0)
 
 
@@ -463,10 +476,18 @@ class StageAligner(nn.Module):
             )
         else:
             self.prior_kernel = None
+        # Both parameter-free refinements blur on a coarser grid where that changes little:
+        # the residual at the finest refined level, the LK sums at half resolution for wide
+        # windows.
+        if s["residual_sigma"] > 0:
+            sigma = float(s["residual_sigma"]) / 2**self.finest_level
+            self.register_buffer("residual_kernel", _gaussian_kernel(sigma), persistent=False)
+        else:
+            self.residual_kernel = None
+        self.lk_factor = 2 if s["lk_sigma"] >= 4 else 1
         if s["lk_iterations"] > 0:
-            self.register_buffer(
-                "lk_kernel", _gaussian_kernel(float(s["lk_sigma"])), persistent=False
-            )
+            sigma = float(s["lk_sigma"]) / self.lk_factor
+            self.register_buffer("lk_kernel", _gaussian_kernel(sigma), persistent=False)
         else:
             self.lk_kernel = None
 
@@ -490,7 +511,9 @@ class StageAligner(nn.Module):
         for _ in range(int(self.spec["lk_iterations"])):
             warped = fields.warp(src, field)
             weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
-            field = field + lucas_kanade_step(warped[:, :1], tgt[:, :1], weight, self.lk_kernel)
+            field = field + lucas_kanade_step(
+                warped[:, :1], tgt[:, :1], weight, self.lk_kernel, factor=self.lk_factor
+            )
         return field
 
     # -- forward ------------------------------------------------------------------------------
@@ -566,6 +589,8 @@ class StageAligner(nn.Module):
                 res = res + prior
             res = self._smooth(res)
             field = fields.compose(field, res)
+        if self.residual_kernel is not None:
+            field = gaussian_blur(field, self.residual_kernel)
         if self.finest_level > 0:
             field = fields.upsample_field(field, self.finest_level, size=tuple(x.shape[-2:]))
         if self.lk_kernel is not None:
