@@ -94,6 +94,9 @@ def write_pair_report(
     ]
 
 
+HIGHLIGHT = {"metroem": (200, 0, 40), "metroem-finetune": (235, 120, 140)}
+
+
 def write_epe_chart(
     path: str | os.PathLike,
     values: dict[str, list[float]],
@@ -116,6 +119,8 @@ def write_epe_chart(
     dashed = {k for k in clean if "+" in k and k.split("+")[0] in colors}
     for k in dashed:
         colors[k] = colors[k.split("+")[0]]
+    # metroem itself stands out from the baselines in one colour family of its own.
+    colors.update({k: v for k, v in HIGHLIGHT.items() if k in clean})
     rgb = viz.line_chart(clean, difficulties, title=title, ylabel=ylabel, log_y=True,
                          colors=colors, dashed=dashed)
     return viz.save_png(str(path), rgb)
