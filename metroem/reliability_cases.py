@@ -65,7 +65,7 @@ class World:
 def tiny_spec() -> dict:
     from metroem import nets
 
-    return nets.default_spec(channels=[4, 8, 8], head_channels=4, local_radius=1,
+    return nets.default_spec(channels=[4, 8, 16], head_channels=8, local_radius=1,
                              global_radius=2)
 
 
