@@ -324,9 +324,11 @@ def default_stage_pad(model) -> int:
     For a :class:`metroem.nets.StageAligner` the coarsest level (``stride`` = 2^(levels-1)
     stage pixels per level pixel) aggregates the NCC prior over Gaussians of ``prior_sigma``
     level pixels (high-pass, then products), which sets the range that matters:
-    ``PAD_SIGMAS * prior_sigma * stride`` (320 for the default net), at least ``norm_sigma``;
-    without the prior ``PAD_SIGMAS * stride``. Rounded up to :func:`stage_quantum`. Other stage
-    modules may define ``tile_pad``; otherwise 8 ``stride``. Measured: docs/inference.md.
+    ``PAD_SIGMAS * prior_sigma * stride`` (320 for the default net), at least 3 ``norm_sigma``
+    (the local normalisation window); without the prior ``PAD_SIGMAS * stride``; plus 3 sigmas
+    of the residual blur and of every Lucas-Kanade step. Rounded up to :func:`stage_quantum`.
+    Other stage modules may define ``tile_pad``; otherwise 8 ``stride``. Measured:
+    docs/inference.md.
     """
     q = stage_quantum(model)
     if hasattr(model, "tile_pad"):
@@ -336,7 +338,10 @@ def default_stage_pad(model) -> int:
         spec = getattr(model, "spec", None)
         if isinstance(spec, dict) and "prior_sigma" in spec:
             sigma = float(spec["prior_sigma"]) if spec.get("local_prior", False) else 1.0
-            pad = max(PAD_SIGMAS * sigma * stride, float(spec.get("norm_sigma", 0)))
+            pad = max(PAD_SIGMAS * sigma * stride, 3 * float(spec.get("norm_sigma", 0)))
+            # the parameter-free refinements reach further: residual blur, then LK windows
+            pad += 3 * float(spec.get("residual_sigma", 0))
+            pad += 3 * float(spec.get("lk_sigma", 0)) * int(spec.get("lk_iterations", 0))
         else:
             pad = 8 * stride
     return int(math.ceil(pad / q) * q)
