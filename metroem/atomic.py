@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -29,6 +30,7 @@ from metroem.errors import MetroemError
 __all__ = [
     "atomic_path",
     "atomic_write_bytes",
+    "replace_dir",
     "temp_name",
     "FileLock",
     "lock_path_for",
@@ -86,6 +88,18 @@ def atomic_write_bytes(final_path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` onto ``final``; an existing ``final`` is moved aside
+    first and deleted after, so ``final`` is always either the old or the new folder."""
+    old = None
+    if os.path.exists(final):
+        old = temp_name(str(final)) + "-old"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temps(final_path: str) -> list[str]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from metroem import fields, synth, volumes
-from metroem.atomic import temp_name
+from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 
 Tensor = torch.Tensor
@@ -46,6 +46,8 @@ __all__ = [
     "build_demo_volume",
     "procedural_stack",
     "load_sections",
+    "read_sections",
+    "section_files",
     "misalignment_fields",
     "pair_ground_truth",
     "main",
@@ -320,21 +322,24 @@ def _synapses(tissue: _Tissue, centres, radius, cell, z, gap, xx, yy):
 # --- real sections ------------------------------------------------------------------------------
 
 
-def load_sections(sections_dir: str | os.PathLike, num_sections: int | None = None) -> Tensor:
-    """Images of a folder (PNG/TIF/..., sorted by name) as ``(Z, 1, H, W)`` uint8, values >= 1.
+def section_files(sections_dir: str | os.PathLike) -> list[Path]:
+    """The section images of a folder (PNG/TIF/...), sorted by name: z order."""
+    folder = Path(sections_dir)
+    if not folder.is_dir():
+        raise MetroemError(f"sections folder {folder} does not exist; pass a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MetroemError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return files
+
+
+def read_sections(files: list[Path]) -> Tensor:
+    """Images ``files`` as ``(Z, 1, H, W)`` uint8, values >= 1 (all must have one size).
 
     Colour images are converted to grey; 0 is raised to 1 because 0 means "no data".
     """
     from PIL import Image
 
-    folder = Path(sections_dir)
-    if not folder.is_dir():
-        raise MetroemError(f"sections folder {folder} does not exist; pass a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if num_sections is not None:
-        files = files[:num_sections]
-    if not files:
-        raise MetroemError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     arrays = []
     for p in files:
         with Image.open(p) as im:
@@ -347,6 +352,16 @@ def load_sections(sections_dir: str | os.PathLike, num_sections: int | None = No
         arrays.append(a)
     stack = torch.from_numpy(np.stack(arrays)[:, None].copy())
     return stack.clamp_min(1)
+
+
+def load_sections(sections_dir: str | os.PathLike, num_sections: int | None = None) -> Tensor:
+    """The first ``num_sections`` (default all) images of a folder, see :func:`read_sections`."""
+    files = section_files(sections_dir)
+    if num_sections is not None:
+        files = files[:num_sections]
+        if not files:
+            raise MetroemError(f"num_sections must be >= 1 to read images from {sections_dir}")
+    return read_sections(files)
 
 
 # --- misalignment -------------------------------------------------------------------------------
@@ -561,7 +576,7 @@ def build_demo_volume(
             "onto target z-1 is compose(g_z, invert(g_{z-1})) (metroem.demo.pair_ground_truth)",
         }
         (tmp / "demo.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -573,17 +588,6 @@ def build_demo_volume(
     if verbose:
         print(f"built in {time.time() - started:.1f} s", flush=True)
     return demo
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished demo onto ``out``; an old demo there is moved aside, then deleted."""
-    old = None
-    if out.exists():
-        old = Path(temp_name(str(out)) + "-old")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def pair_ground_truth(

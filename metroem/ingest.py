@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from metroem import volumes
-from metroem.atomic import temp_name
-from metroem.demo import IMAGE_SUFFIXES, load_sections
+from metroem.atomic import replace_dir, temp_name
+from metroem.demo import read_sections, section_files
 from metroem.errors import MetroemError, cli_errors
 
 MANIFEST = "ingest.json"
@@ -69,21 +69,22 @@ def ingest_images(
     out = out.expanduser().resolve()
     if (out / "info").exists() and not overwrite:
         raise MetroemError(f"a volume already exists at {out}; pass --overwrite to replace it")
-    stack = load_sections(sections_dir)
-    files = sorted(p.name for p in Path(sections_dir).iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = section_files(sections_dir)
+    files = [p.name for p in paths]
     bad = [i for i in exclude if not 0 <= i < len(files)]
     if bad:
         raise MetroemError(f"--exclude {bad[0]} is not a section index (0..{len(files) - 1})")
     keep = [i for i in range(len(files)) if i not in set(exclude)]
     if not keep:
         raise MetroemError("--exclude removes every section; nothing to ingest")
+    stack = read_sections([paths[i] for i in keep])  # only the kept sections are decoded
     k = 2 ** (num_mips - 1)
     h, w = stack.shape[-2:]
     hh, ww = h // k * k, w // k * k
     if hh == 0 or ww == 0:
         raise MetroemError(f"images of {w}x{h} px are too small for {num_mips} MIPs")
     y0, x0 = (h - hh) // 2, (w - ww) // 2
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(temp_name(str(out)))
     manifest = {
         "format": "metroem-ingest/1",
@@ -98,17 +99,10 @@ def ingest_images(
         path = volumes.normalize_path(str(tmp))
         volumes.create_volume(path, (ww, hh, len(keep)), num_mips, resolution=resolution,
                               chunk_xy=chunk_xy)
-        for z, i in enumerate(keep):
-            volumes.write_all_mips(path, 0, 0, z, stack[i : i + 1, :, y0 : y0 + hh, x0 : x0 + ww])
+        for z in range(len(keep)):
+            volumes.write_all_mips(path, 0, 0, z, stack[z : z + 1, :, y0 : y0 + hh, x0 : x0 + ww])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = Path(temp_name(str(out)))
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
