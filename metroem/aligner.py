@@ -63,6 +63,8 @@ class PyramidAligner(nn.Module):
         self.finetune = bool(finetune)
         self.finetune_options = dict(finetune_options or {})
 
+    __jit_unused_properties__ = ["device"]  # TorchScript (metroem export) runs :meth:`run`
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():
@@ -85,6 +87,7 @@ class PyramidAligner(nn.Module):
             best = max(best, 2 ** max(0, mip - mip_in) * stride)
         return best
 
+    @torch.jit.ignore
     def forward(
         self,
         src_img: Tensor,
@@ -129,6 +132,7 @@ class PyramidAligner(nn.Module):
         return field.to(out_device)
 
     def _run(self, src_img: Tensor, tgt_img: Tensor, agg: Tensor | None, mip_in: int) -> Tensor:
+        """Check and move the inputs, then :meth:`run`."""
         dev = self.device
         src = src_img.to(device=dev, dtype=torch.float32)
         tgt = tgt_img.to(device=dev, dtype=torch.float32)
@@ -140,29 +144,46 @@ class PyramidAligner(nn.Module):
                 raise ValueError(
                     f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
                 )
-        if h == 0 or w == 0 or not (src.ne(0).any() and tgt.ne(0).any()):
-            return agg.clone() if agg is not None else fields.identity(n, h, w, device=dev)
-        if mip_in > max(self.mips):
+        has_data = h > 0 and w > 0 and bool(src.ne(0).any()) and bool(tgt.ne(0).any())
+        if mip_in > max(self.mips) and has_data:
             raise ValueError(
                 f"input MIP {mip_in} is coarser than every stage (MIPs {self.mips}); pass "
                 "images at a MIP the pyramid runs at or finer"
             )
-        k = 2 ** max(0, max(self.mips) - mip_in)
+        return self.run(src, tgt, agg, mip_in)
+
+    @torch.jit.export
+    def run(self, src: Tensor, tgt: Tensor, agg: Tensor | None, mip_in: int) -> Tensor:
+        """The pyramid on float32 images on the aligner's device, no checks (TorchScript's
+        entry point; :meth:`forward` checks and moves the inputs first)."""
+        n, h, w = src.shape[0], src.shape[-2], src.shape[-1]
+        if h == 0 or w == 0 or not (bool(src.ne(0).any()) and bool(tgt.ne(0).any())):
+            if agg is not None:
+                return agg.clone()
+            return fields.identity(n, h, w, device=src.device)
+        k = 1 << max(0, max(self.mips) - mip_in)
         ph, pw = (-h) % k, (-w) % k
-        if ph or pw:
+        if ph > 0 or pw > 0:
             src, tgt = F.pad(src, (0, pw, 0, ph)), F.pad(tgt, (0, pw, 0, ph))
             if agg is not None:
                 agg = F.pad(agg, (0, pw, 0, ph), mode="replicate")
-        size = tuple(src.shape[-2:])
-        for mip, model in zip(self.mips, self.stages, strict=True):
+        size = (src.shape[-2], src.shape[-1])
+        for i, model in enumerate(self.stages):
+            mip = self.mips[i]
             s = fields.resample_image(src, mip_in, mip)
             t = fields.resample_image(tgt, mip_in, mip)
-            a = None if agg is None else fields.resample_field(agg, mip_in, mip)
-            out = plain_tensor(model(s, t, src_agg_field=a))
+            a: Tensor | None = None
+            if agg is not None:
+                a = fields.resample_field(agg, mip_in, mip)
+            if torch.jit.is_scripting():
+                out = model.align(s, t, a)
+            else:  # any stage module with a corgie-style forward
+                out = plain_tensor(model(s, t, src_agg_field=a))
             if mip > mip_in:
                 agg = fields.upsample_field(out, mip - mip_in, size=size)
             else:
                 agg = fields.downsample_field(out, mip_in - mip)
+        assert agg is not None
         return agg[..., :h, :w].contiguous()
 
 

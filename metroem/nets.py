@@ -209,28 +209,32 @@ def normalize_image_local(img: Tensor, sigma: float, factor: int = 8) -> tuple[T
     s2 = F.avg_pool2d(xp * xp * vp, factor)
     s0 = F.avg_pool2d(vp, factor)
     k = _gaussian_kernel(max(sigma / factor, 0.5)).to(x)
-    r = k.numel() // 2
-
-    def blur(t: Tensor) -> Tensor:
-        t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
-        return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
-
-    b0 = blur(s0).clamp_min(1e-6)
-    mean = blur(s1) / b0
-    var = (blur(s2) / b0 - mean**2).clamp_min(0)
-    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=factor, mode="bilinear",
+    b0 = _blur_zero_padded(s0, k).clamp_min(1e-6)
+    mean = _blur_zero_padded(s1, k) / b0
+    var = (_blur_zero_padded(s2, k) / b0 - mean**2).clamp_min(0)
+    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=float(factor), mode="bilinear",
                           align_corners=False)[..., :h, :w]
     std = stats[:, 1:2].sqrt().clamp_min(1e-3 * (stats[:, :1].abs() + 1))
     return (x - stats[:, :1]) / std * valid, valid
 
 
-def _shifted(x: Tensor, radius: int):
-    """Yield ``(dx, dy, x_shifted)`` with ``x_shifted(p) = x(p + (dx, dy))`` (zeros outside)."""
-    h, w = x.shape[-2:]
+def _blur_zero_padded(t: Tensor, k: Tensor) -> Tensor:
+    """Separable blur of a one-channel map with the 1-D kernel ``k``, zero padding."""
+    r = k.numel() // 2
+    t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
+
+
+def _shifted(x: Tensor, radius: int) -> list[Tensor]:
+    """``x(p + d)`` for every shift ``d`` in ``[-r, r]^2`` (zeros outside), row-major over
+    ``dy`` then ``dx``."""
+    h, w = x.shape[-2], x.shape[-1]
     xp = F.pad(x, (radius, radius, radius, radius))
+    out: list[Tensor] = []
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            yield dx, dy, xp[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+            out.append(xp[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w])
+    return out
 
 
 def local_correlation(tgt: Tensor, src: Tensor, radius: int) -> Tensor:
@@ -238,10 +242,10 @@ def local_correlation(tgt: Tensor, src: Tensor, radius: int) -> Tensor:
 
     Shifts are ordered row-major over ``dy`` then ``dx`` in ``[-r, r]``.
     """
-    return torch.stack([(tgt * s).mean(1) for _, _, s in _shifted(src, radius)], dim=1)
+    return torch.stack([(tgt * s).mean(1) for s in _shifted(src, radius)], dim=1)
 
 
-def soft_argmax_translation(scores: Tensor, radius: int, temperature: Tensor | float) -> Tensor:
+def soft_argmax_translation(scores: Tensor, radius: int, temperature: Tensor) -> Tensor:
     """Expected shift ``(N, 2)`` (x, y) under ``softmax(temperature * standardised scores)``.
 
     ``scores`` is ``(N, (2r+1)^2)`` ordered like :func:`local_correlation`. Standardising the
@@ -333,7 +337,7 @@ class GlobalTranslation(nn.Module):
         return t * self.gain
 
 
-def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor | float) -> Tensor:
+def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor) -> Tensor:
     """Per-pixel expected shift ``(N, 2, H, W)`` under a softmax over the cost volume's shifts.
 
     ``cost`` is ``(N, (2r+1)^2, H, W)`` ordered like :func:`local_correlation`; scores are
@@ -360,7 +364,7 @@ def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Ten
     both = torch.cat((tgt, src), 0)
     hp = both - gaussian_blur(both, kernel)
     t, s = hp[:n], hp[n:]
-    shifted = torch.cat([sd for _, _, sd in _shifted(s, radius)], 1)  # (N, S, H, W)
+    shifted = torch.cat(_shifted(s, radius), 1)  # (N, S, H, W)
     # One blur call for every local sum (a per-channel blur, so batching changes nothing).
     sums = gaussian_blur(torch.cat((t * t, t * shifted, shifted * shifted), 1), kernel)
     k = shifted.shape[1]
@@ -402,12 +406,13 @@ def lucas_kanade_step(
     prods = torch.cat((gx * gx, gx * gy, gy * gy, gx * it, gy * it), 1) * weight
     if factor > 1:
         prods = F.avg_pool2d(prods, factor, ceil_mode=True)
-    a, b, c, d, e = gaussian_blur(prods, kernel).split(1, dim=1)
-    a, c = a + eps, c + eps
+    sums = gaussian_blur(prods, kernel)
+    a, b, c = sums[:, 0:1] + eps, sums[:, 1:2], sums[:, 2:3] + eps
+    d, e = sums[:, 3:4], sums[:, 4:5]
     det = a * c - b * b
     step = torch.cat(((c * d - b * e) / det, (a * e - b * d) / det), 1)
     if factor > 1:
-        step = F.interpolate(step, size=tuple(tgt.shape[-2:]), mode="bilinear",
+        step = F.interpolate(step, size=[tgt.shape[-2], tgt.shape[-1]], mode="bilinear",
                              align_corners=False)
     return step.clamp(-1.0, 1.0)
 
@@ -446,6 +451,12 @@ class StageAligner(nn.Module):
         self.num_levels = len(ch) + 1
         self.finest_level = s["finest_level"]
         self.stride = 2 ** (self.num_levels - 1)
+        # Plain typed copies of the spec values the forward pass reads (TorchScript cannot read
+        # the mixed-type spec dict).
+        self.local_normalization = s["normalization"] == "local"
+        self.norm_sigma = float(s["norm_sigma"])
+        self.concat_features = bool(s["concat_features"])
+        self.lk_iterations = int(s["lk_iterations"])
         self.encoder = Encoder(ch)
         self.global_head = (
             GlobalTranslation(
@@ -474,6 +485,11 @@ class StageAligner(nn.Module):
                     for level in range(self.finest_level, self.num_levels)
                 }
             )
+            # filled by __prepare_scriptable__ (NaN = not prepared)
+            self.register_buffer(
+                "script_prior_temperatures", torch.full((self.num_levels,), math.nan),
+                persistent=False,
+            )
         else:
             self.prior_kernel = None
         # Both parameter-free refinements blur on a coarser grid where that changes little:
@@ -495,24 +511,26 @@ class StageAligner(nn.Module):
 
     def _smooth(self, field: Tensor) -> Tensor:
         # Replicate padding keeps a constant field constant at the borders.
-        return field if self.smooth_kernel is None else gaussian_blur(field, self.smooth_kernel)
+        kernel = self.smooth_kernel
+        return field if kernel is None else gaussian_blur(field, kernel)
 
     def _pad(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        ph = (-h) % self.stride
-        pw = (-w) % self.stride
-        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+        ph = (-x.shape[-2]) % self.stride
+        pw = (-x.shape[-1]) % self.stride
+        return F.pad(x, (0, pw, 0, ph)) if ph > 0 or pw > 0 else x
 
     def _lucas_kanade(self, src: Tensor, tgt: Tensor, field: Tensor) -> Tensor:
         """``lk_iterations`` Gauss-Newton refinements of a full-resolution field.
 
         ``src`` / ``tgt`` are (normalised image, validity) pairs ``(N, 2, H, W)``.
         """
-        for _ in range(int(self.spec["lk_iterations"])):
+        kernel = self.lk_kernel
+        assert kernel is not None
+        for _ in range(self.lk_iterations):
             warped = fields.warp(src, field)
             weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
             field = field + lucas_kanade_step(
-                warped[:, :1], tgt[:, :1], weight, self.lk_kernel, factor=self.lk_factor
+                warped[:, :1], tgt[:, :1], weight, kernel, factor=self.lk_factor
             )
         return field
 
@@ -521,10 +539,9 @@ class StageAligner(nn.Module):
     def _encode(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """``(src_valid, tgt_valid, x, feats)``: the padded encoder input ``x`` (sources first,
         then targets, channels (image, validity)) and the encoder's features of levels 0..L."""
-        if self.spec["normalization"] == "local":
-            sigma = float(self.spec["norm_sigma"])
-            src_n, src_v = normalize_image_local(src, sigma)
-            tgt_n, tgt_v = normalize_image_local(tgt, sigma)
+        if self.local_normalization:
+            src_n, src_v = normalize_image_local(src, self.norm_sigma)
+            tgt_n, tgt_v = normalize_image_local(tgt, self.norm_sigma)
         else:
             src_n, src_v = normalize_image(src)
             tgt_n, tgt_v = normalize_image(tgt)
@@ -551,54 +568,96 @@ class StageAligner(nn.Module):
         feats = self._encode(src, tgt)[3]
         return [f[:n] for f in feats], [f[n:] for f in feats]
 
+    def _prior_temperatures(self) -> list[Tensor]:
+        """Softmax temperature of the block-matching prior per level 0..L (1 below the finest
+        refined level)."""
+        if torch.jit.is_scripting():
+            # The ParameterDict cannot be indexed in TorchScript; __prepare_scriptable__ copied
+            # its values into this buffer.
+            t = self.script_prior_temperatures
+            if bool(torch.isnan(t).any()):
+                raise RuntimeError("prior temperatures were not prepared for TorchScript")
+            return t.unbind(0)
+        else:
+            one = torch.ones((), device=self.prior_kernel.device)
+            return [
+                self.prior_log_temperature[str(level)].exp() if level >= self.finest_level
+                else one
+                for level in range(self.num_levels)
+            ]
+
+    def __prepare_scriptable__(self) -> StageAligner:
+        """Called by ``torch.jit.script``: copy what TorchScript cannot index into a buffer."""
+        if self.prior_kernel is not None:
+            with torch.no_grad():
+                temps = torch.stack([t.detach() for t in self._prior_temperatures()])
+                self.script_prior_temperatures.copy_(temps)
+        return self
+
+    def _head(self, level: int, inp: Tensor) -> Tensor:
+        """The residual head of ``level`` applied to ``inp``."""
+        out = inp
+        for key, head in self.heads.items():  # TorchScript indexes a ModuleDict by literal only
+            if int(key) == level:
+                out = head(inp)
+        return out
+
     def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Residual field aligning an (already warped) float source to the target, same size."""
-        h, w = tgt.shape[-2:]
+        h, w = tgt.shape[-2], tgt.shape[-1]
         n = src.shape[0]
         src_v, tgt_v, x, feats = self._encode(src, tgt)
         top = self.num_levels - 1
-        if self.prior_kernel is not None:
-            # image pyramid for the block-matching prior (level 0 = the normalised image)
-            pyr = [x[:, :1]]
+        # image pyramid for the block-matching prior (level 0 = the normalised image)
+        pyr = [x[:, :1]]
+        prior_kernel = self.prior_kernel
+        temperatures: list[Tensor] = []
+        if prior_kernel is not None:
             for _ in range(top):
                 pyr.append(F.avg_pool2d(pyr[-1], 2))
-        ch_, cw_ = feats[top].shape[-2:]
-        field = fields.identity(n, ch_, cw_, device=x.device, dtype=x.dtype)
-        if self.global_head is not None:
-            valid = F.avg_pool2d(x[:, 1:2], 2**top) > 0.5
+            temperatures = self._prior_temperatures()
+        field = fields.identity(
+            n, feats[top].shape[-2], feats[top].shape[-1], device=x.device, dtype=x.dtype
+        )
+        global_head = self.global_head
+        if global_head is not None:
+            valid = F.avg_pool2d(x[:, 1:2], self.stride) > 0.5
             vs, vt = valid[:n].float(), valid[n:].float()
-            t = self.global_head(feats[top][n:], feats[top][:n], vt, vs)
+            t = global_head(feats[top][n:], feats[top][:n], vt, vs)
             field = field + t.view(n, 2, 1, 1)
         for level in range(top, self.finest_level - 1, -1):
             fs, ft = feats[level][:n], feats[level][n:]
             if field.shape[-2:] != fs.shape[-2:]:
-                field = fields.upsample_field(field, 1, size=tuple(fs.shape[-2:]))
+                field = fields.upsample_field(field, 1, size=(fs.shape[-2], fs.shape[-1]))
             ws = fields.warp(fs, field)
             r = self.radii[level]
             cost = local_correlation(ft, ws, r)
-            inp = torch.cat((cost, ft, ws), 1) if self.spec["concat_features"] else cost
-            prior = None
-            if self.prior_kernel is not None:
+            inp = torch.cat((cost, ft, ws), 1) if self.concat_features else cost
+            prior: Tensor | None = None
+            if prior_kernel is not None:
                 img_s = fields.warp(pyr[level][:n], field)
-                ncc = local_ncc_cost(pyr[level][n:], img_s, r, self.prior_kernel)
-                temp = self.prior_log_temperature[str(level)].exp()
-                prior = local_soft_argmax(ncc, r, temp)
+                ncc = local_ncc_cost(pyr[level][n:], img_s, r, prior_kernel)
+                prior = local_soft_argmax(ncc, r, temperatures[level])
                 inp = torch.cat((inp, ncc), 1)
-            res = self.heads[str(level)](inp)
+            res = self._head(level, inp)
             if prior is not None:
                 res = res + prior
             res = self._smooth(res)
             field = fields.compose(field, res)
-        if self.residual_kernel is not None:
-            field = gaussian_blur(field, self.residual_kernel)
+        residual_kernel = self.residual_kernel
+        if residual_kernel is not None:
+            field = gaussian_blur(field, residual_kernel)
         if self.finest_level > 0:
-            field = fields.upsample_field(field, self.finest_level, size=tuple(x.shape[-2:]))
+            field = fields.upsample_field(
+                field, self.finest_level, size=(x.shape[-2], x.shape[-1])
+            )
         if self.lk_kernel is not None:
             field = self._lucas_kanade(x[:n, :2], x[n:, :2], field)
         has_data = (src_v.flatten(1).amax(1) > 0) & (tgt_v.flatten(1).amax(1) > 0)
         field = field[..., :h, :w] * has_data.view(n, 1, 1, 1).to(field.dtype)
         return field
 
+    @torch.jit.ignore
     def forward(
         self, src_img: Tensor, tgt_img: Tensor, src_agg_field: Tensor | None = None, **kwargs
     ) -> Tensor:
@@ -614,14 +673,25 @@ class StageAligner(nn.Module):
                 f"src_img and tgt_img must both be (N, 1, H, W), got {tuple(src.shape)} and "
                 f"{tuple(tgt.shape)}"
             )
+        agg = None
+        if src_agg_field is not None:
+            agg = src_agg_field.to(device=dev, dtype=torch.float32)
+            fields.check_field(agg, "src_agg_field")
+            if agg.shape[0] != src.shape[0] or agg.shape[-2:] != src.shape[-2:]:
+                raise ValueError(
+                    f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
+                )
+        return self.align(src, tgt, agg)
+
+    @torch.jit.export
+    def align(self, src: Tensor, tgt: Tensor, src_agg_field: Tensor | None = None) -> Tensor:
+        """:meth:`forward` without checks or moves: float32 images on the model's device.
+
+        The TorchScript entry point (``forward`` takes ``**kwargs``, which TorchScript cannot).
+        """
         if src_agg_field is None:
             return self.residual(src, tgt)
-        agg = src_agg_field.to(device=dev, dtype=torch.float32)
-        fields.check_field(agg, "src_agg_field")
-        if agg.shape[0] != src.shape[0] or agg.shape[-2:] != src.shape[-2:]:
-            raise ValueError(
-                f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
-            )
+        agg = src_agg_field
         warped = fields.warp_image(src, agg)
         res = self.residual(warped, tgt)
         has_data = (warped.flatten(1).ne(0).any(1)) & (tgt.flatten(1).ne(0).any(1))

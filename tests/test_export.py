@@ -1,8 +1,9 @@
-"""`metroem export`: one TorchScript file that runs without metroem and matches the aligner."""
+"""`metroem export`: one TorchScript file that runs without metroem and equals the aligner."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metroem import export, modules, nets, tiling
+from metroem import export, modules, nets
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
 from metroem.sample_data import isbi_dir
@@ -22,7 +23,6 @@ from metroem.sample_data import isbi_dir
 ISBI = isbi_dir()
 REPO = Path(modules.__file__).resolve().parent.parent
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
-CHUNK, PAD = 64, 32
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def exported(pyramid, tmp_path_factory) -> Path:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert export.main([str(pyramid), str(out), "--chunk", str(CHUNK), "--pad", str(PAD)]) == 0
+        assert export.main([str(pyramid), str(out)]) == 0
     finally:
         torch.set_num_threads(n)
     return out
@@ -92,30 +92,65 @@ ISOLATED = textwrap.dedent(
 )
 
 
-def test_export_matches_tiled_aligner_for_any_size(pyramid, exported):
+def test_export_matches_whole_image_aligner_for_any_size(pyramid, exported):
     model = torch.jit.load(str(exported))
     al = aligner(pyramid)
     inputs = real_inputs([(40, 56), (96, 64), (150, 131)])
     outs = [model(s, t) for s, t in inputs]
-    for (s, t), got in zip(inputs, outs, strict=True):
-        expected = tiling.align_windows(al, s[0, 0].numpy(), t[0, 0].numpy(), CHUNK, PAD)
-        assert got.shape == expected.shape
-        assert (got - expected).abs().max() < 1e-4
-    assert max(float(o.abs().max()) for o in outs) > 0.01  # the exported net does something
-    # one chunk is one aligner call on the zero-padded window
-    s, t = inputs[0]
-    win = tiling.window_size(CHUNK, PAD, al.size_multiple())
-    pads = (PAD, win - PAD - 56, PAD, win - PAD - 40)
     with torch.no_grad():
-        direct = al(*(torch.nn.functional.pad(x.float(), pads) for x in (s, t)))
-    assert (outs[0] - direct[..., PAD : PAD + 40, PAD : PAD + 56]).abs().max() < 1e-4
-    # batches, attributes, no silent overwrite
+        for (s, t), got in zip(inputs, outs, strict=True):
+            expected = al(s, t)
+            assert got.shape == expected.shape == (1, 2, *s.shape[-2:])
+            assert got.dtype == torch.float32
+            assert (got - expected).abs().max() < 1e-4
+    assert max(float(o.abs().max()) for o in outs) > 0.01  # the exported net does something
+    # an incoming field is composed like the aligner does
+    s, t = inputs[1]
+    agg = torch.zeros(1, 2, *s.shape[-2:])
+    agg[:, 0] = 1.5
+    agg[:, 1] = -0.75
+    with torch.no_grad():
+        expected = al(s, t, src_agg_field=agg)
+    assert (model(s, t, agg) - expected).abs().max() < 1e-4
+    # batches, attributes, empty input, no silent overwrite
     (s, t), = real_inputs([(64, 64)])
     pair = model(torch.cat([s, t]), torch.cat([t, s]))
-    assert pair.shape == (2, 2, 64, 64) and torch.allclose(pair[1:], model(t, s), atol=1e-5)
-    assert model.chunk == CHUNK and model.pad == PAD and model.input_mip == 0
+    with torch.no_grad():
+        expected = al(torch.cat([s, t]), torch.cat([t, s]))
+    assert pair.shape == (2, 2, 64, 64) and (pair - expected).abs().max() < 1e-4
+    assert not pair.requires_grad
+    assert model.input_mip == 0 and list(model.mips) == [1, 0]
+    assert not model(torch.zeros_like(s), t).any()
+    with pytest.raises(Exception, match="same shape"):
+        model(s, t[..., :32])
     with pytest.raises(MetroemError, match="--overwrite"):
-        export.export_pyramid(str(pyramid), str(exported), chunk=CHUNK, pad=PAD)
+        export.export_pyramid(str(pyramid), str(exported))
+
+
+def test_export_refuses_a_module_whose_frozen_code_differs(pyramid, tmp_path):
+    changed = tmp_path / "pyramid"
+    shutil.copytree(pyramid, changed)
+    code = next(changed.glob("1_*")) / "code" / "nets.py"
+    text = code.read_text()
+    assert text.count("res = self._smooth(res)") == 1
+    code.write_text(text.replace("res = self._smooth(res)", "res = self._smooth(res) * 1.5"))
+    out = tmp_path / "x.pt"
+    with pytest.raises(MetroemError, match="frozen code does not match"):
+        export.export_pyramid(str(changed), str(out))
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_shipped_isbi_pyramid_exports_exactly(tmp_path):
+    out = tmp_path / "isbi.pt"
+    assert export.main([str(REPO / "models" / "isbi"), str(out)]) == 0
+    model = torch.jit.load(str(out))
+    (s, t), = real_inputs([(384, 352)])
+    with torch.no_grad():
+        expected = aligner(REPO / "models" / "isbi")(s, t)
+    got = model(s, t)
+    assert (got - expected).abs().max() < 1e-4
+    assert got.abs().max() > 0.5  # neighbouring ISBI sections are offset by pixels
 
 
 @pytest.mark.slow
@@ -130,6 +165,6 @@ def test_export_runs_without_metroem(pyramid, exported, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     al = aligner(pyramid)
-    for (s, t), got in zip(inputs, torch.load(tmp_path / "outs.pt"), strict=True):
-        expected = tiling.align_windows(al, s[0, 0].numpy(), t[0, 0].numpy(), CHUNK, PAD)
-        assert (got - expected).abs().max() < 1e-4
+    with torch.no_grad():
+        for (s, t), got in zip(inputs, torch.load(tmp_path / "outs.pt"), strict=True):
+            assert (got - al(s, t)).abs().max() < 1e-4

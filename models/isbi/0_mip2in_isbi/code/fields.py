@@ -50,20 +50,28 @@ __all__ = [
 
 
 def identity(
-    n: int, h: int, w: int, device: torch.device | str | None = None, dtype=torch.float32
+    n: int,
+    h: int,
+    w: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """The zero field (identity mapping) of shape ``(n, 2, h, w)``."""
     return torch.zeros(n, 2, h, w, device=device, dtype=dtype)
 
 
 def check_field(field: Tensor, name: str = "field") -> None:
-    """Raise ``ValueError`` unless ``field`` is a floating ``(N, 2, H, W)`` tensor."""
-    if not isinstance(field, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(field).__name__}")
-    if field.dim() != 4 or field.shape[1] != 2:
-        raise ValueError(f"{name} must have shape (N, 2, H, W), got {tuple(field.shape)}")
-    if not field.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {field.dtype}")
+    """Raise ``ValueError`` unless ``field`` is a floating ``(N, 2, H, W)`` tensor.
+
+    Skipped inside TorchScript (an exported aligner): its inputs were checked by the caller.
+    """
+    if not torch.jit.is_scripting():
+        if not isinstance(field, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(field).__name__}")
+        if field.dim() != 4 or field.shape[1] != 2:
+            raise ValueError(f"{name} must have shape (N, 2, H, W), got {tuple(field.shape)}")
+        if not field.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {field.dtype}")
 
 
 def _scale(h: int, w: int, field: Tensor) -> Tensor:
@@ -85,7 +93,7 @@ def from_normalized(field: Tensor) -> Tensor:
     return field / _scale(h, w, field)
 
 
-def _base_grid(n: int, h: int, w: int, device, dtype) -> Tensor:
+def _base_grid(n: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Normalised coordinates of pixel centres, shape ``(n, h, w, 2)`` in (x, y) order."""
     ys = (torch.arange(h, device=device, dtype=dtype) * 2 + 1) / h - 1
     xs = (torch.arange(w, device=device, dtype=dtype) * 2 + 1) / w - 1
@@ -109,23 +117,25 @@ def warp(
     ``field`` must have the same H and W as ``src`` and N equal to it (or 1, broadcast).
     """
     check_field(field)
-    if src.dim() != 4:
-        raise ValueError(f"src must have shape (N, C, H, W), got {tuple(src.shape)}")
-    if src.shape[-2:] != field.shape[-2:]:
-        raise ValueError(
-            f"src spatial size {tuple(src.shape[-2:])} != field spatial size "
-            f"{tuple(field.shape[-2:])}; resample one of them first"
-        )
-    if field.shape[0] != src.shape[0]:
-        if field.shape[0] != 1:
+    if not torch.jit.is_scripting():
+        if src.dim() != 4:
+            raise ValueError(f"src must have shape (N, C, H, W), got {tuple(src.shape)}")
+        if src.shape[-2:] != field.shape[-2:]:
+            raise ValueError(
+                f"src spatial size {tuple(src.shape[-2:])} != field spatial size "
+                f"{tuple(field.shape[-2:])}; resample one of them first"
+            )
+        if field.shape[0] != src.shape[0] and field.shape[0] != 1:
             raise ValueError(f"batch sizes differ: src {src.shape[0]}, field {field.shape[0]}")
+        if not src.is_floating_point():
+            grid = sampling_grid(field.expand(src.shape[0], -1, -1, -1))
+            out = F.grid_sample(
+                src.to(grid.dtype), grid, mode=mode, padding_mode=padding, align_corners=False
+            )
+            return out.round().clamp(0, torch.iinfo(src.dtype).max).to(src.dtype)
+    if field.shape[0] != src.shape[0]:
         field = field.expand(src.shape[0], -1, -1, -1)
-    grid = sampling_grid(field.to(src.dtype) if src.is_floating_point() else field)
-    if not src.is_floating_point():
-        out = F.grid_sample(
-            src.to(grid.dtype), grid, mode=mode, padding_mode=padding, align_corners=False
-        )
-        return out.round().clamp(0, torch.iinfo(src.dtype).max).to(src.dtype)
+    grid = sampling_grid(field.to(src.dtype))
     return F.grid_sample(src, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
@@ -163,9 +173,11 @@ def compose_many(fields: list[Tensor]) -> Tensor:
 
 
 def _check_levels(levels: int) -> int:
-    if int(levels) != levels or levels < 0:
-        raise ValueError(f"MIP difference must be a non-negative integer, got {levels}")
-    return int(levels)
+    if not torch.jit.is_scripting():
+        if int(levels) != levels or levels < 0:
+            raise ValueError(f"MIP difference must be a non-negative integer, got {levels}")
+        levels = int(levels)
+    return levels
 
 
 def downsample_image(img: Tensor, levels: int = 1, masked: bool = True) -> Tensor:
@@ -177,8 +189,8 @@ def downsample_image(img: Tensor, levels: int = 1, masked: bool = True) -> Tenso
     levels = _check_levels(levels)
     if levels == 0:
         return img
-    k = 2**levels
-    x = img.float() if not img.is_floating_point() else img
+    k = 1 << levels
+    x = img if img.is_floating_point() else img.float()
     if not masked:
         out = F.avg_pool2d(x, k)
     else:
@@ -197,11 +209,13 @@ def downsample_field(field: Tensor, levels: int = 1) -> Tensor:
     check_field(field)
     if levels == 0:
         return field
-    k = 2**levels
+    k = 1 << levels
     return F.avg_pool2d(field, k) / k
 
 
-def upsample_field(field: Tensor, levels: int = 1, size: tuple[int, int] | None = None) -> Tensor:
+def upsample_field(
+    field: Tensor, levels: int = 1, size: tuple[int, int] | None = None
+) -> Tensor:
     """Upsample a field ``levels`` MIPs: bilinear (align_corners=False), values times 2^levels.
 
     ``size`` overrides the output H, W (for odd sizes); it must be the finer grid's size.
@@ -210,10 +224,10 @@ def upsample_field(field: Tensor, levels: int = 1, size: tuple[int, int] | None 
     check_field(field)
     if levels == 0 and size is None:
         return field
-    k = 2**levels
+    k = 1 << levels
     if size is None:
         size = (field.shape[-2] * k, field.shape[-1] * k)
-    out = F.interpolate(field, size=size, mode="bilinear", align_corners=False)
+    out = F.interpolate(field, size=[size[0], size[1]], mode="bilinear", align_corners=False)
     return out * k
 
 
@@ -228,9 +242,9 @@ def resample_image(img: Tensor, from_mip: int, to_mip: int) -> Tensor:
     """Move an image between MIPs: masked box average down, bilinear up."""
     if to_mip >= from_mip:
         return downsample_image(img, to_mip - from_mip)
-    k = 2 ** (from_mip - to_mip)
-    x = img.float() if not img.is_floating_point() else img
-    out = F.interpolate(x, scale_factor=k, mode="bilinear", align_corners=False)
+    k = 1 << (from_mip - to_mip)
+    x = img if img.is_floating_point() else img.float()
+    out = F.interpolate(x, scale_factor=float(k), mode="bilinear", align_corners=False)
     return out if img.is_floating_point() else out.round().to(img.dtype)
 
 

@@ -65,6 +65,16 @@ _DEFAULTS: dict = {
     "prior_sigma": 5.0,  # NCC window (Gaussian std), level pixels
     "prior_temperature": 4.0,  # initial softmax temperature on standardised scores (learned)
     "global_gain_init": 1.0,  # initial gain of the global translation head (0 = identity)
+    # Sub-pixel refinement: after the learned levels, this many parameter-free Lucas-Kanade
+    # (Gauss-Newton) steps on the full-resolution normalised images, each solving a 2x2 system
+    # per pixel over a Gaussian window. Closes the last fraction of a pixel that soft-argmax
+    # block matching leaves; 0 = off.
+    "lk_iterations": 0,
+    # Gaussian blur (std, stage pixels) of the stage's residual (applied at the finest refined
+    # level, before upsampling and the Lucas-Kanade steps): removes the small swirls a net
+    # trained on a similarity loss draws to match texture; 0 = off.
+    "residual_sigma": 0.0,
+    "lk_sigma": 4.0,  # its window (Gaussian std), pixels of the stage
 }
 
 
@@ -133,10 +143,17 @@ def validate_spec(spec: dict) -> dict:
     if out["normalization"] not in ("local", "global"):
         raise ValueError(f"normalization must be 'local' or 'global', got {out['normalization']!r}")
     for key in (
-        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma"
+        "global_temperature", "smooth_sigma", "prior_sigma", "prior_temperature", "norm_sigma",
+        "lk_sigma",
     ):
         if not isinstance(out[key], (int, float)) or out[key] <= 0:
             raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
+    rs = out["residual_sigma"]
+    if not isinstance(rs, (int, float)) or isinstance(rs, bool) or rs < 0:
+        raise ValueError(f"residual_sigma must be a number >= 0, got {rs!r}")
+    it = out["lk_iterations"]
+    if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+        raise ValueError(f"lk_iterations must be an int >= 0, got {it!r}")
     g = out["global_gain_init"]
     if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
         raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
@@ -192,28 +209,32 @@ def normalize_image_local(img: Tensor, sigma: float, factor: int = 8) -> tuple[T
     s2 = F.avg_pool2d(xp * xp * vp, factor)
     s0 = F.avg_pool2d(vp, factor)
     k = _gaussian_kernel(max(sigma / factor, 0.5)).to(x)
-    r = k.numel() // 2
-
-    def blur(t: Tensor) -> Tensor:
-        t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
-        return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
-
-    b0 = blur(s0).clamp_min(1e-6)
-    mean = blur(s1) / b0
-    var = (blur(s2) / b0 - mean**2).clamp_min(0)
-    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=factor, mode="bilinear",
+    b0 = _blur_zero_padded(s0, k).clamp_min(1e-6)
+    mean = _blur_zero_padded(s1, k) / b0
+    var = (_blur_zero_padded(s2, k) / b0 - mean**2).clamp_min(0)
+    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=float(factor), mode="bilinear",
                           align_corners=False)[..., :h, :w]
     std = stats[:, 1:2].sqrt().clamp_min(1e-3 * (stats[:, :1].abs() + 1))
     return (x - stats[:, :1]) / std * valid, valid
 
 
-def _shifted(x: Tensor, radius: int):
-    """Yield ``(dx, dy, x_shifted)`` with ``x_shifted(p) = x(p + (dx, dy))`` (zeros outside)."""
-    h, w = x.shape[-2:]
+def _blur_zero_padded(t: Tensor, k: Tensor) -> Tensor:
+    """Separable blur of a one-channel map with the 1-D kernel ``k``, zero padding."""
+    r = k.numel() // 2
+    t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
+
+
+def _shifted(x: Tensor, radius: int) -> list[Tensor]:
+    """``x(p + d)`` for every shift ``d`` in ``[-r, r]^2`` (zeros outside), row-major over
+    ``dy`` then ``dx``."""
+    h, w = x.shape[-2], x.shape[-1]
     xp = F.pad(x, (radius, radius, radius, radius))
+    out: list[Tensor] = []
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            yield dx, dy, xp[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+            out.append(xp[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w])
+    return out
 
 
 def local_correlation(tgt: Tensor, src: Tensor, radius: int) -> Tensor:
@@ -221,10 +242,10 @@ def local_correlation(tgt: Tensor, src: Tensor, radius: int) -> Tensor:
 
     Shifts are ordered row-major over ``dy`` then ``dx`` in ``[-r, r]``.
     """
-    return torch.stack([(tgt * s).mean(1) for _, _, s in _shifted(src, radius)], dim=1)
+    return torch.stack([(tgt * s).mean(1) for s in _shifted(src, radius)], dim=1)
 
 
-def soft_argmax_translation(scores: Tensor, radius: int, temperature: Tensor | float) -> Tensor:
+def soft_argmax_translation(scores: Tensor, radius: int, temperature: Tensor) -> Tensor:
     """Expected shift ``(N, 2)`` (x, y) under ``softmax(temperature * standardised scores)``.
 
     ``scores`` is ``(N, (2r+1)^2)`` ordered like :func:`local_correlation`. Standardising the
@@ -316,7 +337,7 @@ class GlobalTranslation(nn.Module):
         return t * self.gain
 
 
-def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor | float) -> Tensor:
+def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor) -> Tensor:
     """Per-pixel expected shift ``(N, 2, H, W)`` under a softmax over the cost volume's shifts.
 
     ``cost`` is ``(N, (2r+1)^2, H, W)`` ordered like :func:`local_correlation`; scores are
@@ -339,14 +360,16 @@ def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Ten
     score is ``<t, s_d> / sqrt(<t, t> <s_d, s_d>)`` with ``<a, b>`` a Gaussian-weighted local sum.
     Ordered like :func:`local_correlation`.
     """
-    t = tgt - gaussian_blur(tgt, kernel)
-    s = src - gaussian_blur(src, kernel)
-    tt = gaussian_blur(t * t, kernel)
-    out = []
-    for _, _, sd in _shifted(s, radius):
-        num = gaussian_blur(t * sd, kernel)
-        out.append(num / torch.sqrt(tt * gaussian_blur(sd * sd, kernel) + 1e-4))
-    return torch.cat(out, 1)
+    n = tgt.shape[0]
+    both = torch.cat((tgt, src), 0)
+    hp = both - gaussian_blur(both, kernel)
+    t, s = hp[:n], hp[n:]
+    shifted = torch.cat(_shifted(s, radius), 1)  # (N, S, H, W)
+    # One blur call for every local sum (a per-channel blur, so batching changes nothing).
+    sums = gaussian_blur(torch.cat((t * t, t * shifted, shifted * shifted), 1), kernel)
+    k = shifted.shape[1]
+    tt, num, ss = sums[:, :1], sums[:, 1 : 1 + k], sums[:, 1 + k :]
+    return num / torch.sqrt(tt * ss + 1e-4)
 
 
 def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
@@ -357,6 +380,41 @@ def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     x = F.pad(x, (0, 0, r, r), mode="replicate")
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _central_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d/dx, d/dy)`` by central differences (one-sided at the borders via replication)."""
+    px = F.pad(img, (1, 1, 0, 0), mode="replicate")
+    py = F.pad(img, (0, 0, 1, 1), mode="replicate")
+    return (px[..., 2:] - px[..., :-2]) / 2, (py[..., 2:, :] - py[..., :-2, :]) / 2
+
+
+def lucas_kanade_step(
+    warped: Tensor, tgt: Tensor, weight: Tensor, kernel: Tensor, eps: float = 1e-2,
+    factor: int = 1,
+) -> Tensor:
+    """Field update ``(N, 2, H, W)`` that moves ``warped`` (the source pulled by the current
+    field) onto ``tgt`` to first order: per pixel, least squares over a Gaussian window of
+    ``g . d = tgt - warped`` with ``g`` the mean gradient of both images and ``weight`` 0 where
+    either has no data. ``eps`` regularises flat windows towards no update; steps are clamped to
+    one pixel. In the pull convention the new field is ``field + update``. With ``factor > 1``
+    the windowed sums are taken on a ``factor``-times coarser grid (``kernel`` is then in coarse
+    pixels) and the update is interpolated back: for wide windows, the same answer for less.
+    """
+    gx, gy = _central_gradient(0.5 * (warped + tgt))
+    it = tgt - warped
+    prods = torch.cat((gx * gx, gx * gy, gy * gy, gx * it, gy * it), 1) * weight
+    if factor > 1:
+        prods = F.avg_pool2d(prods, factor, ceil_mode=True)
+    sums = gaussian_blur(prods, kernel)
+    a, b, c = sums[:, 0:1] + eps, sums[:, 1:2], sums[:, 2:3] + eps
+    d, e = sums[:, 3:4], sums[:, 4:5]
+    det = a * c - b * b
+    step = torch.cat(((c * d - b * e) / det, (a * e - b * d) / det), 1)
+    if factor > 1:
+        step = F.interpolate(step, size=[tgt.shape[-2], tgt.shape[-1]], mode="bilinear",
+                             align_corners=False)
+    return step.clamp(-1.0, 1.0)
 
 
 class ResidualHead(nn.Module):
@@ -393,6 +451,12 @@ class StageAligner(nn.Module):
         self.num_levels = len(ch) + 1
         self.finest_level = s["finest_level"]
         self.stride = 2 ** (self.num_levels - 1)
+        # Plain typed copies of the spec values the forward pass reads (TorchScript cannot read
+        # the mixed-type spec dict).
+        self.local_normalization = s["normalization"] == "local"
+        self.norm_sigma = float(s["norm_sigma"])
+        self.concat_features = bool(s["concat_features"])
+        self.lk_iterations = int(s["lk_iterations"])
         self.encoder = Encoder(ch)
         self.global_head = (
             GlobalTranslation(
@@ -421,75 +485,179 @@ class StageAligner(nn.Module):
                     for level in range(self.finest_level, self.num_levels)
                 }
             )
+            # filled by __prepare_scriptable__ (NaN = not prepared)
+            self.register_buffer(
+                "script_prior_temperatures", torch.full((self.num_levels,), math.nan),
+                persistent=False,
+            )
         else:
             self.prior_kernel = None
+        # Both parameter-free refinements blur on a coarser grid where that changes little:
+        # the residual at the finest refined level, the LK sums at half resolution for wide
+        # windows.
+        if s["residual_sigma"] > 0:
+            sigma = float(s["residual_sigma"]) / 2**self.finest_level
+            self.register_buffer("residual_kernel", _gaussian_kernel(sigma), persistent=False)
+        else:
+            self.residual_kernel = None
+        self.lk_factor = 2 if s["lk_sigma"] >= 4 else 1
+        if s["lk_iterations"] > 0:
+            sigma = float(s["lk_sigma"]) / self.lk_factor
+            self.register_buffer("lk_kernel", _gaussian_kernel(sigma), persistent=False)
+        else:
+            self.lk_kernel = None
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _smooth(self, field: Tensor) -> Tensor:
         # Replicate padding keeps a constant field constant at the borders.
-        return field if self.smooth_kernel is None else gaussian_blur(field, self.smooth_kernel)
+        kernel = self.smooth_kernel
+        return field if kernel is None else gaussian_blur(field, kernel)
 
     def _pad(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        ph = (-h) % self.stride
-        pw = (-w) % self.stride
-        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+        ph = (-x.shape[-2]) % self.stride
+        pw = (-x.shape[-1]) % self.stride
+        return F.pad(x, (0, pw, 0, ph)) if ph > 0 or pw > 0 else x
+
+    def _lucas_kanade(self, src: Tensor, tgt: Tensor, field: Tensor) -> Tensor:
+        """``lk_iterations`` Gauss-Newton refinements of a full-resolution field.
+
+        ``src`` / ``tgt`` are (normalised image, validity) pairs ``(N, 2, H, W)``.
+        """
+        kernel = self.lk_kernel
+        assert kernel is not None
+        for _ in range(self.lk_iterations):
+            warped = fields.warp(src, field)
+            weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
+            field = field + lucas_kanade_step(
+                warped[:, :1], tgt[:, :1], weight, kernel, factor=self.lk_factor
+            )
+        return field
 
     # -- forward ------------------------------------------------------------------------------
 
-    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Residual field aligning an (already warped) float source to the target, same size."""
-        h, w = tgt.shape[-2:]
-        if self.spec["normalization"] == "local":
-            sigma = float(self.spec["norm_sigma"])
-            src_n, src_v = normalize_image_local(src, sigma)
-            tgt_n, tgt_v = normalize_image_local(tgt, sigma)
+    def _encode(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """``(src_valid, tgt_valid, x, feats)``: the padded encoder input ``x`` (sources first,
+        then targets, channels (image, validity)) and the encoder's features of levels 0..L."""
+        if self.local_normalization:
+            src_n, src_v = normalize_image_local(src, self.norm_sigma)
+            tgt_n, tgt_v = normalize_image_local(tgt, self.norm_sigma)
         else:
             src_n, src_v = normalize_image(src)
             tgt_n, tgt_v = normalize_image(tgt)
-        n = src.shape[0]
         x = self._pad(torch.cat((torch.cat((src_n, src_v), 1), torch.cat((tgt_n, tgt_v), 1))))
-        feats = self.encoder(x)
-        top = self.num_levels - 1
+        return src_v, tgt_v, x, self.encoder(x)
+
+    def pair_features(self, src_img: Tensor, tgt_img: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Encoder features ``(src_feats, tgt_feats)`` of a pair, one tensor per level 0..L.
+
+        Images are ``(N, 1, H, W)`` raw values as for :meth:`forward`; level ``i`` is
+        ``(N, C_i, H'/2^i, W'/2^i)`` with ``H', W'`` padded up to a multiple of ``2^L`` (padding
+        is no-data); level 0 is the normalised image. Used by the embedding loss; the forward
+        pass does not call it.
+        """
+        dev = next(self.parameters()).device
+        src = src_img.to(device=dev, dtype=torch.float32)
+        tgt = tgt_img.to(device=dev, dtype=torch.float32)
+        if src.dim() != 4 or src.shape[1] != 1 or src.shape != tgt.shape:
+            raise ValueError(
+                f"src_img and tgt_img must both be (N, 1, H, W), got {tuple(src.shape)} and "
+                f"{tuple(tgt.shape)}"
+            )
+        n = src.shape[0]
+        feats = self._encode(src, tgt)[3]
+        return [f[:n] for f in feats], [f[n:] for f in feats]
+
+    def _prior_temperatures(self) -> list[Tensor]:
+        """Softmax temperature of the block-matching prior per level 0..L (1 below the finest
+        refined level)."""
+        if torch.jit.is_scripting():
+            # The ParameterDict cannot be indexed in TorchScript; __prepare_scriptable__ copied
+            # its values into this buffer.
+            t = self.script_prior_temperatures
+            if bool(torch.isnan(t).any()):
+                raise RuntimeError("prior temperatures were not prepared for TorchScript")
+            return t.unbind(0)
+        else:
+            one = torch.ones((), device=self.prior_kernel.device)
+            return [
+                self.prior_log_temperature[str(level)].exp() if level >= self.finest_level
+                else one
+                for level in range(self.num_levels)
+            ]
+
+    def __prepare_scriptable__(self) -> StageAligner:
+        """Called by ``torch.jit.script``: copy what TorchScript cannot index into a buffer."""
         if self.prior_kernel is not None:
-            # image pyramid for the block-matching prior (level 0 = the normalised image)
-            pyr = [x[:, :1]]
+            with torch.no_grad():
+                temps = torch.stack([t.detach() for t in self._prior_temperatures()])
+                self.script_prior_temperatures.copy_(temps)
+        return self
+
+    def _head(self, level: int, inp: Tensor) -> Tensor:
+        """The residual head of ``level`` applied to ``inp``."""
+        out = inp
+        for key, head in self.heads.items():  # TorchScript indexes a ModuleDict by literal only
+            if int(key) == level:
+                out = head(inp)
+        return out
+
+    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Residual field aligning an (already warped) float source to the target, same size."""
+        h, w = tgt.shape[-2], tgt.shape[-1]
+        n = src.shape[0]
+        src_v, tgt_v, x, feats = self._encode(src, tgt)
+        top = self.num_levels - 1
+        # image pyramid for the block-matching prior (level 0 = the normalised image)
+        pyr = [x[:, :1]]
+        prior_kernel = self.prior_kernel
+        temperatures: list[Tensor] = []
+        if prior_kernel is not None:
             for _ in range(top):
                 pyr.append(F.avg_pool2d(pyr[-1], 2))
-        ch_, cw_ = feats[top].shape[-2:]
-        field = fields.identity(n, ch_, cw_, device=x.device, dtype=x.dtype)
-        if self.global_head is not None:
-            valid = F.avg_pool2d(x[:, 1:2], 2**top) > 0.5
+            temperatures = self._prior_temperatures()
+        field = fields.identity(
+            n, feats[top].shape[-2], feats[top].shape[-1], device=x.device, dtype=x.dtype
+        )
+        global_head = self.global_head
+        if global_head is not None:
+            valid = F.avg_pool2d(x[:, 1:2], self.stride) > 0.5
             vs, vt = valid[:n].float(), valid[n:].float()
-            t = self.global_head(feats[top][n:], feats[top][:n], vt, vs)
+            t = global_head(feats[top][n:], feats[top][:n], vt, vs)
             field = field + t.view(n, 2, 1, 1)
         for level in range(top, self.finest_level - 1, -1):
             fs, ft = feats[level][:n], feats[level][n:]
             if field.shape[-2:] != fs.shape[-2:]:
-                field = fields.upsample_field(field, 1, size=tuple(fs.shape[-2:]))
+                field = fields.upsample_field(field, 1, size=(fs.shape[-2], fs.shape[-1]))
             ws = fields.warp(fs, field)
             r = self.radii[level]
             cost = local_correlation(ft, ws, r)
-            inp = torch.cat((cost, ft, ws), 1) if self.spec["concat_features"] else cost
-            prior = None
-            if self.prior_kernel is not None:
+            inp = torch.cat((cost, ft, ws), 1) if self.concat_features else cost
+            prior: Tensor | None = None
+            if prior_kernel is not None:
                 img_s = fields.warp(pyr[level][:n], field)
-                ncc = local_ncc_cost(pyr[level][n:], img_s, r, self.prior_kernel)
-                temp = self.prior_log_temperature[str(level)].exp()
-                prior = local_soft_argmax(ncc, r, temp)
+                ncc = local_ncc_cost(pyr[level][n:], img_s, r, prior_kernel)
+                prior = local_soft_argmax(ncc, r, temperatures[level])
                 inp = torch.cat((inp, ncc), 1)
-            res = self.heads[str(level)](inp)
+            res = self._head(level, inp)
             if prior is not None:
                 res = res + prior
             res = self._smooth(res)
             field = fields.compose(field, res)
+        residual_kernel = self.residual_kernel
+        if residual_kernel is not None:
+            field = gaussian_blur(field, residual_kernel)
         if self.finest_level > 0:
-            field = fields.upsample_field(field, self.finest_level, size=tuple(x.shape[-2:]))
+            field = fields.upsample_field(
+                field, self.finest_level, size=(x.shape[-2], x.shape[-1])
+            )
+        if self.lk_kernel is not None:
+            field = self._lucas_kanade(x[:n, :2], x[n:, :2], field)
         has_data = (src_v.flatten(1).amax(1) > 0) & (tgt_v.flatten(1).amax(1) > 0)
         field = field[..., :h, :w] * has_data.view(n, 1, 1, 1).to(field.dtype)
         return field
 
+    @torch.jit.ignore
     def forward(
         self, src_img: Tensor, tgt_img: Tensor, src_agg_field: Tensor | None = None, **kwargs
     ) -> Tensor:
@@ -505,14 +673,25 @@ class StageAligner(nn.Module):
                 f"src_img and tgt_img must both be (N, 1, H, W), got {tuple(src.shape)} and "
                 f"{tuple(tgt.shape)}"
             )
+        agg = None
+        if src_agg_field is not None:
+            agg = src_agg_field.to(device=dev, dtype=torch.float32)
+            fields.check_field(agg, "src_agg_field")
+            if agg.shape[0] != src.shape[0] or agg.shape[-2:] != src.shape[-2:]:
+                raise ValueError(
+                    f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
+                )
+        return self.align(src, tgt, agg)
+
+    @torch.jit.export
+    def align(self, src: Tensor, tgt: Tensor, src_agg_field: Tensor | None = None) -> Tensor:
+        """:meth:`forward` without checks or moves: float32 images on the model's device.
+
+        The TorchScript entry point (``forward`` takes ``**kwargs``, which TorchScript cannot).
+        """
         if src_agg_field is None:
             return self.residual(src, tgt)
-        agg = src_agg_field.to(device=dev, dtype=torch.float32)
-        fields.check_field(agg, "src_agg_field")
-        if agg.shape[0] != src.shape[0] or agg.shape[-2:] != src.shape[-2:]:
-            raise ValueError(
-                f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
-            )
+        agg = src_agg_field
         warped = fields.warp_image(src, agg)
         res = self.residual(warped, tgt)
         has_data = (warped.flatten(1).ne(0).any(1)) & (tgt.flatten(1).ne(0).any(1))
