@@ -47,6 +47,7 @@ __all__ = [
     "warp_target",
     "random_warp_source",
     "same_section_pair",
+    "deformation_spec",
     "adjust_intensity",
     "holes_mask",
     "band",
@@ -496,7 +497,8 @@ def validate(section: dict | None) -> dict:
     return merged
 
 
-def _spec(group: dict) -> DeformationSpec:
+def deformation_spec(group: dict) -> DeformationSpec:
+    """The deformation magnitudes of a ``same_section`` / ``warp`` config group (``p`` dropped)."""
     return DeformationSpec(**{k: float(v) for k, v in group.items() if k != "p"})
 
 
@@ -529,9 +531,9 @@ class Augment:
         chosen = _coins(n, c["same_section"]["p"], g)
         if "field" not in batch:
             chosen = chosen[:1].expand(n)
-        spec = _spec(c["same_section"])
+        spec = deformation_spec(c["same_section"])
         batch = _apply_items(batch, chosen, lambda b: same_section_pair(b, spec, g))
-        spec_w = _spec(c["warp"])
+        spec_w = deformation_spec(c["warp"])
         batch = per_item(batch, c["warp"]["p"], lambda b: random_warp_source(b, spec_w, g))
         batch = per_item(batch, c["swap"]["p"], swap)
         for side in _sides(c["holes"]["on"]):

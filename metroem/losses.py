@@ -48,6 +48,10 @@ DEFAULTS: dict = {
     "embedding_radius": 1,  # negatives: target features shifted 1..radius level pixels
     "embedding_levels": [],  # encoder levels (1..L) it applies to; [] = all of them
     "embedding_field": "auto",  # auto | truth | predicted (which field says what corresponds)
+    # Equivariance term (applied by the trainer, which needs a second forward pass): each pair
+    # is also aligned with its source deformed by a random field of augment.warp's magnitudes,
+    # and the two fields must agree once the deformation is undone (mean EPE, px). 0 = off.
+    "equivariance_weight": 0.0,
 }
 
 SIMILARITIES = ("mse", "ncc", "none")
@@ -327,7 +331,8 @@ def resolve(section: dict | None) -> dict:
         raise _err("ncc_window", f"must be an odd integer >= 3, got {win!r}")
     if not isinstance(cfg["normalize"], bool):
         raise _err("normalize", f"must be true or false, got {cfg['normalize']!r}")
-    for key in ("similarity_weight", "smoothness_weight", "fold_weight", "supervised_weight"):
+    for key in ("similarity_weight", "smoothness_weight", "fold_weight", "supervised_weight",
+                "equivariance_weight"):
         v = cfg[key]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
             raise _err(key, f"must be a number >= 0, got {v!r}")

@@ -36,6 +36,7 @@ from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
 from metroem.training import stage_data
 from metroem.training.data import BatchStream, CropDataset, split_indices
+from metroem.training.equivariance import forward_with_equivariance
 from metroem.training.logger import RunLogger
 
 Tensor = torch.Tensor
@@ -282,15 +283,20 @@ def _finetune_source(module_path, checkpoint_name: str):
     return modules.weights_path(module_path, names[-1]) if names else None
 
 
-def _initial_model(module: modules.ModuleInfo, checkpoint_name: str, mode: str, resume: bool):
-    """The stage's model from its spec; finetune (not resuming) loads the existing weights."""
+def _initial_model(module: modules.ModuleInfo, checkpoint_name: str, cfg: dict, mode: str,
+                   resume: bool):
+    """The stage's model from its spec; finetune (not resuming) loads the existing weights.
+
+    Finetuning is ``--train_mode finetune`` or a custom config whose ``preset`` is finetune.
+    """
     spec, _ = modules.read_spec(module.path)
     try:
         model = nets.build_model(spec)
     except (ValueError, TypeError) as e:
         raise MetroemError(f"{module.path}: cannot build the model spec ({e}); fix it") from e
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
-    if mode == "finetune" and not (resume and state_path.exists()):
+    finetune = mode == "finetune" or cfg.get("preset") == "finetune"
+    if finetune and not (resume and state_path.exists()):
         start = _finetune_source(module.path, checkpoint_name)
         if start is None:
             raise MetroemError(
@@ -328,7 +334,7 @@ def check_stage(
             f"and data.crop_size {crop} exceeds the smallest; set data.crop_size <= {min(sizes)} "
             f"(per_mip.{module.mip}.data.crop_size)"
         )
-    model = _initial_model(module, checkpoint_name, mode, resume)
+    model = _initial_model(module, checkpoint_name, cfg, mode, resume)
     losses.check_embedding_levels(cfg["loss"], model.num_levels)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     if resume and state_path.exists():
@@ -377,7 +383,7 @@ def train_stage(
     val_items = [_center_crop(base[i], 2 * crop) for i in val_idx] if info.is_main else []
 
     # --- model, optimiser, schedule, resume -------------------------------------------------
-    model = _initial_model(module, checkpoint_name, mode, resume)
+    model = _initial_model(module, checkpoint_name, cfg, mode, resume)
     weights = modules.weights_path(module.path, checkpoint_name)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     model.to(device).train()
@@ -409,6 +415,8 @@ def train_stage(
         return loss_sup if "field" in batch else loss_self
 
     aug = augment_mod.build_augment(cfg["augment"])
+    eq_weight = float(cfg["loss"]["equivariance_weight"])
+    eq_spec = augment_mod.deformation_spec(cfg["augment"]["warp"])
     max_skips = int(tcfg["nan_policy"]["max_skips"])
     clip = float(tcfg["grad_clip"])
     log_every, image_every = int(tcfg["log_every"]), int(tcfg["image_every"])
@@ -443,12 +451,18 @@ def train_stage(
         batch = _to(next(stream), device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + info.rank)
         batch = aug(batch, gen)
-        pred = net(batch["src"], batch["tgt"], src_agg_field=batch.get("src_agg_field"))
+        if eq_weight > 0:
+            pred, eq_term = forward_with_equivariance(net, batch, eq_spec, gen)
+        else:
+            pred = net(batch["src"], batch["tgt"], src_agg_field=batch.get("src_agg_field"))
         total, terms = loss_for(batch)(
             batch["src"], batch["tgt"], pred, gt_field=batch.get("field"),
             src_mask=batch.get("src_defects"), tgt_mask=batch.get("tgt_defects"),
             features=model.pair_features,  # the embedding term's encoder (outside DDP's forward)
         )
+        if eq_weight > 0:
+            terms["equivariance"] = eq_term
+            total = total + eq_weight * eq_term
         if faults.poison(module.stage, step + 1, info.rank):
             total = total * float("nan")
         optimizer.zero_grad(set_to_none=True)
