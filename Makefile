@@ -33,10 +33,10 @@ isbi: $(STAMP)
 	rm -rf $(RUN)/pyramid
 	$(PY) -c "from metroem.demo_pipeline import copy_pyramid_definition as c; c('models/isbi', '$(RUN)/pyramid')"
 	# the shipped weights were trained with the parameter-free refinements off, then switched on
-	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=0, residual_sigma=0.0) for x in m.discover('$(RUN)/pyramid')]"
+	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=0, residual_sigma=0.0, iterations=1) for x in m.discover('$(RUN)/pyramid')]"
 	$(PY) train.py --pyramid_path $(RUN)/pyramid --dataset_path $(RUN)/data --checkpoint_name isbi \
 	    --train_mode custom --train_params_path models/isbi/train.yaml --seed 0 $(ARGS)
-	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=1, lk_sigma=8.0, residual_sigma=12.0) for x in m.discover('$(RUN)/pyramid')]"
+	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=1, lk_sigma=8.0, residual_sigma=12.0, iterations=2 if x.stage < 2 else 1) for x in m.discover('$(RUN)/pyramid')]"
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -326,7 +326,8 @@ def default_stage_pad(model) -> int:
     level pixels (high-pass, then products), which sets the range that matters:
     ``PAD_SIGMAS * prior_sigma * stride`` (320 for the default net), at least 3 ``norm_sigma``
     (the local normalisation window); without the prior ``PAD_SIGMAS * stride``; plus 3 sigmas
-    of the residual blur and of every Lucas-Kanade step. Rounded up to :func:`stage_quantum`.
+    of the residual blur and of every Lucas-Kanade step; times ``iterations`` (each pass reaches
+    as far again). Rounded up to :func:`stage_quantum`.
     Other stage modules may define ``tile_pad``; otherwise 8 ``stride``. Measured:
     docs/inference.md.
     """
@@ -342,6 +343,7 @@ def default_stage_pad(model) -> int:
             # the parameter-free refinements reach further: residual blur, then LK windows
             pad += 3 * float(spec.get("residual_sigma", 0))
             pad += 3 * float(spec.get("lk_sigma", 0)) * int(spec.get("lk_iterations", 0))
+            pad *= int(spec.get("iterations", 1))  # every pass reaches as far again
         else:
             pad = 8 * stride
     return int(math.ceil(pad / q) * q)

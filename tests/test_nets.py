@@ -296,3 +296,29 @@ def test_residual_sigma_blurs_the_stage_residual_and_adds_no_state():
     assert err_b < err_a + 0.05, (float(err_a), float(err_b))
     with pytest.raises(ValueError, match="residual_sigma"):
         nets.default_spec(residual_sigma=-1.0)
+
+
+def test_iterations_run_the_stage_again_from_its_own_field():
+    img = _isbi(3)[..., :128, :128]
+    true = torch.tensor([2.6, -1.4]).view(1, 2, 1, 1).expand(1, 2, 128, 128)
+    src = fields.warp_image(img, -true)
+    torch.manual_seed(0)
+    once = nets.build_model(nets.default_spec(levels=3))
+    twice = nets.build_model(nets.default_spec(levels=3, iterations=2))
+    twice.load_state_dict(once.state_dict())  # parameter-free: same weights
+    agg = torch.zeros(1, 2, 128, 128)
+    agg[:, 0] = 0.5
+    with torch.no_grad():
+        first = once(src, img)
+        assert torch.allclose(twice(src, img), once(src, img, src_agg_field=first), atol=1e-5)
+        step = once(src, img, src_agg_field=agg)
+        assert torch.allclose(twice(src, img, src_agg_field=agg),
+                              once(src, img, src_agg_field=step), atol=1e-5)
+    assert (first - twice(src, img)).abs().max() > 1e-3  # the second pass did something
+    with pytest.raises(ValueError, match="iterations"):
+        nets.default_spec(iterations=0)
+    # the tiling pad covers every pass
+    from metroem import tiling
+    q = tiling.stage_quantum(once)
+    assert tiling.default_stage_pad(twice) >= 2 * (tiling.default_stage_pad(once) - q)
+    assert tiling.default_stage_pad(twice) > tiling.default_stage_pad(once)

@@ -75,6 +75,12 @@ _DEFAULTS: dict = {
     # trained on a similarity loss draws to match texture; 0 = off.
     "residual_sigma": 0.0,
     "lk_sigma": 4.0,  # its window (Gaussian std), pixels of the stage
+    # Run the whole stage this many times, each pass from the field the previous one produced
+    # (the source is warped once per pass from the raw source). On neighbouring sections a
+    # pass corrects only part of a misalignment, so a second pass of a cheap coarse stage makes
+    # the pyramid more consistent (docs/nets_and_losses.md). Parameter-free: trained weights
+    # can be run with any value.
+    "iterations": 1,
 }
 
 
@@ -154,6 +160,9 @@ def validate_spec(spec: dict) -> dict:
     it = out["lk_iterations"]
     if not isinstance(it, int) or isinstance(it, bool) or it < 0:
         raise ValueError(f"lk_iterations must be an int >= 0, got {it!r}")
+    it = out["iterations"]
+    if not isinstance(it, int) or isinstance(it, bool) or it < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {it!r}")
     g = out["global_gain_init"]
     if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
         raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
@@ -457,6 +466,7 @@ class StageAligner(nn.Module):
         self.norm_sigma = float(s["norm_sigma"])
         self.concat_features = bool(s["concat_features"])
         self.lk_iterations = int(s["lk_iterations"])
+        self.iterations = int(s["iterations"])
         self.encoder = Encoder(ch)
         self.global_head = (
             GlobalTranslation(
@@ -689,10 +699,14 @@ class StageAligner(nn.Module):
 
         The TorchScript entry point (``forward`` takes ``**kwargs``, which TorchScript cannot).
         """
-        if src_agg_field is None:
-            return self.residual(src, tgt)
         agg = src_agg_field
-        warped = fields.warp_image(src, agg)
-        res = self.residual(warped, tgt)
-        has_data = (warped.flatten(1).ne(0).any(1)) & (tgt.flatten(1).ne(0).any(1))
-        return torch.where(has_data.view(-1, 1, 1, 1), fields.compose(agg, res), agg)
+        for _ in range(self.iterations):
+            if agg is None:
+                agg = self.residual(src, tgt)
+            else:
+                warped = fields.warp_image(src, agg)
+                res = self.residual(warped, tgt)
+                has_data = (warped.flatten(1).ne(0).any(1)) & (tgt.flatten(1).ne(0).any(1))
+                agg = torch.where(has_data.view(-1, 1, 1, 1), fields.compose(agg, res), agg)
+        assert agg is not None
+        return agg
