@@ -109,7 +109,7 @@ def _preflight(args, cfg, mods, train_numbers, gen_numbers) -> dict[int, dict]:
             prev = mods[i - 1] if i > 0 else None
             inputs_ready = prev is None or prev.stage not in gen_numbers
             check_stage(m, prev, args.dataset_path, args.checkpoint_name, stage_cfgs[m.stage],
-                        args.train_mode, args.resume, inputs_ready)
+                        args.resume, inputs_ready)
         if m.stage in gen_numbers:
             if i + 1 < len(mods):
                 check_images(args.dataset_path, mods[i + 1].mip)
@@ -185,7 +185,7 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, st
             prev = mods[i - 1] if i > 0 else None
             logger.message(f"stage {m.stage} ({m.name}): training at MIP {m.mip}")
             res = train_stage(m, prev, args.dataset_path, args.checkpoint_name,
-                              stage_cfgs[m.stage], args.train_mode, args.resume, device,
+                              stage_cfgs[m.stage], args.resume, device,
                               info, logger, stop=stop, faults=faults)
             results.append(res)
             epe = res.val.get("epe_median")

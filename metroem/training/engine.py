@@ -283,11 +283,11 @@ def _finetune_source(module_path, checkpoint_name: str):
     return modules.weights_path(module_path, names[-1]) if names else None
 
 
-def _initial_model(module: modules.ModuleInfo, checkpoint_name: str, cfg: dict, mode: str,
-                   resume: bool):
+def _initial_model(module: modules.ModuleInfo, checkpoint_name: str, cfg: dict, resume: bool):
     """The stage's model from its spec; finetune (not resuming) loads the existing weights.
 
-    Finetuning is ``--train_mode finetune`` or a custom config whose ``preset`` is finetune.
+    Finetuning is a config on the finetune preset: ``--train_mode finetune`` (the config loader
+    makes its preset match the mode) or a custom config with ``preset: finetune``.
     """
     spec, _ = modules.read_spec(module.path)
     try:
@@ -295,8 +295,7 @@ def _initial_model(module: modules.ModuleInfo, checkpoint_name: str, cfg: dict, 
     except (ValueError, TypeError) as e:
         raise MetroemError(f"{module.path}: cannot build the model spec ({e}); fix it") from e
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
-    finetune = mode == "finetune" or cfg.get("preset") == "finetune"
-    if finetune and not (resume and state_path.exists()):
+    if cfg["preset"] == "finetune" and not (resume and state_path.exists()):
         start = _finetune_source(module.path, checkpoint_name)
         if start is None:
             raise MetroemError(
@@ -313,7 +312,6 @@ def check_stage(
     dataset_path: str,
     checkpoint_name: str,
     cfg: dict,
-    mode: str,
     resume: bool,
     inputs_ready: bool,
 ) -> None:
@@ -334,7 +332,7 @@ def check_stage(
             f"and data.crop_size {crop} exceeds the smallest; set data.crop_size <= {min(sizes)} "
             f"(per_mip.{module.mip}.data.crop_size)"
         )
-    model = _initial_model(module, checkpoint_name, cfg, mode, resume)
+    model = _initial_model(module, checkpoint_name, cfg, resume)
     losses.check_embedding_levels(cfg["loss"], model.num_levels)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     if resume and state_path.exists():
@@ -350,7 +348,6 @@ def train_stage(
     dataset_path: str,
     checkpoint_name: str,
     cfg: dict,
-    mode: str,
     resume: bool,
     device: torch.device,
     info: dist.DistInfo,
@@ -383,7 +380,7 @@ def train_stage(
     val_items = [_center_crop(base[i], 2 * crop) for i in val_idx] if info.is_main else []
 
     # --- model, optimiser, schedule, resume -------------------------------------------------
-    model = _initial_model(module, checkpoint_name, cfg, mode, resume)
+    model = _initial_model(module, checkpoint_name, cfg, resume)
     weights = modules.weights_path(module.path, checkpoint_name)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     model.to(device).train()
