@@ -144,8 +144,11 @@ class PyramidAligner(nn.Module):
                 raise ValueError(
                     f"src_agg_field {tuple(agg.shape)} does not match images {tuple(src.shape)}"
                 )
-        has_data = h > 0 and w > 0 and bool(src.ne(0).any()) and bool(tgt.ne(0).any())
-        if mip_in > max(self.mips) and has_data:
+        # An input without data returns early in run() whatever its MIP; the images are scanned
+        # for data here only when the MIP is too coarse (run() scans them anyway).
+        if mip_in > max(self.mips) and (
+            h > 0 and w > 0 and bool(src.ne(0).any()) and bool(tgt.ne(0).any())
+        ):
             raise ValueError(
                 f"input MIP {mip_in} is coarser than every stage (MIPs {self.mips}); pass "
                 "images at a MIP the pyramid runs at or finer"

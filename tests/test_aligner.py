@@ -205,3 +205,13 @@ def test_plain_output_stays_a_tensor(pyramid):
     with pytest.raises(metroem.MetroemError):
         creator = modules._import_file(folder / "create.py")
         creator.create(output="numpy")
+
+
+def test_input_mip_coarser_than_every_stage_is_refused_unless_there_is_no_data(pyramid):
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand")
+    src, tgt = isbi_pair(32)
+    with pytest.raises(ValueError, match="input MIP 2 is coarser than every stage"):
+        al(src, tgt, input_mip=2)
+    empty = torch.zeros_like(src)
+    with torch.no_grad():
+        assert not al(empty, tgt, input_mip=2).any()  # no data: the zero field, no error
