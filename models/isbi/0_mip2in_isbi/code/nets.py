@@ -218,20 +218,13 @@ def normalize_image_local(img: Tensor, sigma: float, factor: int = 8) -> tuple[T
     s2 = F.avg_pool2d(xp * xp * vp, factor)
     s0 = F.avg_pool2d(vp, factor)
     k = _gaussian_kernel(max(sigma / factor, 0.5)).to(x)
-    b0 = _blur_zero_padded(s0, k).clamp_min(1e-6)
-    mean = _blur_zero_padded(s1, k) / b0
-    var = (_blur_zero_padded(s2, k) / b0 - mean**2).clamp_min(0)
+    b0 = gaussian_blur(s0, k, "constant").clamp_min(1e-6)
+    mean = gaussian_blur(s1, k, "constant") / b0
+    var = (gaussian_blur(s2, k, "constant") / b0 - mean**2).clamp_min(0)
     stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=float(factor), mode="bilinear",
                           align_corners=False)[..., :h, :w]
     std = stats[:, 1:2].sqrt().clamp_min(1e-3 * (stats[:, :1].abs() + 1))
     return (x - stats[:, :1]) / std * valid, valid
-
-
-def _blur_zero_padded(t: Tensor, k: Tensor) -> Tensor:
-    """Separable blur of a one-channel map with the 1-D kernel ``k``, zero padding."""
-    r = k.numel() // 2
-    t = F.conv2d(F.pad(t, (r, r, 0, 0)), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(t, (0, 0, r, r)), k.view(1, 1, -1, 1))
 
 
 def _shifted(x: Tensor, radius: int) -> list[Tensor]:
@@ -381,13 +374,14 @@ def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Ten
     return num / torch.sqrt(tt * ss + 1e-4)
 
 
-def gaussian_blur(x: Tensor, kernel: Tensor) -> Tensor:
-    """Separable blur of every channel with a 1-D kernel, replicate padding."""
+def gaussian_blur(x: Tensor, kernel: Tensor, padding: str = "replicate") -> Tensor:
+    """Separable blur of every channel with a 1-D kernel; ``padding`` is an ``F.pad`` mode
+    (``replicate`` keeps a constant field constant, ``constant`` pads zeros)."""
     c = x.shape[1]
     r = kernel.numel() // 2
-    x = F.pad(x, (r, r, 0, 0), mode="replicate")
+    x = F.pad(x, (r, r, 0, 0), mode=padding)
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    x = F.pad(x, (0, 0, r, r), mode=padding)
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
