@@ -161,6 +161,7 @@ def aggregate(rows: list[dict]) -> dict:
         "epe_median": _median(r["epe"]["median"] for r in same),
         "epe_p95": _median(r["epe"]["p95"] for r in same),
         "equivariance_median": _median(r["epe"]["median"] for r in nbr),
+        "equivariance_p95": _median(r["epe"]["p95"] for r in nbr),
         "pearson_mean": _median(r.get("pearson", {}).get("mean") for r in nbr),
         "fold_fraction": _median(r["folds"]["fraction"] for r in rows),
         "fold_count": int(sum(r["folds"]["count"] for r in rows)),
@@ -168,6 +169,12 @@ def aggregate(rows: list[dict]) -> dict:
         "pairs": len(rows),
         "seconds_per_pair": float(np.mean([r["seconds"] for r in rows])),
     }
+
+
+def deformation_strain(pair_list: list[pairs.BenchmarkPair]) -> dict[str, float]:
+    """Median over pairs of the local strain (median and p95) of their synthetic fields."""
+    stats = [metrics.strain_stats(p.h, pairs.gt_valid_mask(p)) for p in pair_list]
+    return {"median": _median(s["median"] for s in stats), "p95": _median(s["p95"] for s in stats)}
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -185,19 +192,26 @@ def markdown(result: dict) -> str:
         "",
         "EPE = median over pairs of each pair's median end-point error (px) on same-section pairs"
         " against the exact ground truth; equiv. = the same for the equivariance EPE on "
-        "neighbouring-section pairs; r = mean chunked Pearson (32 px blocks) of the warped "
-        "neighbour pair; folds = median % of pixels with det J <= 0; fail = pairs with median "
+        "neighbouring-section pairs (equiv. p95: its 95th percentile); r = mean chunked "
+        "Pearson (32 px blocks) of the warped neighbour pair; folds = median % of pixels with "
+        "det J <= 0; fail = pairs with median "
         f"error > {cfg['fail_px']} px or an error; s = seconds per alignment.",
         "",
     ]
     for diff, spec in result["difficulties"].items():
-        lines += [f"## {diff}", "", f"Deformation: `{spec}`", "",
-                  "| method | EPE | EPE p95 | equiv. | r | folds % | fail | s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        strain = result.get("strain", {}).get(diff)
+        about = "" if strain is None else (
+            f" Local strain of the synthetic fields: median {100 * strain['median']:.1f} %, "
+            f"p95 {100 * strain['p95']:.1f} %."
+        )
+        lines += [f"## {diff}", "", f"Deformation: `{spec}`.{about}", "",
+                  "| method | EPE | EPE p95 | equiv. | equiv. p95 | r | folds % | fail | s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method, t in result["table"][diff].items():
             lines.append(
                 f"| {method} | {_fmt(t['epe_median'])} | {_fmt(t['epe_p95'])} | "
-                f"{_fmt(t['equivariance_median'])} | {_fmt(t['pearson_mean'], 3)} | "
+                f"{_fmt(t['equivariance_median'])} | {_fmt(t.get('equivariance_p95'))} | "
+                f"{_fmt(t['pearson_mean'], 3)} | "
                 f"{_fmt(100 * t['fold_fraction'], 3)} | {t['failures']}/{t['pairs']} | "
                 f"{_fmt(t['seconds_per_pair'])} |"
             )
@@ -297,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
         },
         "difficulties": {d: repr(pairs.DIFFICULTIES[d]) for d in diffs},
+        "strain": {d: deformation_strain([p for p in all_pairs if p.difficulty == d])
+                   for d in diffs},
         "methods": {m: baselines.method_params(m) or "trained pyramid" for m in methods},
         "table": table,
         "pairs": rows,

@@ -205,3 +205,20 @@ def test_valid_after_warp_drops_pixels_pulled_from_outside():
     assert ok[:, :40].all() and not ok[:, 40:].any()
     ok = metrics.valid_after_warp(img, _const(40, 50, 0.0, 0.0), margin=3)
     assert int(ok.sum()) == (40 - 6) * (50 - 6)
+
+
+def test_strain_zero_for_rigid_and_known_for_stretch():
+    h, w = 40, 50
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    a = math.radians(10)
+    # rotation by 10 degrees about the centre plus a translation: lengths are kept
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    rx = math.cos(a) * (xx - cx) - math.sin(a) * (yy - cy) + cx + 3.0
+    ry = math.sin(a) * (xx - cx) + math.cos(a) * (yy - cy) + cy - 2.0
+    rigid = torch.stack((rx - xx, ry - yy))
+    assert metrics.strain_stats(rigid)["max"] < 1e-5  # float32 fields
+    stretch = torch.stack((0.05 * xx, torch.zeros_like(yy)))  # x stretched by 5 %
+    s = metrics.strain_stats(stretch)
+    assert abs(s["median"] - 0.05) < 1e-6 and abs(s["max"] - 0.05) < 1e-6
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    assert metrics.strain_stats(stretch, mask)["pixels"] == 0
