@@ -326,8 +326,8 @@ def default_stage_pad(model) -> int:
     level pixels (high-pass, then products), which sets the range that matters:
     ``PAD_SIGMAS * prior_sigma * stride`` (320 for the default net), at least 3 ``norm_sigma``
     (the local normalisation window); without the prior ``PAD_SIGMAS * stride``; plus 3 sigmas
-    of the residual blur and of every Lucas-Kanade step; times ``iterations`` (each pass reaches
-    as far again). Rounded up to :func:`stage_quantum`.
+    of the residual blur, of any wider per-level blur and of every Lucas-Kanade step; times
+    ``iterations`` (each pass reaches as far again). Rounded up to :func:`stage_quantum`.
     Other stage modules may define ``tile_pad``; otherwise 8 ``stride``. Measured:
     docs/inference.md.
     """
@@ -342,6 +342,10 @@ def default_stage_pad(model) -> int:
             pad = max(PAD_SIGMAS * sigma * stride, 3 * float(spec.get("norm_sigma", 0)))
             # the parameter-free refinements reach further: residual blur, then LK windows
             pad += 3 * float(spec.get("residual_sigma", 0))
+            # wider per-level residual blurs (level_smooth_sigma), in stage pixels
+            level_sigmas = spec.get("level_smooth_sigma") or []
+            base = float(spec.get("smooth_sigma", 0))
+            pad += sum(3 * max(0.0, float(v) - base) * 2**lv for lv, v in enumerate(level_sigmas))
             pad += 3 * float(spec.get("lk_sigma", 0)) * int(spec.get("lk_iterations", 0))
             pad *= int(spec.get("iterations", 1))  # every pass reaches as far again
         else:

@@ -132,8 +132,9 @@ def test_export_refuses_a_module_whose_frozen_code_differs(pyramid, tmp_path):
     shutil.copytree(pyramid, changed)
     code = next(changed.glob("1_*")) / "code" / "nets.py"
     text = code.read_text()
-    assert text.count("res = self._smooth(res)") == 1
-    code.write_text(text.replace("res = self._smooth(res)", "res = self._smooth(res) * 1.5"))
+    assert text.count("res = self._smooth(res, level)") == 1
+    code.write_text(text.replace("res = self._smooth(res, level)",
+                                 "res = self._smooth(res, level) * 1.5"))
     out = tmp_path / "x.pt"
     with pytest.raises(MetroemError, match="frozen code does not match"):
         export.export_pyramid(str(changed), str(out))

@@ -322,3 +322,34 @@ def test_iterations_run_the_stage_again_from_its_own_field():
     q = tiling.stage_quantum(once)
     assert tiling.default_stage_pad(twice) >= 2 * (tiling.default_stage_pad(once) - q)
     assert tiling.default_stage_pad(twice) > tiling.default_stage_pad(once)
+
+
+def test_level_smooth_sigma_overrides_the_blur_of_chosen_levels_only():
+    img = _isbi(5)[..., :128, :128]
+    src = fields.warp_image(img, torch.tensor([3.0, -2.0]).view(1, 2, 1, 1).expand(1, 2, 128, 128))
+    base = nets.build_model(nets.default_spec(levels=4))
+    same = nets.build_model(nets.default_spec(levels=4, level_smooth_sigma=[1.0] * 4))
+    wide = nets.build_model(nets.default_spec(levels=4, level_smooth_sigma=[1, 1, 1, 4.0]))
+    # parameter-free: the same weights load, and no state is added
+    same.load_state_dict(base.state_dict())
+    wide.load_state_dict(base.state_dict())
+    assert set(wide.state_dict()) == set(base.state_dict())
+    with torch.no_grad():
+        a, b, c = base(src, img), same(src, img), wide(src, img)
+        scripted = torch.jit.script(wide).align(src, img, None)
+    assert torch.equal(a, b)  # smooth_sigma at every level == no override
+    assert (a - c).abs().max() > 1e-3  # the coarsest level's blur changed the field
+    assert torch.allclose(scripted, c, atol=1e-5)  # and TorchScript runs it the same
+    # the blur is applied where it should be: an override of an unrefined level does nothing
+    fine = nets.build_model(nets.default_spec(levels=4, finest_level=1,
+                                              level_smooth_sigma=[9.0, 1, 1, 1]))
+    fine.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fine(src, img), base(src, img))
+    # the tiling pad covers the wider blur
+    from metroem import tiling
+    assert tiling.default_stage_pad(wide) > tiling.default_stage_pad(base)
+    with pytest.raises(ValueError, match="level_smooth_sigma"):
+        nets.default_spec(levels=4, level_smooth_sigma=[1.0, 2.0])
+    with pytest.raises(ValueError, match="level_smooth_sigma"):
+        nets.default_spec(levels=4, level_smooth_sigma=[1.0, 1.0, 1.0, -1.0])

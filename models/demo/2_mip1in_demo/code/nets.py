@@ -57,6 +57,11 @@ _DEFAULTS: dict = {
     "concat_features": False,  # also feed target + warped source features to the heads
     "smooth_output": True,  # Gaussian-blur each residual (cuts folds)
     "smooth_sigma": 1.0,  # its standard deviation, in pixels of the level
+    # Per-level override of smooth_sigma: null, or one number >= 0 per level 0..L (0 = no
+    # blur there). Parameter-free, so trained weights can run with it: a wider blur at the
+    # coarse levels keeps their block matching from jumping to a far, wrong match where
+    # neighbouring sections have no consistent correspondence (docs/nets_and_losses.md).
+    "level_smooth_sigma": None,
     # Block-matching prior: at each level the residual starts as the soft-argmax of a local NCC
     # cost volume of the image pyramid (high-passed, aggregated over a Gaussian window), and the
     # head (which also sees that cost volume) learns a correction. An untrained net is then
@@ -154,6 +159,16 @@ def validate_spec(spec: dict) -> dict:
     ):
         if not isinstance(out[key], (int, float)) or out[key] <= 0:
             raise ValueError(f"{key} must be a positive number, got {out[key]!r}")
+    lss = out["level_smooth_sigma"]
+    if lss is not None and not (
+        isinstance(lss, list)
+        and len(lss) == levels
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in lss)
+    ):
+        raise ValueError(
+            f"level_smooth_sigma must be null or a list of {levels} numbers >= 0 "
+            f"(levels 0..{levels - 1}), got {lss!r}"
+        )
     rs = out["residual_sigma"]
     if not isinstance(rs, (int, float)) or isinstance(rs, bool) or rs < 0:
         raise ValueError(f"residual_sigma must be a number >= 0, got {rs!r}")
@@ -420,6 +435,17 @@ def lucas_kanade_step(
     return step.clamp(-1.0, 1.0)
 
 
+class GaussianBlur(nn.Module):
+    """:func:`gaussian_blur` with a fixed ``sigma`` (a non-persistent buffer: not in weights)."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.register_buffer("kernel", _gaussian_kernel(sigma), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gaussian_blur(x, self.kernel)
+
+
 class ResidualHead(nn.Module):
     """Local correlation (+ optional features) -> residual field at one level."""
 
@@ -481,6 +507,15 @@ class StageAligner(nn.Module):
             self.register_buffer("smooth_kernel", _gaussian_kernel(float(s["smooth_sigma"])))
         else:
             self.smooth_kernel = None
+        # levels whose residual blur differs from smooth_sigma (level_smooth_sigma)
+        self.level_blurs = nn.ModuleDict()
+        if s["smooth_output"] and s["level_smooth_sigma"] is not None:
+            for level in range(self.finest_level, self.num_levels):
+                sigma = float(s["level_smooth_sigma"][level])
+                if sigma != float(s["smooth_sigma"]):
+                    self.level_blurs[str(level)] = (
+                        GaussianBlur(sigma) if sigma > 0 else nn.Identity()
+                    )
         if s["local_prior"]:
             self.register_buffer("prior_kernel", _gaussian_kernel(float(s["prior_sigma"])))
             self.prior_log_temperature = nn.ParameterDict(
@@ -513,10 +548,18 @@ class StageAligner(nn.Module):
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _smooth(self, field: Tensor) -> Tensor:
-        # Replicate padding keeps a constant field constant at the borders.
+    def _smooth(self, field: Tensor, level: int) -> Tensor:
+        """The residual blur of ``level`` (replicate padding keeps a constant field constant)."""
+        out = field
+        overridden = False
+        for key, blur in self.level_blurs.items():  # TorchScript: no ModuleDict[level]
+            if int(key) == level:
+                out = blur(field)
+                overridden = True
         kernel = self.smooth_kernel
-        return field if kernel is None else gaussian_blur(field, kernel)
+        if not overridden and kernel is not None:
+            out = gaussian_blur(field, kernel)
+        return out
 
     def _pad(self, x: Tensor) -> Tensor:
         ph = (-x.shape[-2]) % self.stride
@@ -646,7 +689,7 @@ class StageAligner(nn.Module):
             res = self._head(level, inp)
             if prior is not None:
                 res = res + prior
-            res = self._smooth(res)
+            res = self._smooth(res, level)
             field = fields.compose(field, res)
         residual_kernel = self.residual_kernel
         if residual_kernel is not None:
