@@ -342,10 +342,14 @@ def default_stage_pad(model) -> int:
             pad = max(PAD_SIGMAS * sigma * stride, 3 * float(spec.get("norm_sigma", 0)))
             # the parameter-free refinements reach further: residual blur, then LK windows
             pad += 3 * float(spec.get("residual_sigma", 0))
-            # wider per-level residual blurs (level_smooth_sigma), in stage pixels
-            level_sigmas = spec.get("level_smooth_sigma") or []
-            base = float(spec.get("smooth_sigma", 0))
-            pad += sum(3 * max(0.0, float(v) - base) * 2**lv for lv, v in enumerate(level_sigmas))
+            # wider per-level residual blurs (level_smooth_sigma), in stage pixels; like the
+            # net, only on refined levels and only with smooth_output
+            if spec.get("smooth_output", True):
+                sigmas = spec.get("level_smooth_sigma") or []
+                base = float(spec.get("smooth_sigma", 0))
+                finest = int(spec.get("finest_level", 0))
+                pad += sum(3 * max(0.0, float(sigmas[lv]) - base) * 2**lv
+                           for lv in range(finest, len(sigmas)))
             pad += 3 * float(spec.get("lk_sigma", 0)) * int(spec.get("lk_iterations", 0))
             pad *= int(spec.get("iterations", 1))  # every pass reaches as far again
         else:

@@ -349,6 +349,7 @@ def test_level_smooth_sigma_overrides_the_blur_of_chosen_levels_only():
     # the tiling pad covers the wider blur
     from metroem import tiling
     assert tiling.default_stage_pad(wide) > tiling.default_stage_pad(base)
+    assert tiling.default_stage_pad(fine) == tiling.default_stage_pad(base)  # level 0 unused
     with pytest.raises(ValueError, match="level_smooth_sigma"):
         nets.default_spec(levels=4, level_smooth_sigma=[1.0, 2.0])
     with pytest.raises(ValueError, match="level_smooth_sigma"):
