@@ -35,7 +35,7 @@ isbi: $(STAMP)
 	# the shipped weights were trained with the parameter-free refinements off, then switched on
 	# (every stage then runs twice: iterations=2)
 	# (and stage 0's three coarsest levels get a wider residual blur: level_smooth_sigma)
-	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=0, residual_sigma=0.0, iterations=1, level_smooth_sigma=None) for x in m.discover('$(RUN)/pyramid')]"
+	$(PY) -c "from metroem import modules as m; from metroem.nets import REFINEMENTS_OFF as off; [m.update_spec(x.path, **off) for x in m.discover('$(RUN)/pyramid')]"
 	$(PY) train.py --pyramid_path $(RUN)/pyramid --dataset_path $(RUN)/data --checkpoint_name isbi \
 	    --train_mode custom --train_params_path models/isbi/train.yaml --seed 0 $(ARGS)
 	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=1, lk_sigma=8.0, residual_sigma=12.0, iterations=2) for x in m.discover('$(RUN)/pyramid')]"

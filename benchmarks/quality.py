@@ -191,7 +191,7 @@ def markdown(result: dict) -> str:
         "",
         f"`{cfg['command']}` on {cfg['machine']}, {cfg['threads']} threads, "
         f"{cfg['pairs_per_kind']} pairs per kind and difficulty "
-        f"({cfg.get('sections', cfg['pairs_per_kind'])} sections x {cfg.get('draws', 1)} "
+        f"({cfg['sections']} sections x {cfg['draws']} "
         f"deformations), sections from `{cfg['data']}`"
         f" ({cfg['size']} px). Total {cfg['total_seconds']:.0f} s.",
         "",

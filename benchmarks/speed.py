@@ -119,18 +119,12 @@ def throughput(methods: dict, src, tgt, repeats: int) -> dict:
     return out
 
 
-# The recipes train with the parameter-free inference refinements off (``make isbi`` switches
-# them on after training), so a training step is timed without them.
-TRAINING_SPEC = {"lk_iterations": 0, "residual_sigma": 0.0, "iterations": 1,
-                 "level_smooth_sigma": None}
-
-
 def training_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The stage as a recipe trains it: its weights, with :data:`TRAINING_SPEC` applied."""
+    """The stage as a recipe trains it: its weights, with :data:`nets.REFINEMENTS_OFF`."""
     spec = getattr(model, "spec", None)
     if not isinstance(spec, dict):
         return model
-    copy = nets.build_model(dict(spec, **TRAINING_SPEC))
+    copy = nets.build_model(dict(spec, **nets.REFINEMENTS_OFF))
     copy.load_state_dict(model.state_dict(), strict=False)
     return copy
 

@@ -88,6 +88,15 @@ _DEFAULTS: dict = {
     "iterations": 1,
 }
 
+# The parameter-free refinements above switched off: the recipes train with these and switch
+# the refinements on afterwards (``make isbi``), so the learned levels are trained on their own.
+REFINEMENTS_OFF: dict = {
+    "lk_iterations": 0,
+    "residual_sigma": 0.0,
+    "iterations": 1,
+    "level_smooth_sigma": None,
+}
+
 
 _PER_LEVEL = ("local_radius", "head_channels")  # lists with one entry per level 0..L
 
