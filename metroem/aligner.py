@@ -16,13 +16,14 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroem import fields, modules
+from metroem import fields, modules, regularize
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -43,6 +44,12 @@ class PyramidAligner(nn.Module):
     ``finetune=True`` refines the network's field on each pair by optimising the field itself
     (see :mod:`metroem.finetune`); ``finetune_options`` are passed to
     :func:`metroem.finetune.finetune_field` (``iterations``, ``lr``, ``smoothness``, ...).
+
+    ``smoothing_px > 0`` replaces the pyramid's field by its local affine fit in a Gaussian
+    window of that many pixels at ``input_mip`` (:func:`metroem.regularize.smooth_field`,
+    weighted by where both images have data): tissue that changes between neighbouring
+    sections is not pulled onto its neighbour. :func:`load_aligner` sets it from a length in
+    nm. It runs in :meth:`forward` (the whole-image aligner), not in the exported program.
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class PyramidAligner(nn.Module):
         input_mip: int | None = None,
         finetune: bool = False,
         finetune_options: dict | None = None,
+        smoothing_px: float = 0.0,
     ):
         super().__init__()
         if not stages:
@@ -62,6 +70,9 @@ class PyramidAligner(nn.Module):
         self.input_mip = min(self.mips) if input_mip is None else int(input_mip)
         self.finetune = bool(finetune)
         self.finetune_options = dict(finetune_options or {})
+        self.smoothing_px = float(smoothing_px)
+        if not (self.smoothing_px >= 0 and math.isfinite(self.smoothing_px)):
+            raise ValueError(f"smoothing_px must be a number >= 0, got {smoothing_px}")
 
     __jit_unused_properties__ = ["device"]  # TorchScript (metroem export) runs :meth:`run`
 
@@ -118,6 +129,12 @@ class PyramidAligner(nn.Module):
         agg = plain_tensor(src_agg_field)
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
             field = self._run(plain_tensor(src_img), plain_tensor(tgt_img), agg, mip_in)
+            if self.smoothing_px > 0:
+                src = plain_tensor(src_img).to(field.device)
+                tgt = plain_tensor(tgt_img).to(field.device)
+                scale = 2.0 ** (mip_in - self.input_mip)  # the length is set at input_mip
+                weight = regularize.data_weight(src, tgt, field)
+                field = regularize.smooth_field(field, self.smoothing_px / scale, weight)
         if self.finetune if finetune is None else finetune:
             from metroem.finetune import finetune_field
 
@@ -198,12 +215,17 @@ def load_aligner(
     input_mip: int | None = None,
     finetune: bool = False,
     finetune_options: dict | None = None,
+    smoothing_nm: float | None = None,
+    resolution_nm: float | None = None,
 ) -> PyramidAligner:
     """Load a trained pyramid (all stages or the given stage numbers) as one aligner.
 
     Each module folder is loaded through its own ``create.py`` (as modelhouse does), with
     ``checkpoint_name`` (default: each module's default / latest checkpoint). ``input_mip`` is
     the MIP of the images the aligner will be called with (default: the finest stage's).
+
+    ``smoothing_nm`` (with ``resolution_nm``, the size of a MIP0 pixel in nm) keeps only the
+    part of the field that is affine over about that length (see :class:`PyramidAligner`).
     """
     device = torch.device(device)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -212,12 +234,22 @@ def load_aligner(
             f"device {device} requested but {count} GPU(s) are visible; use device='cpu' or a "
             "visible GPU"
         )
+    smoothing_px = 0.0
+    if smoothing_nm:
+        if resolution_nm is None:
+            raise MetroemError(
+                "smoothing_nm needs the pixel size: pass resolution_nm (nm per MIP0 pixel)"
+            )
     mods = modules.select_stages(modules.discover(pyramid_path), stages)
     loaded = [
         (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
         for m in mods
     ]
+    if smoothing_nm:
+        mip_in = min(m.mip for m in mods) if input_mip is None else int(input_mip)
+        smoothing_px = regularize.sigma_px(smoothing_nm, resolution_nm, mip_in)
     aligner = PyramidAligner(
-        loaded, input_mip=input_mip, finetune=finetune, finetune_options=finetune_options
+        loaded, input_mip=input_mip, finetune=finetune, finetune_options=finetune_options,
+        smoothing_px=smoothing_px,
     )
     return aligner.to(device).eval()

@@ -37,6 +37,10 @@ __all__ = [
     "fold_stats",
     "roughness",
     "strain_stats",
+    "gradient_norm_stats",
+    "affine_fit",
+    "nonaffine_stats",
+    "interior_mask",
     "residual",
 ]
 
@@ -228,6 +232,63 @@ def strain_stats(field, mask=None) -> dict[str, float]:
     if mask is not None:
         dev = dev[_as_mask(mask, tuple(f.shape[-2:]))[1:-1, 1:-1]]
     return _stats(dev.flatten())
+
+
+def gradient_norm_stats(field, mask=None) -> dict[str, float]:
+    """Frobenius norm of the field's spatial gradient (px/px) per pixel, central differences:
+    0 for a translation, about ``angle`` (rad) x sqrt(2) for a small rotation. Returns median,
+    p95 and max over interior pixels (within ``mask``).
+
+    A field between real neighbouring sections should be nearly affine, so this stays small
+    (a few hundredths); a field that bends each neurite onto its neighbour's ("morphing") has
+    gradients of tenths.
+    """
+    f = as_field(field)[0].double()
+    gx = (f[:, 1:-1, 2:] - f[:, 1:-1, :-2]) / 2
+    gy = (f[:, 2:, 1:-1] - f[:, :-2, 1:-1]) / 2
+    norm = (gx.pow(2) + gy.pow(2)).sum(0).sqrt()
+    if mask is not None:
+        norm = norm[_as_mask(mask, tuple(f.shape[-2:]))[1:-1, 1:-1]]
+    return _stats(norm.flatten())
+
+
+def interior_mask(shape: tuple[int, int], margin: int) -> Tensor:
+    """Boolean ``(H, W)`` mask without a ``margin``-pixel band along the border."""
+    h, w = shape
+    m = torch.zeros(h, w, dtype=torch.bool)
+    if 2 * margin < h and 2 * margin < w:
+        m[margin : h - margin, margin : w - margin] = True
+    return m
+
+
+def affine_fit(field, mask=None) -> Tensor:
+    """The least-squares affine field ``A [x, y, 1]`` of ``field`` over ``mask`` (all pixels if
+    None), as a ``(1, 2, H, W)`` field."""
+    f = as_field(field)
+    h, w = f.shape[-2:]
+    m = _as_mask(mask, (h, w)).reshape(-1)
+    if int(m.sum()) < 3:
+        raise ValueError("an affine fit needs at least 3 pixels in the mask")
+    ys = torch.arange(h, dtype=torch.float64) - (h - 1) / 2
+    xs = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    design = torch.stack((gx, gy, torch.ones_like(gx)), -1).reshape(-1, 3)
+    values = f[0].reshape(2, -1).T.double()
+    coef = torch.linalg.lstsq(design[m], values[m]).solution  # (3, 2)
+    return (design @ coef).T.reshape(1, 2, h, w).float()
+
+
+def nonaffine_stats(field, mask=None) -> dict[str, float]:
+    """Size (px) of what is left of ``field`` after its least-squares affine fit over ``mask``.
+
+    On a pair whose right field is affine (real neighbouring sections of a small field of
+    view, registered slices) this residual is the "morph": the part of the field that bends
+    one section's tissue onto the other's. Median, p95, max, mean over ``mask``.
+    """
+    f = as_field(field)
+    m = _as_mask(mask, tuple(f.shape[-2:]))
+    rest = (f - affine_fit(f, m)).pow(2).sum(1).sqrt()[0]
+    return _stats(rest[m])
 
 
 def roughness(field, mask=None) -> float:

@@ -1,0 +1,181 @@
+"""Field regularisation with a physical length: keep the smooth distortion, drop the morph.
+
+Neighbouring sections show different tissue, so a matcher's field between them has two parts:
+the smooth distortion of the section (drift, stretch, shear, a gentle bend over microns),
+which is what alignment must remove, and local pulls toward whichever membrane of the other
+section looks most alike ("morphing"), which vary from neurite to neurite and must be left
+alone. :func:`smooth_field` keeps the first and averages the second away: at every pixel it
+fits a straight (affine) field to the surrounding field by weighted least squares, with a
+Gaussian window of standard deviation ``sigma`` pixels, and takes the fit's value there
+("local linear regression", a first-order normalised convolution).
+
+* An affine field is returned unchanged, everywhere, the image edge included: drift, rotation,
+  scale and shear are never shrunk, whatever ``sigma``.
+* Variations shorter than ``sigma`` are averaged out. Choose ``sigma`` from the physical size
+  of the distortion you expect (:func:`sigma_px` converts nm to pixels at a MIP); the trade-off
+  between following real distortion and ignoring tissue change is measured in
+  ``benchmarks/results/neighbours.md``.
+* Pixels are weighted (``weight``, e.g. 0 where either image has no data), and a few rounds of
+  iteratively reweighted least squares (Cauchy weights with scale ``robust_scale`` pixels)
+  discount far matches that disagree with their surroundings.
+* It is local (support about ``3 * sigma``), so a tile padded by that much gives the
+  whole-image result; it is differentiable.
+
+The window sums are taken on a grid ``sigma / 4`` times coarser (box average, Gaussian blur,
+bilinear interpolation of the fitted coefficients back to full resolution), so its cost does not
+grow with ``sigma``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from metroem import fields
+from metroem.errors import MetroemError
+
+Tensor = torch.Tensor
+
+__all__ = ["smooth_field", "sigma_px", "data_weight"]
+
+WEIGHT_FLOOR = 1e-3  # pixels without data still count a little, so every window has a fit
+SLOPE_RIDGE = 1e-9  # keeps the normal equations invertible in exact degenerate cases
+
+
+def sigma_px(length_nm: float, resolution_nm: float, mip: int = 0) -> float:
+    """A length in nm as pixels of an image at ``mip`` whose MIP0 pixels are ``resolution_nm``."""
+    if not (length_nm >= 0 and math.isfinite(length_nm)):
+        raise MetroemError(f"smoothing length must be a number >= 0 nm, got {length_nm}")
+    if not (resolution_nm > 0 and math.isfinite(resolution_nm)):
+        raise MetroemError(
+            f"resolution must be > 0 nm per pixel, got {resolution_nm}; pass the MIP0 pixel "
+            "size of the images (e.g. --resolution_nm 4)"
+        )
+    return float(length_nm) / (float(resolution_nm) * 2 ** int(mip))
+
+
+def data_weight(src: Tensor, tgt: Tensor, field: Tensor) -> Tensor:
+    """``(N, 1, H, W)``: 1 where the target has data and the field samples the source's data."""
+    ok = fields.warp_image((src != 0).to(field.dtype), field) > 0.5
+    return (ok & (tgt != 0)).to(field.dtype)
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur, zero padding (sums of weighted values: outside counts 0)."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)
+
+
+def _axis_moments(x: Tensor, factor: int, sigma: float, powers: int) -> Tensor:
+    """Per coarse cell, sums of ``x * u^k * v^l`` (``k, l < powers``), u/v the fine pixel's
+    offset from its cell's centre in units of ``sigma``: ``(N, C, hc, wc, powers, powers)``."""
+    n, c, hp, wp = x.shape
+    hc, wc = hp // factor, wp // factor
+    off = (torch.arange(factor, dtype=x.dtype, device=x.device) - (factor - 1) / 2) / sigma
+    basis = torch.stack([off**k for k in range(powers)], dim=1)  # (factor, powers)
+    a = x.reshape(n, c, hc, factor, wc, factor) @ basis  # sums along x: (n, c, hc, f, wc, P)
+    return torch.einsum("ncipjk,pl->ncijlk", a, basis)  # then along y
+
+
+def _centres(n_cells: int, factor: int, size: int, sigma: float, like: Tensor) -> Tensor:
+    """Global coordinates (about the image centre, in units of ``sigma``) of the cell centres."""
+    i = torch.arange(n_cells, dtype=like.dtype, device=like.device)
+    return (i * factor + (factor - 1) / 2 - (size - 1) / 2) / sigma
+
+
+def _local_linear(field: Tensor, weight: Tensor, sigma: float) -> Tensor:
+    """One weighted local-linear fit of ``field``, see the module docstring.
+
+    Window sums are collected per coarse cell about the cell's centre (small numbers, float32
+    on the full-resolution data), moved to global coordinates and blurred in float64 on the
+    coarse grid; the fitted coefficients of ``a + bx x + by y`` are interpolated back.
+    """
+    n, _, h, w = field.shape
+    factor = max(1, int(sigma // 4))
+    hc, wc = -(-h // factor), -(-w // factor)
+    pad = (0, wc * factor - w, 0, hc * factor - h)
+    wt = F.pad(weight.to(field.dtype), pad)
+    m_w = _axis_moments(wt, factor, sigma, 3).double()[:, 0]  # (N, hc, wc, 3 (v), 3 (u))
+    m_f = _axis_moments(F.pad(field, pad) * wt, factor, sigma, 2).double()  # (N, 2, ., ., 2, 2)
+    cx = _centres(wc, factor, w, sigma, m_w).view(1, 1, wc)
+    cy = _centres(hc, factor, h, sigma, m_w).view(1, hc, 1)
+    s0, su, sv = m_w[..., 0, 0], m_w[..., 0, 1], m_w[..., 1, 0]
+    suu, suv, svv = m_w[..., 0, 2], m_w[..., 1, 1], m_w[..., 2, 0]
+    cx2, cy2 = cx.unsqueeze(1), cy.unsqueeze(1)
+    sums = torch.cat(
+        [
+            torch.stack(
+                [s0, cx * s0 + su, cy * s0 + sv, cx * cx * s0 + 2 * cx * su + suu,
+                 cx * cy * s0 + cx * sv + cy * su + suv, cy * cy * s0 + 2 * cy * sv + svv],
+                dim=1,
+            ),
+            m_f[..., 0, 0],
+            cx2 * m_f[..., 0, 0] + m_f[..., 0, 1],
+            cy2 * m_f[..., 0, 0] + m_f[..., 1, 0],
+        ],
+        dim=1,
+    )  # (N, 12, hc, wc): 1, x, y, xx, xy, yy of the weight; f, f x, f y of both channels
+    sums = _gaussian_blur(sums, sigma / factor)
+    s0, sx, sy, sxx, sxy, syy = sums[:, 0:6].unbind(1)
+    ridge = SLOPE_RIDGE * s0
+    row0 = torch.stack((s0, sx, sy), -1)
+    row1 = torch.stack((sx, sxx + ridge, sxy), -1)
+    row2 = torch.stack((sy, sxy, syy + ridge), -1)
+    normal = torch.stack((row0, row1, row2), -2)  # (N, hc, wc, 3, 3)
+    rhs = torch.stack((sums[:, 6:8], sums[:, 8:10], sums[:, 10:12]), -1)  # (N, 2, hc, wc, 3)
+    coef = torch.linalg.solve(normal, rhs.permute(0, 2, 3, 4, 1))  # (N, hc, wc, 3, 2)
+    coef = coef.permute(0, 3, 4, 1, 2).reshape(n, 6, hc, wc).to(field.dtype)
+    if factor > 1:
+        # coarse cell centres sit where bilinear (align_corners=False) puts them
+        coef = F.interpolate(coef, scale_factor=float(factor), mode="bilinear",
+                             align_corners=False)[..., :h, :w]
+    ys = (torch.arange(h, dtype=field.dtype, device=field.device) - (h - 1) / 2) / sigma
+    xs = (torch.arange(w, dtype=field.dtype, device=field.device) - (w - 1) / 2) / sigma
+    return coef[:, 0:2] + coef[:, 2:4] * xs.view(1, 1, 1, w) + coef[:, 4:6] * ys.view(1, 1, h, 1)
+
+
+def smooth_field(
+    field: Tensor,
+    sigma: float,
+    weight: Tensor | None = None,
+    robust_iterations: int = 2,
+    robust_scale: float = 2.0,
+) -> Tensor:
+    """The field's local affine fit in a Gaussian window of ``sigma`` pixels (module docstring).
+
+    ``field`` is ``(N, 2, H, W)`` in pixels; ``weight`` ``(N, 1, H, W)`` (or ``(H, W)``) >= 0,
+    default all ones; ``sigma <= 0`` returns the field unchanged. ``robust_iterations`` rounds
+    of reweighting by ``1 / (1 + (r / robust_scale)^2)``, ``r`` each pixel's distance (px) from
+    the previous fit.
+    """
+    fields.check_field(field)
+    if not math.isfinite(sigma):
+        raise MetroemError(f"smoothing sigma must be finite, got {sigma}")
+    if sigma <= 0:
+        return field
+    if robust_iterations < 0 or not robust_scale > 0:
+        raise MetroemError("robust_iterations must be >= 0 and robust_scale > 0")
+    n, _, h, w = field.shape
+    base = torch.ones(n, 1, h, w, dtype=field.dtype, device=field.device)
+    if weight is not None:
+        weight = weight.to(field.dtype)
+        if weight.dim() == 2:
+            weight = weight.view(1, 1, h, w)
+        if weight.shape[-2:] != (h, w):
+            raise MetroemError(f"weight {tuple(weight.shape)} does not match field {(h, w)}")
+        base = base * weight.clamp_min(0)
+    base = base.clamp_min(WEIGHT_FLOOR)
+    wt = base
+    out = _local_linear(field, wt, float(sigma))
+    for _ in range(robust_iterations):
+        r = (field - out).pow(2).sum(1, keepdim=True).sqrt()
+        wt = (base / (1 + (r / robust_scale) ** 2)).clamp_min(WEIGHT_FLOOR)
+        out = _local_linear(field, wt, float(sigma))
+    return out
