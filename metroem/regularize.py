@@ -18,8 +18,8 @@ Gaussian window of standard deviation ``sigma`` pixels, and takes the fit's valu
 * Pixels are weighted (``weight``, e.g. 0 where either image has no data), and a few rounds of
   iteratively reweighted least squares (Cauchy weights with scale ``robust_scale`` pixels)
   discount far matches that disagree with their surroundings.
-* It is local (support about ``3 * sigma``), so a tile padded by that much gives the
-  whole-image result; it is differentiable.
+* It is local (:func:`support_px`: about ``3 * sigma`` per reweighting round), so a tile
+  padded by that much gives the whole-image result; it is differentiable.
 
 The window sums are taken on a grid ``sigma / 4`` times coarser (box average, Gaussian blur,
 bilinear interpolation of the fitted coefficients back to full resolution), so its cost does not
@@ -38,7 +38,7 @@ from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
 
-__all__ = ["smooth_field", "sigma_px", "data_weight"]
+__all__ = ["smooth_field", "sigma_px", "data_weight", "support_px"]
 
 WEIGHT_FLOOR = 1e-3  # pixels without data still count a little, so every window has a fit
 SLOPE_RIDGE = 1e-9  # keeps the normal equations invertible in exact degenerate cases
@@ -54,6 +54,16 @@ def sigma_px(length_nm: float, resolution_nm: float, mip: int = 0) -> float:
             "size of the images (e.g. --resolution_nm 4)"
         )
     return float(length_nm) / (float(resolution_nm) * 2 ** int(mip))
+
+
+def support_px(sigma: float, robust_iterations: int = 2) -> int:
+    """How far (px) a pixel's result can reach: a tile padded by this gives the whole-image
+    result. Each reweighting round reaches one window further."""
+    if sigma <= 0:
+        return 0
+    factor = max(1, int(sigma // 4))
+    one = (max(1, math.ceil(3 * sigma / factor)) + 2) * factor
+    return (1 + robust_iterations) * one
 
 
 def data_weight(src: Tensor, tgt: Tensor, field: Tensor) -> Tensor:
@@ -166,11 +176,9 @@ def smooth_field(
     base = torch.ones(n, 1, h, w, dtype=field.dtype, device=field.device)
     if weight is not None:
         weight = weight.to(field.dtype)
-        if weight.dim() == 2:
-            weight = weight.view(1, 1, h, w)
         if weight.shape[-2:] != (h, w):
             raise MetroemError(f"weight {tuple(weight.shape)} does not match field {(h, w)}")
-        base = base * weight.clamp_min(0)
+        base = base * weight.reshape(-1, 1, h, w).clamp_min(0)
     base = base.clamp_min(WEIGHT_FLOOR)
     wt = base
     out = _local_linear(field, wt, float(sigma))

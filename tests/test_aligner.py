@@ -215,3 +215,33 @@ def test_input_mip_coarser_than_every_stage_is_refused_unless_there_is_no_data(p
     empty = torch.zeros_like(src)
     with torch.no_grad():
         assert not al(empty, tgt, input_mip=2).any()  # no data: the zero field, no error
+
+
+def test_smoothing_nm_keeps_the_affine_part_and_drops_the_rest(pyramid):
+    """smoothing_nm replaces the field by regularize.smooth_field of it (data-weighted), at
+    sigma = length / pixel size; bad settings are refused with the flag to fix."""
+    from metroem import regularize
+    from metroem.errors import MetroemError
+    from metroem.eval import metrics
+
+    src, tgt = isbi_pair(96)
+    plain = metroem.load_aligner(pyramid, "rand")
+    smooth = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4)
+    assert smooth.smoothing_px == 16.0
+    raw = plain(src, tgt)
+    out = smooth(src, tgt)
+    expected = regularize.smooth_field(
+        raw, 16.0, regularize.data_weight(src.float(), tgt.float(), raw)
+    )
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert metrics.gradient_norm_stats(out)["p95"] < metrics.gradient_norm_stats(raw)["p95"]
+    # at MIP 1 input the same length is half as many pixels
+    coarse = fields.resample_image(src.float(), 0, 1), fields.resample_image(tgt.float(), 0, 1)
+    raw1 = plain(*coarse, input_mip=1)
+    w1 = regularize.data_weight(*coarse, raw1)
+    assert torch.allclose(smooth(*coarse, input_mip=1),
+                          regularize.smooth_field(raw1, 8.0, w1), atol=1e-5)
+    with pytest.raises(MetroemError, match="resolution_nm"):
+        metroem.load_aligner(pyramid, "rand", smoothing_nm=64)
+    with pytest.raises(ValueError, match="smoothing_px"):
+        aligner_mod.PyramidAligner([(0, nets.build_model(SPEC))], smoothing_px=-1)

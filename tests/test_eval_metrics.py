@@ -222,3 +222,59 @@ def test_strain_zero_for_rigid_and_known_for_stretch():
     assert abs(s["median"] - 0.05) < 1e-6 and abs(s["max"] - 0.05) < 1e-6
     mask = torch.zeros(h, w, dtype=torch.bool)
     assert metrics.strain_stats(stretch, mask)["pixels"] == 0
+
+
+# --- affine fit, morph (non-affine part) and gradient norm --------------------------------------
+
+
+def _affine_field(h: int = 64, w: int = 80):
+    from metroem import synth
+
+    m = torch.tensor([[[1.02, 0.03], [-0.01, 0.97]]])
+    return synth.affine_field(m, torch.tensor([[5.0, -3.0]]), h, w)
+
+
+def test_affine_fit_recovers_an_affine_field_and_the_morph_of_it_is_zero():
+    aff = _affine_field()
+    assert (metrics.affine_fit(aff) - aff).abs().max() < 1e-4
+    assert metrics.nonaffine_stats(aff)["max"] < 1e-4
+
+
+def test_nonaffine_part_measures_a_known_bump():
+    """A centred 2 px bump on a quarter of the pixels: by symmetry the fit takes its mean
+    (0.5 px) and no slope, so 1.5 px are left inside it and 0.5 px outside."""
+    aff = _affine_field(64, 64)
+    bump = torch.zeros(1, 2, 64, 64)
+    bump[:, 0, 16:48, 16:48] = 2.0
+    stats = metrics.nonaffine_stats(aff + bump)
+    assert abs(stats["max"] - 1.5) < 1e-4 and abs(stats["median"] - 0.5) < 1e-4
+    assert abs(stats["mean"] - 0.75) < 1e-4
+    # within the bump alone the field is affine: nothing is left
+    assert metrics.nonaffine_stats(aff + bump, mask=bump[0, 0] > 0)["max"] < 1e-4
+
+
+def test_nonaffine_ignores_pixels_outside_the_mask():
+    aff = _affine_field(64, 64)
+    wild = aff.clone()
+    wild[:, :, :8] += 30.0
+    mask = metrics.interior_mask((64, 64), 10)
+    assert metrics.nonaffine_stats(wild, mask)["max"] < 1e-4
+    assert metrics.interior_mask((10, 10), 5).sum() == 0
+
+
+def test_gradient_norm_of_a_translation_is_zero_and_of_a_rotation_is_known():
+    from metroem import synth
+
+    shift = torch.zeros(1, 2, 32, 32)
+    shift[:, 0], shift[:, 1] = 3.5, -2.0
+    assert metrics.gradient_norm_stats(shift)["max"] < 1e-9
+    a = math.radians(3)
+    rot = torch.tensor([[[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]])
+    f = synth.affine_field(rot, torch.zeros(1, 2), 32, 32)
+    expected = math.sqrt(4 - 4 * math.cos(a))  # |R - I|_F
+    assert abs(metrics.gradient_norm_stats(f)["median"] - expected) < 1e-5
+
+
+def test_affine_fit_needs_three_pixels():
+    with pytest.raises(ValueError, match="3 pixels"):
+        metrics.affine_fit(torch.zeros(1, 2, 8, 8), mask=torch.zeros(8, 8))

@@ -96,8 +96,15 @@ def test_pair_report_after_alignment(tmp_path):
     assert np.abs(before[..., 0] - before[..., 1]).mean() > 20
     paths = report.write_pair_report(tmp_path / "rep", src, tgt, field, name="p", gt=field)
     names = sorted(Path(p).name for p in paths)
-    assert names == ["p_checkerboard.png", "p_epe.png", "p_field.png", "p_overlay.png",
-                     "p_pearson.png"]
+    assert names == ["p_checkerboard.png", "p_epe.png", "p_field.png", "p_morph.png",
+                     "p_overlay.png", "p_pearson.png", "p_warped.png"]
+    # the warped source is drawn on the target's grey scale: aligned, the two panels agree
+    warped, target = panels["warped"][strip:].astype(int), panels["target"][strip:].astype(int)
+    assert np.median(np.abs(warped[8:-8, 8:-8] - target[8:-8, 8:-8])) <= 2
+    # a constant field has no non-affine part: its morph grid is the regular grid
+    from metroem import viz
+
+    assert np.array_equal(panels["morph_grid"][strip:], viz.field_grid(np.zeros((2, SIZE, SIZE))))
     for p in paths:
         with Image.open(p) as im:
             assert im.mode == "RGB" and im.size[0] >= SIZE
@@ -143,6 +150,28 @@ def test_cli_pair_metrics_and_report(tmp_path, capsys):
     assert m["after"]["pearson"]["mean"] > 0.99 > m["before"]["pearson"]["mean"]
     assert m["folds"]["count"] == 0
     assert (tmp_path / "rep" / "pair_overlay.png").is_file()
+
+
+def test_cli_registered_pair_reports_epe_against_zero_strain_and_morph(tmp_path, capsys):
+    """--registered: the truth is 0. A field with a 2 px bump in its centre quarter has a
+    known size: the jump of 2 px over two pixels gives |grad f| 1 on its edges, sqrt(2) at
+    its corners."""
+    src, tgt, _ = _pair_files(tmp_path)
+    bump = np.zeros((2, SIZE, SIZE), np.float32)
+    q = SIZE // 4
+    bump[0, q : 3 * q, q : 3 * q] = 2.0
+    np.save(tmp_path / "bump.npy", bump)
+    argv = ["--src", src, "--tgt", tgt, "--field", str(tmp_path / "bump.npy"), "--registered"]
+    assert cli.main(argv + ["--json"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads(out[: out.rindex("}") + 1])
+    assert m["epe"]["max"] == pytest.approx(2.0) and m["epe"]["median"] == 0.0
+    assert m["nonaffine"]["max"] > 1.0 and m["strain"]["max"] == pytest.approx(2**0.5)
+    assert cli.main(argv) == 0
+    assert "morph (truth 0) median" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--gt", str(tmp_path / "bump.npy")])
+    assert "not both" in capsys.readouterr().err
 
 
 def test_cli_pair_with_baseline_method(tmp_path, capsys):

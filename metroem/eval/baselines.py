@@ -265,6 +265,8 @@ def metroem_method(
     device: str = "cpu",
     finetune: bool = False,
     input_mip: int = 0,
+    smoothing_nm: float | None = None,
+    resolution_nm: float | None = None,
 ) -> FieldFn:
     """A trained metroem pyramid as a baseline-style method (raw images in, field out).
 
@@ -272,11 +274,14 @@ def metroem_method(
     stage sees them resampled to its own MIP and the field comes back at ``input_mip``.
 
     ``finetune=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair fine-tuning
-    variant (an error if this metroem's aligner has none).
+    variant (an error if this metroem's aligner has none). ``smoothing_nm`` /
+    ``resolution_nm`` regularise the field (:func:`metroem.aligner.load_aligner`).
     """
     from metroem.aligner import load_aligner
 
-    extra = {"finetune": True} if finetune else {}
+    extra: dict = {"finetune": True} if finetune else {}
+    if smoothing_nm:
+        extra.update(smoothing_nm=smoothing_nm, resolution_nm=resolution_nm)
     try:
         aligner = load_aligner(
             pyramid_path, checkpoint_name=checkpoint_name, device=device,

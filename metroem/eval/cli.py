@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     img.add_argument("--tgt", help="target image, same size")
     img.add_argument("--field", help="field aligning src to tgt: .npy or .pt, (2, H, W) pixels")
     img.add_argument("--gt", help="ground-truth field (.npy/.pt) for end-point error")
+    img.add_argument("--registered", action="store_true",
+                     help="the right field is zero (slices of a registered block, e.g. "
+                     "FIB-SEM): report the end-point error against 0 and the morph")
     vol = p.add_argument_group("CloudVolume z range")
     vol.add_argument("--cv_path", help="image layer (file://, gs://, ...)")
     vol.add_argument("--z_start", type=int, help="first section compared with its z-1")
@@ -65,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--pyramid", help="align with this trained metroem pyramid")
     src.add_argument("--checkpoint", default=None, help="checkpoint name inside --pyramid")
     src.add_argument("--method", help=f"align with a baseline: {', '.join(baselines.METHODS)}")
+    src.add_argument("--smoothing_nm", type=float, default=None,
+                     help="keep only the part of the --pyramid field that is affine over about "
+                     "this length (metroem.regularize; needs --resolution_nm)")
+    src.add_argument("--resolution_nm", type=float, default=None,
+                     help="size of a pixel of the images in nm (for --smoothing_nm)")
     p.add_argument("--chunk", type=int, default=32, help="Pearson block side in pixels")
     p.add_argument("--report", metavar="DIR", help="write PNG pictures into DIR")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -91,7 +99,11 @@ def _aligner(args):
     if args.pyramid:
         if not os.path.isdir(args.pyramid):
             raise MetroemError(f"pyramid {args.pyramid} is not a folder; pass a trained pyramid")
-        return baselines.metroem_method(args.pyramid, args.checkpoint)
+        return baselines.metroem_method(args.pyramid, args.checkpoint,
+                                        smoothing_nm=args.smoothing_nm,
+                                        resolution_nm=args.resolution_nm)
+    if args.smoothing_nm:
+        raise MetroemError("--smoothing_nm applies to a --pyramid; pass one, or drop it")
     if args.method:
         if args.method not in baselines.METHODS:
             raise MetroemError(
@@ -117,13 +129,21 @@ def pair_metrics(src: Tensor, tgt: Tensor, field: Tensor, chunk: int, gt=None) -
         "roughness": metrics.roughness(field),
         "mean_displacement": [float(v) for v in metrics.as_field(field).mean((0, 2, 3))],
     }
+    interior = metrics.interior_mask(tuple(metrics.as_field(field).shape[-2:]), INTERIOR)
+    interior &= metrics.as_image(tgt)[0, 0] != 0
+    if int(interior.sum()) >= 3:
+        out["strain"] = metrics.gradient_norm_stats(field, interior)
+        out["nonaffine"] = metrics.nonaffine_stats(field, interior)
     if gt is not None:
         mask = metrics.valid_after_warp(src, gt, margin=4) & (metrics.as_image(tgt)[0, 0] != 0)
         out["epe"] = metrics.epe_stats(field, gt, mask)
     return out
 
 
-def _print_pair(m: dict) -> None:
+INTERIOR = 16  # px along the border left out of the strain and non-affine part
+
+
+def _print_pair(m: dict, registered: bool = False) -> None:
     for when in ("before", "after"):
         r, p = m[when]["residual"], m[when]["pearson"]
         print(f"{when:6s}  mse {r['mse']:.2f}  ncc {r['ncc']:.4f}  chunked r mean "
@@ -133,6 +153,11 @@ def _print_pair(m: dict) -> None:
     dx, dy = m["mean_displacement"]
     print(f"field   mean ({dx:.2f}, {dy:.2f}) px  folds {f['count']} "
           f"({100 * f['fraction']:.4f}%)  roughness {m['roughness']:.4f} px")
+    if "strain" in m:
+        st, na = m["strain"], m["nonaffine"]
+        what = "morph (truth 0)" if registered else "non-affine part"
+        print(f"shape   strain |grad f| median {st['median']:.4f} p95 {st['p95']:.4f}  "
+              f"{what} median {na['median']:.3f} p95 {na['p95']:.3f} px (interior)")
     if "epe" in m:
         e = m["epe"]
         print(f"EPE     median {e['median']:.3f}  p95 {e['p95']:.3f}  max {e['max']:.3f}  "
@@ -162,7 +187,11 @@ def _run_pair(args) -> dict:
             f"field is {field.shape[-1]}x{field.shape[-2]} but the images are "
             f"{src.shape[1]}x{src.shape[0]}; pass the field of this pair at this resolution"
         )
+    if args.gt and args.registered:
+        raise MetroemError("give --gt or --registered (truth 0), not both")
     gt = report.field_from_file(args.gt) if args.gt else None
+    if args.registered:
+        gt = torch.zeros_like(field)
     if gt is not None and gt.shape != field.shape:
         raise MetroemError(f"--gt has shape {tuple(gt.shape)}, the field {tuple(field.shape)}")
     m = pair_metrics(src, tgt, field, args.chunk, gt)
@@ -296,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.src or args.tgt:
         result = _run_pair(args)
         if not args.json:
-            _print_pair(result)
+            _print_pair(result, args.registered)
     else:
         raise MetroemError("nothing to evaluate; pass --src/--tgt or --cv_path (see --help)")
     if args.json:

@@ -8,6 +8,12 @@
   membranes at tile seams mean misalignment;
 * ``<name>_field.png``: the field as a colour wheel (hue = direction, saturation = magnitude,
   with its legend) and as a deformed grid;
+* ``<name>_warped.png``: target | warped source | source at full resolution, one grey scale:
+  the warped source must keep its own tissue; membranes of the target appearing in it, or a
+  brushed, streaky texture, are morphing;
+* ``<name>_morph.png``: the deformed grid of the field's non-affine part (the field minus its
+  least-squares affine fit), magnified :data:`MORPH_GAIN` times: a real section distortion
+  bends it gently over microns, morphing wiggles it around every neurite;
 * ``<name>_pearson.png``: chunked Pearson r between the (warped) source and the target, before |
   after, on a common scale, NaN (no data) in grey;
 * ``<name>_epe.png`` (when a ground-truth field is given): the per-pixel end-point error.
@@ -25,7 +31,9 @@ import torch
 from metroem import fields, viz
 from metroem.eval import metrics
 
-__all__ = ["pair_panels", "write_pair_report", "write_epe_chart"]
+__all__ = ["pair_panels", "write_pair_report", "write_epe_chart", "MORPH_GAIN"]
+
+MORPH_GAIN = 5.0
 
 
 def pair_panels(src, tgt, field, chunk: int = 32) -> dict[str, np.ndarray]:
@@ -48,6 +56,9 @@ def pair_panels(src, tgt, field, chunk: int = 32) -> dict[str, np.ndarray]:
         return f"r mean {s_['mean']:.3f}, p5 {s_['p5']:.3f}"
 
     mag = float(np.percentile(f.pow(2).sum(1).sqrt().numpy(), 99))
+    both = np.concatenate([t2.numpy().ravel(), s2.numpy().ravel()])
+    lo, hi = (np.percentile(both[both != 0], [1, 99]) if (both != 0).any() else (0.0, 1.0))
+    morph = f - metrics.affine_fit(f)
     wheel = viz.titled(viz.color_wheel(96), f"{max(mag, 1e-3):.3g} px at rim")
     return {
         "overlay_before": viz.titled(viz.overlay(s2, t2), "before: src red, tgt green"),
@@ -57,6 +68,11 @@ def pair_panels(src, tgt, field, chunk: int = 32) -> dict[str, np.ndarray]:
         "field_rgb": viz.titled(viz.field_rgb(f[0], max_mag=max(mag, 1e-3)), "field direction"),
         "field_legend": wheel,
         "field_grid": viz.titled(viz.field_grid(f[0]), "deformed grid (p + f(p))"),
+        "target": viz.titled(viz.gray(t2, lo, hi), "target"),
+        "warped": viz.titled(viz.gray(w2, lo, hi), "warped source"),
+        "source": viz.titled(viz.gray(s2, lo, hi), "source"),
+        "morph_grid": viz.titled(viz.field_grid(morph[0] * MORPH_GAIN),
+                                 f"non-affine part x{MORPH_GAIN:g} as a deformed grid"),
         "pearson_before": viz.titled(fit(r_before), f"before: {summary(r_before)}"),
         "pearson_after": viz.titled(fit(r_after), f"after: {summary(r_after)}"),
         "pearson_legend": viz.titled(viz.colorbar(-0.2, 1.0), "r"),
@@ -80,6 +96,8 @@ def write_pair_report(
         "checkerboard": viz.side_by_side(p["checker_before"], p["checker_after"]),
         "field": viz.side_by_side(p["field_rgb"], p["field_legend"], p["field_grid"]),
         "pearson": viz.side_by_side(p["pearson_before"], p["pearson_after"], p["pearson_legend"]),
+        "warped": viz.side_by_side(p["target"], p["warped"], p["source"]),
+        "morph": p["morph_grid"],
     }
     if gt is not None:
         err = metrics.epe_map(field, gt)
