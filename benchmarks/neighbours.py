@@ -58,7 +58,8 @@ ISBI_NM = 4.0  # px size of the ISBI ssTEM sections
 ISBI_PAIRS = (1, 15, 29)  # held-out ISBI sections; each is aligned onto the one before
 INTERIOR = 16  # px dropped along the border for the morph and strain of undeformed pairs
 BASELINES = ["identity", "farneback+pc", "dis+pc", "ilk+pc", "tvl1+pc", "elastix"]
-LENGTHS_NM = [320.0, 640.0, 1280.0]  # smoothing lengths of the trade-off curve
+LENGTHS_NM = [80.0, 160.0, 320.0, 640.0, 1280.0]  # smoothing lengths of the trade-off curve
+FLOW_LENGTHS_NM = [320.0, 640.0]  # the same regulariser on Farneback, for comparison
 FLOW_SIGMA_PX = 32.0  # "a smoothed flow": Farneback Gaussian-blurred with this sigma (px)
 
 
@@ -119,25 +120,26 @@ def methods(args) -> dict[str, tuple[str, Callable | None]]:
             f"unknown method {unknown[0]!r}; choose from {', '.join(baselines.METHODS)}"
         )
     out: dict[str, tuple[str, Callable | None]] = {n: (n, None) for n in names}
-    lengths = [] if args.quick else args.lengths
     if "farneback+pc" in names:
         out[f"farneback+pc gauss {FLOW_SIGMA_PX:g}px"] = ("farneback+pc", _gauss(FLOW_SIGMA_PX))
-        for length in lengths:
+        for length in [] if args.quick else FLOW_LENGTHS_NM:
             out[f"farneback+pc reg {length:g}nm"] = ("farneback+pc", _regularized(length))
     if not args.no_metroem:
         out["metroem"] = ("metroem", None)
-        for length in args.lengths if args.quick else lengths:
-            out[f"metroem reg {length:g}nm"] = ("metroem", _regularized(length))
+        out["metroem+pc"] = ("metroem+pc", None)
+        for length in args.lengths[-1:] if args.quick else args.lengths:
+            out[f"metroem+pc reg {length:g}nm"] = ("metroem+pc", _regularized(length))
     return out
 
 
 def base_functions(names: set[str], args) -> dict[str, baselines.FieldFn]:
-    fns: dict[str, baselines.FieldFn] = {n: baselines.METHODS[n] for n in names if n != "metroem"}
-    if "metroem" in names:
+    fns = {n: baselines.METHODS[n] for n in names if not n.startswith("metroem")}
+    if any(n.startswith("metroem") for n in names):
         pyramid = args.pyramid or str(DEFAULT_PYRAMID)
         if not Path(pyramid).is_dir():
             raise MetroemError(f"pyramid {pyramid} not found; pass --pyramid DIR or --no-metroem")
         fns["metroem"] = baselines.metroem_method(pyramid)
+        fns["metroem+pc"] = baselines.metroem_method(pyramid, translation_init=True)
     return fns
 
 
@@ -186,6 +188,9 @@ def score_fibsem(cache: FieldCache, method, pair: nb.NeighbourPair) -> dict:
         return row
     mask = nb.valid_mask(pair)
     row["epe"] = metrics.epe_stats(field, pair.gt[None], mask)
+    err = (field - pair.gt[None])[0][:, mask]
+    shift = err.median(dim=1).values.view(2, 1)
+    row["epe_no_shift"] = float((err - shift).pow(2).sum(0).sqrt().median())
     row["folds"] = metrics.fold_stats(field, mask)
     if pair.kind == "undeformed":
         row.update(undeformed_metrics(field, tuple(pair.tgt.shape), pair.tgt != 0))
@@ -230,6 +235,7 @@ def aggregate_fibsem(rows: list[dict]) -> dict:
         "epe_median": _med(dfm, "epe", "median"),
         "epe_p95": _med(dfm, "epe", "p95"),
         "epe_worst": worst,
+        "epe_no_shift": _med(dfm, "epe_no_shift"),
         "zero_magnitude": _med(und, "magnitude"),
         "morph_median": _med(und, "morph", "median"),
         "strain_median": _med(und, "strain", "median"),
@@ -284,7 +290,9 @@ def markdown(result: dict) -> str:
         f"{100 * cfg['deformation_strain']['p95']:.1f} %).",
         "",
         "EPE = median over deformed pairs of each pair's median end-point error (px) against the "
-        "truth (p95: of each pair's 95th percentile; worst: the worst pair's median). On the "
+        "truth (p95: of each pair's 95th percentile; worst: the worst pair's median; -shift: "
+        "the median EPE once the error's own median translation is taken out, i.e. how well "
+        "the shape of the deformation is found whatever the shift). On the "
         "undeformed pairs, whose truth is 0: |f| = median field size, morph = median of what is "
         f"left after a least-squares affine fit (interior, {INTERIOR} px border dropped), "
         "strain = median |grad f|_F (p95 after the slash). folds = largest % of pixels with "
@@ -298,12 +306,13 @@ def markdown(result: dict) -> str:
     ]
     for gap, table in result["fibsem"].items():
         lines += [f"## FIB-SEM, gap {gap} ({int(gap) * FIBSEM_NM:g} nm)", "",
-                  "| method | EPE | EPE p95 | worst | \\|f\\| on 0 | morph | strain | folds % "
-                  "| fail | s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | EPE | EPE p95 | worst | -shift | \\|f\\| on 0 | morph | strain "
+                  "| folds % | fail | s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, t in table.items():
             lines.append(
                 f"| {m} | {f(t['epe_median'])} | {f(t['epe_p95'])} | {f(t['epe_worst'])} | "
+                f"{f(t['epe_no_shift'])} | "
                 f"{f(t['zero_magnitude'])} | {f(t['morph_median'])} | "
                 f"{f(t['strain_median'], 3)} / {f(t['strain_p95'], 3)} | "
                 f"{f(100 * t['fold_fraction'], 3)} | {t['failures']}/{t['pairs']} | "
@@ -337,6 +346,8 @@ def markdown(result: dict) -> str:
 def _describe(name: str) -> str:
     if name.startswith("metroem"):
         base = "trained pyramid (models/isbi)"
+        if name.startswith("metroem+pc"):
+            base += ", started from a phase-correlation translation (translation_init)"
     else:
         base = baselines.method_params(name.split(" ")[0])
     if " reg " in name:

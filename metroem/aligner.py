@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroem import fields, modules, regularize
+from metroem import fields, modules, regularize, translation
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -49,7 +49,11 @@ class PyramidAligner(nn.Module):
     window of that many pixels at ``input_mip`` (:func:`metroem.regularize.smooth_field`,
     weighted by where both images have data): tissue that changes between neighbouring
     sections is not pulled onto its neighbour. :func:`load_aligner` sets it from a length in
-    nm. It runs in :meth:`forward` (the whole-image aligner), not in the exported program.
+    nm. ``translation_init=True`` starts the pyramid from one global translation found by
+    phase correlation (:mod:`metroem.translation`) when no ``src_agg_field`` is given: drift
+    beyond the coarse stage's search window, or on images too small for its coarsest level,
+    is caught. Both run in :meth:`forward` (the whole-image aligner), not in the exported
+    program or the tiled path.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class PyramidAligner(nn.Module):
         finetune: bool = False,
         finetune_options: dict | None = None,
         smoothing_px: float = 0.0,
+        translation_init: bool = False,
     ):
         super().__init__()
         if not stages:
@@ -70,6 +75,7 @@ class PyramidAligner(nn.Module):
         self.input_mip = min(self.mips) if input_mip is None else int(input_mip)
         self.finetune = bool(finetune)
         self.finetune_options = dict(finetune_options or {})
+        self.translation_init = bool(translation_init)
         self.smoothing_px = float(smoothing_px)
         if not (self.smoothing_px >= 0 and math.isfinite(self.smoothing_px)):
             raise ValueError(f"smoothing_px must be a number >= 0, got {smoothing_px}")
@@ -127,6 +133,9 @@ class PyramidAligner(nn.Module):
             )
         out_device = src_img.device
         agg = plain_tensor(src_agg_field)
+        if agg is None and self.translation_init:
+            shift = translation.phase_translation(plain_tensor(src_img), plain_tensor(tgt_img))
+            agg = translation.translation_field(shift, *src_img.shape[-2:])
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
             field = self._run(plain_tensor(src_img), plain_tensor(tgt_img), agg, mip_in)
             if self.smoothing_px > 0:
@@ -217,6 +226,7 @@ def load_aligner(
     finetune_options: dict | None = None,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
+    translation_init: bool = False,
 ) -> PyramidAligner:
     """Load a trained pyramid (all stages or the given stage numbers) as one aligner.
 
@@ -225,7 +235,8 @@ def load_aligner(
     the MIP of the images the aligner will be called with (default: the finest stage's).
 
     ``smoothing_nm`` (with ``resolution_nm``, the size of a MIP0 pixel in nm) keeps only the
-    part of the field that is affine over about that length (see :class:`PyramidAligner`).
+    part of the field that is affine over about that length; ``translation_init`` starts from
+    a phase-correlation translation (see :class:`PyramidAligner`).
     """
     device = torch.device(device)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -250,6 +261,6 @@ def load_aligner(
         smoothing_px = regularize.sigma_px(smoothing_nm, resolution_nm, mip_in)
     aligner = PyramidAligner(
         loaded, input_mip=input_mip, finetune=finetune, finetune_options=finetune_options,
-        smoothing_px=smoothing_px,
+        smoothing_px=smoothing_px, translation_init=translation_init,
     )
     return aligner.to(device).eval()

@@ -267,6 +267,7 @@ def metroem_method(
     input_mip: int = 0,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
+    translation_init: bool = False,
 ) -> FieldFn:
     """A trained metroem pyramid as a baseline-style method (raw images in, field out).
 
@@ -275,13 +276,16 @@ def metroem_method(
 
     ``finetune=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair fine-tuning
     variant (an error if this metroem's aligner has none). ``smoothing_nm`` /
-    ``resolution_nm`` regularise the field (:func:`metroem.aligner.load_aligner`).
+    ``resolution_nm`` regularise the field and ``translation_init`` starts it from a phase
+    correlation (:func:`metroem.aligner.load_aligner`).
     """
     from metroem.aligner import load_aligner
 
     extra: dict = {"finetune": True} if finetune else {}
     if smoothing_nm:
         extra.update(smoothing_nm=smoothing_nm, resolution_nm=resolution_nm)
+    if translation_init:
+        extra["translation_init"] = True
     try:
         aligner = load_aligner(
             pyramid_path, checkpoint_name=checkpoint_name, device=device,

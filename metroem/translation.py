@@ -1,0 +1,95 @@
+"""Global translation between two images by phase correlation, in torch.
+
+A pyramid's coarse stage searches a limited window around the incoming field; a drift larger
+than that window, or a small image whose coarsest level has only a few cells, can lock onto a
+far match. One global translation found first by cross-correlation over the whole image (the
+classical first step of SOFIMA, FEABAS and the ``+pc`` baselines) starts the pyramid within
+reach. :func:`phase_translation` returns the shift ``t`` with ``src(p + t) ~ tgt(p)``: a
+constant pull field in pixels, channel 0 = x (:mod:`metroem.fields`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = ["phase_translation", "translation_field"]
+
+
+def _normalized(img: Tensor) -> Tensor:
+    """Zero mean, unit variance over the nonzero pixels; no data stays 0."""
+    valid = (img != 0).to(img.dtype)
+    count = valid.sum((-2, -1), keepdim=True).clamp_min(1)
+    mean = (img * valid).sum((-2, -1), keepdim=True) / count
+    var = ((img - mean) ** 2 * valid).sum((-2, -1), keepdim=True) / count
+    return (img - mean) / var.sqrt().clamp_min(1e-6) * valid
+
+
+def _subpixel(c_minus: Tensor, c0: Tensor, c_plus: Tensor) -> Tensor:
+    """Vertex of the parabola through three samples around a peak, in [-0.5, 0.5]."""
+    denom = c_minus - 2 * c0 + c_plus
+    off = torch.where(denom < 0, 0.5 * (c_minus - c_plus) / denom.clamp(max=-1e-12),
+                      torch.zeros_like(c0))
+    return off.clamp(-0.5, 0.5)
+
+
+def phase_translation(src: Tensor, tgt: Tensor, max_size: int = 512) -> Tensor:
+    """``(N, 2)`` shifts (x, y) in pixels of the inputs such that ``src(p + t) ~ tgt(p)``.
+
+    Images are ``(N, 1, H, W)`` with 0 = no data. They are box-averaged by powers of two until
+    both sides are at most ``max_size`` (fast on any image, sub-pixel refined there), normalised
+    over their data and cross-correlated through the FFT with zero padding (no wrap-around);
+    the peak is refined with a parabola per axis. Items without data get 0.
+    """
+    src = src.float()
+    tgt = tgt.float()
+    factor = 1
+    while max(src.shape[-2:]) > max_size:
+        src = _masked_half(src)
+        tgt = _masked_half(tgt)
+        factor *= 2
+    n, _, h, w = src.shape
+    s, t = _normalized(src), _normalized(tgt)
+    fh, fw = 2 * h, 2 * w  # zero padding: a linear, not circular, correlation
+    cross = torch.fft.irfft2(
+        torch.fft.rfft2(s, s=(fh, fw)).conj() * torch.fft.rfft2(t, s=(fh, fw)), s=(fh, fw)
+    )[:, 0]  # cross[d] = sum_p s(p) t(p + d): t(p) ~ s(p - d), so the pull shift is -d
+    # weight by overlap so large shifts with few pixels do not win by noise
+    ones_s, ones_t = (src != 0).float(), (tgt != 0).float()
+    overlap = torch.fft.irfft2(
+        torch.fft.rfft2(ones_s, s=(fh, fw)).conj() * torch.fft.rfft2(ones_t, s=(fh, fw)),
+        s=(fh, fw),
+    )[:, 0]
+    min_overlap = 0.25 * torch.minimum(ones_s.sum((-3, -2, -1)), ones_t.sum((-3, -2, -1)))
+    score = torch.where(overlap > min_overlap.view(n, 1, 1), cross / overlap.clamp_min(1),
+                        torch.full_like(cross, -1e9))
+    flat = score.reshape(n, -1).argmax(1)
+    py, px = flat // fw, flat % fw
+    out = torch.zeros(n, 2)
+    for i in range(n):
+        y, x = int(py[i]), int(px[i])
+        sc = score[i]
+        oy = _subpixel(sc[(y - 1) % fh, x], sc[y, x], sc[(y + 1) % fh, x])
+        ox = _subpixel(sc[y, (x - 1) % fw], sc[y, x], sc[y, (x + 1) % fw])
+        dy = (y if y < fh // 2 else y - fh) + float(oy)
+        dx = (x if x < fw // 2 else x - fw) + float(ox)
+        has_data = bool(ones_s[i].any()) and bool(ones_t[i].any())
+        out[i] = torch.tensor([-dx, -dy]) * factor if has_data else 0.0
+    return out.to(device=src.device)
+
+
+def _masked_half(img: Tensor) -> Tensor:
+    """2x box average over the data pixels (0 stays no data), odd sizes padded with 0."""
+    h, w = img.shape[-2:]
+    img = F.pad(img, (0, w % 2, 0, h % 2))
+    valid = (img != 0).float()
+    num = F.avg_pool2d(img, 2)
+    den = F.avg_pool2d(valid, 2)
+    return torch.where(den > 0, num / den.clamp_min(1e-6), torch.zeros_like(num))
+
+
+def translation_field(shift: Tensor, h: int, w: int) -> Tensor:
+    """``(N, 2)`` shifts as constant pull fields ``(N, 2, H, W)``."""
+    return shift.view(-1, 2, 1, 1).expand(-1, 2, h, w).contiguous()
