@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, tiling, volumes
+from metroem import fields, regularize, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.errors import MetroemError, cli_errors
@@ -74,18 +74,33 @@ def read_image(path: str):
     return tiling.ArraySource(arr)
 
 
-def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetune_options):
+def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetune_options,
+                smoothing_nm=None, resolution_nm=None, translation_init=False):
     if isinstance(pyramid, PyramidAligner):
         aligner = pyramid
         if mip is not None:
             aligner.input_mip = int(mip)
         if finetune:
             aligner.finetune, aligner.finetune_options = True, dict(finetune_options or {})
+        if smoothing_nm:
+            aligner.smoothing_px = _smoothing_px(smoothing_nm, resolution_nm, aligner.input_mip)
+        if translation_init:
+            aligner.translation_init = True
         return aligner
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained stages warn once per module; fine here
-        return load_aligner(pyramid, checkpoint_name, stages, device, mip, finetune,
-                            finetune_options)
+        aligner = load_aligner(pyramid, checkpoint_name, stages, device, mip, finetune,
+                               finetune_options, translation_init=translation_init)
+    if smoothing_nm:
+        aligner.smoothing_px = _smoothing_px(smoothing_nm, resolution_nm, aligner.input_mip)
+    return aligner
+
+
+def _smoothing_px(smoothing_nm: float, resolution_nm: float | None, mip: int) -> float:
+    if resolution_nm is None:
+        raise MetroemError("--smoothing_nm needs the pixel size of the images: pass "
+                           "--resolution_nm (nm per pixel at MIP 0)")
+    return regularize.sigma_px(smoothing_nm, resolution_nm, mip)
 
 
 def _job_signature(**items) -> dict:
@@ -131,6 +146,12 @@ class _Markers:
 TILING = "stages-v1"  # in the job signature: a run of another tiling cannot be resumed
 
 
+def _option_signature(aligner) -> dict:
+    """The whole-image options in a job signature (a resumed run must use the same)."""
+    return {"smoothing_px": float(getattr(aligner, "smoothing_px", 0.0)),
+            "translation_init": bool(getattr(aligner, "translation_init", False))}
+
+
 def _pad_signature(tiler: tiling.StageTiler) -> str:
     return ",".join(str(p.pad) for p in tiler.plans)
 
@@ -144,8 +165,9 @@ def _run_coarse_stages(tiler: tiling.StageTiler, aligner, devices, src, tgt, fol
                        progress: bool, label: str = ""):
     """Run every stage but the last over the whole region into ``.npy`` caches in ``folder``
     (one marker per chunk, so an interrupted run reuses finished chunks); returns the last
-    coarse stage's store (``None`` for a one-stage pyramid)."""
-    prev = None
+    coarse stage's store (for a one-stage pyramid: stage 0's start, see
+    :meth:`metroem.tiling.StageTiler.initial_store`)."""
+    prev = tiler.initial_store(src, tgt)
     for p in tiler.coarse:
         path = os.path.join(folder, f"stage{p.index}.npy")
         store = tiler.new_store(p.index, path, create=not os.path.exists(path))
@@ -196,13 +218,18 @@ def align_files(
     device: str = "cpu",
     finetune: bool = False,
     finetune_options: dict | None = None,
+    smoothing_nm: float | None = None,
+    resolution_nm: float | None = None,
+    translation_init: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
 ) -> dict:
     """Align image file ``src`` to ``tgt``; write the field (``.npy``) and/or aligned image.
 
-    ``pyramid`` is a pyramid folder or a :class:`PyramidAligner`. Returns a summary dict.
+    ``pyramid`` is a pyramid folder or a :class:`PyramidAligner`. ``smoothing_nm`` (with
+    ``resolution_nm``, nm per MIP0 pixel) and ``translation_init`` are the aligner's options
+    (:func:`metroem.aligner.load_aligner`), run tile by tile. Returns a summary dict.
     """
     outputs = [p for p in (field_out, image_out) if p]
     if not outputs:
@@ -231,7 +258,7 @@ def align_files(
                            f"{t.shape[1]}x{t.shape[0]}; give sections of one size")
     devices = tiling.parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
-                          finetune_options)
+                          finetune_options, smoothing_nm, resolution_nm, translation_init)
     h, w = s.shape
     tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
     os.makedirs(work, exist_ok=True)
@@ -241,9 +268,13 @@ def align_files(
         pyramid=pyramid if isinstance(pyramid, (str, os.PathLike)) else "object",
         checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, finetune=finetune,
         finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
-        field_out=bool(field_out), image_out=bool(image_out)))
+        field_out=bool(field_out), image_out=bool(image_out), **_option_signature(aligner)))
     fresh = not os.path.exists(os.path.join(work, "field.npy"))
     fw = tiling.NpyWriter(os.path.join(work, "field.npy"), (2, h, w), np.float32, fresh)
+    raw = None  # with smoothing, the pyramid's field goes here first and is smoothed after
+    if tiler.smoothing_px > 0:
+        path = os.path.join(work, "field_raw.npy")
+        raw = tiling.NpyFieldStore(path, h, w, create=not os.path.exists(path))
     iw = None
     if image_out:
         fresh = not os.path.exists(os.path.join(work, "image.npy"))
@@ -253,8 +284,15 @@ def align_files(
     todo = [c for c in chunks if not markers.done(str(c.index))]
     prev = _run_coarse_stages(tiler, aligner, devices, s, t, work, progress) if todo else None
 
+    def raw_fn(model, c: tiling.Chunk) -> None:
+        raw.write(c.y0, c.x0, tiler.output_chunk(model, c, s, t, prev))
+        markers.mark(f"raw{c.index}")
+
     def work_fn(model, c: tiling.Chunk) -> None:
-        f = tiler.output_chunk(model, c, s, t, prev)
+        if raw is None:
+            f = tiler.output_chunk(model, c, s, t, prev)
+        else:
+            f = tiler.smooth_chunk(c, raw.read, s, t)
         fw.write(c.y0, c.x0, f[0].numpy())
         if iw is not None:
             img = tiling.warp_chunk(s, f, c)[0].numpy()
@@ -264,9 +302,14 @@ def align_files(
             iw.write(c.y0, c.x0, img.astype(iw.dtype))
         markers.mark(str(c.index))
 
+    if raw is not None:
+        tiling.run_chunks(todo, raw_fn, aligner, devices,
+                          is_done=lambda c: markers.done(f"raw{c.index}"), progress=progress,
+                          desc=_stage_desc(tiler, len(tiler.plans) - 1))
     ran = tiling.run_chunks(chunks, work_fn, aligner, devices,
                             is_done=lambda c: markers.done(str(c.index)), progress=progress,
-                            desc=_stage_desc(tiler, len(tiler.plans) - 1))
+                            desc=_stage_desc(tiler, len(tiler.plans) - 1) if raw is None
+                            else f"smoothing ({tiler.smoothing_px:g} px)")
     if field_out:
         os.replace(os.path.join(work, "field.npy"), field_out)
     if image_out:
@@ -346,6 +389,8 @@ def align_volume(
     device: str = "cpu",
     finetune: bool = False,
     finetune_options: dict | None = None,
+    smoothing_nm: float | None = None,
+    translation_init: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     work_dir: str | None = None,
@@ -356,6 +401,7 @@ def align_volume(
     Each section is aligned to section z-1 of the same layer, or to ``tgt_z`` (fixed), or to
     section z of ``tgt_path``. Output layers get the source layer's bounds, resolution and MIPs;
     MIP ``mip`` and every coarser MIP are written (finer MIPs are left empty).
+    ``smoothing_nm`` uses the layer's own MIP0 resolution.
     """
     if not (field_path or image_path):
         raise MetroemError("nothing to write: pass --field_path and/or --image_path")
@@ -377,7 +423,8 @@ def align_volume(
         pairs.append((z, tz))
     devices = tiling.parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
-                          finetune_options)
+                          finetune_options, smoothing_nm, info.resolution[min(info.mips)][0]
+                          / 2 ** min(info.mips), translation_init)
     mip = aligner.input_mip
     if mip not in info.mips:
         raise MetroemError(f"{src_path} has no MIP {mip}; it has MIPs {list(info.mips)}")
@@ -397,7 +444,8 @@ def align_volume(
         src=volumes.normalize_path(src_path), tgt=volumes.normalize_path(tgt_path), tgt_z=tgt_z,
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
         checkpoint=checkpoint_name, stages=stages, finetune=finetune,
-        finetune_options=json.dumps(finetune_options or {}, sort_keys=True)))
+        finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
+        **_option_signature(aligner)))
     write_lock = threading.Lock()  # coarse MIPs share storage chunks: read-modify-write
 
     def write_mips(path: str, z: int, c: tiling.Chunk, data: torch.Tensor, is_field: bool):
@@ -422,8 +470,27 @@ def align_volume(
         prev = _run_coarse_stages(tiler, aligner, devices, src, tgt, cache, progress,
                                   label=f"z {z} ")
 
-        def work_fn(model, job: _VolJob, src=src, tgt=tgt, prev=prev) -> None:
-            f = tiler.output_chunk(model, job.chunk, src, tgt, prev)
+        raw = None  # with smoothing: the pyramid's field of this section, smoothed after
+        if tiler.smoothing_px > 0:
+            path = os.path.join(cache, "field_raw.npy")
+            raw = tiling.NpyFieldStore(path, h, w, create=not os.path.exists(path))
+
+            def raw_fn(model, job: _VolJob, src=src, tgt=tgt, prev=prev, raw=raw) -> None:
+                raw.write(job.chunk.y0, job.chunk.x0,
+                          tiler.output_chunk(model, job.chunk, src, tgt, prev))
+                markers.mark("raw_" + job.key)
+
+            tiling.run_chunks(jobs, raw_fn, aligner, devices,
+                              is_done=lambda j: markers.done("raw_" + j.key)
+                              or markers.done(j.key),
+                              progress=progress,
+                              desc=f"z {z} " + _stage_desc(tiler, len(tiler.plans) - 1))
+
+        def work_fn(model, job: _VolJob, src=src, tgt=tgt, prev=prev, raw=raw) -> None:
+            if raw is None:
+                f = tiler.output_chunk(model, job.chunk, src, tgt, prev)
+            else:
+                f = tiler.smooth_chunk(job.chunk, raw.read, src, tgt)
             img = tiling.warp_chunk(src, f, job.chunk) if image_path else None
             with write_lock:
                 if field_path:
@@ -482,6 +549,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context per side in pixels of each stage's MIP (default: per stage, "
                    "from its network; 320 for the demo nets)")
     m.add_argument("--device", default="cpu", help="cpu | gpu | all | GPU ids like 0,2")
+    m.add_argument("--smoothing_nm", type=float, default=None,
+                   help="keep only the part of the field that is affine over about this length "
+                   "(nm): sections' smooth distortion stays, tissue is not bent onto its "
+                   "neighbour (metroem.regularize; off by default; docs/evaluation.md has the "
+                   "measured trade-off)")
+    m.add_argument("--resolution_nm", type=float, default=None,
+                   help="nm per MIP0 pixel of image files, for --smoothing_nm (volumes: read "
+                   "from the layer)")
+    m.add_argument("--translation_init", action="store_true",
+                   help="start from one global translation found by phase correlation (drift "
+                   "larger than the coarse stage's search window)")
     m.add_argument("--finetune", action="store_true", help="refine each field online")
     m.add_argument("--finetune_iterations", type=int, default=60, help="steps per level")
     m.add_argument("--finetune_lr", type=float, default=0.3, help="px per step (cosine decay)")
@@ -502,14 +580,18 @@ def main(argv: list[str] | None = None) -> int:
         finetune_options={"iterations": a.finetune_iterations, "lr": a.finetune_lr,
                           "smoothness": a.finetune_smoothness} if a.finetune else None,
         overwrite=a.overwrite, resume=a.resume, progress=not a.no_progress,
+        smoothing_nm=a.smoothing_nm, translation_init=a.translation_init,
     )
     if a.src or a.tgt:
         if not (a.src and a.tgt):
             raise MetroemError("pass both --src and --tgt")
-        out = align_files(a.pyramid, a.src, a.tgt, a.field_out, a.image_out, **common)
+        out = align_files(a.pyramid, a.src, a.tgt, a.field_out, a.image_out,
+                          resolution_nm=a.resolution_nm, **common)
     elif a.src_path:
         if a.z_start is None or a.z_end is None:
             raise MetroemError("pass --z_start and --z_end with --src_path")
+        if a.resolution_nm is not None:
+            raise MetroemError("--resolution_nm is for image files; a layer has its own")
         out = align_volume(a.pyramid, a.src_path, a.z_start, a.z_end, a.field_path,
                            a.image_path, tgt_path=a.tgt_path, tgt_z=a.tgt_z,
                            work_dir=a.work_dir, **common)

@@ -134,8 +134,7 @@ class PyramidAligner(nn.Module):
         out_device = src_img.device
         agg = plain_tensor(src_agg_field)
         if agg is None and self.translation_init:
-            shift = translation.phase_translation(plain_tensor(src_img), plain_tensor(tgt_img))
-            agg = translation.translation_field(shift, *src_img.shape[-2:])
+            agg = self.initial_translation(plain_tensor(src_img), plain_tensor(tgt_img), mip_in)
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
             field = self._run(plain_tensor(src_img), plain_tensor(tgt_img), agg, mip_in)
             if self.smoothing_px > 0:
@@ -156,6 +155,15 @@ class PyramidAligner(nn.Module):
                 **self.finetune_options,
             )
         return field.to(out_device)
+
+    def initial_translation(self, src: Tensor, tgt: Tensor, mip_in: int) -> Tensor:
+        """Constant field (pixels at ``mip_in``) of the phase-correlation shift between the
+        images, measured at the first stage's MIP (where the tiled path measures it too)."""
+        mip0 = self.mips[0]
+        s = fields.resample_image(src.float(), mip_in, mip0)
+        t = fields.resample_image(tgt.float(), mip_in, mip0)
+        shift = translation.phase_translation(s, t) * 2.0 ** (mip0 - mip_in)
+        return translation.translation_field(shift.to(src.device), *src.shape[-2:])
 
     def _run(self, src_img: Tensor, tgt_img: Tensor, agg: Tensor | None, mip_in: int) -> Tensor:
         """Check and move the inputs, then :meth:`run`."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields
+from metroem import fields, regularize, translation
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -457,6 +457,16 @@ def _window_reader(field: Tensor, y0: int, x0: int):
     return lambda y, x, h, w: store.read(y - y0, x - x0, h, w)
 
 
+class ConstantFieldStore:
+    """A constant shift ``(1, 2)`` read like a field store (the phase-correlation start)."""
+
+    def __init__(self, shift: Tensor):
+        self.shift = shift.reshape(1, 2, 1, 1).float().cpu()
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
+        return self.shift.expand(1, 2, h, w).clone()
+
+
 class StageTiler:
     """Stage-wise tiling of one section pair of ``height x width`` pixels at the input MIP.
 
@@ -472,6 +482,11 @@ class StageTiler:
 
     ``pad`` is one context width for every stage (stage pixels) or ``None`` for each stage's
     :func:`default_stage_pad`.
+
+    The aligner's whole-image options have tiled counterparts: ``translation_init``
+    (:meth:`initial_store` feeds stage 0 the phase-correlation shift of the whole region) and
+    ``smoothing_px`` (:meth:`smooth_chunk`, a pass over the finished field with
+    :data:`smoothing_pad` pixels of context).
     """
 
     def __init__(self, aligner, height: int, width: int, chunk: int, pad: int | None = None):
@@ -510,6 +525,38 @@ class StageTiler:
                 )
             c = chunk // 2**lev if i == last else -(-chunk // q) * q
             self.plans.append(StagePlan(i, mip, lev, hp // 2**lev, wp // 2**lev, c, p, q))
+        self.smoothing_px = float(getattr(aligner, "smoothing_px", 0.0))
+        self.smoothing_pad = 0
+        if self.smoothing_px > 0:
+            factor = max(1, int(self.smoothing_px // 4))  # regularize's coarse grid
+            sp = regularize.support_px(self.smoothing_px)
+            self.smoothing_pad = -(-sp // factor) * factor
+            check_chunking(chunk, self.smoothing_pad, factor)
+
+    def initial_store(self, src, tgt):
+        """Stage 0's incoming field: the phase-correlation shift of the whole region (read at
+        the coarsest stage's MIP, as small as the whole-image aligner's) when the aligner has
+        ``translation_init``, else ``None``."""
+        if not getattr(self.aligner, "translation_init", False):
+            return None
+        p = self.plans[0]
+        s = read_resampled(src, p.levels, 0, 0, p.height, p.width)
+        t = read_resampled(tgt, p.levels, 0, 0, p.height, p.width)
+        return ConstantFieldStore(translation.phase_translation(s, t))  # stage-0 pixels
+
+    def smooth_chunk(self, c: Chunk, read_field, src, tgt) -> Tensor:
+        """The regularised field of output chunk ``c`` (``(1, 2, h, w)``, input MIP): the
+        finished field read through ``read_field(y0, x0, h, w)`` on the chunk padded by
+        :attr:`smoothing_pad`, smoothed as the whole-image aligner does, cropped."""
+        pad = self.smoothing_pad
+        wy0, wx0 = max(0, c.y0 - pad), max(0, c.x0 - pad)
+        wy1, wx1 = min(self.height, c.y0 + c.h + pad), min(self.width, c.x0 + c.w + pad)
+        f = read_field(wy0, wx0, wy1 - wy0, wx1 - wx0)
+        s = read_resampled(src, 0, wy0, wx0, wy1 - wy0, wx1 - wx0)
+        t = read_resampled(tgt, 0, wy0, wx0, wy1 - wy0, wx1 - wx0)
+        out = regularize.smooth_field(f, self.smoothing_px, regularize.data_weight(s, t, f))
+        oy, ox = c.y0 - wy0, c.x0 - wx0
+        return out[..., oy : oy + c.h, ox : ox + c.w].contiguous()
 
     @property
     def coarse(self) -> list[StagePlan]:
@@ -554,7 +601,10 @@ class StageTiler:
         dev = model.device
         s = read_resampled(src, lev, wy0, wx0, wh, ww).to(dev)
         t = read_resampled(tgt, lev, wy0, wx0, wh, ww).to(dev)
-        a = None if k == 0 else self._incoming(k, prev, wy0, wx0, wh, ww).to(dev)
+        if k == 0:  # prev: None, or the translation start (ConstantFieldStore, stage pixels)
+            a = None if prev is None else prev.read(wy0, wx0, wh, ww).to(dev)
+        else:
+            a = self._incoming(k, prev, wy0, wx0, wh, ww).to(dev)
         with torch.no_grad():
             out = model.stages[k](s, t, src_agg_field=a)
         out = out.as_subclass(Tensor) if type(out) is not Tensor else out
@@ -564,7 +614,7 @@ class StageTiler:
         """Compute coarse stage ``k`` on chunk ``c`` (stage pixels) and write it to ``store``.
 
         ``model`` is the :class:`~metroem.aligner.PyramidAligner` (or a copy on another device);
-        ``prev`` is stage ``k - 1``'s store (ignored for stage 0)."""
+        ``prev`` is stage ``k - 1``'s store (for stage 0: :meth:`initial_store`)."""
         win = self._window(k, c.y0, c.x0, c.h, c.w)
         out = self._run_window(model, k, src, tgt, prev, win)
         oy, ox = c.y0 - win[0], c.x0 - win[1]
@@ -633,7 +683,7 @@ def align_tiled(
     h, w = src.shape
     tiler = StageTiler(aligner, h, w, chunk, pad)
     devices = list(devices) if devices else [aligner.device]
-    prev = None
+    prev = tiler.initial_store(src, tgt)
     for p in tiler.coarse:
         store = tiler.new_store(p.index)
 
@@ -653,7 +703,17 @@ def align_tiled(
     last = tiler.plans[-1]
     run_chunks(tiler.output_chunks(), final, aligner, devices, progress=progress,
                desc=f"stage {last.index} (MIP {last.mip})")
-    return out
+    if tiler.smoothing_px <= 0:
+        return out
+    raw = _window_reader(out, 0, 0)
+    smooth = torch.zeros_like(out)
+
+    def regular(model, c: Chunk) -> None:
+        smooth[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = tiler.smooth_chunk(c, raw, src, tgt)
+
+    run_chunks(tiler.output_chunks(), regular, aligner, devices, progress=progress,
+               desc="smoothing")
+    return smooth
 
 
 # --- devices and the chunk runner ---------------------------------------------------------------

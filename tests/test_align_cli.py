@@ -207,3 +207,52 @@ def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
     assert torch.allclose(volumes.read(fpath, 0, 64, 32, 2, 64), expected, atol=1e-5)
     with pytest.raises(MetroemError, match="z_start 1"):
         align.align_volume(str(pyramid), src, 0, 2, str(tmp_path / "f2"), chunk=CHUNK, pad=PAD)
+
+
+def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyramid, tmp_path):
+    """--translation_init and --smoothing_nm run tile by tile (phase correlation at the first
+    stage's MIP, smoothing as a pass with its own context) and give the whole-image field."""
+    size = 192
+    a, b = section(0, size + 24)[24:, 24:], section(1, size)  # a(p) = section 0 at p + 24
+    np.save(tmp_path / "s.npy", np.ascontiguousarray(a))
+    np.save(tmp_path / "t.npy", b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = load_aligner(pyramid, translation_init=True, smoothing_nm=32, resolution_nm=4)
+    assert whole.smoothing_px == 8.0
+    src, tgt = (torch.from_numpy(v)[None, None] for v in (np.ascontiguousarray(a), b))
+    expected = whole(src, tgt)
+    start = whole.initial_translation(src.float(), tgt.float(), 0)[0, :, 0, 0]
+    assert torch.allclose(start, torch.tensor([-24.0, -24.0]), atol=3)  # (+ the stack's own)
+    tiled = tiling.align_tiled(whole, a, b, 64)
+    assert (tiled - expected).abs().max() < 1e-3
+    out = tmp_path / "f.npy"
+    assert align.main([str(pyramid), "--src", str(tmp_path / "s.npy"), "--tgt",
+                       str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk", "64",
+                       "--smoothing_nm", "32", "--resolution_nm", "4", "--translation_init",
+                       "--no_progress"]) == 0
+    assert np.abs(np.load(out) - expected[0].numpy()).max() < 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "s.npy", "t.npy"]
+    with pytest.raises(MetroemError, match="--resolution_nm"):
+        align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
+                          str(tmp_path / "g.npy"), chunk=64, smoothing_nm=32)
+
+
+def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
+    src = make_volume(tmp_path / "img", size=128)
+    res = volumes.volume_info(src).resolution[0][0]
+    fpath = str(tmp_path / "field")
+    assert align.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
+                       "--field_path", fpath, "--chunk", "64", "--smoothing_nm", str(8 * res),
+                       "--translation_init", "--no_progress"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        al = load_aligner(pyramid, translation_init=True, smoothing_nm=8 * res,
+                          resolution_nm=res)
+    expected = tiling.align_tiled(al, section(5, 128), section(4, 128), 64)
+    got = volumes.read(fpath, 0, 64, 32, 1, 128)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not os.listdir(tmp_path / "field" / align.MARKER_DIR / "stages")
+    with pytest.raises(SystemExit):
+        align.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
+                    "--field_path", str(tmp_path / "f2"), "--resolution_nm", "4"])
