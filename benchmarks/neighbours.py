@@ -55,6 +55,7 @@ DEFAULT_PYRAMID = REPO / "models" / "isbi"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 FIBSEM_NM = 10.0  # px size of the FIB-SEM blocks
 ISBI_NM = 4.0  # px size of the ISBI ssTEM sections
+PYRAMID_NM = 4.0  # MIP0 px size of the pyramid (models/isbi was trained on the ISBI sections)
 ISBI_PAIRS = (1, 15, 29)  # held-out ISBI sections; each is aligned onto the one before
 INTERIOR = 16  # px dropped along the border for the morph and strain of undeformed pairs
 BASELINES = ["identity", "farneback+pc", "dis+pc", "ilk+pc", "tvl1+pc", "elastix"]
@@ -69,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    f"(default {nb.default_data_dir()})")
     p.add_argument("--isbi", default=None, help="folder of consecutive ssTEM sections "
                    f"(default {pairs.default_data_dir()}); 'none' skips the ISBI part")
-    p.add_argument("--pyramid", default=None, help=f"metroem pyramid (default {DEFAULT_PYRAMID})")
+    p.add_argument("--pyramid", default=None, help=f"metroem pyramid with {PYRAMID_NM:g} nm MIP0 "
+                   f"pixels (default {DEFAULT_PYRAMID})")
     p.add_argument("--no-metroem", action="store_true", help="baselines only")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"baselines to run (default: {' '.join(BASELINES)}, where installed)")
@@ -138,8 +140,15 @@ def base_functions(names: set[str], args) -> dict[str, baselines.FieldFn]:
         pyramid = args.pyramid or str(DEFAULT_PYRAMID)
         if not Path(pyramid).is_dir():
             raise MetroemError(f"pyramid {pyramid} not found; pass --pyramid DIR or --no-metroem")
-        fns["metroem"] = baselines.metroem_method(pyramid)
-        fns["metroem+pc"] = baselines.metroem_method(pyramid, translation_init=True)
+        # A pyramid runs on images at the MIP whose pixel size is closest to theirs: the
+        # 10 nm FIB-SEM slices are MIP 1 (8 nm) of the 4 nm ISBI pyramid, as a user would run it.
+        fib_mip = max(0, round(math.log2(FIBSEM_NM / PYRAMID_NM)))
+        for name, init in (("metroem", False), ("metroem+pc", True)):
+            fns[name] = {
+                ISBI_NM: baselines.metroem_method(pyramid, translation_init=init),
+                FIBSEM_NM: baselines.metroem_method(pyramid, translation_init=init,
+                                                    input_mip=fib_mip),
+            }
     return fns
 
 
@@ -153,7 +162,9 @@ class FieldCache:
     def field(self, method: tuple[str, Callable | None], key: str, src, tgt, px_nm: float):
         base, post = method
         if (base, key) not in self.cache:
-            self.cache[(base, key)] = q._timed(self.bases[base], src, tgt)
+            fn = self.bases[base]
+            fn = fn[px_nm] if isinstance(fn, dict) else fn  # per pixel size (the pyramids)
+            self.cache[(base, key)] = q._timed(fn, src, tgt)
         field, dt, err = self.cache[(base, key)]
         if field is None or post is None:
             return field, dt, err
@@ -345,7 +356,9 @@ def markdown(result: dict) -> str:
 
 def _describe(name: str) -> str:
     if name.startswith("metroem"):
-        base = "trained pyramid (models/isbi)"
+        base = (f"trained pyramid; FIB-SEM slices given as MIP "
+                f"{max(0, round(math.log2(FIBSEM_NM / PYRAMID_NM)))} of its {PYRAMID_NM:g} nm "
+                "MIP0 (the closest pixel size)")
         if name.startswith("metroem+pc"):
             base += ", started from a phase-correlation translation (translation_init)"
     else:

@@ -7,7 +7,9 @@ A batch is a dict of tensors indexed by item along dim 0:
   (``warp_image(src, field) ~ tgt``);
 * ``src_agg_field`` (optional): the incoming aggregate field, transformed like ``field``;
 * ``src_defects`` / ``tgt_defects`` (optional, bool ``(N, 1, H, W)``): pixels a simulated defect
-  removed, for losses to ignore. Defect augmentations create them.
+  removed, for losses to ignore. Defect augmentations create them;
+* ``field_known`` (optional, ``(N,)``): 1 where ``field`` is the truth, 0 where it is unknown
+  (a placeholder the supervised term ignores); ``same_section`` pairs are known.
 
 Every augmentation returns a new dict (inputs are not modified) on the batch's device and keeps
 ``warp_image(src, field) ~ tgt``. Derivations of the field updates are in docs/augment.md.
@@ -268,6 +270,8 @@ def same_section_pair(batch: Batch, spec: DeformationSpec, generator=None) -> Ba
     out = dict(batch)
     out["src"] = fields.warp_image(batch["tgt"], d)
     out["field"] = fields.invert(d)
+    if "field_known" in batch:  # the field of a same-section pair is known, always
+        out["field_known"] = torch.ones_like(batch["field_known"])
     if "src_defects" in batch or "tgt_defects" in batch:
         out["src_defects"] = _warp_mask(_defects(batch, "tgt"), d)
     if "src_agg_field" in batch:

@@ -380,7 +380,9 @@ def build_loss(section: dict | None = None, masks_section: dict | None = None) -
     """Build ``loss_fn`` from config sections ``loss`` and ``masks`` (both validated here).
 
     ``loss_fn(src, tgt, field, gt_field=None, src_mask=None, tgt_mask=None, sim_weight=None,
-    smooth_weight=None, features=None) -> (total, terms)`` warps ``src`` by ``field`` itself;
+    smooth_weight=None, features=None, gt_known=None) -> (total, terms)`` warps ``src`` by
+    ``field`` itself; ``gt_known`` ``(N,)`` leaves items whose ``gt_field`` is a placeholder (0)
+    out of the supervised term and the EPE;
     weights not given come from :func:`metroem.masks.build_masks`. ``terms`` holds the
     unweighted value of every configured term (``similarity``, ``smoothness``, ``fold``,
     ``supervised``, ``embedding``) plus ``epe`` / ``epe_median`` whenever ``gt_field`` is given;
@@ -404,6 +406,7 @@ def build_loss(section: dict | None = None, masks_section: dict | None = None) -
         sim_weight: Tensor | None = None,
         smooth_weight: Tensor | None = None,
         features: Callable[[Tensor, Tensor], tuple[list[Tensor], list[Tensor]]] | None = None,
+        gt_known: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         fields.check_field(field)
         if src.shape != tgt.shape or src.shape[-2:] != field.shape[-2:]:
@@ -440,6 +443,8 @@ def build_loss(section: dict | None = None, masks_section: dict | None = None) -
             )
         if gt_field is not None:
             valid = masks.valid_mask(tgt, mcfg)
+            if gt_known is not None:  # items whose field is only a placeholder count 0
+                valid = valid * gt_known.to(valid.dtype).view(-1, 1, 1, 1)
             mean, median = epe(field, gt_field, valid)
             terms["epe"], terms["epe_median"] = mean.detach(), median
             if cfg["supervised_weight"] > 0:
@@ -447,14 +452,15 @@ def build_loss(section: dict | None = None, masks_section: dict | None = None) -
                 total = total + cfg["supervised_weight"] * mean
         if cfg["embedding_weight"] > 0:
             mode = cfg["embedding_field"]
-            if mode == "predicted" or (mode == "auto" and gt_field is None):
+            unknown = gt_known is not None and not bool((gt_known > 0).all())
+            if mode == "predicted" or (mode == "auto" and (gt_field is None or unknown)):
                 emb_field, emb_weight = field.detach(), sim_weight
-            elif gt_field is not None:
+            elif gt_field is not None and not unknown:
                 emb_field = gt_field.detach()
                 emb_weight = masks.build_masks(
                     mcfg, src, tgt, emb_field, src_mask, tgt_mask
                 )["sim_weight"]
-            else:  # "truth" and no known field: nothing says what corresponds
+            else:  # "truth" and no (or not every) known field: nothing says what corresponds
                 emb_field = None
             if emb_field is not None:
                 if features is None:

@@ -74,9 +74,9 @@ class CropDataset(Dataset):
                 break
         y, x = best
         return {
-            k: v[..., y : y + ch, x : x + cw]
+            k: v[..., y : y + ch, x : x + cw] if k in SPATIAL_KEYS else v
             for k, v in item.items()
-            if isinstance(v, Tensor) and k in SPATIAL_KEYS
+            if isinstance(v, Tensor)
         }
 
 

@@ -230,10 +230,10 @@ def validate(model, items, loss_for, device) -> dict[str, float]:
         b = _unsqueeze(item, device)
         pred = model(b["src"], b["tgt"], src_agg_field=b.get("src_agg_field"))
         _, terms = loss_for(b)(b["src"], b["tgt"], pred, gt_field=b.get("field"),
-                               features=model.pair_features)
+                               features=model.pair_features, gt_known=b.get("field_known"))
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-        if "field" in b:
+        if "field" in b and float(b.get("field_known", torch.ones(1)).min()) > 0:
             errs.append(_epe(pred, b["field"], (b["tgt"] != 0).float()).cpu())
     out = {k: v / max(len(items), 1) for k, v in sums.items()}
     e = torch.cat(errs) if errs else torch.zeros(0)
@@ -456,6 +456,7 @@ def train_stage(
             batch["src"], batch["tgt"], pred, gt_field=batch.get("field"),
             src_mask=batch.get("src_defects"), tgt_mask=batch.get("tgt_defects"),
             features=model.pair_features,  # the embedding term's encoder (outside DDP's forward)
+            gt_known=batch.get("field_known"),
         )
         if eq_weight > 0:
             terms["equivariance"] = eq_term

@@ -103,7 +103,11 @@ class StageDataset(Dataset):
             key = (name.x, name.y, name.z)
             if key in gt_files:
                 self._gt_path[path] = gt_files[key]
-        self.has_ground_truth = bool(self._gt_path) and len(self._gt_path) == len(
+        # Some pairs with a known field and some without (a registered block's pairs beside a
+        # volume's, see metroem.registered): every item then carries a field and a
+        # ``field_known`` flag, 0 where the field is unknown (zeros, ignored by the losses).
+        self.has_ground_truth = bool(self._gt_path)
+        self.partial_ground_truth = self.has_ground_truth and len(self._gt_path) < len(
             self.pairs.image_files()
         )
         if self.has_ground_truth:
@@ -183,9 +187,14 @@ class StageDataset(Dataset):
         out = {"src": item["src"], "tgt": item["tgt"]}
         if "field" in item:
             out["src_agg_field"] = item["field"]
-        if self.has_ground_truth:
+        if item["file"] in self._gt_path:
             t = torch.as_tensor(item["translation"], dtype=torch.float32) / 2**self.mip
             out["field"] = self._truth(item["file"], item["pair"]) - t.view(2, 1, 1)
+            if self.partial_ground_truth:
+                out["field_known"] = torch.ones(())
+        elif self.has_ground_truth:
+            out["field"] = torch.zeros((2,) + tuple(item["src"].shape[-2:]))
+            out["field_known"] = torch.zeros(())
         size = sum(v.numel() * v.element_size() for v in out.values())
         if self._cache_bytes + size <= self._cache_limit:
             self._cache[i] = out
