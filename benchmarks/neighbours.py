@@ -30,7 +30,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -239,7 +238,7 @@ def _med(rows, *path) -> float:
 
 def aggregate_fibsem(rows: list[dict]) -> dict:
     ok = [r for r in rows if not r["failed"]]
-    dfm = [r for r in ok if r["kind"] == "deformed"]
+    dfm = [r for r in ok if r["kind"] in ("deformed", "same")]
     und = [r for r in ok if r["kind"] == "undeformed"]
     worst = max((r["epe"]["median"] for r in dfm), default=math.nan)
     return {
@@ -316,7 +315,10 @@ def markdown(result: dict) -> str:
         "",
     ]
     for gap, table in result["fibsem"].items():
-        lines += [f"## FIB-SEM, gap {gap} ({int(gap) * FIBSEM_NM:g} nm)", "",
+        title = (f"## FIB-SEM, gap {gap} ({int(gap) * FIBSEM_NM:g} nm)" if gap != "0" else
+                 "## FIB-SEM same-section (a deformed noisy copy of the slice; no undeformed "
+                 "pairs)")
+        lines += [title, "",
                   "| method | EPE | EPE p95 | worst | -shift | \\|f\\| on 0 | morph | strain "
                   "| folds % | fail | s |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -373,13 +375,7 @@ def _describe(name: str) -> str:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        import cv2
-
-        cv2.setNumThreads(args.threads)
-    except ImportError:
-        pass
+    q.set_threads(args.threads)
     t_start = time.perf_counter()
     variants = methods(args)
     cache = FieldCache(base_functions({b for b, _ in variants.values()}, args))
@@ -387,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     gaps = [1, 4] if args.quick else args.gaps
     per_block = 1 if args.quick else args.per_block
     fib_pairs = nb.make_neighbour_pairs(blocks, tuple(gaps), per_block, seed=args.seed)
+    fib_pairs += nb.make_same_pairs(blocks, per_block, seed=args.seed)
     isbi_pairs: list[pairs.BenchmarkPair] = []
     if not args.quick and args.isbi != "none":
         stack = pairs.load_stack(args.isbi)
@@ -404,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             "isbi": [score_isbi(cache, method, p) for p in isbi_pairs],
         }
         print(f"{name:28s} {time.perf_counter() - t0:7.1f} s", flush=True)
-    deformed = [p for p in fib_pairs if p.kind == "deformed"]
+    deformed = [p for p in fib_pairs if p.kind != "undeformed"]
     strain = [metrics.strain_stats(p.gt, nb.valid_mask(p)) for p in deformed]
     result = {
         "config": {
@@ -427,17 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         "fibsem": {
             str(g): {m: aggregate_fibsem([r for r in rows[m]["fibsem"] if r["gap"] == g])
                      for m in variants}
-            for g in gaps
+            for g in [0, *gaps]
         },
         "isbi": {m: aggregate_isbi(rows[m]["isbi"]) for m in variants} if isbi_pairs else {},
         "methods": {m: _describe(m) for m in variants},
         "pairs": rows,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    q._write_text(out / "neighbours.json",
-                  json.dumps(q._json_safe(result), indent=1, allow_nan=False) + "\n")
-    q._write_text(out / "neighbours.md", markdown(result))
+    q.write_results(out, "neighbours", result, markdown(result))
     print(markdown(result))
     print(f"wrote {out / 'neighbours.json'} and {out / 'neighbours.md'}")
     return 0

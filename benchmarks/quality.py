@@ -242,6 +242,26 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
+def write_results(out: Path, stem: str, result: dict, text: str) -> None:
+    """``<out>/<stem>.json`` (strict JSON, NaN as null) and ``<out>/<stem>.md``, each written
+    whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / f"{stem}.json",
+                json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+    _write_text(out / f"{stem}.md", text)
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's (and OpenCV's, when installed) CPU threads for a benchmark run."""
+    torch.set_num_threads(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:
+        pass
+
+
 def _pictures(out: Path, result: dict, methods: dict, examples: list[pairs.BenchmarkPair]):
     diffs = list(result["difficulties"])
     table = result["table"]
@@ -272,13 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in baselines.METHODS:
             print(f"{name:14s} {baselines.method_params(name)}")
         return 0
-    torch.set_num_threads(args.threads)
-    try:
-        import cv2
-
-        cv2.setNumThreads(args.threads)
-    except ImportError:
-        pass
+    set_threads(args.threads)
     methods = _methods(args)
     stack = pairs.load_stack(args.data)
     diffs = args.difficulties or list(pairs.DIFFICULTIES)
@@ -326,10 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": rows,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(result), indent=1, allow_nan=False)
-    _write_text(out / "quality.json", text + "\n")
-    _write_text(out / "quality.md", markdown(result))
+    write_results(out, "quality", result, markdown(result))
     hardest = [p for p in all_pairs
                if p.difficulty == diffs[-1] and p.z == all_pairs[-1].z and p.draw == 0]
     _pictures(out, result, methods, hardest)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -212,18 +211,12 @@ def markdown(result: dict) -> str:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        import cv2
-
-        cv2.setNumThreads(args.threads)
-    except ImportError:
-        pass
+    q = _quality()
+    q.set_threads(args.threads)
     if args.quick:
         args.steps, args.per_difficulty = 20, 1
     if args.steps < 1:
         raise MetroemError(f"--steps {args.steps} must be at least 1")
-    q = _quality()
     t_start = time.perf_counter()
     diffs = ["shift8", "elastic"] if args.quick else list(pairs.DIFFICULTIES)
     sections = Path(args.data) if args.data else pairs.default_data_dir()
@@ -266,10 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    q._write_text(out / "supervision.json",
-                  json.dumps(q._json_safe(result), indent=1, allow_nan=False) + "\n")
-    q._write_text(out / "supervision.md", markdown(result))
+    q.write_results(out, "supervision", result, markdown(result))
     print(markdown(result))
     print(f"wrote {out / 'supervision.json'} and {out / 'supervision.md'}")
     return 0

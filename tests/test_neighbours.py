@@ -93,7 +93,20 @@ def test_benchmark_quick_run_writes_its_tables(tmp_path):
     table = result["fibsem"]["4"]
     raw, smooth = table["farneback+pc"], table["farneback+pc gauss 32px"]
     assert raw["pairs"] == 4 and raw["failures"] == 0
+    assert result["fibsem"]["0"]["farneback+pc"]["pairs"] == 2  # same-section pairs
     # the smoothed flow bends less on the undeformed pairs: the morph metric sees it
     assert smooth["morph_median"] < raw["morph_median"]
     assert result["apparent_shift"]["4"] > result["apparent_shift"]["1"]
     assert "| farneback+pc |" in (tmp_path / "neighbours.md").read_text()
+
+
+@needs_fibsem
+def test_same_section_pairs_are_a_noisy_deformed_copy_with_exact_truth(blocks):
+    ps = nb.make_same_pairs(blocks, per_block=2)
+    assert len(ps) == 4 and all(p.kind == "same" and p.gap == 0 for p in ps)
+    for p in ps:
+        assert torch.equal(p.tgt, blocks[p.block][p.z])
+        back = fields.warp_image(p.src[None, None], p.gt[None])[0, 0]
+        m = nb.valid_mask(p)
+        assert (back - p.tgt)[m].abs().median() < 3 * nb.NOISE_STD  # noise and resampling
+        assert p.gt.abs().max() > 5

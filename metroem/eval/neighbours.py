@@ -13,6 +13,9 @@ Two kinds per gap:
 * ``deformed``: the source deformed by a random :data:`DEFORMATION`; ``gt = invert(d)``.
 * ``undeformed``: the raw slices; ``gt = 0``. What a method returns here is its morph.
 
+and, for comparison, ``same`` pairs (:func:`make_same_pairs`): a slice deformed the same way
+plus noise against itself, no change of content (``gap`` 0).
+
 Blocks come from a folder of blocks (default ``<repo>/../shared/data/fibsem``, one sub-folder
 of slice images per block). The last :data:`HELD_OUT` slices of every block are held out for
 benchmarks; :func:`split` gives the training range.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from metroem import fields, synth
+from metroem import synth
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -41,10 +44,12 @@ __all__ = [
     "default_data_dir",
     "load_blocks",
     "make_neighbour_pairs",
+    "make_same_pairs",
     "split",
 ]
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fibsem"
+NOISE_STD = 8.0  # grey levels of noise on same-section sources (as metroem.eval.pairs)
 HELD_OUT = 50  # last slices of each block kept out of training (benchmarks only)
 GAPS = (1, 2, 4, 8)  # slices apart: 10, 20, 40, 80 nm on the 10 nm FIB-SEM blocks
 # Drift, affine and an elastic part of a few percent local strain (median ~4 % on 250 px
@@ -144,15 +149,33 @@ def make_neighbour_pairs(
     return out
 
 
+def make_same_pairs(
+    blocks: dict[str, Tensor],
+    per_block: int = 5,
+    seed: int = 0,
+    held_out: int = HELD_OUT,
+    deformation: synth.DeformationSpec = DEFORMATION,
+) -> list[NeighbourPair]:
+    """Same-section pairs of the held-out slices: ``warp(slice, d)`` plus Gaussian noise
+    (:data:`NOISE_STD`) against the slice itself; ``gt = invert(d)``; ``gap`` 0."""
+    out = []
+    for name, stack in blocks.items():
+        held = split(stack.shape[0], held_out)[1]
+        zs = torch.linspace(held.start, held.stop - 1, per_block).round().long().tolist()
+        for z in zs:
+            gen = torch.Generator().manual_seed(_seed(name, 0, z, seed))
+            tgt = stack[z]
+            d = synth.random_field(1, *tgt.shape, deformation, generator=gen)
+            s, g = synth.deformed_pair(tgt[None, None], d)
+            src = s[0, 0]
+            noise = torch.randn(src.shape, generator=gen) * NOISE_STD
+            src = torch.where(src != 0, (src + noise).clamp(1, 255), torch.zeros_like(src))
+            out.append(NeighbourPair("same", name, z, 0, src, tgt.clone(), g[0]))
+    return out
+
+
 def valid_mask(pair: NeighbourPair, margin: int = 4) -> Tensor:
     """Target pixels whose true sample point lies in the source's data (EPE is counted there)."""
     from metroem.eval.metrics import valid_after_warp
 
     return valid_after_warp(pair.src, pair.gt, margin=margin) & (pair.tgt != 0)
-
-
-def check_pair(pair: NeighbourPair) -> float:
-    """Median |warp(src, gt) - raw source slice| is 0 up to resampling: a sanity value."""
-    warped = fields.warp_image(pair.src[None, None], pair.gt[None])[0, 0]
-    m = valid_mask(pair)
-    return float((warped - pair.tgt)[m].abs().median())
