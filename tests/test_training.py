@@ -98,7 +98,9 @@ def test_run_folder_has_resolved_config_log_and_tensorboard(trained):
                                size_guidance={"images": 0, "scalars": 0})
         acc.Reload()
         scalars = set(acc.Tags()["scalars"])
-        assert {"train/loss", "train/lr", "train/grad_norm", "val/epe_median"} <= scalars
+        assert {"train/loss", "train/lr", "train/grad_norm", "val/epe_median",
+                "val/strain_median"} <= scalars
+        assert all(0 <= e.value < 10 for e in acc.Scalars("val/strain_median"))
         loss = acc.Scalars("train/loss")
         assert [e.step for e in loss] == [2, 4, 6]
         assert all(np.isfinite(e.value) for e in loss)

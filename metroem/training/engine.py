@@ -216,6 +216,15 @@ def _epe(pred: Tensor, gt: Tensor, valid: Tensor | None) -> Tensor:
     return e.flatten()
 
 
+def _strain_median(field: Tensor, tgt: Tensor) -> float:
+    """Median |grad f|_F (px/px) of the first item's field over the target's interior tissue
+    (metroem.eval.metrics.gradient_norm_stats: 0 for a translation)."""
+    from metroem.eval.metrics import gradient_norm_stats
+
+    valid = tgt[0, 0].detach().cpu() != 0
+    return gradient_norm_stats(field[:1].detach().cpu(), valid)["median"]
+
+
 def _unsqueeze(item: dict, device: torch.device) -> dict:
     return _to({k: v.unsqueeze(0) for k, v in item.items() if isinstance(v, Tensor)}, device)
 
@@ -225,10 +234,11 @@ def validate(model, items, loss_for, device) -> dict[str, float]:
     """Mean loss terms and EPE percentiles (where ground truth exists) over validation pairs."""
     model.eval()
     sums: dict[str, float] = {}
-    errs = []
+    errs, strains = [], []
     for item in items:
         b = _unsqueeze(item, device)
         pred = model(b["src"], b["tgt"], src_agg_field=b.get("src_agg_field"))
+        strains.append(_strain_median(pred, b["tgt"]))
         _, terms = loss_for(b)(b["src"], b["tgt"], pred, gt_field=b.get("field"),
                                features=model.pair_features, gt_known=b.get("field_known"))
         for k, v in terms.items():
@@ -236,6 +246,9 @@ def validate(model, items, loss_for, device) -> dict[str, float]:
         if "field" in b and float(b.get("field_known", torch.ones(1)).min()) > 0:
             errs.append(_epe(pred, b["field"], (b["tgt"] != 0).float()).cpu())
     out = {k: v / max(len(items), 1) for k, v in sums.items()}
+    finite = [v for v in strains if math.isfinite(v)]
+    if finite:  # how much the fields bend: a stage that morphs neighbours shows it here
+        out["strain_median"] = float(torch.tensor(finite).median())
     e = torch.cat(errs) if errs else torch.zeros(0)
     if e.numel():
         out["epe_median"] = float(e.median())
