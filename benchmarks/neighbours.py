@@ -54,7 +54,7 @@ DEFAULT_PYRAMID = REPO / "models" / "isbi"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 FIBSEM_NM = 10.0  # px size of the FIB-SEM blocks
 ISBI_NM = 4.0  # px size of the ISBI ssTEM sections
-PYRAMID_NM = 4.0  # MIP0 px size of the pyramid (models/isbi was trained on the ISBI sections)
+PYRAMID_NM = 4.0  # MIP0 px size of a pyramid without pyramid.json (models/isbi has 4 there)
 ISBI_PAIRS = (1, 15, 29)  # held-out ISBI sections; each is aligned onto the one before
 INTERIOR = 16  # px dropped along the border for the morph and strain of undeformed pairs
 BASELINES = ["identity", "farneback+pc", "dis+pc", "ilk+pc", "tvl1+pc", "elastix"]
@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                    f"(default {nb.default_data_dir()})")
     p.add_argument("--isbi", default=None, help="folder of consecutive ssTEM sections "
                    f"(default {pairs.default_data_dir()}); 'none' skips the ISBI part")
-    p.add_argument("--pyramid", default=None, help=f"metroem pyramid with {PYRAMID_NM:g} nm MIP0 "
-                   f"pixels (default {DEFAULT_PYRAMID})")
+    p.add_argument("--pyramid", default=None, help="metroem pyramid; its MIP0 pixel size comes "
+                   f"from its pyramid.json, else {PYRAMID_NM:g} nm (default {DEFAULT_PYRAMID})")
     p.add_argument("--no-metroem", action="store_true", help="baselines only")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"baselines to run (default: {' '.join(BASELINES)}, where installed)")
@@ -141,7 +141,10 @@ def base_functions(names: set[str], args) -> dict[str, baselines.FieldFn]:
             raise MetroemError(f"pyramid {pyramid} not found; pass --pyramid DIR or --no-metroem")
         # A pyramid runs on images at the MIP whose pixel size is closest to theirs: the
         # 10 nm FIB-SEM slices are MIP 1 (8 nm) of the 4 nm ISBI pyramid, as a user would run it.
-        fib_mip = max(0, round(math.log2(FIBSEM_NM / PYRAMID_NM)))
+        from metroem.modules import pyramid_settings
+
+        pyramid_nm = pyramid_settings(pyramid).get("resolution_nm", PYRAMID_NM)
+        fib_mip = args.fib_mip = max(0, round(math.log2(FIBSEM_NM / pyramid_nm)))
         for name, init in (("metroem", False), ("metroem+pc", True)):
             fns[name] = {
                 ISBI_NM: baselines.metroem_method(pyramid, translation_init=init),
@@ -356,11 +359,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _describe(name: str) -> str:
+def _describe(name: str, fib_mip: int | None) -> str:
     if name.startswith("metroem"):
-        base = (f"trained pyramid; FIB-SEM slices given as MIP "
-                f"{max(0, round(math.log2(FIBSEM_NM / PYRAMID_NM)))} of its {PYRAMID_NM:g} nm "
-                "MIP0 (the closest pixel size)")
+        base = (f"trained pyramid; FIB-SEM slices given as its MIP {fib_mip} (the closest "
+                "pixel size)")
         if name.startswith("metroem+pc"):
             base += ", started from a phase-correlation translation (translation_init)"
     else:
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             for g in [0, *gaps]
         },
         "isbi": {m: aggregate_isbi(rows[m]["isbi"]) for m in variants} if isbi_pairs else {},
-        "methods": {m: _describe(m) for m in variants},
+        "methods": {m: _describe(m, getattr(args, "fib_mip", None)) for m in variants},
         "pairs": rows,
     }
     out = Path(args.out)

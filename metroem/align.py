@@ -89,11 +89,9 @@ def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetun
         return aligner
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained stages warn once per module; fine here
-        aligner = load_aligner(pyramid, checkpoint_name, stages, device, mip, finetune,
-                               finetune_options, translation_init=translation_init)
-    if smoothing_nm:
-        aligner.smoothing_px = _smoothing_px(smoothing_nm, resolution_nm, aligner.input_mip)
-    return aligner
+        return load_aligner(pyramid, checkpoint_name, stages, device, mip, finetune,
+                            finetune_options, smoothing_nm=smoothing_nm,
+                            resolution_nm=resolution_nm, translation_init=translation_init)
 
 
 def _smoothing_px(smoothing_nm: float, resolution_nm: float | None, mip: int) -> float:
@@ -552,11 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--smoothing_nm", type=float, default=None,
                    help="keep only the part of the field that is affine over about this length "
                    "(nm): sections' smooth distortion stays, tissue is not bent onto its "
-                   "neighbour (metroem.regularize; off by default; docs/evaluation.md has the "
-                   "measured trade-off)")
+                   "neighbour (metroem.regularize; default: the pyramid's pyramid.json, else "
+                   "off; 0 = off; README has the measured trade-off)")
     m.add_argument("--resolution_nm", type=float, default=None,
-                   help="nm per MIP0 pixel of image files, for --smoothing_nm (volumes: read "
-                   "from the layer)")
+                   help="nm per MIP0 pixel of image files, for --smoothing_nm (default: the "
+                   "pyramid's pyramid.json; volumes: read from the layer)")
     m.add_argument("--translation_init", action="store_true",
                    help="start from one global translation found by phase correlation (drift "
                    "larger than the coarse stage's search window)")

@@ -242,6 +242,8 @@ def load_aligner(
     ``checkpoint_name`` (default: each module's default / latest checkpoint). ``input_mip`` is
     the MIP of the images the aligner will be called with (default: the finest stage's).
 
+    ``smoothing_nm`` and ``resolution_nm`` default to the pyramid's ``pyramid.json``
+    (:func:`metroem.modules.pyramid_settings`; ``smoothing_nm=0`` turns a default off).
     ``smoothing_nm`` (with ``resolution_nm``, the size of a MIP0 pixel in nm) keeps only the
     part of the field that is affine over about that length; ``translation_init`` starts from
     a phase-correlation translation (see :class:`PyramidAligner`).
@@ -253,11 +255,18 @@ def load_aligner(
             f"device {device} requested but {count} GPU(s) are visible; use device='cpu' or a "
             "visible GPU"
         )
+    settings = modules.pyramid_settings(pyramid_path)
+    if smoothing_nm is None:
+        smoothing_nm = settings.get("smoothing_nm")
+    if resolution_nm is None:
+        resolution_nm = settings.get("resolution_nm")
     smoothing_px = 0.0
     if smoothing_nm:
         if resolution_nm is None:
             raise MetroemError(
-                "smoothing_nm needs the pixel size: pass resolution_nm (nm per MIP0 pixel)"
+                "smoothing_nm needs the pixel size: pass resolution_nm (--resolution_nm, nm "
+                f"per MIP0 pixel) or set it in "
+                f"{os.path.join(str(pyramid_path), modules.SETTINGS_FILE)}"
             )
     mods = modules.select_stages(modules.discover(pyramid_path), stages)
     loaded = [

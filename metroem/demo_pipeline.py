@@ -66,7 +66,7 @@ def copy_pyramid_definition(src: str, dst: str) -> list[modules.ModuleInfo]:
         if os.path.exists(target):
             continue
         shutil.copytree(m.path, target, ignore=shutil.ignore_patterns("*.pth*", "__pycache__"))
-    for extra in ("train.yaml",):
+    for extra in ("train.yaml", modules.SETTINGS_FILE):
         if os.path.exists(os.path.join(src, extra)):
             shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
     return modules.discover(dst)

@@ -159,6 +159,36 @@ def discover(pyramid_path: str | os.PathLike) -> list[ModuleInfo]:
     return modules
 
 
+SETTINGS_FILE = "pyramid.json"
+# Pyramid-wide settings (all optional): the size of a MIP0 pixel of the data the pyramid runs
+# on, and the default smoothing length (metroem.regularize) for aligning with it.
+SETTINGS = {"resolution_nm": "nm per MIP0 pixel (> 0)",
+            "smoothing_nm": "default smoothing length in nm (>= 0; 0 = off)"}
+
+
+def pyramid_settings(pyramid_path: str | os.PathLike) -> dict:
+    """The pyramid's ``pyramid.json`` (``{}`` when there is none), checked: known keys only,
+    finite numbers, ``resolution_nm > 0``, ``smoothing_nm >= 0``."""
+    path = Path(pyramid_path).expanduser() / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MetroemError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); fix or "
+                           "delete it") from e
+    if not isinstance(data, dict):
+        raise MetroemError(f"{path} must hold a JSON object like {{\"resolution_nm\": 4}}")
+    for key, value in data.items():
+        if key not in SETTINGS:
+            raise MetroemError(f"{path}: unknown key {key!r}; known: {', '.join(SETTINGS)}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            value > 0 if key == "resolution_nm" else value >= 0) and value < float("inf")
+        if not ok:
+            raise MetroemError(f"{path}: {key} = {value!r}; it must be {SETTINGS[key]}")
+    return {k: float(v) for k, v in data.items()}
+
+
 def select_stages(modules: list[ModuleInfo], stages: Iterable[int] | None) -> list[ModuleInfo]:
     """The modules whose stage is in ``stages`` (all when None), in stage order."""
     if stages is None:

@@ -245,3 +245,29 @@ def test_smoothing_nm_keeps_the_affine_part_and_drops_the_rest(pyramid):
         metroem.load_aligner(pyramid, "rand", smoothing_nm=64)
     with pytest.raises(ValueError, match="smoothing_px"):
         aligner_mod.PyramidAligner([(0, nets.build_model(SPEC))], smoothing_px=-1)
+
+
+def test_pyramid_json_sets_the_pixel_size_and_a_default_length(pyramid, tmp_path):
+    """pyramid.json holds the MIP0 pixel size and an optional default smoothing length;
+    explicit arguments win (0 turns the default off); a bad file is a one-line error."""
+    import shutil
+
+    from metroem.errors import MetroemError
+
+    pyr = tmp_path / "pyr"
+    shutil.copytree(pyramid, pyr)
+    (pyr / "pyramid.json").write_text('{"resolution_nm": 4, "smoothing_nm": 64}')
+    assert modules.pyramid_settings(pyr) == {"resolution_nm": 4.0, "smoothing_nm": 64.0}
+    assert metroem.load_aligner(pyr, "rand").smoothing_px == 16.0
+    assert metroem.load_aligner(pyr, "rand", smoothing_nm=32).smoothing_px == 8.0
+    assert metroem.load_aligner(pyr, "rand", smoothing_nm=0).smoothing_px == 0.0
+    assert metroem.load_aligner(pyr, "rand", resolution_nm=8).smoothing_px == 8.0
+    for text, words in (('{"resolution_nm": 0}', "resolution_nm = 0"),
+                        ('{"pixel": 4}', "unknown key"), ("[1]", "JSON object"),
+                        ("{", "not valid JSON")):
+        (pyr / "pyramid.json").write_text(text)
+        with pytest.raises(MetroemError, match=words):
+            metroem.load_aligner(pyr, "rand")
+    assert modules.pyramid_settings(pyramid) == {}
+    shipped = Path(__file__).resolve().parents[1] / "models" / "isbi"
+    assert modules.pyramid_settings(shipped) == {"resolution_nm": 4.0}
