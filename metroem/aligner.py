@@ -52,8 +52,8 @@ class PyramidAligner(nn.Module):
     nm. ``translation_init=True`` starts the pyramid from one global translation found by
     phase correlation (:mod:`metroem.translation`) when no ``src_agg_field`` is given: drift
     beyond the coarse stage's search window, or on images too small for its coarsest level,
-    is caught. Both run in :meth:`forward` (the whole-image aligner), not in the exported
-    program or the tiled path.
+    is caught. Both run in :meth:`forward` and in tiled inference
+    (:class:`metroem.tiling.StageTiler`), not in the exported program.
     """
 
     def __init__(
@@ -260,6 +260,7 @@ def load_aligner(
         smoothing_nm = settings.get("smoothing_nm")
     if resolution_nm is None:
         resolution_nm = settings.get("resolution_nm")
+    mods = modules.select_stages(modules.discover(pyramid_path), stages)
     smoothing_px = 0.0
     if smoothing_nm:
         if resolution_nm is None:
@@ -268,14 +269,12 @@ def load_aligner(
                 f"per MIP0 pixel) or set it in "
                 f"{os.path.join(str(pyramid_path), modules.SETTINGS_FILE)}"
             )
-    mods = modules.select_stages(modules.discover(pyramid_path), stages)
+        mip_in = min(m.mip for m in mods) if input_mip is None else int(input_mip)
+        smoothing_px = regularize.sigma_px(smoothing_nm, resolution_nm, mip_in)
     loaded = [
         (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
         for m in mods
     ]
-    if smoothing_nm:
-        mip_in = min(m.mip for m in mods) if input_mip is None else int(input_mip)
-        smoothing_px = regularize.sigma_px(smoothing_nm, resolution_nm, mip_in)
     aligner = PyramidAligner(
         loaded, input_mip=input_mip, finetune=finetune, finetune_options=finetune_options,
         smoothing_px=smoothing_px, translation_init=translation_init,

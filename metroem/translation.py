@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from metroem import fields
+
 Tensor = torch.Tensor
 
 __all__ = ["phase_translation", "translation_field"]
@@ -81,13 +83,9 @@ def phase_translation(src: Tensor, tgt: Tensor, max_size: int = 512) -> Tensor:
 
 
 def _masked_half(img: Tensor) -> Tensor:
-    """2x box average over the data pixels (0 stays no data), odd sizes padded with 0."""
+    """:func:`metroem.fields.downsample_image` by one MIP, odd sizes padded with no data."""
     h, w = img.shape[-2:]
-    img = F.pad(img, (0, w % 2, 0, h % 2))
-    valid = (img != 0).float()
-    num = F.avg_pool2d(img, 2)
-    den = F.avg_pool2d(valid, 2)
-    return torch.where(den > 0, num / den.clamp_min(1e-6), torch.zeros_like(num))
+    return fields.downsample_image(F.pad(img, (0, w % 2, 0, h % 2)), 1)
 
 
 def translation_field(shift: Tensor, h: int, w: int) -> Tensor:
