@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, regularize, tiling, volumes
+from metroem import fields, images, regularize, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.errors import MetroemError, cli_errors
@@ -57,21 +57,9 @@ def read_image(path: str):
         if src.channels != 1:
             raise MetroemError(f"{path} has {src.channels} channels; give one grayscale section")
         return src
-    if low.endswith((".tif", ".tiff")):
-        import tifffile
-
-        arr = tifffile.imread(path)
-    elif low.endswith(IMAGE_SUFFIXES):
-        from PIL import Image
-
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    else:
+    if not low.endswith(IMAGE_SUFFIXES):
         raise MetroemError(f"{path}: unsupported image type; use .png, .tif or .npy")
-    arr = np.squeeze(arr)
-    if arr.ndim != 2:
-        raise MetroemError(f"{path} is not a grayscale image (shape {arr.shape}); convert it")
-    return tiling.ArraySource(arr)
+    return tiling.ArraySource(images.read_grey(path))  # the same reading as metroem ingest
 
 
 def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetune_options,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from metroem import fields, synth, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
+from metroem.images import natural_key
 
 Tensor = torch.Tensor
 
@@ -323,11 +324,12 @@ def _synapses(tissue: _Tissue, centres, radius, cell, z, gap, xx, yy):
 
 
 def section_files(sections_dir: str | os.PathLike) -> list[Path]:
-    """The section images of a folder (PNG/TIF/...), sorted by name: z order."""
+    """The section images of a folder (PNG/TIF/...) in natural name order (``2`` before ``10``)."""
     folder = Path(sections_dir)
     if not folder.is_dir():
         raise MetroemError(f"sections folder {folder} does not exist; pass a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: natural_key(p.name))
     if not files:
         raise MetroemError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
