@@ -16,8 +16,10 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,9 @@ from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
 
-__all__ = ["PyramidAligner", "load_aligner", "plain_tensor"]
+__all__ = ["PyramidAligner", "load_aligner", "plain_tensor", "resolve_checkpoints"]
+
+log = logging.getLogger(__name__)
 
 
 def plain_tensor(t: Tensor | None) -> Tensor | None:
@@ -238,9 +242,11 @@ def load_aligner(
 ) -> PyramidAligner:
     """Load a trained pyramid (all stages or the given stage numbers) as one aligner.
 
-    Each module folder is loaded through its own ``create.py`` (as modelhouse does), with
-    ``checkpoint_name`` (default: each module's default / latest checkpoint). ``input_mip`` is
-    the MIP of the images the aligner will be called with (default: the finest stage's).
+    Each module folder is loaded through its own ``create.py`` (as modelhouse does), with the
+    checkpoints :func:`resolve_checkpoints` picks from ``checkpoint_name`` (one name, one per
+    stage as a list or ``"a,b,c"``, or None: each module's default); which checkpoint each
+    stage uses is logged. ``input_mip`` is the MIP of the images the aligner will be called
+    with (default: the finest stage's).
 
     ``smoothing_nm`` and ``resolution_nm`` default to the pyramid's ``pyramid.json``
     (:func:`metroem.modules.pyramid_settings`; ``smoothing_nm=0`` turns a default off).
@@ -271,12 +277,76 @@ def load_aligner(
             )
         mip_in = min(m.mip for m in mods) if input_mip is None else int(input_mip)
         smoothing_px = regularize.sigma_px(smoothing_nm, resolution_nm, mip_in)
+    names = resolve_checkpoints(mods, checkpoint_name)
     loaded = [
-        (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
-        for m in mods
+        (m.mip, modules.load_module(m.path, checkpoint_name=name, device=str(device)))
+        for m, name in zip(mods, names, strict=True)
     ]
     aligner = PyramidAligner(
         loaded, input_mip=input_mip, finetune=finetune, finetune_options=finetune_options,
         smoothing_px=smoothing_px, translation_init=translation_init,
     )
     return aligner.to(device).eval()
+
+
+def _default_checkpoint(module: modules.ModuleInfo) -> str | None:
+    """What loading a module without a name picks: the spec's default, else the latest."""
+    _, default = modules.read_spec(module.path)
+    if default and modules.weights_path(module.path, default).exists():
+        return default
+    names = modules.checkpoint_names(module.path)
+    return names[-1] if names else None
+
+
+def _split_names(checkpoint_name: str | Sequence[str] | None, count: int) -> list[str | None]:
+    if checkpoint_name is None:
+        return [None] * count
+    names = (checkpoint_name.split(",") if isinstance(checkpoint_name, str)
+             else list(checkpoint_name))
+    names = [n.strip() for n in names]
+    if len(names) == 1:
+        return names * count
+    if len(names) != count:
+        raise MetroemError(
+            f"--checkpoint_name lists {len(names)} names for {count} stage(s); give one name "
+            "for every stage, or one per stage in stage order (e.g. a,b)"
+        )
+    return names
+
+
+def resolve_checkpoints(mods: Sequence[modules.ModuleInfo],
+                        checkpoint_name: str | Sequence[str] | None = None) -> list[str | None]:
+    """The checkpoint each module loads, checked, and logged one line per stage.
+
+    Named checkpoints are used as given (an unfinished one is flagged in the log). Without a
+    name, each module's default is used, but only when every stage's default is the same name
+    and comes from a finished run: a silent mix of checkpoints, or a stopped run's weights, is
+    refused with a line saying how to choose.
+    """
+    from metroem.training.checkpoint import checkpoint_status
+
+    given = _split_names(checkpoint_name, len(mods))
+    names = [g if g is not None else _default_checkpoint(m) for m, g in zip(mods, given,
+                                                                            strict=True)]
+    statuses = [checkpoint_status(m.path, n) if n else None for m, n in zip(mods, names,
+                                                                            strict=True)]
+    if checkpoint_name is None:
+        used = {n for n in names if n}
+        if len(used) > 1:
+            shown = ", ".join(f"stage {m.stage}: {n}" for m, n in zip(mods, names, strict=True))
+            raise MetroemError(
+                f"the stages' default checkpoints differ ({shown}); pass --checkpoint_name NAME "
+                "for all stages, or one per stage (e.g. --checkpoint_name "
+                f"{','.join(n or '?' for n in names)}) to mix them on purpose"
+            )
+        for m, st in zip(mods, statuses, strict=True):
+            if st is not None and not st.finished:
+                raise MetroemError(
+                    f"stage {m.stage}'s default checkpoint {st.name!r} is from a run that did "
+                    f"not finish ({st.describe()}); finish it with train.py --resume, or name "
+                    f"it with --checkpoint_name {st.name} to use it anyway"
+                )
+    for m, n, st in zip(mods, names, statuses, strict=True):
+        what = f"checkpoint {n!r} ({st.describe()})" if st else "no checkpoint: untrained"
+        log.info("stage %d (%s): %s", m.stage, m.name, what)
+    return names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 
 
@@ -19,6 +20,7 @@ def cli_errors(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        handler = _log_to_stderr()
         try:
             return main(*args, **kwargs)
         except MetroemError as e:
@@ -27,5 +29,22 @@ def cli_errors(main):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        finally:
+            if handler is not None:
+                logging.getLogger("metroem").removeHandler(handler)
 
     return wrapper
+
+
+def _log_to_stderr() -> logging.Handler | None:
+    """Show the library's ``metroem.*`` INFO lines (plain messages) on stderr during a command,
+    unless the caller configured logging for them already."""
+    logger = logging.getLogger("metroem")
+    if logger.handlers:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler

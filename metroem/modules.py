@@ -47,6 +47,7 @@ __all__ = [
     "load_module",
     "read_spec",
     "save_weights",
+    "set_default_checkpoint",
     "weights_path",
     "checkpoint_names",
 ]
@@ -325,6 +326,11 @@ def save_weights(
     if make_default:
         _set_default_checkpoint(module, checkpoint_name)
     return path
+
+
+def set_default_checkpoint(module_path: str | os.PathLike, checkpoint_name: str) -> None:
+    """Make ``checkpoint_name`` the module's default (what loading without a name picks)."""
+    _set_default_checkpoint(_module_dir(module_path), checkpoint_name)
 
 
 def _set_default_checkpoint(module: Path, checkpoint_name: str) -> None:

@@ -41,6 +41,8 @@ __all__ = [
     "training_state_path",
     "save_checkpoint",
     "load_checkpoint",
+    "CheckpointStatus",
+    "checkpoint_status",
 ]
 
 FORMAT = "metroem-training-state"
@@ -308,3 +310,46 @@ def load_checkpoint(
         restore_rng=restore_rng,
         map_location=map_location,
     )
+
+
+# --- status: finished or not ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """What the training state beside a checkpoint says about the run that wrote it."""
+
+    name: str
+    step: int | None = None  # None: no training state (e.g. shipped or exported weights)
+    steps: int | None = None  # the run's train.steps
+    finished: bool = True  # a checkpoint without a training state counts as finished
+
+    def describe(self) -> str:
+        if self.step is None:
+            return "no training record"
+        if self.step < 0:
+            return "UNFINISHED: its training state is unreadable"
+        if self.finished:
+            return f"finished, {self.step} steps"
+        of = f" of {self.steps}" if self.steps else ""
+        return f"UNFINISHED: stopped at step {self.step}{of}"
+
+
+def checkpoint_status(module_path: str | os.PathLike, checkpoint_name: str) -> CheckpointStatus:
+    """Whether checkpoint ``checkpoint_name`` of a module comes from a finished training run.
+
+    Reads only the header of the training state (memory-mapped); an unreadable state counts as
+    unfinished.
+    """
+    path = training_state_path(module_path, checkpoint_name)
+    if not path.exists():
+        return CheckpointStatus(checkpoint_name)
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        extra = state.get("extra") or {}
+        steps = ((state.get("config") or {}).get("train") or {}).get("steps")
+        return CheckpointStatus(checkpoint_name, int(state["step"]),
+                                int(steps) if steps is not None else None,
+                                bool(extra.get("final", False)))
+    except Exception:  # a torn or foreign state: not a finished run
+        return CheckpointStatus(checkpoint_name, step=-1, finished=False)

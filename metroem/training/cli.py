@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -30,6 +31,7 @@ from metroem import modules
 from metroem.atomic import FileLock
 from metroem.errors import MetroemError, cli_errors
 from metroem.generate import generate_fields
+from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
 from metroem.training.engine import (
     Faults,
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not copy terminal output into the run's train.log")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train again from scratch over an existing --checkpoint_name (and "
+                   "replace the fields generated from it); without it or --resume, an existing "
+                   "checkpoint of that name is refused")
     p.add_argument("--log_dir", default=None,
                    help="run logs + tensorboard (default: <pyramid_path>/_runs/<checkpoint_name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -100,8 +106,25 @@ def _check_checkpoint_name(name: str) -> None:
     modules.weights_path(".", name)  # raises on names that cannot be a file name
 
 
+def _check_not_replacing(module: modules.ModuleInfo, name: str, resume: bool,
+                         overwrite: bool) -> None:
+    """Refuse to train over an existing checkpoint unless --resume or --overwrite says how."""
+    weights = modules.weights_path(module.path, name)
+    state = ckpt.training_state_path(module.path, name)
+    if resume or overwrite or not (weights.exists() or state.exists()):
+        return
+    status = ckpt.checkpoint_status(module.path, name)
+    raise MetroemError(
+        f"stage {module.stage}: {module.name} already has checkpoint {name!r} "
+        f"({status.describe()}); pass --resume to continue it, --overwrite to train it again "
+        "from scratch, or pick another --checkpoint_name"
+    )
+
+
 def _preflight(args, cfg, mods, train_numbers, gen_numbers) -> dict[int, dict]:
     """Check every stage to train and every generation; returns the per-stage configs."""
+    if args.resume and args.overwrite:
+        raise MetroemError("pass --resume (continue) or --overwrite (start again), not both")
     stage_cfgs = {}
     for i, m in enumerate(mods):
         if m.stage in train_numbers:
@@ -110,6 +133,7 @@ def _preflight(args, cfg, mods, train_numbers, gen_numbers) -> dict[int, dict]:
             inputs_ready = prev is None or prev.stage not in gen_numbers
             check_stage(m, prev, args.dataset_path, args.checkpoint_name, stage_cfgs[m.stage],
                         args.resume, inputs_ready)
+            _check_not_replacing(m, args.checkpoint_name, args.resume, args.overwrite)
         if m.stage in gen_numbers:
             if i + 1 < len(mods):
                 check_images(args.dataset_path, mods[i + 1].mip)
@@ -172,9 +196,21 @@ def _run(args: argparse.Namespace, info: dist.DistInfo, device) -> list[StageRes
             _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, stop,
                     faults, logger, results)
         except StopRequested as e:
-            logger.message(f"training stopped: {e}")
+            e.signum = stop.signum
+            logger.message(f"training stopped: {e}")  # the last line: not finished
             raise
+        logger.message(_finished_line(args.checkpoint_name, train_numbers, gen_numbers))
     return results
+
+
+def _finished_line(name: str, trained: list[int], generated: list[int]) -> str:
+    """The last line of a run that finished everything it was asked to do."""
+    parts = []
+    if trained:
+        parts.append(f"stage(s) {', '.join(map(str, trained))} trained to checkpoint {name!r}")
+    if generated:
+        parts.append(f"fields generated after stage(s) {', '.join(map(str, generated))}")
+    return "training finished: " + ("; ".join(parts) if parts else "nothing to do")
 
 
 def _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, stop, faults,
@@ -214,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except StopRequested:  # already reported by the run's logger
-        return 0
+    except StopRequested as e:  # already reported by the run's logger, as its last line
+        signum = getattr(e, "signum", None) or signal.SIGTERM
+        return 128 + int(signum)  # 130 after Ctrl-C, 143 after SIGTERM: not finished
     return 0
 
 

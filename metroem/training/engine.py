@@ -45,7 +45,8 @@ FAULT_ENV = "METROEM_FAULT"
 
 
 class StopRequested(Exception):
-    """Raised after a SIGTERM/SIGINT once the checkpoint is written; the CLI exits 0."""
+    """Raised after a SIGTERM/SIGINT once the checkpoint is written; the CLI exits 128 + signal
+    (130 for Ctrl-C, 143 for SIGTERM), so a stopped run never looks like a finished one."""
 
 
 @dataclass
@@ -63,6 +64,7 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._old = {}
 
     def __enter__(self) -> StopFlag:
@@ -77,6 +79,7 @@ class StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -441,13 +444,18 @@ def train_stage(
             if not code_frozen:  # the folder rebuilds with the code these weights came from
                 modules.refresh_code(module.path)
                 code_frozen = True
-            modules.save_weights(module.path, checkpoint_name, model.state_dict())
+            # Only a finished run's weights become the module's default checkpoint: a
+            # stopped run's never do (loading then names them or refuses, see aligner.py).
+            modules.save_weights(module.path, checkpoint_name, model.state_dict(),
+                                 make_default=False)
             ckpt.save_training_state(
                 state_path, model, optimizer, scheduler, step=step,
                 rng_states=ckpt.capture_rng_states(), data_state=stream.state(), config=cfg,
                 extra={"skipped": skipped, "final": final, "stage": module.stage,
                        "val": {k: float(v) for k, v in val_metrics.items()}},
             )
+            if final:
+                modules.set_default_checkpoint(module.path, checkpoint_name)
 
     if info.is_main:  # we hold the module's lock: leftovers of a killed run can go
         for path in remove_stale_temp_files(module.path):
