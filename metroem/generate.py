@@ -19,7 +19,11 @@ and no images are re-cut.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +31,9 @@ import torch
 from metroem import datasets, download, modules, volumes
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
+
+# Attributes of generated files saying what made them.
+PROVENANCE = ("pyramid", "weights")
 
 
 def shift_source(pairs: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -73,20 +80,17 @@ def _read_moved_sources(data: datasets.H5Data, t_total: np.ndarray, mip: int) ->
     return out
 
 
-def generate_fields(
-    pyramid_path: str,
-    dataset_path: str,
-    checkpoint_name: str,
-    upto_stage: int,
-    device: torch.device | str = "cpu",
-    batch_size: int = 2,
-    log=print,
-) -> list[str]:
-    """Write the field + re-cut image datasets that feed the stage after ``upto_stage``.
+@dataclass(frozen=True)
+class _Output:
+    """The files generated from one plain image dataset."""
 
-    Returns the written field files. If ``upto_stage`` is the last stage, fields are written at
-    its own MIP (useful for evaluation) and no images are re-cut.
-    """
+    summary: datasets.DatasetSummary
+    field_path: str
+    image_path: str | None  # None after the last stage (no re-cut images)
+
+
+def _plan(pyramid_path: str, dataset_path: str, checkpoint_name: str, upto_stage: int):
+    """``(modules, index of upto_stage, next module or None, output MIP, outputs)``."""
     mods = modules.discover(pyramid_path)
     stage_numbers = [m.stage for m in mods]
     if upto_stage not in stage_numbers:
@@ -103,14 +107,110 @@ def generate_fields(
             f"no image datasets at MIP {out_mip} in {dataset_path} to generate fields for; cut "
             f"them with metroem-download-image --mips {out_mip}"
         )
+    outputs = []
+    for summary in plain:
+        fname = datasets.field_filename(
+            upto_stage, summary.x, summary.y, summary.z_start, out_mip, checkpoint_name
+        )
+        iname = datasets.image_filename(summary.x, summary.y, summary.z_start, out_mip,
+                                        checkpoint_name)
+        outputs.append(_Output(summary, os.path.join(dataset_path, fname),
+                               os.path.join(dataset_path, iname) if nxt is not None else None))
+    return mods, k, nxt, out_mip, outputs
+
+
+def _recorded(path: str) -> dict:
+    """The provenance attributes (``pyramid``, ``weights``) of an existing dataset file."""
+    read = datasets.read_field_dataset if os.path.basename(path).startswith("field_") \
+        else datasets.read_image_dataset
+    attrs = read(path, load_data=False).attrs
+    return {k: str(attrs[k]) for k in PROVENANCE if k in attrs}
+
+
+def check_outputs(pyramid_path: str, dataset_path: str, checkpoint_name: str, upto_stage: int,
+                  overwrite: bool = False, own_ok: bool = False) -> None:
+    """Refuse, before anything is written, to replace generated files without ``overwrite``.
+
+    An existing output is replaced only with ``overwrite``, or with ``own_ok`` when it records
+    this very pyramid (a resumed run regenerating its own fields); one that records this
+    pyramid and its current weights is up to date and passes. Files written by another
+    pyramid, or with no record (e.g. ``download_field --suffix`` with the same name), are kept.
+    """
+    if overwrite:
+        return
+    here = str(Path(pyramid_path).expanduser().resolve())
+    mods, k, _, _, outputs = _plan(pyramid_path, dataset_path, checkpoint_name, upto_stage)
+    current = _provenance(pyramid_path, mods[: k + 1], checkpoint_name)
+    for out in outputs:
+        for path in (out.field_path, out.image_path):
+            if path is None or not os.path.exists(path):
+                continue
+            recorded = _recorded(path)
+            maker = recorded.get("pyramid")
+            if (own_ok and maker == here) or recorded == current:
+                continue  # this run's own files, or files it would write identically
+            by = f"by pyramid {maker}" if maker else "with no record of the pyramid that made it"
+            if maker == here:
+                by = "by this pyramid in an earlier run"
+            raise MetroemError(
+                f"{path} exists, written {by}; pass --overwrite to replace it, or use another "
+                "--checkpoint_name (it is part of the generated file names)"
+            )
+
+
+def _provenance(pyramid_path: str, used: list[modules.ModuleInfo], checkpoint_name: str) -> dict:
+    """What the generated files record: the pyramid and a digest of every weights file used."""
+    digests = {}
+    for m in used:
+        path = modules.weights_path(m.path, checkpoint_name)
+        digests[str(m.stage)] = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() \
+            else "none"
+    return {"pyramid": str(Path(pyramid_path).expanduser().resolve()),
+            "weights": json.dumps(digests, sort_keys=True)}
+
+
+def _up_to_date(out: _Output, record: dict) -> bool:
+    paths = [p for p in (out.field_path, out.image_path) if p is not None]
+    return all(os.path.exists(p) and _recorded(p) == record for p in paths)
+
+
+def generate_fields(
+    pyramid_path: str,
+    dataset_path: str,
+    checkpoint_name: str,
+    upto_stage: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 2,
+    log=print,
+    overwrite: bool = False,
+    own_ok: bool = False,
+) -> list[str]:
+    """Write the field + re-cut image datasets that feed the stage after ``upto_stage``.
+
+    Returns the field files (written, or already up to date). If ``upto_stage`` is the last
+    stage, fields are written at its own MIP (useful for evaluation) and no images are re-cut.
+    Outputs that already record this pyramid and these exact weights are kept as they are (a
+    rerun after an interruption finishes the rest); other existing outputs are replaced only as
+    :func:`check_outputs` allows (``overwrite``, ``own_ok``).
+    """
+    check_outputs(pyramid_path, dataset_path, checkpoint_name, upto_stage, overwrite, own_ok)
+    mods, k, nxt, out_mip, outputs = _plan(pyramid_path, dataset_path, checkpoint_name,
+                                           upto_stage)
+    record = _provenance(pyramid_path, mods[: k + 1], checkpoint_name)
+    todo = [o for o in outputs if not _up_to_date(o, record)]
+    for o in outputs:
+        if o not in todo:
+            log(f"{os.path.basename(o.field_path)} is up to date (same pyramid and weights); kept")
+    if not todo:
+        return [o.field_path for o in outputs]
     stages = [
         (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
         for m in mods[: k + 1]
     ]
     aligner = PyramidAligner(stages, input_mip=out_mip).to(device).eval()
     coarsest = max(m.mip for m in mods)
-    written = []
-    for summary in plain:
+    for o in todo:
+        summary = o.summary
         data = datasets.read_image_dataset(summary.path)
         pairs = torch.from_numpy(data.data.astype(np.float32))
         out = []
@@ -127,25 +227,21 @@ def generate_fields(
             k_: data.attrs[k_] for k_ in ("x_offset", "y_offset", "z", "patch_size", "resolution")
             if k_ in data.attrs
         }
-        attrs.update(mip=out_mip, stage=upto_stage, tag=checkpoint_name, source=summary.path)
-        fname = datasets.field_filename(
-            upto_stage, summary.x, summary.y, summary.z_start, out_mip, checkpoint_name
-        )
-        fpath = os.path.join(dataset_path, fname)
+        attrs.update(mip=out_mip, stage=upto_stage, tag=checkpoint_name, source=summary.path,
+                     **record)
+        # Images first, field last: the field file is what marks this output as done.
+        if o.image_path is not None:
+            _recut_images(data, summary, o, t_new, t_total, out_mip, record, log)
         datasets.write_field_dataset(
-            fpath, field_rm.numpy(), translation=t_total, attrs=attrs, overwrite=True
+            o.field_path, field_rm.numpy(), translation=t_total, attrs=attrs, overwrite=True
         )
-        written.append(fpath)
-        if nxt is not None:
-            _recut_images(data, summary, fpath, checkpoint_name, t_new, t_total, out_mip,
-                          dataset_path, log)
         mean_shift = float(t_new.double().norm(dim=1).mean())
-        log(f"generated {fname}: {len(field)} pairs, mean removed translation {mean_shift:.1f} "
-            "MIP0 px")
-    return written
+        log(f"generated {os.path.basename(o.field_path)}: {len(field)} pairs, mean removed "
+            f"translation {mean_shift:.1f} MIP0 px")
+    return [o.field_path for o in outputs]
 
 
-def _recut_images(data, summary, field_path, tag, t_new, t_total, mip, dataset_path, log):
+def _recut_images(data, summary, out: _Output, t_new, t_total, mip, record, log):
     """Write ``x*_y*_z*_MIP{mip}_{tag}.h5``: the pairs with sources moved by the translation."""
     try:
         pairs = _read_moved_sources(data, t_total, mip)
@@ -153,12 +249,10 @@ def _recut_images(data, summary, field_path, tag, t_new, t_total, mip, dataset_p
         log(f"cannot re-read {os.path.basename(summary.path)}'s source volume ({e}); shifting "
             "the stored patches instead (0 = no data where the window leaves them)")
         pairs = shift_source(data.data, (t_new // 2**mip).numpy())
-    path = os.path.join(
-        dataset_path, datasets.image_filename(summary.x, summary.y, summary.z_start, mip, tag)
-    )
     attrs = dict(data.attrs)
-    attrs["field_dset"] = field_path
-    datasets.write_image_dataset(path, pairs, attrs, translation=t_total, overwrite=True)
+    attrs.update(field_dset=out.field_path, **record)
+    datasets.write_image_dataset(out.image_path, pairs, attrs, translation=t_total,
+                                 overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint_name", required=True)
     p.add_argument("--stage", type=int, required=True, help="run stages up to this one")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing generated files (kept by default; files already made "
+                   "by this pyramid with these weights are always kept)")
 
     @cli_errors
     def run(args) -> int:
         generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name, args.stage,
-                        device=resolve_device(args.device))
+                        device=resolve_device(args.device), overwrite=args.overwrite)
         return 0
 
     return run(p.parse_args(argv))

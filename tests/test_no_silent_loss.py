@@ -5,13 +5,16 @@ discard or mix work. Everything goes through the real command lines (``train.py`
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
 from conftest import snapshot
 from PIL import Image
 
-from metroem import align, modules
+from metroem import align, datasets, generate, modules, nets
 from metroem.training import checkpoint as ckpt
 from metroem.training import cli
 
@@ -134,3 +137,87 @@ def test_unfinished_default_is_refused(tiny_run, capsys, monkeypatch, tmp_path):
     assert "did not finish" in line and "--resume" in line and "--checkpoint_name a" in line
     doc = json.loads((tiny_run.module(0) / "model" / "model_spec.json").read_text())
     assert doc["default_checkpoint"] == "a"
+
+
+# --- item 6: generated datasets are never replaced silently -----------------------------------
+
+
+def test_second_pyramid_cannot_replace_the_fields_of_the_first(tiny_run, capsys):
+    other = tiny_run.root / "other_pyramid"
+    shutil.copytree(tiny_run.pyramid, other)  # untrained copy: another pyramid, same data
+    argv = tiny_run.argv("v1", "--train_stages", "0", "--no_redirect_stdout")
+    assert train(argv) == 0  # trains stage 0 and generates the fields stage 1 needs
+    field = tiny_run.data / datasets.field_filename(0, 128, 128, 1, 0, "v1")
+    recut = tiny_run.data / "x128_y128_z1_MIP0_v1.h5"
+    kept = field.read_bytes(), recut.read_bytes()
+    made_by = datasets.read_field_dataset(str(field), load_data=False).attrs["pyramid"]
+    assert made_by == str(tiny_run.pyramid.resolve())
+    capsys.readouterr()
+    before = snapshot(tiny_run.root)
+    theirs = [a if a != str(tiny_run.pyramid) else str(other) for a in argv]
+    assert train(theirs) == 2
+    line = error_line(capsys.readouterr().err)
+    assert field.name in line and f"written by pyramid {tiny_run.pyramid.resolve()}" in line
+    assert "--overwrite" in line
+    assert snapshot(tiny_run.root) == before  # checked before training: nothing written
+    assert (field.read_bytes(), recut.read_bytes()) == kept
+    assert train([*theirs, "--overwrite"]) == 0
+    assert datasets.read_field_dataset(str(field), load_data=False).attrs["pyramid"] == \
+        str(other.resolve())
+
+
+def test_generate_cli_keeps_existing_files_unless_told(tiny_run, capsys):
+    assert train(tiny_run.argv("v1", "--train_stages", "0", "--no_redirect_stdout")) == 0
+    field = tiny_run.data / datasets.field_filename(0, 128, 128, 1, 0, "v1")
+    base = ["--pyramid_path", str(tiny_run.pyramid), "--dataset_path", str(tiny_run.data),
+            "--checkpoint_name", "v1", "--stage", "0"]
+    mtime = field.stat().st_mtime_ns
+    capsys.readouterr()
+    assert generate.main(base) == 0  # same pyramid, same weights: up to date, kept
+    assert "is up to date" in capsys.readouterr().out and field.stat().st_mtime_ns == mtime
+    # new weights for the same name: the old fields are not replaced without --overwrite
+    other = nets.build_model(modules.read_spec(tiny_run.module(0))[0])
+    modules.save_weights(tiny_run.module(0), "v1", other.state_dict())
+    try:
+        generate.main(base)
+    except SystemExit as e:
+        assert e.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "written by this pyramid in an earlier run" in line and "--overwrite" in line
+    assert field.stat().st_mtime_ns == mtime
+    assert generate.main([*base, "--overwrite"]) == 0
+    assert field.stat().st_mtime_ns != mtime
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_field_generation_then_rerun(tiny_run, capsys, monkeypatch, presses):
+    """Ctrl-C while the fields after stage 0 are generated: one press finishes the fields and
+    stops before stage 1; two presses interrupt the generation itself. Either way nothing
+    half-written is left, the run does not look finished, and --resume completes it."""
+    real = generate.download.remove_translation
+
+    def ctrl_c(*args, **kwargs):
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate.download, "remove_translation", ctrl_c)
+    argv = tiny_run.argv("v1", "--no_redirect_stdout")
+    assert train(argv) == 130
+    out, err = capsys.readouterr()
+    last = (out if presses == 1 else err).strip().splitlines()[-1]
+    assert last.startswith("training stopped: stopped after stage 0" if presses == 1
+                           else "interrupted")
+    assert not list(tiny_run.root.rglob(".*.tmp-*")) and not list(tiny_run.root.rglob(".*.lock"))
+    field = tiny_run.data / datasets.field_filename(0, 128, 128, 1, 0, "v1")
+    assert field.exists() == (presses == 1)
+    assert not modules.weights_path(tiny_run.module(1), "v1").exists()
+    monkeypatch.setattr(generate.download, "remove_translation", real)
+    assert train(argv) == 2  # a plain rerun would throw stage 0's checkpoint away
+    assert "--resume" in error_line(capsys.readouterr().err)
+    assert train([*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert ("is up to date" in out) == (presses == 1)
+    assert out.strip().splitlines()[-1].startswith("training finished")
+    assert datasets.read_field_dataset(str(field), load_data=False).attrs["pyramid"] == \
+        str(tiny_run.pyramid.resolve())

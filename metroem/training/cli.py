@@ -30,7 +30,7 @@ from metroem import config as config_mod
 from metroem import modules
 from metroem.atomic import FileLock
 from metroem.errors import MetroemError, cli_errors
-from metroem.generate import generate_fields
+from metroem.generate import check_outputs, generate_fields
 from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
 from metroem.training.engine import (
@@ -137,6 +137,8 @@ def _preflight(args, cfg, mods, train_numbers, gen_numbers) -> dict[int, dict]:
         if m.stage in gen_numbers:
             if i + 1 < len(mods):
                 check_images(args.dataset_path, mods[i + 1].mip)
+            check_outputs(args.pyramid_path, args.dataset_path, args.checkpoint_name, m.stage,
+                          overwrite=args.overwrite, own_ok=args.resume)
             for used in mods[: i + 1]:
                 weights = modules.weights_path(used.path, args.checkpoint_name)
                 if used.stage not in train_numbers and not weights.exists():
@@ -234,7 +236,8 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, st
             if info.is_main:
                 t0 = time.time()
                 generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name,
-                                m.stage, device=device, log=logger.message)
+                                m.stage, device=device, log=logger.message,
+                                overwrite=args.overwrite, own_ok=args.resume)
                 logger.message(f"fields after stage {m.stage} in {time.time() - t0:.0f} s")
             dist.barrier(info)
         later = [s for s in train_numbers + gen_numbers if s > m.stage]
