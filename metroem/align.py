@@ -239,6 +239,9 @@ def align_files(
     if overwrite and os.path.exists(work):
         shutil.rmtree(work)
     s, t = read_image(src), read_image(tgt)
+    if image_out and image_out.lower().endswith(".png") and s.dtype not in (np.uint8, np.uint16):
+        raise MetroemError(f"--image_out {image_out}: PNG holds 8/16-bit images, {src} is "
+                           f"{s.dtype}; write .tif or .npy instead")
     if s.shape != t.shape:
         raise MetroemError(f"{src} is {s.shape[1]}x{s.shape[0]} but {tgt} is "
                            f"{t.shape[1]}x{t.shape[0]}; give sections of one size")

@@ -206,3 +206,18 @@ def test_ingest_names_an_unreadable_image_in_one_line(tmp_path, content):
     r = _ingest(folder, tmp_path / "vol")
     assert "s001.png" in r.stderr
     assert not (tmp_path / "vol").exists() and _left_over(tmp_path) == []
+
+
+def test_align_refuses_a_float_source_as_png_before_writing(tmp_path):
+    import tifffile
+
+    a = np.random.default_rng(3).random((64, 64), dtype=np.float32) + 0.5
+    tifffile.imwrite(tmp_path / "s.tif", a)
+    tifffile.imwrite(tmp_path / "t.tif", a)
+    r = subprocess.run([sys.executable, "-m", "metroem.cli", "align", "models/demo",
+                        "--src", str(tmp_path / "s.tif"), "--tgt", str(tmp_path / "t.tif"),
+                        "--image_out", str(tmp_path / "x.png"), "--no_progress"],
+                       capture_output=True, text=True, cwd=str(REPO))
+    _one_error(r, "PNG holds 8/16-bit images")
+    assert ".tif or .npy" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif", "t.tif"]  # no .partial
