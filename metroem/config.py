@@ -24,6 +24,7 @@ import fnmatch
 import importlib
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -36,10 +37,13 @@ import yaml
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "PRESETS",
     "MODES",
     "load_config",
+    "differences",
     "load_preset",
     "resolve",
     "save_resolved",
@@ -375,12 +379,65 @@ def load_config(
         config = _merge(schema, _validate(schema, user))
     except MetroemError as e:
         raise MetroemError(f"{e}{where}") from None
-    config = _merge(config, _validate(schema, over))
+    over = _validate(schema, over)
+    config = _merge(_command_line_wins(config, over), over)
     try:
         _check_all(config)
     except MetroemError as e:
         raise MetroemError(f"{e}{where}") from None
     return config
+
+
+def _drop(node: dict, parts: list[str]) -> tuple[bool, object]:
+    """Remove the leaf at ``parts`` from nested dict ``node``: ``(found, old value)``."""
+    for part in parts[:-1]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return False, None
+    if parts[-1] not in node:
+        return False, None
+    return True, node.pop(parts[-1])
+
+
+def _command_line_wins(config: dict, over: Mapping) -> dict:
+    """``config`` without the ``per_mip`` entries that ``--set`` overrides set for every MIP.
+
+    ``--set train.steps=150`` means 150 steps at every MIP, so a params file's
+    ``per_mip.<mip>.train.steps`` gives way to it; each entry dropped is logged. Overrides
+    of ``per_mip`` itself (``--set per_mip.8.train.steps=10``) are merged as usual.
+    """
+    per_mip = config.get("per_mip") or {}
+    if not per_mip:
+        return config
+    config = copy.deepcopy(config)
+    paths = [p for p, _ in _walk({k: v for k, v in over.items() if k not in ("per_mip",
+                                                                           "preset")})]
+    for path in paths:
+        for mip, entry in config["per_mip"].items():
+            found, old = _drop(entry, path.split("."))
+            if found:
+                log.info("--set %s=%s replaces per_mip.%s.%s=%s of the config (the command "
+                         "line wins)", path, _short(_lookup(over, path)), mip, path, _short(old))
+    return config
+
+
+def _lookup(node: Mapping, path: str):
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def differences(old: Mapping, new: Mapping) -> list[str]:
+    """``"key: old -> new"`` for every leaf that differs between two configs (sorted)."""
+    a, b = dict(_walk(old)), dict(_walk(new))
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            shown = ["(none)" if v is missing else _short(v) for v in (va, vb)]
+            out.append(f"{key}: {shown[0]} -> {shown[1]}")
+    return out
 
 
 def resolve(config: Mapping, mip: int, check: bool = True) -> dict:

@@ -221,3 +221,31 @@ def test_ctrl_c_during_field_generation_then_rerun(tiny_run, capsys, monkeypatch
     assert out.strip().splitlines()[-1].startswith("training finished")
     assert datasets.read_field_dataset(str(field), load_data=False).attrs["pyramid"] == \
         str(tiny_run.pyramid.resolve())
+
+
+# --- item 7: config precedence ----------------------------------------------------------------
+
+
+def test_command_line_beats_the_recipes_per_mip_value(tiny_run, capsys):
+    recipe = tiny_run.root / "recipe.yaml"
+    recipe.write_text("train:\n  steps: 40\nper_mip:\n  1:\n    train:\n      steps: 30\n"
+                      "    data:\n      batch_size: 2\n")
+    argv = stage0(tiny_run, "tiny", "--train_params_path", str(recipe),
+                  "--set", "train.steps=3")
+    assert train(argv) == 0
+    err = capsys.readouterr().err
+    assert "--set train.steps=3 replaces per_mip.1.train.steps=30" in err
+    state = ckpt.load_checkpoint(tiny_run.module(0), "tiny", restore_rng=False)
+    assert state.step == 3  # was 30: the recipe's per-MIP value won silently
+    assert state.config["data"]["batch_size"] == 2  # other per-MIP values still apply
+
+
+def test_resume_with_a_changed_config_says_what_changed(tiny_run, capsys, monkeypatch):
+    monkeypatch.setenv("METROEM_FAULT", "sigterm@step=3,stage=0")
+    assert train(stage0(tiny_run, "tiny")) == 143
+    monkeypatch.delenv("METROEM_FAULT")
+    capsys.readouterr()
+    assert train([*stage0(tiny_run, "tiny"), "--resume", "--set", "train.steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert "config differs from the checkpoint's (train.steps: 6 -> 8)" in out
+    assert ckpt.load_checkpoint(tiny_run.module(0), "tiny", restore_rng=False).step == 8

@@ -415,6 +415,10 @@ def train_stage(
         val_metrics = dict(extra.get("val") or {})
         stream.load_state(restored.data_state or {})
         logger.message(f"stage {module.stage}: resumed at step {step} from {state_path}")
+        changed = config_mod.differences(restored.config, cfg)
+        if changed:  # allowed (e.g. more steps), but never silently
+            logger.message(f"stage {module.stage}: the config differs from the checkpoint's "
+                           f"({'; '.join(changed)}); resuming with the new values")
     elif resume:
         logger.message(f"stage {module.stage}: no training state at {state_path}; starting fresh")
     net = DistributedDataParallel(model) if info.enabled else model
