@@ -668,6 +668,10 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self._starts[-1] if self.indices is None else len(self.indices)
 
+    def first_pairs(self) -> list[int]:
+        """The global index of the first pair of every file (all files, ignoring ``indices``)."""
+        return [s for s, e in zip(self._starts, self._entries, strict=False) if e.layout.n > 0]
+
     def image_files(self) -> list[str]:
         """The image files this dataset reads, in pair order."""
         return [e.path for e in self._entries]

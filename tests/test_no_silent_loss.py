@@ -249,3 +249,21 @@ def test_resume_with_a_changed_config_says_what_changed(tiny_run, capsys, monkey
     out = capsys.readouterr().out
     assert "config differs from the checkpoint's (train.steps: 6 -> 8)" in out
     assert ckpt.load_checkpoint(tiny_run.module(0), "tiny", restore_rng=False).step == 8
+
+
+# --- item 8: settings that cannot work are refused ----------------------------------------------
+
+
+def test_stage_whose_tissue_is_smaller_than_its_crop_is_refused(tiny_run, capsys):
+    path = tiny_run.data / "x128_y128_z1_MIP1.h5"
+    data = datasets.read_image_dataset(str(path))
+    small = np.zeros_like(data.data)
+    small[:, :, 60:70, 60:70] = data.data[:, :, 60:70, 60:70]  # a 10 px island of tissue
+    small[:, :, 60:70, 60:70] = np.maximum(small[:, :, 60:70, 60:70], 1)
+    datasets.write_image_dataset(str(path), small, dict(data.attrs), overwrite=True,
+                                 translation=data.translation)
+    before = snapshot(tiny_run.root)
+    assert train(stage0(tiny_run, "tiny")) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "tissue at MIP 1 is only 10 px across" in line and "data.crop_size 64" in line
+    assert snapshot(tiny_run.root) == before

@@ -350,9 +350,33 @@ def check_stage(
         )
     model = _initial_model(module, checkpoint_name, cfg, resume)
     losses.check_embedding_levels(cfg["loss"], model.num_levels)
+    _check_tissue_size(module, dataset_path, crop, min(sizes), model)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     if resume and state_path.exists():
         ckpt.load_training_state(state_path, model, restore_rng=False)
+
+
+def _check_tissue_size(module: modules.ModuleInfo, dataset_path: str, crop: int, patch: int,
+                       model: torch.nn.Module) -> None:
+    """Refuse a stage whose data at its MIP holds less tissue than it trains on.
+
+    A pyramid meant for larger sections (e.g. MIP 8 of a 512 px stack: 2 px) would train on
+    crops that are nearly all "no data" and learn nonsense. The tissue is measured on the
+    first pair of every image dataset; tissue-free data (all 0) is left to the losses.
+    """
+    extent, where = stage_data.tissue_extent(dataset_path, module.mip)
+    need = max(min(crop, patch), int(getattr(model, "stride", 1)))
+    if 0 < extent < need:
+        what = (f"data.crop_size {crop}" if crop <= patch else f"the {patch} px patches")
+        stride = int(getattr(model, "stride", 1))
+        if need == stride and stride > min(crop, patch):
+            what = f"its network's coarsest level ({stride} px per cell)"
+        raise MetroemError(
+            f"stage {module.stage} ({module.name}): the tissue at MIP {module.mip} is only "
+            f"{extent} px across (in {where}), smaller than {what}; this stage cannot learn "
+            "from it: use a pyramid whose stages suit the data's size (finer MIPs), or set "
+            f"per_mip.{module.mip}.data.crop_size <= {extent}"
+        )
 
 
 # --- the loop -------------------------------------------------------------------------------

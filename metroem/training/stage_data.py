@@ -49,6 +49,22 @@ def check_images(dataset_path: str, mip: int) -> list[int]:
     return sizes
 
 
+def tissue_extent(dataset_path: str, mip: int) -> tuple[int, str]:
+    """``(side, file)``: the largest side of the nonzero (tissue) box over the first pair of
+    every plain image dataset at ``mip``, and the file it was found in (0 when none has any)."""
+    ds = datasets.PairDataset(dataset_path, mip, suffix=None)
+    best, where = 0, ""
+    for i in ds.first_pairs():
+        item = ds[i]
+        tissue = ((item["src"][0] != 0) | (item["tgt"][0] != 0)).numpy()
+        rows, cols = np.flatnonzero(tissue.any(axis=1)), np.flatnonzero(tissue.any(axis=0))
+        if rows.size:
+            side = int(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+            if side > best:
+                best, where = side, os.path.basename(item["file"])
+    return best, where
+
+
 def _check_incoming_fields(dataset_path: str, mip: int, prev_stage: int, tag: str) -> None:
     """A training-oriented error when the previous stage's field datasets are missing."""
     have = [
