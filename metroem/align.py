@@ -360,6 +360,20 @@ def _marker_dir(field_path: str | None, image_path: str | None, work_dir: str | 
     raise MetroemError("remote outputs need --work_dir: a local folder for the chunk markers")
 
 
+def _z_hint(z: int, tz: int, src: tuple[int, int], tgt: tuple[int, int], tgt_z: int | None,
+            other_layer: bool) -> str:
+    """How to fix a z range that leaves the layers: name the flag that is wrong."""
+    if z >= src[1]:
+        return f"end at --z_end {src[1]} (one past the last section)"
+    if z < src[0]:
+        return f"start at --z_start {src[0] + (0 if other_layer or tgt_z is not None else 1)}"
+    if tgt_z is not None:
+        return f"pick a --tgt_z in [{tgt[0]}, {tgt[1]})"
+    if other_layer:
+        return f"--tgt_path has z [{tgt[0]}, {tgt[1]}); pick --z_start/--z_end inside it"
+    return f"start at --z_start {src[0] + 1} to align each section to the previous one"
+
+
 def align_volume(
     pyramid,
     src_path: str,
@@ -407,7 +421,7 @@ def align_volume(
         if not (z_lo <= z < z_hi) or not (tz_lo <= tz < tz_hi):
             raise MetroemError(
                 f"section {z} (target {tz}) is outside the layers' z range [{z_lo}, {z_hi}); "
-                f"start at --z_start {z_lo + 1} to align each section to the previous one"
+                + _z_hint(z, tz, (z_lo, z_hi), (tz_lo, tz_hi), tgt_z, tgt_path != src_path)
             )
         pairs.append((z, tz))
     devices = tiling.parse_devices(device)
@@ -511,7 +525,7 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="metroem align", description=__doc__.splitlines()[0].strip("`: "), epilog=EPILOG,
+        prog="metroem align", description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("pyramid", help="pyramid folder (module folders <STAGE>_mip<MIP>in_<SUFFIX>)")

@@ -549,7 +549,9 @@ def _image_parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", help="appended to the file name: x.._MIPm_<suffix>.h5")
     p.add_argument("--parallel", type=int, default=1, help="threads reading sections")
     p.add_argument("--cv_path_defects", help="defect mask volume; defect pixels become 0")
-    p.add_argument("--defect_threshold", type=float, default=DEFAULT_DEFECT_THRESHOLD)
+    p.add_argument("--defect_threshold", type=float, default=DEFAULT_DEFECT_THRESHOLD,
+                   help="image pixels whose defect value is above this become 0 (no data; "
+                   f"default {DEFAULT_DEFECT_THRESHOLD:g})")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     return p
 

@@ -79,8 +79,8 @@ def open_volume(path: str, mip: int = 0, fill_missing: bool = True, **kwargs):
         if not os.path.exists(os.path.join(local, "info")):
             _OPEN.pop(path, None)
             raise MetroemError(
-                f"no CloudVolume at {path}: {local}/info does not exist; check --cv_path "
-                "(create a demo volume with `metroem-demo-volume`)"
+                f"no CloudVolume at {path}: {local}/info does not exist; check the path (a "
+                "folder of section images? import it with `metroem ingest`)"
             )
     key = (path, int(mip), bool(fill_missing), tuple(sorted(kwargs.items())))
     vol = _OPEN.get(key)

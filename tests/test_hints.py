@@ -1,0 +1,66 @@
+"""Issue 15, item 10: the hints of one-line errors and --help name the right command and flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metroem(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metroem.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=str(REPO))
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and sum(ln.startswith("error:") for ln in lines) == 1
+    return lines[-1]
+
+
+def test_missing_volume_suggests_ingest_and_names_no_foreign_flag(tmp_path):
+    line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "nope",
+                              "--z_start", 1, "--z_end", 2, "--field_path", tmp_path / "f"))
+    assert "metroem ingest" in line
+    assert "--cv_path" not in line and "metroem-demo-volume" not in line
+
+
+def test_z_end_past_the_volume_names_z_end(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64), 50 + i, np.uint8)).save(folder / f"{i}.png")
+    assert metroem("ingest", folder, tmp_path / "vol", "--num_mips", 4).returncode == 0
+    line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "vol",
+                              "--z_start", 1, "--z_end", 9, "--field_path", tmp_path / "f"))
+    assert "end at --z_end 3" in line and "--z_start" not in line
+    line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "vol",
+                              "--z_start", 0, "--z_end", 2, "--field_path", tmp_path / "f"))
+    assert "start at --z_start 1" in line
+    assert not (tmp_path / "f").exists()
+
+
+def test_help_texts():
+    r = metroem("align", "--help")
+    assert r.returncode == 0
+    assert "``" not in r.stdout and "align two images" in r.stdout
+    r = subprocess.run([sys.executable, "download_image.py", "--help"], capture_output=True,
+                       text=True, cwd=str(REPO))
+    assert r.returncode == 0
+    block = r.stdout[r.stdout.index("--defect_threshold DEFECT_THRESHOLD"):]
+    assert "become 0 (no data" in " ".join(block.split())
+
+
+def test_template_recipe_copies_the_pyramid_before_training():
+    """models/README says: copy a definition before training it; the recipe's comment agrees."""
+    text = (REPO / "models" / "template_m8m6m4" / "train.yaml").read_text()
+    commands = [ln for ln in text.splitlines() if ln.startswith("#")]
+    assert any("cp -r models/template_m8m6m4" in ln for ln in commands)
+    assert not any("--pyramid_path models/" in ln for ln in commands)
