@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, images, regularize, tiling, volumes
+from metroem import fields, images, regularize, threads, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.errors import MetroemError, cli_errors
@@ -571,12 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
     o.add_argument("--no_progress", action="store_true", help="no progress bar")
+    threads.add_argument(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    threads.apply(a.threads, announce=True)
     common = dict(
         checkpoint_name=a.checkpoint_name, stages=a.stages, mip=a.mip, chunk=a.chunk,
         pad=a.pad, device=a.device, finetune=a.finetune,

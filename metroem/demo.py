@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import fields, synth, volumes
+from metroem import fields, synth, threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 from metroem.images import natural_key
@@ -680,6 +680,7 @@ def _parser() -> argparse.ArgumentParser:
         help="nm per voxel at MIP0 (default 4 4 40)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo volume")
+    threads.add_argument(p)
     return p
 
 
@@ -687,6 +688,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``metroem-demo-volume``."""
     args = _parser().parse_args(argv)
+    threads.apply(args.threads)
     if args.size is not None and len(args.size) not in (1, 2):
         raise MetroemError("--size takes one value (square) or two (WIDTH HEIGHT)")
     size = None if args.size is None else (args.size * 2)[:2]

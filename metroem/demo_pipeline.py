@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from metroem import datasets, demo, download, modules
+from metroem import datasets, demo, download, modules, threads
 from metroem.errors import MetroemError, cli_errors
 from metroem.training import cli as train_cli
 
@@ -150,12 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     p.add_argument("--seed", type=int, default=0)
+    threads.add_argument(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    threads.apply(a.threads, announce=True)
     t0 = time.time()
     out = os.path.abspath(a.out)
     _fresh_dir(out, a.resume)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import datasets, fields, volumes
+from metroem import datasets, fields, threads, volumes
 from metroem.errors import MetroemError, cli_errors
 
 Tensor = torch.Tensor
@@ -526,6 +526,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--z_end", type=int, required=True, help="one past the last source section")
     p.add_argument("--x_offset", type=int, required=True, help="patch centre x, MIP0 pixels")
     p.add_argument("--y_offset", type=int, required=True, help="patch centre y, MIP0 pixels")
+    threads.add_argument(p)
 
 
 def _image_parser() -> argparse.ArgumentParser:
@@ -584,6 +585,7 @@ def _field_parser() -> argparse.ArgumentParser:
 def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
     """``metroem-download-image`` / ``python download_image.py``."""
     a = _image_parser().parse_args(None if argv is None else list(argv))
+    threads.apply(a.threads)
     paths = download_image(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.mips,
         a.patch_sizes, field_dset=a.field_dset, suffix=a.suffix, parallel=a.parallel,
@@ -599,6 +601,7 @@ def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
 def download_field_main(argv: Iterable[str] | None = None) -> str:
     """``metroem-download-field`` / ``python download_field.py``."""
     a = _field_parser().parse_args(None if argv is None else list(argv))
+    threads.apply(a.threads)
     path = download_field(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.src_mip,
         a.dst_mip, a.patch_size, a.suffix, stage=a.stage, field_units=a.field_units,

@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-from metroem import nets
+from metroem import nets, threads
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError, cli_errors
@@ -155,12 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, nargs="+", help="stage numbers (default: all)")
     p.add_argument("--mip", type=int, help="input MIP (default: finest stage's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    threads.add_argument(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    threads.apply(a.threads, announce=True)
     diff = export_pyramid(a.pyramid, a.out, a.checkpoint_name, a.stages, a.mip, a.overwrite)
     print(f"wrote {a.out} (equals the loaded pyramid within {diff:.1g} px on a test pair)",
           file=sys.stderr)

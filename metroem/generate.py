@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import datasets, download, modules, volumes
+from metroem import datasets, download, modules, threads, volumes
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
 
@@ -272,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="replace existing generated files (kept by default; files already made "
                    "by this pyramid with these weights are always kept)")
 
+    threads.add_argument(p)
+
     @cli_errors
     def run(args) -> int:
+        threads.apply(args.threads, announce=True)
         generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name, args.stage,
                         device=resolve_device(args.device), overwrite=args.overwrite)
         return 0

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import volumes
+from metroem import threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.demo import section_files
 from metroem.errors import MetroemError, cli_errors
@@ -284,12 +284,14 @@ def _parser() -> argparse.ArgumentParser:
                    metavar=("LOW", "HIGH"),
                    help="percentile range mapped to 1..max when rescaling (default 0.5 99.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing volume")
+    threads.add_argument(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    threads.apply(a.threads)
     m = ingest_images(a.sections_dir, a.out, a.num_mips, a.resolution,
                       parse_index_list(a.exclude), overwrite=a.overwrite, dtype=a.dtype,
                       percentiles=a.percentiles)

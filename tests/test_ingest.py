@@ -91,11 +91,12 @@ def _ingest(*args):
                           capture_output=True, text=True)
 
 
-def _one_error(r, message):
+def _one_error(r, message, header_lines=0):
+    """Exit 2 and one ``error:`` line naming ``message``, after ``header_lines`` (run header)."""
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    assert message in lines[0], lines[0]
+    assert len(lines) == 1 + header_lines and lines[-1].startswith("error:"), r.stderr
+    assert message in lines[-1], lines[-1]
     assert "Traceback" not in r.stderr
 
 
@@ -190,7 +191,7 @@ def test_ingest_and_align_agree_on_colour(tmp_path):
                         str(bad / "1.png"), "--tgt", str(bad / "0.png"), "--field_out",
                         str(tmp_path / "f.npy"), "--no_progress"], capture_output=True,
                        text=True, cwd=str(REPO))
-    _one_error(r, "1.png is a colour image")
+    _one_error(r, "1.png is a colour image", header_lines=1)
 
 
 @pytest.mark.parametrize("content", ["truncated", "text"])
@@ -218,6 +219,6 @@ def test_align_refuses_a_float_source_as_png_before_writing(tmp_path):
                         "--src", str(tmp_path / "s.tif"), "--tgt", str(tmp_path / "t.tif"),
                         "--image_out", str(tmp_path / "x.png"), "--no_progress"],
                        capture_output=True, text=True, cwd=str(REPO))
-    _one_error(r, "PNG holds 8/16-bit images")
+    _one_error(r, "PNG holds 8/16-bit images", header_lines=1)
     assert ".tif or .npy" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif", "t.tif"]  # no .partial

@@ -267,3 +267,9 @@ def test_stage_whose_tissue_is_smaller_than_its_crop_is_refused(tiny_run, capsys
     line = error_line(capsys.readouterr().err)
     assert "tissue at MIP 1 is only 10 px across" in line and "data.crop_size 64" in line
     assert snapshot(tiny_run.root) == before
+
+
+def test_train_header_shows_the_threads_flag(tiny_run, capsys):
+    assert train(stage0(tiny_run, "tiny", "--threads", "1", "--set", "train.steps=1")) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("metroem train:") and "1 CPU threads" in header

@@ -27,7 +27,7 @@ import sys
 import time
 
 from metroem import config as config_mod
-from metroem import modules
+from metroem import modules, threads
 from metroem.atomic import FileLock
 from metroem.errors import MetroemError, cli_errors
 from metroem.generate import check_outputs, generate_fields
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run logs + tensorboard (default: <pyramid_path>/_runs/<checkpoint_name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    threads.add_argument(p)
     return p
 
 
@@ -251,6 +252,7 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, st
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads.apply(args.threads)  # the run header says how many
     try:
         run(args)
     except StopRequested as e:  # already reported by the run's logger, as its last line
