@@ -505,7 +505,7 @@ def _edit_zero_pairs(world, work, data, pyramid):
 
 def _edit_nan_pairs(world, work, data, pyramid):
     x = np.random.default_rng(0).random((5, 2, 128, 128)).astype(np.float32) + 0.5
-    x[:, :, 10:20, 10:20] = np.nan
+    x[1:, :, 10:20, 10:20] = np.nan  # pair 0 clean: the preflight reads it (tissue size)
     _replace_dataset(data, 1, {"img": x, "translation": np.zeros((5, 2), np.int64)})
 
 
@@ -557,7 +557,7 @@ def _tr_disk_full(world, work):
     limit = code + 2048
     assert limit < w.stat().st_size, "the disk-full case needs weights larger than the code"
     argv = _train_args(data, pyramid, "--checkpoint_name", "old", "--train_mode", "finetune",
-                       "--train_stages", "0", "--generate_field_stages")
+                       "--train_stages", "0", "--generate_field_stages", "--overwrite")
     return Prepared(argv, watch=[data], fsize_limit=limit)
 
 
@@ -596,6 +596,157 @@ def _m_demo_not_empty(world, work):
 
 def _m_download_missing(world, work):
     return Prepared(["download-image", *_di_missing(world, work).argv])
+
+
+# --- issue 15: no silent data loss ----------------------------------------------------------
+
+
+def _sections(work: Path, names: list[str], size: int = 64) -> Path:
+    """A folder of small grey section images named ``names`` (PNG or TIFF by suffix)."""
+    from PIL import Image
+
+    folder = work / "sections"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(1, 255, (size, size), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def _ingest(folder: Path, work: Path, *extra: str) -> Prepared:
+    return Prepared(["ingest", str(folder), str(work / "vol"), "--num_mips", "2", *extra])
+
+
+def _in_same_number(world, work):
+    return _ingest(_sections(work, ["s1.png", "s01.png", "s2.png"]), work)
+
+
+def _in_no_number(world, work):
+    return _ingest(_sections(work, ["s0.png", "s1.png", "overview.png"]), work)
+
+
+def _in_mixed_types(world, work):
+    return _ingest(_sections(work, ["s0.png", "s1.tif", "s2.png"]), work)
+
+
+def _in_truncated(world, work):
+    folder = _sections(work, ["s0.png", "s1.png", "s2.png"])
+    (folder / "s1.png").write_bytes((folder / "s1.png").read_bytes()[:300])
+    return _ingest(folder, work)
+
+
+def _in_not_image(world, work):
+    folder = _sections(work, ["s0.png", "s2.png"])
+    (folder / "s1.png").write_text("section 1 was never exported\n")
+    return _ingest(folder, work)
+
+
+def _in_colour(world, work):
+    from PIL import Image
+
+    folder = _sections(work, ["s0.png", "s1.png"])
+    rgb = np.random.default_rng(1).integers(1, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "s2.png")
+    return _ingest(folder, work)
+
+
+def _in_16bit(world, work):
+    import tifffile
+
+    folder = work / "sections"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for z in range(3):
+        tifffile.imwrite(folder / f"{z}.tif", rng.integers(1000, 60000, (64, 64), np.uint16))
+    return _ingest(folder, work)
+
+
+def _in_16bit_kept(world, work) -> list[str]:
+    import tifffile
+
+    from metroem import volumes
+
+    url = "file://" + str(work / "vol")
+    info = volumes.volume_info(url)
+    got = volumes.read(url, 0, 0, 0, 0, 64, 64, nz=3)[:, 0].numpy()
+    want = np.stack([tifffile.imread(work / "sections" / f"{z}.tif") for z in range(3)])
+    volumes.forget(url)
+    if info.dtype != "uint16":
+        return [f"the layer is {info.dtype}, not uint16"]
+    return [] if np.array_equal(got, want) else ["grey levels changed"]
+
+
+def _al_float_png(world, work):
+    import tifffile
+
+    a = np.random.default_rng(0).random((64, 64), dtype=np.float32) + 0.5
+    for name in ("s.tif", "t.tif"):
+        tifffile.imwrite(work / name, a)
+    return Prepared(["align", str(world.pyramid), "--src", str(work / "s.tif"), "--tgt",
+                     str(work / "t.tif"), "--image_out", str(work / "out.png"), "--no_progress"])
+
+
+def _al_z_end_past(world, work):
+    return Prepared(["align", str(world.pyramid), "--src_path", world.image, "--z_start", "1",
+                     "--z_end", "9", "--field_path", str(work / "field")])
+
+
+def _tiny_weights(pyramid: Path, stage_dir: str, name: str):
+    import torch
+
+    from metroem import modules, nets
+
+    torch.manual_seed(0)
+    model = nets.build_model(tiny_spec())
+    return model, modules.save_weights(pyramid / stage_dir, name, model.state_dict())
+
+
+def _al_mixed_defaults(world, work):
+    pyramid = work / "pyramid"
+    shutil.copytree(world.pyramid, pyramid)
+    _tiny_weights(pyramid, "0_mip1in_t", "a")
+    _tiny_weights(pyramid, "1_mip0in_t", "b")
+    return Prepared(["align", str(pyramid), "--src_path", world.image, "--z_start", "1",
+                     "--z_end", "2", "--field_path", str(work / "field")])
+
+
+def _al_unfinished_default(world, work):
+    import torch
+
+    from metroem.training import checkpoint as ckpt
+
+    pyramid = work / "pyramid"
+    shutil.copytree(world.pyramid, pyramid)
+    _tiny_weights(pyramid, "1_mip0in_t", "a")
+    model, _ = _tiny_weights(pyramid, "0_mip1in_t", "a")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt.save_training_state(ckpt.training_state_path(pyramid / "0_mip1in_t", "a"), model, opt,
+                             None, 3, None, None, {"train": {"steps": 40}}, {"final": False})
+    return Prepared(["align", str(pyramid), "--src_path", world.image, "--z_start", "1",
+                     "--z_end", "2", "--field_path", str(work / "field")])
+
+
+def _edit_existing_checkpoint(world, work, data, pyramid):
+    _, w = _tiny_weights(pyramid, "0_mip1in_t", "tiny")
+    (work / ".before.sha1").write_text(_sha1(w))
+    return ["--train_stages", "0", "--generate_field_stages"]
+
+
+def _edit_foreign_generated(world, work, data, pyramid):
+    from metroem import datasets as D
+
+    plain = D.read_image_dataset(str(data / D.image_filename(CENTRE, CENTRE, 1, 0)))
+    attrs = {**plain.attrs, "pyramid": "/elsewhere/other_pyramid", "weights": "{}"}
+    D.write_image_dataset(str(data / D.image_filename(CENTRE, CENTRE, 1, 0, "tiny")),
+                          plain.data, attrs, translation=plain.translation)
+    return ["--train_stages", "0"]  # fields after stage 0 would be generated
+
+
+def _edit_small_tissue(world, work, data, pyramid):
+    x = np.zeros((5, 2, 128, 128), np.uint8)
+    x[:, :, 50:60, 50:60] = 100  # 10 px of tissue at MIP 1: smaller than the 64 px crop
+    _replace_dataset(data, 1, {"img": x, "translation": np.zeros((5, 2), np.int64)})
+    return ["--train_stages", "0", "--generate_field_stages"]
 
 
 CASES: list[Case] = [
@@ -716,7 +867,40 @@ CASES: list[Case] = [
     Case("m_demo_volume_foreign_folder", "output folder holding other files", "metroem",
          _m_demo_not_empty, r"is not empty and holds no demo volume"),
     Case("m_download_missing_volume", "missing input path via `metroem download-image`",
-         "metroem", _m_download_missing, r"no CloudVolume at"),
+         "metroem", _m_download_missing, r"no CloudVolume at .*metroem ingest"),
+    # issue 15: ingest, retraining, checkpoints and outputs never quietly lose work
+    Case("in_same_number", "two section files with the same number (ingest)", "metroem",
+         _in_same_number, r"s0?1.png and s0?1.png both carry section number 1"),
+    Case("in_no_number", "section file name without a number (ingest)", "metroem",
+         _in_no_number, r"overview.png .*has no number in its name"),
+    Case("in_mixed_types", "section folder mixing .png and .tif (ingest)", "metroem",
+         _in_mixed_types, r"mixes image types: PNG \(s0.png\), TIFF \(s1.tif\)"),
+    Case("in_truncated_png", "truncated PNG section (ingest)", "metroem", _in_truncated,
+         r"cannot read .*s1.png as an image"),
+    Case("in_not_an_image", "non-image file named .png (ingest)", "metroem", _in_not_image,
+         r"cannot read .*s1.png as an image"),
+    Case("in_colour", "colour (RGB) section image (ingest; align agrees)", "metroem",
+         _in_colour, r"s2.png is a colour image"),
+    Case("in_16bit_tiff", "16-bit TIFF sections (ingest)", "metroem", _in_16bit, r"",
+         exit_code=0, post=lambda world, work: _in_16bit_kept(world, work),
+         done="ingested as a uint16 layer; every grey level kept"),
+    Case("al_float_to_png", "float image written to a PNG output (align)", "metroem",
+         _al_float_png, r"PNG holds 8/16-bit images.*write .tif or .npy"),
+    Case("al_z_end_past_volume", "--z_end past the volume (align)", "metroem", _al_z_end_past,
+         r"end at --z_end 6"),
+    Case("al_mixed_checkpoints", "stages whose default checkpoints differ (align)", "metroem",
+         _al_mixed_defaults, r"default checkpoints differ \(stage 0: a, stage 1: b\)"),
+    Case("al_unfinished_checkpoint", "default checkpoint from a stopped run (align)",
+         "metroem", _al_unfinished_default, r"did not finish .*stopped at step 3 of 40"),
+    Case("tr_existing_checkpoint", "training over an existing checkpoint without --resume",
+         "train", _train_case(_edit_existing_checkpoint),
+         r"already has checkpoint 'tiny' .*--resume.*--overwrite",
+         post=_file_intact("pyramid/0_mip1in_t/model/tiny.state.pth.tar")),
+    Case("tr_foreign_generated_files", "generated datasets of another pyramid, same name",
+         "train", _train_case(_edit_foreign_generated),
+         r"x128_y128_z1_MIP0_tiny.h5 exists, written by pyramid /elsewhere/other_pyramid"),
+    Case("tr_tissue_smaller_than_crop", "stage whose tissue is smaller than its crop", "train",
+         _train_case(_edit_small_tissue), r"tissue at MIP 1 is only 10 px across"),
 ]
 
 
