@@ -85,7 +85,7 @@ def test_train_py_logs_the_term_and_a_custom_finetune_config_starts_from_the_wei
     argv = ["--pyramid_path", str(run.pyramid), "--dataset_path", str(run.data),
             "--checkpoint_name", "eq", "--train_mode", "custom", "--train_params_path", str(cfg),
             "--device", "cpu", *stage0, "--set", "train.steps=2", "--set", "optimizer.lr=1e-9",
-            "--set", "train.log_every=1"]
+            "--set", "train.log_every=1", "--overwrite"]  # finetuning in place replaces "eq"
     argv += [x for o in TINY_OVERRIDES if not o.startswith(("train.steps", "optimizer.lr",
                                                              "train.log_every"))
              for x in ("--set", o)]
