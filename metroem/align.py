@@ -544,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--image_path", help="output aligned image layer")
     v.add_argument("--work_dir", help="folder for chunk markers (default: in the output layer)")
     m = p.add_argument_group("model and tiling")
-    m.add_argument("--checkpoint_name", help="checkpoint of every module (default: latest)")
+    m.add_argument("--checkpoint_name",
+                   help="checkpoint of every stage, or one per stage: a,b,c (default: the "
+                   "stages' shared default; differing or unfinished defaults are refused)")
     m.add_argument("--stages", type=int, nargs="+", help="stage numbers to run (default: all)")
     m.add_argument("--mip", type=int, help="MIP of the images (default: finest stage's MIP)")
     m.add_argument("--chunk", type=int, default=1024, help="chunk side in pixels (default 1024)")

@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pyramid", help="pyramid folder")
     p.add_argument("out", help="output .pt file")
-    p.add_argument("--checkpoint_name", help="checkpoint of every module (default: latest)")
+    p.add_argument("--checkpoint_name",
+                   help="checkpoint of every stage, or one per stage: a,b,c (default: the "
+                   "stages' shared default; differing or unfinished defaults are refused)")
     p.add_argument("--stages", type=int, nargs="+", help="stage numbers (default: all)")
     p.add_argument("--mip", type=int, help="input MIP (default: finest stage's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
