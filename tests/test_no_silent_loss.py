@@ -273,3 +273,32 @@ def test_train_header_shows_the_threads_flag(tiny_run, capsys):
     assert train(stage0(tiny_run, "tiny", "--threads", "1", "--set", "train.steps=1")) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("metroem train:") and "1 CPU threads" in header
+
+
+def test_export_prints_each_stages_checkpoint_and_refuses_a_silent_mix(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import REPO, subprocess_env
+
+    pyramid = tmp_path / "demo"
+    shutil.copytree(REPO / "models" / "demo", pyramid)
+    stage0_dir = pyramid / "0_mip3in_demo"
+    state = torch.load(modules.weights_path(stage0_dir, "demo"), weights_only=True)
+    modules.save_weights(stage0_dir, "mine", state)  # now stage 0's default, 1-2 keep "demo"
+
+    def export(*extra):
+        return subprocess.run([sys.executable, "-m", "metroem.cli", "export", str(pyramid),
+                               str(tmp_path / "out.pt"), *extra], capture_output=True,
+                              text=True, env=subprocess_env(), cwd=str(REPO))
+
+    r = export()
+    assert r.returncode == 2, r.stderr
+    line = error_line(r.stderr)
+    assert "(stage 0: mine, stage 1: demo, stage 2: demo)" in line
+    assert "--checkpoint_name mine,demo,demo" in line and not (tmp_path / "out.pt").exists()
+    r = export("--checkpoint_name", "mine,demo,demo")
+    assert r.returncode == 0, r.stderr
+    assert "stage 0 (0_mip3in_demo): checkpoint 'mine' (no training record)" in r.stderr
+    assert "stage 2 (2_mip1in_demo): checkpoint 'demo' (no training record)" in r.stderr
