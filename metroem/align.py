@@ -553,6 +553,7 @@ class _Run:
         """The pyramid's field of one section pair into an ``.npy`` store in ``folder``
         (smoothed when the aligner smooths); returns the store (resumable: chunk markers)."""
         t = self.tiler
+        os.makedirs(folder, exist_ok=True)
         prev = _run_coarse_stages(t, self.aligner, self.devices, src, tgt, folder,
                                   self.progress, label=label, start=start)
         key = os.path.relpath(folder, self.markers.folder).replace(os.sep, "_")
