@@ -405,6 +405,8 @@ def align_volume(
     tgt_z: int | None = None,
     pairwise: bool = False,
     predecessors: int = 1,
+    block_size: int | None = None,
+    queue: str | None = None,
     checkpoint_name: str | None = None,
     stages: list[int] | None = None,
     mip: int | None = None,
@@ -428,6 +430,10 @@ def align_volume(
     from the previous section's field, and rendered once from its raw pixels. The field layer
     holds every section's whole field. Both output layers are needed.
 
+    ``block_size`` aligns the stack in blocks of that many sections, stitched after
+    (:mod:`metroem.workers`); with ``queue`` (a python-task-queue URL) the block tasks are only
+    enqueued for ``metroem worker`` processes.
+
     ``pairwise=True``, ``tgt_z`` or ``tgt_path`` align pairs instead: each section onto raw
     section z-1 of the same layer, or onto ``tgt_z`` (fixed), or onto section z of
     ``tgt_path``. Output layers get the source layer's bounds, resolution and MIPs; MIP ``mip``
@@ -448,6 +454,20 @@ def align_volume(
                            "--tgt_z or --tgt_path)")
     if z_end <= z_start:
         raise MetroemError(f"empty z range [{z_start}, {z_end}); pass --z_end > --z_start")
+    if (block_size is not None or queue) and not stack_mode:
+        raise MetroemError("--block_size and --queue are for stacks (not --pairwise, --tgt_z "
+                           "or --tgt_path)")
+    if queue and block_size is None:
+        raise MetroemError("--queue needs --block_size: the stack is split into blocks of "
+                           "that many sections, one task each")
+    if block_size is not None and block_size < 1:
+        raise MetroemError(f"--block_size must be >= 1, got {block_size}")
+    if block_size is not None and not isinstance(pyramid, (str, os.PathLike)):
+        raise MetroemError("--block_size needs the pyramid as a folder (workers load it)")
+    if queue:
+        from metroem import workers
+
+        workers._queue(queue)  # an unreachable queue fails before anything is written
     info = volumes.volume_info(src_path)
     same_layer = tgt_path is None or volumes.normalize_path(tgt_path) == info.path
     tgt_path = tgt_path or src_path
@@ -475,6 +495,7 @@ def align_volume(
     _check_or_write_job(markers.folder, _job_signature(
         src=volumes.normalize_path(src_path), tgt=volumes.normalize_path(tgt_path), tgt_z=tgt_z,
         mode="stack" if stack_mode else "pairs", predecessors=predecessors,
+        block_size=block_size,
         reference=z_start - 1 if stack_mode else None,
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
         checkpoint=checkpoint_name, stages=stages, finetune=finetune,
@@ -482,6 +503,13 @@ def align_volume(
         **_option_signature(aligner)))
     out = _VolumeWriter(info, mip, top, field_path, image_path)
     run = _Run(aligner, tiler, devices, markers, out, progress)
+    if block_size is not None:
+        return _align_blocks(markers.folder, pyramid, src_path, z_start, z_end,
+                             field_path, image_path, block_size, predecessors, queue, chunk,
+                             pad, device, progress,
+                             dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
+                                  finetune=finetune, finetune_options=finetune_options,
+                                  smoothing_nm=smoothing_nm))
     try:
         if stack_mode:
             ran, total = _align_stack(run, src_path, z_start - 1, [z for z, _ in pairs],
@@ -494,6 +522,29 @@ def align_volume(
                 volumes.forget(p)
     return {"chunks_run": ran, "chunks": total, "sections": [z for z, _ in pairs],
             "reference": z_start - 1 if stack_mode else None}
+
+
+def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_path,
+                  block_size, predecessors, queue, chunk, pad, device, progress,
+                  aligner_options) -> dict:
+    """A stack in blocks (:mod:`metroem.workers`): enqueued, or run here in task order."""
+    from metroem import workers
+
+    job = workers.StackJob(
+        folder=folder, pyramid=os.path.abspath(str(pyramid)), src_path=src_path,
+        z_start=z_start, z_end=z_end, field_path=field_path, image_path=image_path,
+        block_size=block_size, predecessors=predecessors, aligner=aligner_options,
+        chunk=chunk, pad=pad, device=device, queue=queue)
+    job.save()
+    n = len(job.blocks())
+    if queue:
+        k = workers.enqueue(job)
+        return {"chunks_run": 0, "chunks": 0, "sections": list(range(z_start, z_end)),
+                "reference": z_start - 1, "enqueued": k, "blocks": n}
+    workers._Context._cache.pop(os.path.abspath(folder), None)  # this job's settings
+    workers.run_local(job, progress)
+    return {"chunks_run": None, "chunks": None, "sections": list(range(z_start, z_end)),
+            "reference": z_start - 1, "blocks": n}
 
 
 class _VolumeWriter:
@@ -681,6 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--predecessors", type=int, default=1,
                    help="stack: align each section onto this many aligned sections before it "
                    "and take the median of the fields (default 1; 3 outvotes one bad pair)")
+    v.add_argument("--block_size", type=int, default=None,
+                   help="stack: align blocks of this many sections independently, then stitch "
+                   "them (needed for --queue; results differ slightly from one serial run)")
+    v.add_argument("--queue", default=None,
+                   help="stack: only enqueue the block tasks on this python-task-queue URL "
+                   "(fq:///path, sqs://name); run them with `metroem worker URL`")
     v.add_argument("--pairwise", action="store_true",
                    help="fields between raw neighbours (each section onto raw z-1) instead "
                    "of an aligned stack")
@@ -744,11 +801,19 @@ def main(argv: list[str] | None = None) -> int:
         out = align_volume(a.pyramid, a.src_path, a.z_start, a.z_end, a.field_path,
                            a.image_path, tgt_path=a.tgt_path, tgt_z=a.tgt_z,
                            pairwise=a.pairwise, predecessors=a.predecessors,
+                           block_size=a.block_size, queue=a.queue,
                            work_dir=a.work_dir, **common)
     else:
         raise MetroemError("pass --src/--tgt image files or --src_path with a z range")
-    print(f"done: {out['chunks_run']} chunk(s) aligned" +
-          (" (outputs already complete)" if out.get("skipped") else ""), file=sys.stderr)
+    if out.get("enqueued") is not None:
+        print(f"enqueued {out['enqueued']} task(s) for {out['blocks']} block(s) on {a.queue}; "
+              f"run `metroem worker {a.queue}` on each worker", file=sys.stderr)
+    elif out.get("blocks"):
+        print(f"done: {len(out['sections'])} section(s) aligned in {out['blocks']} block(s)",
+              file=sys.stderr)
+    else:
+        print(f"done: {out['chunks_run']} chunk(s) aligned" +
+              (" (outputs already complete)" if out.get("skipped") else ""), file=sys.stderr)
     return 0
 
 

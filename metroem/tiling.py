@@ -52,6 +52,7 @@ __all__ = [
     "align_chunk",
     "window_size",
     "warp_chunk",
+    "compose_chunk",
     "align_tiled",
     "align_windows",
     "StageTiler",
@@ -276,6 +277,19 @@ def warp_chunk(src, field: Tensor, chunk: Chunk) -> Tensor:
     big = torch.nn.functional.pad(field, (margin,) * 4, mode="replicate")
     out = fields.warp_image(win, big)
     return out[..., margin : margin + chunk.h, margin : margin + chunk.w]
+
+
+def compose_chunk(read_first, second: Tensor, chunk: Chunk) -> Tensor:
+    """One chunk of ``fields.compose(first, second)`` (warp by ``first``, then ``second``):
+    ``second(p) + first(p + second(p))``, with ``first`` read through
+    ``read_first(y0, x0, h, w)`` on the chunk widened by ``second``'s largest displacement
+    (border repeated outside, as :func:`metroem.fields.warp_field` does)."""
+    margin = int(math.ceil(float(second.abs().max()))) + 2 if second.numel() else 2
+    win = read_first(chunk.y0 - margin, chunk.x0 - margin, chunk.h + 2 * margin,
+                     chunk.w + 2 * margin)
+    big = torch.nn.functional.pad(second, (margin,) * 4, mode="replicate")
+    out = big + fields.warp_field(win, big)
+    return out[..., margin : margin + chunk.h, margin : margin + chunk.w].contiguous()
 
 
 def align_windows(aligner, src, tgt, chunk: int, pad: int, **kwargs) -> Tensor:

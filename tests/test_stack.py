@@ -134,3 +134,28 @@ def test_known_stacks_truth_restores_the_block():
             assert float((back - s.originals[-1])[inner].abs().median()) < 3
     with pytest.raises(Exception, match="do not fit"):
         stacks.make_stack(block, "sample1", 240)
+
+
+@needs_fibsem
+@pytest.mark.slow
+def test_stack_benchmark_quick_run_writes_its_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "stack.py"), "--quick", "--no-metroem",
+         "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "stack.json").read_text())
+    same, nbr = result["table"]["same"], result["table"]["neighbours"]
+    # on one slice repeated, a dense flow recovers the stack; the unaligned stack is far off
+    assert same["farneback+pc"]["median"] < 0.5 < same["unaligned"]["median"]
+    # on real neighbours every image-only method follows the tissue's own drift
+    assert nbr["farneback+pc"]["median"] > same["farneback+pc"]["median"]
+    assert set(result["content_drift"]) == {"sample1"}
+    assert "| farneback+pc |" in (tmp_path / "stack.md").read_text()
