@@ -75,12 +75,14 @@ def test_reslices_and_residuals_before_after(tmp_path, capsys):
     for p_before, p_after in zip(cons["before"]["pairs"], cons["after"]["pairs"], strict=True):
         assert p_after["one_minus_r"] < p_before["one_minus_r"]
         assert p_after["pixels"] == SIZE * SIZE
-    # 4 x 4 x 40 nm: each section drawn 10 px tall; before above after, 4 px apart.
-    assert stack["reslices"]["px_per_section"] == {"xz": 10, "yz": 10}
+    # 64 px wide: magnified 8x; 4 x 4 x 40 nm: each section 10 x 8 px tall; before above
+    # after, 4 px apart.
+    scale = {"zoom": 8, "px_per_section": 80}
+    assert stack["reslices"]["scale"] == {"xz": scale, "yz": scale}
     assert (stack["reslices"]["y"], stack["reslices"]["x"]) == (SIZE // 2, SIZE // 2)
     for plane in ("xz", "yz"):
         with Image.open(rep / f"stack_{plane}.png") as im:
-            assert im.size == (SIZE, 2 * (_strip() + (NZ - 1) * 10) + 4)
+            assert im.size == (SIZE * 8, 2 * (_strip() + (NZ - 1) * 80) + 4)
     assert sorted(p.name for p in rep.iterdir()) == sorted(
         [f"pearson_z{z}.png" for z in range(1, NZ)]
         + ["index.md", "stack_xz.png", "stack_yz.png", "summary.json"])
@@ -100,16 +102,21 @@ def test_reslice_shows_the_chosen_row_and_column(tmp_path, capsys):
                      "--reslice_z_scale", "3"]) == 0
     out = capsys.readouterr().out
     assert "first section of the layer" in out
-    vol = torch.from_numpy(np.stack(sections))  # (z, y, x)
+    vol = torch.from_numpy(np.stack(sections)).double()  # (z, y, x)
+    # each section z-normalised over the whole section
+    vol = (vol - vol.mean((1, 2), keepdim=True)) / vol.std((1, 2), keepdim=True, correction=0)
+
+    def drawn(lines: torch.Tensor) -> np.ndarray:
+        return stackview.gray_lines(lines.repeat_interleave(3, 0).repeat_interleave(8, 1))
+
     for plane, expected in (("xz", vol[:, 10, :]), ("yz", vol[:, :, 50])):
         with Image.open(rep / f"stack_{plane}.png") as im:
             png = np.asarray(im.convert("RGB"))
-        # no raw layer given: only the "after" panel, each section 3 rows tall
-        assert png.shape == (_strip() + NZ * 3, SIZE, 3)
-        want = viz.gray(expected.repeat_interleave(3, dim=0))
-        assert np.array_equal(png[_strip() :], want)
-        assert not np.array_equal(png[_strip() :], viz.gray(vol[:, 11, :].repeat_interleave(
-            3, dim=0)))  # a neighbouring row would look different
+        # no raw layer given: only the "after" panel, each section 3 rows tall, x zoom 8
+        assert png.shape == (_strip() + NZ * 3, SIZE * 8, 3)
+        assert np.abs(png[_strip() :].astype(int) - drawn(expected)).max() <= 1
+    # half a stripe period away the column looks different
+    assert np.abs(png[_strip() :].astype(int) - drawn(vol[:, :, 38])).mean() > 50
 
 
 @pytest.mark.parametrize("direction", [1, -1])
@@ -132,7 +139,7 @@ def test_trend_slope_follows_a_drift(tmp_path, capsys, direction):
         assert (t["last"] - t["first"]) * direction > 0
         assert (t["first_z"], t["last_z"]) == (4, 2 + NZ)
     with Image.open(tmp_path / "rep" / "stack_xz.png") as im:
-        assert im.size == (SIZE, _strip() + NZ * 10)
+        assert im.size == (SIZE * 8, _strip() + NZ * 80)
 
 
 def test_field_path_gives_before_and_after_of_one_layer(tmp_path, capsys):
@@ -166,10 +173,15 @@ def test_section_residual_and_trend_units():
     t = stackview.linear_trend([1, 2, 3, 4], [0.5, float("nan"), 1.5, 2.0])
     assert t["slope_per_section"] == pytest.approx(0.5)
     assert (t["first"], t["last"], t["pairs"]) == (0.5, 2.0, 3)
-    assert stackview.z_repeat(40, 4, 8) == 10
-    assert stackview.z_repeat(40, 1, 8) == stackview.Z_REPEAT_MAX
-    assert stackview.z_repeat(40, 4, 1000) == stackview.RESLICE_MAX_PX // 1000
-    assert stackview.z_repeat(10, 10, 5) == 1
+    assert stackview.reslice_scale(40, 4, 8, 512) == {"zoom": 1, "px_per_section": 10}
+    assert stackview.reslice_scale(40, 1, 8, 600)["px_per_section"] == stackview.Z_REPEAT_MAX
+    assert stackview.reslice_scale(40, 4, 1000, 512)["px_per_section"] == 4
+    assert stackview.reslice_scale(10, 10, 5, 512)["px_per_section"] == 1
+    assert stackview.reslice_scale(40, 16, 30, 128) == {"zoom": 4, "px_per_section": 10}
+    assert stackview.reslice_scale(40, 4, 8, 10, px_per_section=3) == {
+        "zoom": stackview.MAX_ZOOM, "px_per_section": 3}
+    lines = stackview.gray_lines(torch.tensor([[0.0, 1.0, math.nan]]))
+    assert lines[0, :, 0].tolist() == [0, 255, 0]  # stretched; NaN (no data) black
 
 
 @pytest.mark.parametrize(

@@ -72,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     vol.add_argument("--reslice_x", type=int, metavar="X",
                      help="column drawn as the yz reslice (voxels at --mip; default: bbox middle)")
     vol.add_argument("--reslice_z_scale", type=int, metavar="PX",
-                     help="pixels per section in the reslices (default: the layer's z/xy "
-                     f"resolution ratio, at most {stackview.Z_REPEAT_MAX})")
+                     help="pixels per section in the reslice pictures (default: the layer's "
+                     "z/xy resolution ratio times the x magnification, capped)")
     src = p.add_argument_group("where the field comes from (pair or z range)")
     src.add_argument("--pyramid", help="align with this trained metroem pyramid")
     src.add_argument("--checkpoint", default=None, help="checkpoint name inside --pyramid")
@@ -290,16 +290,15 @@ def _stack_view(args, info, box: tuple[int, int, int, int]) -> tuple:
         raise MetroemError(f"--reslice_y {y} is outside the box rows [{y0}, {y0 + h})")
     if not x0 <= x < x0 + w:
         raise MetroemError(f"--reslice_x {x} is outside the box columns [{x0}, {x0 + w})")
+    z_px = args.reslice_z_scale
+    if z_px is not None and not 1 <= z_px <= 128:
+        raise MetroemError(f"--reslice_z_scale must be in 1..128, got {z_px}")
     n = args.z_end - args.z_start
-    if args.reslice_z_scale is not None:
-        if not 1 <= args.reslice_z_scale <= 64:
-            raise MetroemError(f"--reslice_z_scale must be in 1..64, got {args.reslice_z_scale}")
-        repeat = {"xz": args.reslice_z_scale, "yz": args.reslice_z_scale}
-    else:
-        rx, ry, rz = info.resolution[args.mip]
-        repeat = {"xz": stackview.z_repeat(rz, rx, n), "yz": stackview.z_repeat(rz, ry, n)}
+    rx, ry, rz = info.resolution[args.mip]
+    scale = {"xz": stackview.reslice_scale(rz, rx, n, w, z_px),
+             "yz": stackview.reslice_scale(rz, ry, n, h, z_px)}
     view = stackview.StackView(z_start=args.z_start, row=y - y0, column=x - x0)
-    return view, {"x": x, "y": y}, repeat
+    return view, {"x": x, "y": y}, scale
 
 
 def _volume_inputs(args):
@@ -401,11 +400,11 @@ def _run_volume(args) -> dict:
 
 def _finish_stack(args, stack: tuple, pictures: list[str]) -> dict:
     """Summarise (and with --report draw) the stack view; print one line per layer."""
-    view, where, repeat = stack
+    view, where, scale = stack
     layers = {"after": args.cv_path}
     if args.src_path or args.field_path:
         layers = {"before": args.src_path or args.cv_path, **layers}
-    summary = stackview.stack_summary(view, layers, where, repeat)
+    summary = stackview.stack_summary(view, layers, where, scale)
     if args.report:
         summary = stackview.write_stack_report(args.report, view, summary, pictures)
     for name, s in summary["consecutive"].items():

@@ -3,7 +3,10 @@
 An aligned stack is judged by eye on its reslices: the image of one y row (xz) or one x column
 (yz) through every section, sections stacked downwards along z. Membranes run continuously
 through a well aligned stack and jump from section to section through a misaligned one.
-Sections are drawn :func:`z_repeat` pixels tall so that z keeps roughly its physical scale.
+Sections are drawn several pixels tall so that z keeps roughly its physical scale, narrow
+reslices are magnified (:func:`reslice_scale`), and each section's line is shown z-normalised
+by the mean and spread of its whole section, so brightness changes between sections do not
+hide the structure.
 
 Numbers go with the pictures. For each consecutive pair (z-1, z) :func:`section_residual` gives
 the median absolute difference and ``1 - r`` (Pearson) over the pixels where both sections have
@@ -34,8 +37,11 @@ Tensor = torch.Tensor
 __all__ = [
     "Z_REPEAT_MAX",
     "RESLICE_MAX_PX",
+    "MIN_WIDTH",
+    "MAX_ZOOM",
     "MEASURES",
-    "z_repeat",
+    "reslice_scale",
+    "gray_lines",
     "section_residual",
     "linear_trend",
     "StackView",
@@ -45,19 +51,49 @@ __all__ = [
     "json_safe",
 ]
 
-Z_REPEAT_MAX = 16  # at most this many pixels per section (ssTEM at 4 x 4 x 40 nm: 10)
+Z_REPEAT_MAX = 16  # at most this many pixels per section and zoom (4 x 4 x 40 nm: 10)
 RESLICE_MAX_PX = 4096  # and a reslice at most this tall, unless there are more sections
+MIN_WIDTH = 512  # narrower reslices are magnified (nearest neighbour) towards this width
+MAX_ZOOM = 8
 MEASURES = ("one_minus_r", "mad")  # per consecutive pair; the first is the headline
 
 
-def z_repeat(res_z: float, res_xy: float, sections: int) -> int:
-    """Pixels per section in a reslice: the z/xy resolution ratio, rounded, capped.
+def reslice_scale(
+    res_z: float, res_xy: float, sections: int, width: int, px_per_section: int | None = None
+) -> dict[str, int]:
+    """How a reslice ``width`` pixels wide is drawn: ``zoom`` (x magnification, towards
+    :data:`MIN_WIDTH`, at most :data:`MAX_ZOOM`) and ``px_per_section`` (its height per section).
 
-    At least 1; at most :data:`Z_REPEAT_MAX`, and at most what keeps ``sections`` sections
-    within :data:`RESLICE_MAX_PX` pixels.
+    By default a section is as tall as the z/xy resolution ratio times the zoom, rounded; at
+    most :data:`Z_REPEAT_MAX` x zoom and what keeps the reslice within :data:`RESLICE_MAX_PX`
+    pixels; at least 1.
     """
-    ratio = round(res_z / res_xy) if res_xy > 0 else 1
-    return max(1, min(ratio, Z_REPEAT_MAX, RESLICE_MAX_PX // max(sections, 1)))
+    zoom = max(1, min(MAX_ZOOM, MIN_WIDTH // max(width, 1)))
+    if px_per_section is None:
+        ratio = res_z / res_xy if res_xy > 0 else 1.0
+        px_per_section = min(round(ratio * zoom), Z_REPEAT_MAX * zoom,
+                             RESLICE_MAX_PX // max(sections, 1))
+    return {"zoom": zoom, "px_per_section": max(1, int(px_per_section))}
+
+
+def _normalised(img: Tensor) -> Tensor:
+    """``img`` z-normalised over its data pixels; no-data pixels (0) become NaN."""
+    valid = img != 0
+    out = torch.full_like(img, math.nan)
+    if int(valid.sum()) >= 2:
+        v = img[valid]
+        out[valid] = (v - v.mean()) / v.std(unbiased=False).clamp_min(1e-6)
+    return out
+
+
+def gray_lines(img: Tensor) -> np.ndarray:
+    """A reslice (NaN = no data) as RGB: 1st..99th percentile of its data stretched, NaN black."""
+    a = img.double().numpy()
+    ok = np.isfinite(a)
+    lo, hi = np.percentile(a[ok], [1, 99]) if ok.any() else (0.0, 1.0)
+    out = np.clip((np.where(ok, a, lo) - lo) / max(hi - lo, 1e-6), 0, 1)
+    out[~ok] = 0
+    return np.repeat((out * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
 def section_residual(a, b) -> dict[str, float]:
@@ -130,12 +166,14 @@ class StackView:
                 out[name] = res
             self._prev[name] = (z, img)
             if z >= self.z_start:
-                self.rows.setdefault(name, []).append(img[self.row].clone())
-                self.columns.setdefault(name, []).append(img[:, self.column].clone())
+                norm = _normalised(img)
+                self.rows.setdefault(name, []).append(norm[self.row].clone())
+                self.columns.setdefault(name, []).append(norm[:, self.column].clone())
         return out
 
     def reslice(self, name: str, plane: str) -> Tensor:
-        """``(sections, width)`` image of layer ``name``: ``plane`` "xz" (the row) or "yz"."""
+        """``(sections, width)`` image of layer ``name``: ``plane`` "xz" (the row) or "yz";
+        each section z-normalised over its whole section, NaN where it has no data."""
         lines = self.rows[name] if plane == "xz" else self.columns[name]
         return torch.stack(lines)
 
@@ -158,14 +196,16 @@ def _nanmedian(values: list[float]) -> float:
     return float(np.median(v)) if v.size else math.nan
 
 
-def reslice_panel(reslices: dict[str, Tensor], repeat: int) -> np.ndarray:
-    """Labelled reslices one above the other, each section drawn ``repeat`` pixels tall.
+def reslice_panel(reslices: dict[str, Tensor], scale: dict[str, int]) -> np.ndarray:
+    """Labelled reslices one above the other, magnified by ``scale["zoom"]`` in x and drawn
+    ``scale["px_per_section"]`` pixels per section.
 
-    ``reslices`` maps a label (e.g. "before: raw layer, xz at y 256") to a ``(sections, width)``
-    image; each is contrast-stretched on its own (0 = no data stays black).
+    ``reslices`` maps a label (e.g. "before (raw layer): xz at y 256") to a ``(sections,
+    width)`` image (:meth:`StackView.reslice`); each is contrast-stretched on its own.
     """
     panels = [
-        viz.titled(viz.gray(img.repeat_interleave(repeat, dim=0)), label)
+        viz.titled(gray_lines(img.repeat_interleave(scale["px_per_section"], dim=0)
+                              .repeat_interleave(scale["zoom"], dim=1)), label)
         for label, img in reslices.items()
     ]
     return viz.stack_rows(*panels)
@@ -186,17 +226,17 @@ LABELS = {"before": "before (raw layer)", "after": "after (aligned layer)"}
 
 
 def stack_summary(
-    view: StackView, layers: dict[str, str], where: dict[str, int], repeat: dict[str, int]
+    view: StackView, layers: dict[str, str], where: dict[str, int], scale: dict[str, dict]
 ) -> dict:
     """The numbers of a stack: its layers, z range, reslice positions and consecutive residuals.
 
     ``layers`` maps each layer name of ``view`` to its path, ``where`` gives the absolute ``y``
-    of the xz reslice and ``x`` of the yz one, ``repeat`` the pixels per section of each plane.
+    of the xz reslice and ``x`` of the yz one, ``scale`` the :func:`reslice_scale` of each plane.
     """
     return {
         "layers": layers,
         "z_range": [view.drawn_z[0], view.drawn_z[-1] + 1],
-        "reslices": {"y": where["y"], "x": where["x"], "px_per_section": repeat},
+        "reslices": {"y": where["y"], "x": where["x"], "scale": scale},
         "consecutive": view.summary(),
     }
 
@@ -222,7 +262,7 @@ def write_stack_report(
         }
         name = f"stack_{plane}.png"
         viz.save_png(os.path.join(out_dir, name),
-                     reslice_panel(labelled, rs["px_per_section"][plane]))
+                     reslice_panel(labelled, rs["scale"][plane]))
         pictures[plane] = name
     summary = {**summary, "reslices": {**rs, "pictures": pictures}}
     text = json.dumps(json_safe(summary), indent=1) + "\n"
@@ -245,9 +285,11 @@ def _markdown(summary: dict, extra: list[str]) -> str:
         f"# Stack z {z0}..{z1 - 1}", "",
         *[f"- {name}: `{path}`" for name, path in summary["layers"].items()], "",
         "## Reslices", "",
-        f"Membranes should run continuously from section to section after alignment. Each "
-        f"section is drawn {rs['px_per_section']['xz']} px tall (xz) / "
-        f"{rs['px_per_section']['yz']} px (yz), z grows downwards.", "",
+        "Membranes should run continuously from section to section after alignment. z grows "
+        f"downwards; each section is drawn {rs['scale']['xz']['px_per_section']} px tall (xz) "
+        f"/ {rs['scale']['yz']['px_per_section']} px (yz), x magnified "
+        f"{rs['scale']['xz']['zoom']}x (xz) / {rs['scale']['yz']['zoom']}x (yz). Each section's "
+        "line is z-normalised over its whole section; black is no data.", "",
         f"![xz reslice at y {rs['y']}]({rs['pictures']['xz']})", "",
         f"![yz reslice at x {rs['x']}]({rs['pictures']['yz']})", "",
         "## Consecutive sections", "",
