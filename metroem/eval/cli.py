@@ -20,6 +20,14 @@ Two inputs:
   align every section into one frame); with ``--pyramid``/``--method`` section z is aligned to
   z-1; with neither the stack is taken as already aligned. The chunked-Pearson map is written
   as a float32 layer with one voxel per ``--chunk`` block (resolution x chunk) and as PNGs.
+
+  Looking at the stack (not with ``--pyramid``/``--method``): xz and yz reslices of the raw
+  layer (``--src_path``) above the aligned one (``--cv_path``, alias ``--image_path``) and the
+  residual between consecutive sections (1 - r, median absolute difference) with its trend
+  along z; ``--report`` writes stack_xz.png, stack_yz.png, index.md and summary.json::
+
+      metroem eval --src_path file://vol/image --image_path file://vol/aligned --z_start 0 \\
+          --z_end 30 --mip 2 --reslice_y 300 --report eval_stack
 """
 
 from __future__ import annotations
