@@ -69,6 +69,7 @@ def test_reslices_and_residuals_before_after(tmp_path, capsys):
     # z 1 is compared with z 0 (inside the layer); 7 sections are drawn.
     assert [p["z"] for p in cons["after"]["pairs"]] == list(range(1, NZ))
     assert stack["z_range"] == [1, NZ]
+    assert stack["box"] == {"mip": 0, "x0": 0, "y0": 0, "width": SIZE, "height": SIZE}
     before, after = cons["before"]["median"], cons["after"]["median"]
     assert after["one_minus_r"] < 0.1 < before["one_minus_r"]
     assert after["mad"] < before["mad"] / 2
@@ -88,6 +89,7 @@ def test_reslices_and_residuals_before_after(tmp_path, capsys):
         + ["index.md", "stack_xz.png", "stack_yz.png", "summary.json"])
     page = (rep / "index.md").read_text()
     assert "![xz reslice at y 32](stack_xz.png)" in page and "(pearson_z3.png)" in page
+    assert "MIP 0, box x 0..63, y 0..63" in page
     saved = json.loads((rep / "summary.json").read_text())
     assert saved["consecutive"]["after"]["median"] == pytest.approx(after)
     assert saved["reslices"]["pictures"] == {"xz": "stack_xz.png", "yz": "stack_yz.png"}
@@ -202,6 +204,7 @@ def test_section_residual_and_trend_units():
           "0"], "--reslice_z_scale"),
         (["--image_path", "{aligned}", "--src_path", "{raw}", "--z_start", "1", "--z_end", "4",
           "--method", "phasecorr"], "does not go with"),
+        (["--src_path", "{raw}", "--z_start", "1", "--z_end", "4"], "pass the aligned layer"),
     ],
 )
 def test_bad_stack_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):

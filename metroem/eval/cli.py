@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -288,9 +289,17 @@ def _check_same_xy(info, src_info, mip: int) -> None:
         )
 
 
-def _stack_view(args, info, box: tuple[int, int, int, int]) -> tuple:
-    """The :class:`stackview.StackView` of the run, the absolute reslice position and the
-    pixels per section; checks --reslice_x/--reslice_y/--reslice_z_scale."""
+class _Stack(NamedTuple):
+    """The stack view of a volume run and what its summary needs to say where it looked."""
+
+    view: stackview.StackView
+    box: dict[str, int]  # mip, x0, y0, width, height
+    where: dict[str, int]  # absolute y of the xz reslice, x of the yz one
+    scale: dict[str, dict]  # stackview.reslice_scale per plane
+
+
+def _stack_view(args, info, box: tuple[int, int, int, int]) -> _Stack:
+    """The stack view of the run; checks --reslice_x/--reslice_y/--reslice_z_scale."""
     x0, y0, w, h = box
     y = y0 + h // 2 if args.reslice_y is None else args.reslice_y
     x = x0 + w // 2 if args.reslice_x is None else args.reslice_x
@@ -306,7 +315,8 @@ def _stack_view(args, info, box: tuple[int, int, int, int]) -> tuple:
     scale = {"xz": stackview.reslice_scale(rz, rx, n, w, z_px),
              "yz": stackview.reslice_scale(rz, ry, n, h, z_px)}
     view = stackview.StackView(z_start=args.z_start, row=y - y0, column=x - x0)
-    return view, {"x": x, "y": y}, scale
+    region = {"mip": args.mip, "x0": x0, "y0": y0, "width": w, "height": h}
+    return _Stack(view, region, {"x": x, "y": y}, scale)
 
 
 def _volume_inputs(args):
@@ -361,7 +371,7 @@ def _run_volume(args) -> dict:
             if args.src_path or args.field_path:
                 before = read(args.src_path, z) if args.src_path else raw
                 layers = {"before": before[0, 0], **layers}
-            stack[0].add(z, layers)
+            stack.view.add(z, layers)
         return img[0, 0]
 
     per_z, maps, pictures = {}, [], []
@@ -406,15 +416,14 @@ def _run_volume(args) -> dict:
     return result
 
 
-def _finish_stack(args, stack: tuple, pictures: list[str]) -> dict:
+def _finish_stack(args, stack: _Stack, pictures: list[str]) -> dict:
     """Summarise (and with --report draw) the stack view; print one line per layer."""
-    view, where, scale = stack
     layers = {"after": args.cv_path}
     if args.src_path or args.field_path:
         layers = {"before": args.src_path or args.cv_path, **layers}
-    summary = stackview.stack_summary(view, layers, where, scale)
+    summary = stackview.stack_summary(stack.view, layers, stack.box, stack.where, stack.scale)
     if args.report:
-        summary = stackview.write_stack_report(args.report, view, summary, pictures)
+        summary = stackview.write_stack_report(args.report, stack.view, summary, pictures)
     for name, s in summary["consecutive"].items():
         t = s["trend"]["one_minus_r"]
         print(f"stack {name:6s}: consecutive 1 - r median {s['median']['one_minus_r']:.4f} "
@@ -430,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
     if args.cv_path and (args.src or args.tgt):
         raise MetroemError("give either --src/--tgt (image pair) or --cv_path (volume), not both")
+    stack_flags = (args.src_path, args.reslice_x, args.reslice_y, args.reslice_z_scale)
+    if not args.cv_path and any(v is not None for v in stack_flags):
+        raise MetroemError("--src_path and --reslice_* look at a CloudVolume z range; pass the "
+                           "aligned layer as --cv_path/--image_path with --z_start/--z_end")
     if args.cv_path:
         result = _run_volume(args)
     elif args.src or args.tgt:

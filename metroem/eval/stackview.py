@@ -226,15 +226,21 @@ LABELS = {"before": "before (raw layer)", "after": "after (aligned layer)"}
 
 
 def stack_summary(
-    view: StackView, layers: dict[str, str], where: dict[str, int], scale: dict[str, dict]
+    view: StackView,
+    layers: dict[str, str],
+    box: dict[str, int],
+    where: dict[str, int],
+    scale: dict[str, dict],
 ) -> dict:
     """The numbers of a stack: its layers, z range, reslice positions and consecutive residuals.
 
-    ``layers`` maps each layer name of ``view`` to its path, ``where`` gives the absolute ``y``
-    of the xz reslice and ``x`` of the yz one, ``scale`` the :func:`reslice_scale` of each plane.
+    ``layers`` maps each layer name of ``view`` to its path, ``box`` is the region read
+    (``mip``, ``x0``, ``y0``, ``width``, ``height``), ``where`` gives the absolute ``y`` of the
+    xz reslice and ``x`` of the yz one, ``scale`` the :func:`reslice_scale` of each plane.
     """
     return {
         "layers": layers,
+        "box": box,
         "z_range": [view.drawn_z[0], view.drawn_z[-1] + 1],
         "reslices": {"y": where["y"], "x": where["x"], "scale": scale},
         "consecutive": view.summary(),
@@ -280,9 +286,11 @@ def _fmt(v, digits: int = 4) -> str:
 def _markdown(summary: dict, extra: list[str]) -> str:
     """The report page: reslices, the trend table and the per-pair table."""
     z0, z1 = summary["z_range"]
-    rs = summary["reslices"]
+    rs, b = summary["reslices"], summary["box"]
     lines = [
         f"# Stack z {z0}..{z1 - 1}", "",
+        f"MIP {b['mip']}, box x {b['x0']}..{b['x0'] + b['width'] - 1}, "
+        f"y {b['y0']}..{b['y0'] + b['height'] - 1} (voxels at that MIP).", "",
         *[f"- {name}: `{path}`" for name, path in summary["layers"].items()], "",
         "## Reslices", "",
         "Membranes should run continuously from section to section after alignment. z grows "
