@@ -144,6 +144,19 @@ def test_trend_slope_follows_a_drift(tmp_path, capsys, direction):
         assert im.size == (SIZE * 8, _strip() + NZ * 80)
 
 
+def test_one_section_at_the_layer_start(tmp_path, capsys):
+    """A range of only the layer's first section: nothing to compare, a one-section reslice."""
+    path = _layer(f"file://{tmp_path}/one", [_stripes(z) for z in range(3)], z0=5)
+    rep = tmp_path / "rep"
+    assert cli.main(["--cv_path", path, "--z_start", "5", "--z_end", "6", "--json",
+                     "--report", str(rep)]) == 0
+    stack = _json(capsys.readouterr().out)["stack"]
+    assert stack["consecutive"] == {} and stack["z_range"] == [5, 6]
+    assert "No two consecutive sections" in (rep / "index.md").read_text()
+    with Image.open(rep / "stack_yz.png") as im:
+        assert im.size == (SIZE * 8, _strip() + 80)
+
+
 def test_field_path_gives_before_and_after_of_one_layer(tmp_path, capsys):
     """With --field_path the raw layer is --cv_path itself, before warping."""
     raw = [_stripes(z, *(RNG_SHIFTS[z] if z else (0, 0))) for z in range(NZ)]

@@ -304,10 +304,18 @@ def _markdown(summary: dict, extra: list[str]) -> str:
         "1 - r: one minus Pearson r, MAD: median absolute difference, over the pixels where both "
         "sections have data. Slope: least-squares change per section along z (positive: getting "
         "worse).", "",
-        "| layer | measure | median | first | last | slope per section |",
-        "|---|---|---|---|---|---|",
     ]
-    cons = summary["consecutive"]
+    lines += _pair_tables(summary["consecutive"]) if summary["consecutive"] else [
+        "No two consecutive sections in this range."]
+    if extra:
+        lines += ["", "## Pictures per section", ""] + [f"- [{p}]({p})" for p in extra]
+    return "\n".join(lines) + "\n"
+
+
+def _pair_tables(cons: dict) -> list[str]:
+    """Markdown lines: the trend of each layer and measure, then one row per pair."""
+    lines = ["| layer | measure | median | first | last | slope per section |",
+             "|---|---|---|---|---|---|"]
     for name, s in cons.items():
         for m in MEASURES:
             t = s["trend"][m]
@@ -325,9 +333,7 @@ def _markdown(summary: dict, extra: list[str]) -> str:
     for z in sorted(by_z):
         cells = [_fmt(by_z[z].get(n, {}).get(m)) for n in names for m in MEASURES]
         lines.append(f"| {z} | " + " | ".join(cells) + " |")
-    if extra:
-        lines += ["", "## Pictures per section", ""] + [f"- [{p}]({p})" for p in extra]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 _MEASURE_NAMES = {"one_minus_r": "1 - r", "mad": "MAD"}
