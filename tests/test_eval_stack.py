@@ -216,7 +216,9 @@ def test_section_residual_and_trend_units():
         (["--image_path", "{aligned}", "--z_start", "1", "--z_end", "4", "--reslice_z_scale",
           "0"], "--reslice_z_scale"),
         (["--image_path", "{aligned}", "--src_path", "{raw}", "--z_start", "1", "--z_end", "4",
-          "--method", "phasecorr"], "does not go with"),
+          "--method", "phasecorr"], "do not go with --pyramid/--method"),
+        (["--image_path", "{aligned}", "--z_start", "1", "--z_end", "4", "--reslice_x", "3",
+          "--method", "phasecorr"], "do not go with --pyramid/--method"),
         (["--src_path", "{raw}", "--z_start", "1", "--z_end", "4"], "pass the aligned layer"),
     ],
 )

@@ -330,9 +330,10 @@ def _volume_inputs(args):
     method = _aligner(args)
     if args.field_path and method is not None:
         raise MetroemError("give --field_path or --pyramid/--method, not both")
-    if args.src_path and method is not None:
-        raise MetroemError("--src_path compares a raw layer with an aligned --cv_path; it does "
-                           "not go with --pyramid/--method")
+    reslice = (args.reslice_x, args.reslice_y, args.reslice_z_scale)
+    if method is not None and (args.src_path or any(v is not None for v in reslice)):
+        raise MetroemError("--src_path and --reslice_* look at a raw and an aligned stack; they "
+                           "do not go with --pyramid/--method (sections aligned pair by pair)")
     info = _layer_info("--cv_path", args.cv_path, args.mip)
     _check_z_range("--cv_path", info, args.mip, args.z_start, args.z_end)
     z_lo = info.offset[args.mip][2]
