@@ -10,7 +10,8 @@ deformation is known, the aligned fields are also scored against it (median px, 
 section): on real ssTEM the truth is only as good as the ISBI registration, so read it next to
 the reslices.
 
-Writes ``<out>/isbi_stack.{json,md}`` and the reslices ``<out>/png/isbi_stack_{xz,yz}.png``.
+Writes ``<out>/isbi_stack[_reg<L>nm].{json,md}`` and the reslices
+``<out>/png/isbi_stack[_reg<L>nm]_{xz,yz}.png``.
 The ISBI sections include the pyramid's training sections: this is a picture of the command
 on real EM, not a held-out score (``benchmarks/stack.py`` is that).
 
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pyramid", default=str(REPO / "models" / "isbi"))
     p.add_argument("--smoothing_nm", type=float, default=None,
                    help="passed to metroem align (default: the pyramid's pyramid.json)")
+    p.add_argument("--chunk", type=int, default=512, help="--chunk of metroem align")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--seed", type=int, default=0)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             volumes.write_all_mips(raw, 0, 0, z, s.round().clamp(0, 255).to(torch.uint8))
         field, aligned = (volumes.normalize_path(str(work / k)) for k in ("field", "aligned"))
         cmd = [a.pyramid, "--src_path", raw, "--z_start", "1", "--z_end", str(n),
-               "--field_path", field, "--image_path", aligned, "--chunk", "512",
+               "--field_path", field, "--image_path", aligned, "--chunk", str(a.chunk),
                "--no_progress"]
         if a.smoothing_nm is not None:
             cmd += ["--smoothing_nm", str(a.smoothing_nm)]
@@ -82,15 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         eval_cli.main(["--src_path", raw, "--image_path", aligned, "--z_start", "0", "--z_end",
                        str(n), "--mip", "1", "--report", str(report)])
         out = Path(a.out)
+        stem = "isbi_stack" + (f"_reg{a.smoothing_nm:g}nm" if a.smoothing_nm else "")
         (out / "png").mkdir(parents=True, exist_ok=True)
         for k in ("xz", "yz"):
-            shutil.copyfile(report / f"stack_{k}.png", out / "png" / f"isbi_stack_{k}.png")
+            shutil.copyfile(report / f"stack_{k}.png", out / "png" / f"{stem}_{k}.png")
         import json
 
         summary = json.loads((report / "summary.json").read_text())
-        result = {"command": "metroem align " + " ".join(cmd[:1] + ["--src_path", "RAW",
-                                                                     "--z_start", "1",
-                                                                     "--z_end", str(n), "..."]),
+        shown = [Path(a.pyramid).name, "--src_path", "RAW", "--z_start", "1", "--z_end", str(n),
+                 "..."] + (["--smoothing_nm", f"{a.smoothing_nm:g}"] if a.smoothing_nm else [])
+        result = {"command": "metroem align " + " ".join(shown),
                   "sections": n, "seconds": seconds, "errors": score,
                   "unaligned": stacks.raw_errors(known), "stack_view": summary.get("stack")}
         text = "\n".join([
@@ -106,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{v['slope']:.3f} |" for k, v in (("unaligned", result["unaligned"]),
                                                   ("aligned", score))],
             "",
-            "Reslices (raw above, aligned below): `png/isbi_stack_xz.png`, "
-            "`png/isbi_stack_yz.png`.",
+            f"Reslices (raw above, aligned below): `png/{stem}_xz.png`, `png/{stem}_yz.png`.",
             "",
         ])
-        q.write_results(out, "isbi_stack", result, text)
+        q.write_results(out, stem, result, text)
         print(text)
     finally:
         shutil.rmtree(work, ignore_errors=True)
