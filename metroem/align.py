@@ -4,10 +4,16 @@ Files (PNG/TIF/npy, any size; ``.npy`` is read window by window, PNG/TIF are loa
 
     metroem align models/demo --src s.png --tgt t.png --field_out field.npy --image_out out.png
 
-CloudVolume (each section z aligned to z-1, or to ``--tgt_z`` / the same z of ``--tgt_path``)::
+A CloudVolume z range as an aligned stack: section ``--z_start - 1`` is the fixed reference
+(copied to the outputs), each later section is aligned onto the aligned sections before it and
+rendered once from its raw pixels (:mod:`metroem.stack`; ``--predecessors 3`` outvotes a bad
+pair); progress is one line per section with an ETA::
 
     metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
         --field_path file:///data/vol/field --image_path file:///data/vol/aligned
+
+``--pairwise`` (each section onto raw z-1), ``--tgt_z`` or ``--tgt_path`` give fields between
+pairs instead.
 
 The field output holds pull fields in pixels of each MIP, ``(2, H, W)`` float32 for files
 (channel 0 = x); the aligned image is the source warped by it. The pyramid runs one stage at a
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, images, regularize, threads, tiling, volumes
+from metroem import fields, images, regularize, stack, threads, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.errors import MetroemError, cli_errors
@@ -148,12 +154,13 @@ def _stage_desc(tiler: tiling.StageTiler, k: int) -> str:
 
 
 def _run_coarse_stages(tiler: tiling.StageTiler, aligner, devices, src, tgt, folder: str,
-                       progress: bool, label: str = ""):
+                       progress: bool, label: str = "", start=None):
     """Run every stage but the last over the whole region into ``.npy`` caches in ``folder``
     (one marker per chunk, so an interrupted run reuses finished chunks); returns the last
-    coarse stage's store (for a one-stage pyramid: stage 0's start, see
-    :meth:`metroem.tiling.StageTiler.initial_store`)."""
-    prev = tiler.initial_store(src, tgt)
+    coarse stage's store (for a one-stage pyramid: stage 0's start). Stage 0 starts from
+    ``start`` (a store in its pixels) if given, else from
+    :meth:`metroem.tiling.StageTiler.initial_store`."""
+    prev = start if start is not None else tiler.initial_store(src, tgt)
     for p in tiler.coarse:
         path = os.path.join(folder, f"stage{p.index}.npy")
         store = tiler.new_store(p.index, path, create=not os.path.exists(path))
@@ -314,16 +321,6 @@ def align_files(
 # --- CloudVolume --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _VolJob:
-    z: int
-    chunk: tiling.Chunk
-
-    @property
-    def key(self) -> str:
-        return f"z{self.z}_{self.chunk.index}"
-
-
 def _chunk_xy(path: str) -> int:
     vol = volumes.open_volume(path)
     return int(vol.info["scales"][0]["chunk_sizes"][0][0])
@@ -360,18 +357,31 @@ def _marker_dir(field_path: str | None, image_path: str | None, work_dir: str | 
     raise MetroemError("remote outputs need --work_dir: a local folder for the chunk markers")
 
 
-def _z_hint(z: int, tz: int, src: tuple[int, int], tgt: tuple[int, int], tgt_z: int | None,
-            other_layer: bool) -> str:
-    """How to fix a z range that leaves the layers: name the flag that is wrong."""
-    if z >= src[1]:
-        return f"end at --z_end {src[1]} (one past the last section)"
-    if z < src[0]:
-        return f"start at --z_start {src[0] + (0 if other_layer or tgt_z is not None else 1)}"
-    if tgt_z is not None:
-        return f"pick a --tgt_z in [{tgt[0]}, {tgt[1]})"
-    if other_layer:
-        return f"--tgt_path has z [{tgt[0]}, {tgt[1]}); pick --z_start/--z_end inside it"
-    return f"start at --z_start {src[0] + 1} to align each section to the previous one"
+def _z_ranges(info: volumes.VolumeInfo, tinfo: volumes.VolumeInfo, z_start: int, z_end: int,
+              tgt_z: int | None, same_layer: bool, stack: bool) -> list[tuple[int, int]]:
+    """``(z, target z)`` of every section; a one-line error for sections the layers lack."""
+    z_lo, z_hi = info.offset[0][2], info.offset[0][2] + info.size[0][2]
+    tz_lo, tz_hi = tinfo.offset[0][2], tinfo.offset[0][2] + tinfo.size[0][2]
+    if z_start < z_lo or z_end > z_hi:
+        if z_end > z_hi:
+            raise MetroemError(f"--z_end {z_end} is past the layer's last section {z_hi - 1} "
+                               f"(z range [{z_lo}, {z_hi})); pass --z_end {z_hi} or less")
+        raise MetroemError(f"--z_start {z_start} is before the layer's first section {z_lo} "
+                           f"(z range [{z_lo}, {z_hi})); start at --z_start {z_lo + 1}")
+    if (stack or same_layer and tgt_z is None) and z_start - 1 < z_lo:
+        what = "the stack's fixed reference" if stack else "the first section's target"
+        raise MetroemError(
+            f"section {z_start - 1} ({what}, --z_start - 1) is outside the layer's z range "
+            f"[{z_lo}, {z_hi}); start at --z_start {z_lo + 1}"
+        )
+    pairs = []
+    for z in range(z_start, z_end):
+        tz = z - 1 if stack else (tgt_z if tgt_z is not None else (z - 1 if same_layer else z))
+        if not tz_lo <= tz < tz_hi:
+            raise MetroemError(f"target section {tz} is outside the target layer's z range "
+                               f"[{tz_lo}, {tz_hi}); pick --tgt_z inside it")
+        pairs.append((z, tz))
+    return pairs
 
 
 def align_volume(
@@ -384,6 +394,10 @@ def align_volume(
     *,
     tgt_path: str | None = None,
     tgt_z: int | None = None,
+    pairwise: bool = False,
+    predecessors: int = 1,
+    block_size: int | None = None,
+    queue: str | None = None,
     checkpoint_name: str | None = None,
     stages: list[int] | None = None,
     mip: int | None = None,
@@ -401,29 +415,55 @@ def align_volume(
 ) -> dict:
     """Align sections ``z_start <= z < z_end`` of ``src_path`` at ``mip``; write field / image.
 
-    Each section is aligned to section z-1 of the same layer, or to ``tgt_z`` (fixed), or to
-    section z of ``tgt_path``. Output layers get the source layer's bounds, resolution and MIPs;
-    MIP ``mip`` and every coarser MIP are written (finer MIPs are left empty).
-    ``smoothing_nm`` uses the layer's own MIP0 resolution.
+    By default the range is aligned as a stack (:mod:`metroem.stack`): section ``z_start - 1``
+    is the fixed reference, copied to the outputs; each section is aligned onto the *aligned*
+    sections before it (``predecessors`` of them, fields combined by their median), starting
+    from the previous section's field, and rendered once from its raw pixels. The field layer
+    holds every section's whole field. Both output layers are needed.
+
+    ``block_size`` aligns the stack in blocks of that many sections, stitched after
+    (:mod:`metroem.workers`); with ``queue`` (a python-task-queue URL) the block tasks are only
+    enqueued for ``metroem worker`` processes.
+
+    ``pairwise=True``, ``tgt_z`` or ``tgt_path`` align pairs instead: each section onto raw
+    section z-1 of the same layer, or onto ``tgt_z`` (fixed), or onto section z of
+    ``tgt_path``. Output layers get the source layer's bounds, resolution and MIPs; MIP ``mip``
+    and every coarser MIP are written (finer MIPs are left empty). ``smoothing_nm`` uses the
+    layer's own MIP0 resolution.
     """
+    stack_mode = not pairwise and tgt_path is None and tgt_z is None
     if not (field_path or image_path):
         raise MetroemError("nothing to write: pass --field_path and/or --image_path")
+    if stack_mode and not (field_path and image_path):
+        raise MetroemError(
+            "aligning a stack needs both --field_path and --image_path (each section is aligned "
+            "onto the aligned one before it); pass both, or --pairwise for fields between raw "
+            "neighbours"
+        )
+    if predecessors < 1 or (predecessors > 1 and not stack_mode):
+        raise MetroemError("--predecessors must be >= 1 and is for stacks (not --pairwise, "
+                           "--tgt_z or --tgt_path)")
     if z_end <= z_start:
         raise MetroemError(f"empty z range [{z_start}, {z_end}); pass --z_end > --z_start")
+    if (block_size is not None or queue) and not stack_mode:
+        raise MetroemError("--block_size and --queue are for stacks (not --pairwise, --tgt_z "
+                           "or --tgt_path)")
+    if queue and block_size is None:
+        raise MetroemError("--queue needs --block_size: the stack is split into blocks of "
+                           "that many sections, one task each")
+    if block_size is not None and block_size < 1:
+        raise MetroemError(f"--block_size must be >= 1, got {block_size}")
+    if block_size is not None and not isinstance(pyramid, (str, os.PathLike)):
+        raise MetroemError("--block_size needs the pyramid as a folder (workers load it)")
+    if queue:
+        from metroem import workers
+
+        workers._queue(queue)  # an unreachable queue fails before anything is written
     info = volumes.volume_info(src_path)
+    same_layer = tgt_path is None or volumes.normalize_path(tgt_path) == info.path
     tgt_path = tgt_path or src_path
-    tinfo = volumes.volume_info(tgt_path)
-    z_lo, z_hi = info.offset[0][2], info.offset[0][2] + info.size[0][2]
-    tz_lo, tz_hi = tinfo.offset[0][2], tinfo.offset[0][2] + tinfo.size[0][2]
-    pairs = []
-    for z in range(z_start, z_end):
-        tz = tgt_z if tgt_z is not None else (z if tgt_path != src_path else z - 1)
-        if not (z_lo <= z < z_hi) or not (tz_lo <= tz < tz_hi):
-            raise MetroemError(
-                f"section {z} (target {tz}) is outside the layers' z range [{z_lo}, {z_hi}); "
-                + _z_hint(z, tz, (z_lo, z_hi), (tz_lo, tz_hi), tgt_z, tgt_path != src_path)
-            )
-        pairs.append((z, tz))
+    pairs = _z_ranges(info, volumes.volume_info(tgt_path), z_start, z_end, tgt_z, same_layer,
+                      stack_mode)
     devices = tiling.parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
                           finetune_options, smoothing_nm, info.resolution[min(info.mips)][0]
@@ -445,71 +485,213 @@ def align_volume(
     markers = _Markers(_marker_dir(field_path, image_path, work_dir))
     _check_or_write_job(markers.folder, _job_signature(
         src=volumes.normalize_path(src_path), tgt=volumes.normalize_path(tgt_path), tgt_z=tgt_z,
+        mode="stack" if stack_mode else "pairs", predecessors=predecessors,
+        block_size=block_size,
+        reference=z_start - 1 if stack_mode else None,
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
         checkpoint=checkpoint_name, stages=stages, finetune=finetune,
         finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
         **_option_signature(aligner)))
-    write_lock = threading.Lock()  # coarse MIPs share storage chunks: read-modify-write
+    out = _VolumeWriter(info, mip, top, field_path, image_path)
+    run = _Run(aligner, tiler, devices, markers, out, progress)
+    if block_size is not None:
+        return _align_blocks(markers.folder, pyramid, src_path, z_start, z_end,
+                             field_path, image_path, block_size, predecessors, queue, chunk,
+                             pad, device, progress,
+                             dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
+                                  finetune=finetune, finetune_options=finetune_options,
+                                  smoothing_nm=smoothing_nm))
+    try:
+        if stack_mode:
+            ran, total = _align_stack(run, src_path, z_start - 1, [z for z, _ in pairs],
+                                      predecessors)
+        else:
+            ran, total = _align_pairs(run, src_path, tgt_path, pairs)
+    finally:
+        for p in (field_path, image_path):
+            if p:
+                volumes.forget(p)
+    return {"chunks_run": ran, "chunks": total, "sections": [z for z, _ in pairs],
+            "reference": z_start - 1 if stack_mode else None}
 
-    def write_mips(path: str, z: int, c: tiling.Chunk, data: torch.Tensor, is_field: bool):
-        for m in range(mip, top + 1):
-            if m > mip:
+
+def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_path,
+                  block_size, predecessors, queue, chunk, pad, device, progress,
+                  aligner_options) -> dict:
+    """A stack in blocks (:mod:`metroem.workers`): enqueued, or run here in task order."""
+    from metroem import workers
+
+    job = workers.StackJob(
+        folder=folder, pyramid=os.path.abspath(str(pyramid)), src_path=src_path,
+        z_start=z_start, z_end=z_end, field_path=field_path, image_path=image_path,
+        block_size=block_size, predecessors=predecessors, aligner=aligner_options,
+        chunk=chunk, pad=pad, device=device, queue=queue)
+    job.save()
+    n = len(job.blocks())
+    if queue:
+        k = workers.enqueue(job)
+        return {"chunks_run": 0, "chunks": 0, "sections": list(range(z_start, z_end)),
+                "reference": z_start - 1, "enqueued": k, "blocks": n}
+    workers._Context._cache.pop(os.path.abspath(folder), None)  # this job's settings
+    workers.run_local(job, progress)
+    return {"chunks_run": None, "chunks": None, "sections": list(range(z_start, z_end)),
+            "reference": z_start - 1, "blocks": n}
+
+
+class _VolumeWriter:
+    """Writes a chunk's field and/or image at the run's MIP and every coarser MIP."""
+
+    def __init__(self, info: volumes.VolumeInfo, mip: int, top: int, field_path: str | None,
+                 image_path: str | None):
+        self.info, self.mip, self.top = info, mip, top
+        self.field_path, self.image_path = field_path, image_path
+        self.lock = threading.Lock()  # coarse MIPs share storage chunks: read-modify-write
+
+    def _write(self, path: str, z: int, c: tiling.Chunk, data: torch.Tensor, is_field: bool):
+        for m in range(self.mip, self.top + 1):
+            if m > self.mip:
                 data = fields.downsample_field(data, 1) if is_field else \
                     fields.downsample_image(data, 1)
-            k = 2 ** (m - mip)
-            ox, oy = info.offset[m][0], info.offset[m][1]
+            k = 2 ** (m - self.mip)
+            ox, oy = self.info.offset[m][0], self.info.offset[m][1]
             volumes.write(path, m, ox + c.x0 // k, oy + c.y0 // k, z, data)
 
+    def write(self, z: int, c: tiling.Chunk, field: torch.Tensor | None,
+              image: torch.Tensor | None) -> None:
+        with self.lock:
+            if self.field_path and field is not None:
+                self._write(self.field_path, z, c, field, True)
+            if self.image_path and image is not None:
+                self._write(self.image_path, z, c, image, False)
+
+
+@dataclass
+class _Run:
+    """What every section of a volume run shares."""
+
+    aligner: PyramidAligner
+    tiler: tiling.StageTiler
+    devices: list
+    markers: _Markers
+    out: _VolumeWriter
+    progress: bool
+
+    def chunks(self, fn, jobs, key: str, desc: str) -> int:
+        """Run ``fn(model, chunk)`` on every chunk not marked ``key + index``; mark each."""
+        def work(model, c):
+            fn(model, c)
+            self.markers.mark(f"{key}{c.index}")
+
+        return tiling.run_chunks(jobs, work, self.aligner, self.devices,
+                                 is_done=lambda c: self.markers.done(f"{key}{c.index}"),
+                                 progress=self.progress, desc=desc)
+
+    def cache(self, z: int) -> str:
+        path = os.path.join(self.markers.folder, "stages", f"z{z}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def pair_field(self, src, tgt, folder: str, label: str, start=None):
+        """The pyramid's field of one section pair into an ``.npy`` store in ``folder``
+        (smoothed when the aligner smooths); returns the store (resumable: chunk markers)."""
+        t = self.tiler
+        os.makedirs(folder, exist_ok=True)
+        prev = _run_coarse_stages(t, self.aligner, self.devices, src, tgt, folder,
+                                  self.progress, label=label, start=start)
+        key = os.path.relpath(folder, self.markers.folder).replace(os.sep, "_")
+        raw = tiling.NpyFieldStore(os.path.join(folder, "raw.npy"), t.height, t.width,
+                                   create=not os.path.exists(os.path.join(folder, "raw.npy")))
+        last = _stage_desc(t, len(t.plans) - 1)
+        self.chunks(lambda m, c: raw.write(c.y0, c.x0, t.output_chunk(m, c, src, tgt, prev)),
+                    t.output_chunks(), f"{key}_raw", label + last)
+        if t.smoothing_px <= 0:
+            return raw
+        path = os.path.join(folder, "smooth.npy")
+        sm = tiling.NpyFieldStore(path, t.height, t.width, create=not os.path.exists(path))
+        self.chunks(lambda m, c: sm.write(c.y0, c.x0, t.smooth_chunk(c, raw.read, src, tgt)),
+                    t.output_chunks(), f"{key}_smooth",
+                    label + f"smoothing ({t.smoothing_px:g} px)")
+        return sm
+
+
+def _align_pairs(run: _Run, src_path: str, tgt_path: str, pairs) -> tuple[int, int]:
+    """Each section onto its target section (raw): fields between pairs, no composition."""
+    t, mip = run.tiler, run.out.mip
     ran = total = 0
     for z, tz in pairs:
-        jobs = [_VolJob(z, c) for c in tiler.output_chunks()]
-        total += len(jobs)
-        if all(markers.done(j.key) for j in jobs):
+        chunks = t.output_chunks()
+        total += len(chunks)
+        if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
             continue
         src = tiling.VolumeSource(src_path, mip, z)
         tgt = tiling.VolumeSource(tgt_path, mip, tz)
-        cache = os.path.join(markers.folder, "stages", f"z{z}")
-        os.makedirs(cache, exist_ok=True)
-        prev = _run_coarse_stages(tiler, aligner, devices, src, tgt, cache, progress,
-                                  label=f"z {z} ")
+        store = run.pair_field(src, tgt, run.cache(z), f"z {z} ")
 
-        raw = None  # with smoothing: the pyramid's field of this section, smoothed after
-        if tiler.smoothing_px > 0:
-            path = os.path.join(cache, "field_raw.npy")
-            raw = tiling.NpyFieldStore(path, h, w, create=not os.path.exists(path))
+        def final(model, c, src=src, store=store, z=z) -> None:
+            f = store.read(c.y0, c.x0, c.h, c.w)
+            img = tiling.warp_chunk(src, f, c) if run.out.image_path else None
+            run.out.write(z, c, f, img)
 
-            def raw_fn(model, job: _VolJob, src=src, tgt=tgt, prev=prev, raw=raw) -> None:
-                raw.write(job.chunk.y0, job.chunk.x0,
-                          tiler.output_chunk(model, job.chunk, src, tgt, prev))
-                markers.mark("raw_" + job.key)
+        ran += run.chunks(final, chunks, f"z{z}_", f"z {z} writing")
+        shutil.rmtree(run.cache(z), ignore_errors=True)  # done: drop its stage caches
+    return ran, total
 
-            tiling.run_chunks(jobs, raw_fn, aligner, devices,
-                              is_done=lambda j: markers.done("raw_" + j.key)
-                              or markers.done(j.key),
-                              progress=progress,
-                              desc=f"z {z} " + _stage_desc(tiler, len(tiler.plans) - 1))
 
-        def work_fn(model, job: _VolJob, src=src, tgt=tgt, prev=prev, raw=raw) -> None:
-            if raw is None:
-                f = tiler.output_chunk(model, job.chunk, src, tgt, prev)
-            else:
-                f = tiler.smooth_chunk(job.chunk, raw.read, src, tgt)
-            img = tiling.warp_chunk(src, f, job.chunk) if image_path else None
-            with write_lock:
-                if field_path:
-                    write_mips(field_path, job.z, job.chunk, f, True)
-                if img is not None:
-                    write_mips(image_path, job.z, job.chunk, img, False)
-            markers.mark(job.key)
+def _section_has_data(path: str, mip: int, z: int, height: int, width: int) -> bool:
+    """Whether section ``z`` holds any data, read in strips (stops at the first data)."""
+    src = tiling.VolumeSource(path, mip, z)
+    rows = max(1, 2**24 // max(1, width))
+    return any(np.any(src.read(y, 0, min(rows, height - y), width))
+               for y in range(0, height, rows))
 
-        ran += tiling.run_chunks(jobs, work_fn, aligner, devices,
-                                 is_done=lambda j: markers.done(j.key), progress=progress,
-                                 desc=f"z {z} " + _stage_desc(tiler, len(tiler.plans) - 1))
-        shutil.rmtree(cache, ignore_errors=True)  # the section is done: drop its stage caches
-    for p in (field_path, image_path):
-        if p:
-            volumes.forget(p)
-    return {"chunks_run": ran, "chunks": total, "sections": [z for z, _ in pairs]}
+
+def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
+                 predecessors: int) -> tuple[int, int]:
+    """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk."""
+    t, mip = run.tiler, run.out.mip
+    chunks = t.output_chunks()
+    ref_src = tiling.VolumeSource(src_path, mip, ref)
+    zero = torch.zeros(1, 2, t.chunk, t.chunk)
+
+    def copy_ref(model, c) -> None:
+        img = tiling.read_resampled(ref_src, 0, c.y0, c.x0, c.h, c.w)
+        run.out.write(ref, c, zero[..., : c.h, : c.w], img)
+
+    ran = run.chunks(copy_ref, chunks, f"z{ref}_", f"z {ref} reference")
+    order = [ref] + zs
+    has = {ref: _section_has_data(src_path, mip, ref, t.height, t.width)}
+    done_before = sum(all(run.markers.done(f"z{z}_{c.index}") for c in chunks) for z in zs)
+    bar = stack.SectionProgress(len(zs), done_before, run.progress,
+                                emit=lambda m: print(m, file=sys.stderr, flush=True))
+    for i, z in enumerate(zs, start=1):
+        has[z] = _section_has_data(src_path, mip, z, t.height, t.width)
+        if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
+            continue
+        src = tiling.VolumeSource(src_path, mip, z)
+        previous = tiling.VolumeFieldStore(run.out.field_path, mip, order[i - 1])
+        before = order[:i]
+        targets = [before[j] for j in stack.predecessor_indices(
+            len(before), [has[b] for b in before], predecessors)]
+        if has[z] and targets:
+            start = t.field_store(previous)
+            stores = [run.pair_field(src, tiling.VolumeSource(run.out.image_path, mip, j),
+                                     os.path.join(run.cache(z), f"onto{j}"),
+                                     f"z {z} onto {j} ", start=start) for j in targets]
+        else:  # no data here or before: the previous field carries on
+            stores = [previous]
+
+        def final(model, c, src=src, stores=stores, z=z) -> None:
+            f = stack.combine_fields([s.read(c.y0, c.x0, c.h, c.w) for s in stores])
+            img = tiling.warp_chunk(src, f, c)
+            run.out.write(z, c, f, img)
+
+        ran += run.chunks(final, chunks, f"z{z}_", f"z {z} writing")
+        shutil.rmtree(run.cache(z), ignore_errors=True)
+        note = "" if has[z] else " (no data: previous field kept)"
+        if has[z] and len(targets) > 1:
+            note = f" (onto {', '.join(map(str, targets))}, median)"
+        bar.step(z, note)
+    return ran, len(chunks) * (len(zs) + 1)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -518,7 +700,7 @@ EPILOG = """examples:
   metroem align models/demo --src s.png --tgt t.png --field_out f.npy --image_out aligned.png
   metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
       --field_path file:///data/vol/field --image_path file:///data/vol/aligned \\
-      --chunk 2048 --device all
+      --chunk 2048 --device all          # a stack: z 0 is the fixed reference
   (add --resume to continue an interrupted run, --finetune to refine each field online)
 """
 
@@ -538,8 +720,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--src_path", help="source image layer")
     v.add_argument("--z_start", type=int, help="first source section")
     v.add_argument("--z_end", type=int, help="one past the last source section")
-    v.add_argument("--tgt_path", help="target layer (default: the source layer, section z-1)")
-    v.add_argument("--tgt_z", type=int, help="align every section to this target section")
+    v.add_argument("--predecessors", type=int, default=1,
+                   help="stack: align each section onto this many aligned sections before it "
+                   "and take the median of the fields (default 1; 3 outvotes one bad pair)")
+    v.add_argument("--block_size", type=int, default=None,
+                   help="stack: align blocks of this many sections independently, then stitch "
+                   "them (needed for --queue; results differ slightly from one serial run)")
+    v.add_argument("--queue", default=None,
+                   help="stack: only enqueue the block tasks on this python-task-queue URL "
+                   "(fq:///path, sqs://name); run them with `metroem worker URL`")
+    v.add_argument("--pairwise", action="store_true",
+                   help="fields between raw neighbours (each section onto raw z-1) instead "
+                   "of an aligned stack")
+    v.add_argument("--tgt_path", help="pairs: align section z onto section z of this layer")
+    v.add_argument("--tgt_z", type=int, help="pairs: align every section onto this section")
     v.add_argument("--field_path", help="output field layer")
     v.add_argument("--image_path", help="output aligned image layer")
     v.add_argument("--work_dir", help="folder for chunk markers (default: in the output layer)")
@@ -601,11 +795,20 @@ def main(argv: list[str] | None = None) -> int:
             raise MetroemError("--resolution_nm is for image files; a layer has its own")
         out = align_volume(a.pyramid, a.src_path, a.z_start, a.z_end, a.field_path,
                            a.image_path, tgt_path=a.tgt_path, tgt_z=a.tgt_z,
+                           pairwise=a.pairwise, predecessors=a.predecessors,
+                           block_size=a.block_size, queue=a.queue,
                            work_dir=a.work_dir, **common)
     else:
         raise MetroemError("pass --src/--tgt image files or --src_path with a z range")
-    print(f"done: {out['chunks_run']} chunk(s) aligned" +
-          (" (outputs already complete)" if out.get("skipped") else ""), file=sys.stderr)
+    if out.get("enqueued") is not None:
+        print(f"enqueued {out['enqueued']} task(s) for {out['blocks']} block(s) on {a.queue}; "
+              f"run `metroem worker {a.queue}` on each worker", file=sys.stderr)
+    elif out.get("blocks"):
+        print(f"done: {len(out['sections'])} section(s) aligned in {out['blocks']} block(s)",
+              file=sys.stderr)
+    else:
+        print(f"done: {out['chunks_run']} chunk(s) aligned" +
+              (" (outputs already complete)" if out.get("skipped") else ""), file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("metroem.training.cli:main", "train a pyramid stage by stage"),
     "generate": ("metroem.generate:main", "generate the fields that feed the next stage"),
     "align": ("metroem.align:main", "align images or a CloudVolume z range, tile by tile"),
+    "worker": ("metroem.workers:main", "run stack-alignment tasks from a task queue"),
     "export": ("metroem.export:main", "export a pyramid as one TorchScript file"),
     "eval": ("metroem.eval.cli:main", "measure alignment quality, compare baselines, report"),
 }

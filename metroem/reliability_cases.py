@@ -688,7 +688,7 @@ def _al_float_png(world, work):
 
 def _al_z_end_past(world, work):
     return Prepared(["align", str(world.pyramid), "--src_path", world.image, "--z_start", "1",
-                     "--z_end", "9", "--field_path", str(work / "field")])
+                     "--z_end", "9", "--field_path", str(work / "field"), "--pairwise"])
 
 
 def _tiny_weights(pyramid: Path, stage_dir: str, name: str):
@@ -707,7 +707,7 @@ def _al_mixed_defaults(world, work):
     _tiny_weights(pyramid, "0_mip1in_t", "a")
     _tiny_weights(pyramid, "1_mip0in_t", "b")
     return Prepared(["align", str(pyramid), "--src_path", world.image, "--z_start", "1",
-                     "--z_end", "2", "--field_path", str(work / "field")])
+                     "--z_end", "2", "--field_path", str(work / "field"), "--pairwise"])
 
 
 def _al_unfinished_default(world, work):
@@ -723,7 +723,7 @@ def _al_unfinished_default(world, work):
     ckpt.save_training_state(ckpt.training_state_path(pyramid / "0_mip1in_t", "a"), model, opt,
                              None, 3, None, None, {"train": {"steps": 40}}, {"final": False})
     return Prepared(["align", str(pyramid), "--src_path", world.image, "--z_start", "1",
-                     "--z_end", "2", "--field_path", str(work / "field")])
+                     "--z_end", "2", "--field_path", str(work / "field"), "--pairwise"])
 
 
 def _edit_existing_checkpoint(world, work, data, pyramid):
@@ -887,7 +887,7 @@ CASES: list[Case] = [
     Case("al_float_to_png", "float image written to a PNG output (align)", "metroem",
          _al_float_png, r"PNG holds 8/16-bit images.*write .tif or .npy"),
     Case("al_z_end_past_volume", "--z_end past the volume (align)", "metroem", _al_z_end_past,
-         r"end at --z_end 6"),
+         r"pass --z_end 6 or less"),
     Case("al_mixed_checkpoints", "stages whose default checkpoints differ (align)", "metroem",
          _al_mixed_defaults, r"default checkpoints differ \(stage 0: a, stage 1: b\)"),
     Case("al_unfinished_checkpoint", "default checkpoint from a stopped run (align)",

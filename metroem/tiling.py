@@ -52,10 +52,13 @@ __all__ = [
     "align_chunk",
     "window_size",
     "warp_chunk",
+    "compose_chunk",
     "align_tiled",
     "align_windows",
     "StageTiler",
     "StagePlan",
+    "VolumeFieldStore",
+    "CoarseFieldStore",
     "stage_quantum",
     "default_stage_pad",
     "read_resampled",
@@ -276,6 +279,19 @@ def warp_chunk(src, field: Tensor, chunk: Chunk) -> Tensor:
     return out[..., margin : margin + chunk.h, margin : margin + chunk.w]
 
 
+def compose_chunk(read_first, second: Tensor, chunk: Chunk) -> Tensor:
+    """One chunk of ``fields.compose(first, second)`` (warp by ``first``, then ``second``):
+    ``second(p) + first(p + second(p))``, with ``first`` read through
+    ``read_first(y0, x0, h, w)`` on the chunk widened by ``second``'s largest displacement
+    (border repeated outside, as :func:`metroem.fields.warp_field` does)."""
+    margin = int(math.ceil(float(second.abs().max()))) + 2 if second.numel() else 2
+    win = read_first(chunk.y0 - margin, chunk.x0 - margin, chunk.h + 2 * margin,
+                     chunk.w + 2 * margin)
+    big = torch.nn.functional.pad(second, (margin,) * 4, mode="replicate")
+    out = big + fields.warp_field(win, big)
+    return out[..., margin : margin + chunk.h, margin : margin + chunk.w].contiguous()
+
+
 def align_windows(aligner, src, tgt, chunk: int, pad: int, **kwargs) -> Tensor:
     """Whole field ``(1, 2, H, W)``, each chunk from the whole pyramid run on its own window.
 
@@ -467,6 +483,44 @@ class ConstantFieldStore:
         return self.shift.expand(1, 2, h, w).clone()
 
 
+class VolumeFieldStore:
+    """Section ``z`` of a field layer at ``mip`` read like a field store (``(1, 2, h, w)``,
+    coordinates relative to the layer's voxel offset, the border repeated outside the layer's
+    ``height x width``): the previous section's whole field in a serial stack."""
+
+    def __init__(self, path: str, mip: int, z: int):
+        from metroem import volumes
+
+        info = volumes.volume_info(path)
+        self.path, self.mip, self.z = path, mip, z
+        self.x_off, self.y_off, _ = info.offset[mip]
+        self.shape = (info.size[mip][1], info.size[mip][0])
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
+        from metroem import volumes
+
+        iy, ix = _clamped(self.shape[0], y0, h), _clamped(self.shape[1], x0, w)
+        ya, xa = int(iy[0]), int(ix[0])
+        hh, ww = int(iy[-1]) - ya + 1, int(ix[-1]) - xa + 1
+        block = volumes.read(self.path, self.mip, self.x_off + xa, self.y_off + ya, self.z,
+                             ww, hh)[0].float()
+        return block[:, iy - ya][:, :, ix - xa][None].contiguous()
+
+
+class CoarseFieldStore:
+    """A field store read ``levels`` MIPs coarser: windows box-averaged from the fine store as
+    :func:`metroem.fields.downsample_field` does (how the whole-image aligner hands an incoming
+    field to a coarser stage)."""
+
+    def __init__(self, fine, levels: int):
+        self.fine, self.levels = fine, int(levels)
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
+        f = 2**self.levels
+        return fields.downsample_field(self.fine.read(y0 * f, x0 * f, h * f, w * f),
+                                      self.levels)
+
+
 class StageTiler:
     """Stage-wise tiling of one section pair of ``height x width`` pixels at the input MIP.
 
@@ -532,6 +586,11 @@ class StageTiler:
             sp = regularize.support_px(self.smoothing_px)
             self.smoothing_pad = -(-sp // factor) * factor
             check_chunking(chunk, self.smoothing_pad, factor)
+
+    def field_store(self, fine):
+        """Stage 0's incoming field from a store of a field at the input MIP (a serial stack's
+        previous section), resampled as the whole-image aligner resamples ``src_agg_field``."""
+        return CoarseFieldStore(fine, self.plans[0].levels)
 
     def initial_store(self, src, tgt):
         """Stage 0's incoming field: the phase-correlation shift of the whole region (read at

@@ -179,7 +179,7 @@ def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
     fpath, ipath = str(tmp_path / "field"), str(tmp_path / "aligned")
     args = [str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "3", "--field_path",
             fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--pad", str(PAD),
-            "--no_progress"]
+            "--no_progress", "--pairwise"]
     assert align.main(args) == 0
     stage_caches = tmp_path / "field" / align.MARKER_DIR / "stages"
     assert stage_caches.is_dir() and not os.listdir(stage_caches)  # dropped per finished z
@@ -200,13 +200,14 @@ def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
     with pytest.raises(SystemExit):
         align.main(args)  # exists: no silent overwrite
     assert align.align_volume(str(pyramid), src, 1, 3, fpath, ipath, chunk=CHUNK, pad=PAD,
-                              resume=True, progress=False)["chunks_run"] == 0
+                              pairwise=True, resume=True, progress=False)["chunks_run"] == 0
     assert align.align_volume(str(pyramid), src, 2, 3, fpath, None, tgt_z=0, chunk=CHUNK,
                               pad=PAD, overwrite=True, progress=False)["chunks_run"] == 4
     expected = expected_field(pyramid, section(6, 64), section(4, 64))
     assert torch.allclose(volumes.read(fpath, 0, 64, 32, 2, 64), expected, atol=1e-5)
     with pytest.raises(MetroemError, match="z_start 1"):
-        align.align_volume(str(pyramid), src, 0, 2, str(tmp_path / "f2"), chunk=CHUNK, pad=PAD)
+        align.align_volume(str(pyramid), src, 0, 2, str(tmp_path / "f2"), chunk=CHUNK, pad=PAD,
+                           pairwise=True)
 
 
 def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyramid, tmp_path):
@@ -244,7 +245,7 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     fpath = str(tmp_path / "field")
     assert align.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
                        "--field_path", fpath, "--chunk", "64", "--smoothing_nm", str(8 * res),
-                       "--translation_init", "--no_progress"]) == 0
+                       "--translation_init", "--no_progress", "--pairwise"]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         al = load_aligner(pyramid, translation_init=True, smoothing_nm=8 * res,
@@ -256,3 +257,87 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     with pytest.raises(SystemExit):
         align.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
                     "--field_path", str(tmp_path / "f2"), "--resolution_nm", "4"])
+
+
+def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_path, capsys):
+    """The default for a z range: section z_start-1 is the fixed reference (copied), each
+    section is aligned onto the aligned sections before it, tile by tile, and the result equals
+    metroem.stack on whole sections with the whole-image aligner."""
+    from metroem import stack
+
+    src = make_volume(tmp_path / "img", n=5)
+    fpath, ipath = str(tmp_path / "field"), str(tmp_path / "aligned")
+    args = [str(pyramid), "--src_path", src, "--z_start", "2", "--z_end", "5", "--field_path",
+            fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--predecessors", "2"]
+    # (the default pads, from the nets, cover the whole 64 px region: tiled = whole image)
+    assert align.main(args) == 0
+    err = capsys.readouterr().err
+    assert "section 1/3 (z 2) done" in err and "section 3/3 (z 4) done" in err and "ETA" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = load_aligner(pyramid)
+    secs = [torch.from_numpy(section(z + 4, 64))[None, None].float() for z in range(1, 5)]
+    aligned, expected = stack.align_stack(secs, stack.aligner_pair_fn(whole), predecessors=2,
+                                          dtype=np.uint8)
+    assert torch.equal(volumes.read(ipath, 0, 64, 32, 1, 64).float(), secs[0])  # reference
+    assert volumes.read(fpath, 0, 64, 32, 1, 64).abs().max() == 0
+    assert volumes.read(ipath, 0, 64, 32, 0, 64).abs().max() == 0  # before the reference
+    for i, z in enumerate(range(2, 5), start=1):
+        got = volumes.read(fpath, 0, 64, 32, z, 64)
+        assert (got - expected[i]).abs().max() < 0.01
+        img = volumes.read(ipath, 0, 64, 32, z, 64).float()
+        assert (img - aligned[i]).abs().max() <= 1.0
+        assert volumes.read(ipath, 1, 32, 16, z, 32).float().mean() > 0  # coarser MIP too
+    assert not os.listdir(tmp_path / "field" / align.MARKER_DIR / "stages")
+    with pytest.raises(SystemExit):
+        align.main(args)  # exists: no silent overwrite
+    with pytest.raises(MetroemError, match="resume"):
+        align.align_volume(str(pyramid), src, 2, 5, fpath, ipath, chunk=CHUNK, resume=True,
+                           progress=False)  # other settings (predecessors 1)
+
+
+def test_an_interrupted_stack_resumes_to_the_same_stack(pyramid, tmp_path, monkeypatch):
+    from metroem import stack
+
+    src = make_volume(tmp_path / "img", n=4)
+    kw = dict(chunk=CHUNK, pad=PAD, progress=True)
+    once = [str(tmp_path / "f1"), str(tmp_path / "i1")]
+    align.align_volume(str(pyramid), src, 1, 4, *once, **kw)
+    calls = [0]
+    real = stack.SectionProgress.step
+
+    def stop_after_one(self, z, note=""):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        real(self, z, note)
+
+    monkeypatch.setattr(stack.SectionProgress, "step", stop_after_one)
+    again = [str(tmp_path / "f2"), str(tmp_path / "i2")]
+    with pytest.raises(KeyboardInterrupt):
+        align.align_volume(str(pyramid), src, 1, 4, *again, **kw)
+    with pytest.raises(MetroemError, match="--resume"):
+        align.align_volume(str(pyramid), src, 1, 4, *again, **kw)
+    monkeypatch.setattr(stack.SectionProgress, "step", real)
+    out = align.align_volume(str(pyramid), src, 1, 4, *again, resume=True, **kw)
+    assert out["chunks_run"] == 4  # only the last section was left
+    for a, b in zip(once, again, strict=True):
+        assert torch.equal(volumes.read(a, 0, 64, 32, 0, 64, nz=4),
+                           volumes.read(b, 0, 64, 32, 0, 64, nz=4))
+
+
+def test_stack_bad_inputs_are_one_line_errors(pyramid, tmp_path):
+    src = make_volume(tmp_path / "img", n=3)
+    f, i = str(tmp_path / "f"), str(tmp_path / "i")
+    cases = [
+        ((src, 1, 3, f, None), "--image_path"),
+        ((src, 0, 2, f, i), "--z_start 1"),
+        ((src, 1, 9, f, i), "--z_end 3"),
+    ]
+    for args, hint in cases:
+        with pytest.raises(MetroemError, match=hint):
+            align.align_volume(str(pyramid), *args, chunk=CHUNK, pad=PAD, progress=False)
+    with pytest.raises(MetroemError, match="predecessors"):
+        align.align_volume(str(pyramid), src, 1, 3, f, i, pairwise=True, predecessors=2,
+                           chunk=CHUNK, pad=PAD)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "i").exists()

@@ -27,7 +27,8 @@ def error_line(r: subprocess.CompletedProcess) -> str:
 
 def test_missing_volume_suggests_ingest_and_names_no_foreign_flag(tmp_path):
     line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "nope",
-                              "--z_start", 1, "--z_end", 2, "--field_path", tmp_path / "f"))
+                              "--z_start", 1, "--z_end", 2, "--pairwise",
+                              "--field_path", tmp_path / "f"))
     assert "metroem ingest" in line
     assert "--cv_path" not in line and "metroem-demo-volume" not in line
 
@@ -39,10 +40,12 @@ def test_z_end_past_the_volume_names_z_end(tmp_path):
         Image.fromarray(np.full((64, 64), 50 + i, np.uint8)).save(folder / f"{i}.png")
     assert metroem("ingest", folder, tmp_path / "vol", "--num_mips", 4).returncode == 0
     line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "vol",
-                              "--z_start", 1, "--z_end", 9, "--field_path", tmp_path / "f"))
-    assert "end at --z_end 3" in line and "--z_start" not in line
+                              "--z_start", 1, "--z_end", 9, "--pairwise",
+                              "--field_path", tmp_path / "f"))
+    assert "pass --z_end 3 or less" in line and "--z_start" not in line
     line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "vol",
-                              "--z_start", 0, "--z_end", 2, "--field_path", tmp_path / "f"))
+                              "--z_start", 0, "--z_end", 2, "--pairwise",
+                              "--field_path", tmp_path / "f"))
     assert "start at --z_start 1" in line
     assert not (tmp_path / "f").exists()
 

@@ -241,7 +241,10 @@ def test_cli_volume_pearson_layer_and_pngs(tmp_path, capsys):
     assert torch.allclose(stored, metrics.chunked_pearson(a, b, 32), atol=1e-6, equal_nan=True)
     info = volumes.volume_info(dst)
     assert info.resolution[0] == (4.0 * 32, 4.0 * 32, 40.0)
-    assert sorted(p.name for p in rep.iterdir()) == ["pearson_z1.png", "pearson_z2.png"]
+    # the per-section pictures, and the stack page (tests/test_eval_stack.py)
+    assert sorted(p.name for p in rep.iterdir()) == [
+        "index.md", "pearson_z1.png", "pearson_z2.png", "stack_xz.png", "stack_yz.png",
+        "summary.json"]
     # Without the field the misaligned neighbours correlate worse.
     assert cli.main(["--cv_path", img, "--z_start", "1", "--z_end", "3", "--json"]) == 0
     out = capsys.readouterr().out

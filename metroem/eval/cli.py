@@ -20,22 +20,30 @@ Two inputs:
   align every section into one frame); with ``--pyramid``/``--method`` section z is aligned to
   z-1; with neither the stack is taken as already aligned. The chunked-Pearson map is written
   as a float32 layer with one voxel per ``--chunk`` block (resolution x chunk) and as PNGs.
+
+  Looking at the stack (not with ``--pyramid``/``--method``): xz and yz reslices of the raw
+  layer (``--src_path``) above the aligned one (``--cv_path``, alias ``--image_path``) and the
+  residual between consecutive sections (1 - r, median absolute difference) with its trend
+  along z; ``--report`` writes stack_xz.png, stack_yz.png, index.md and summary.json::
+
+      metroem eval --src_path file://vol/image --image_path file://vol/aligned --z_start 0 \\
+          --z_end 30 --mip 2 --reslice_y 300 --report eval_stack
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from metroem import fields, viz
 from metroem.errors import MetroemError, cli_errors
-from metroem.eval import baselines, metrics, report
+from metroem.eval import baselines, metrics, report, stackview
 
 Tensor = torch.Tensor
 
@@ -56,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="the right field is zero (slices of a registered block, e.g. "
                      "FIB-SEM): report the end-point error against 0 and the morph")
     vol = p.add_argument_group("CloudVolume z range")
-    vol.add_argument("--cv_path", help="image layer (file://, gs://, ...)")
+    vol.add_argument("--cv_path", "--image_path", dest="cv_path",
+                     help="image layer to evaluate, e.g. the aligned layer of metroem align "
+                     "(file://, gs://, ...)")
+    vol.add_argument("--src_path", help="the raw layer before alignment, for the reslices and "
+                     "residuals 'before' (default with --field_path: --cv_path unwarped)")
     vol.add_argument("--z_start", type=int, help="first section compared with its z-1")
     vol.add_argument("--z_end", type=int, help="one past the last section")
     vol.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "W", "H"),
@@ -64,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     vol.add_argument("--mip", type=int, default=0)
     vol.add_argument("--field_path", help="field layer aligning every section into one frame")
     vol.add_argument("--pearson_dst", help="write the chunked-Pearson map as this layer")
+    vol.add_argument("--reslice_y", type=int, metavar="Y",
+                     help="row drawn as the xz reslice (voxels at --mip; default: bbox middle)")
+    vol.add_argument("--reslice_x", type=int, metavar="X",
+                     help="column drawn as the yz reslice (voxels at --mip; default: bbox middle)")
+    vol.add_argument("--reslice_z_scale", type=int, metavar="PX",
+                     help="pixels per section in the reslice pictures (default: the layer's "
+                     "z/xy resolution ratio times the x magnification, capped)")
     src = p.add_argument_group("where the field comes from (pair or z range)")
     src.add_argument("--pyramid", help="align with this trained metroem pyramid")
     src.add_argument("--checkpoint", default=None, help="checkpoint name inside --pyramid")
@@ -238,9 +257,70 @@ def _pearson_layer(args, info, x0, y0, w, h) -> str:
     return path
 
 
-def _run_volume(args) -> dict:
+def _layer_info(flag: str, path: str, mip: int):
+    """Info of the layer given as ``flag``; one line when it is missing or lacks ``mip``."""
     from metroem import volumes
 
+    try:
+        info = volumes.volume_info(path)
+    except MetroemError as e:
+        raise MetroemError(f"{flag}: {str(e).split('; ')[0]}; check {flag}") from e
+    if mip not in info.mips:
+        raise MetroemError(f"{flag} {path} has no MIP {mip}; it has {list(info.mips)}")
+    return info
+
+
+def _check_z_range(flag: str, info, mip: int, z_start: int, z_end: int) -> None:
+    z0, nz = info.offset[mip][2], info.size[mip][2]
+    if z_start < z0 or z_end > z0 + nz:
+        raise MetroemError(
+            f"z range [{z_start}, {z_end}) is outside {flag} {info.path}, which holds sections "
+            f"[{z0}, {z0 + nz}); pick --z_start/--z_end inside it"
+        )
+
+
+def _check_same_xy(info, src_info, mip: int) -> None:
+    (x, y, _), (w, h, _) = info.offset[mip], info.size[mip]
+    (sx, sy, _), (sw, sh, _) = src_info.offset[mip], src_info.size[mip]
+    if (x, y, w, h) != (sx, sy, sw, sh):
+        raise MetroemError(
+            f"--src_path is {sw}x{sh} voxels at ({sx}, {sy}) but --cv_path is {w}x{h} at "
+            f"({x}, {y}) at MIP {mip}; compare a raw and an aligned layer of one section size"
+        )
+
+
+class _Stack(NamedTuple):
+    """The stack view of a volume run and what its summary needs to say where it looked."""
+
+    view: stackview.StackView
+    box: dict[str, int]  # mip, x0, y0, width, height
+    where: dict[str, int]  # absolute y of the xz reslice, x of the yz one
+    scale: dict[str, dict]  # stackview.reslice_scale per plane
+
+
+def _stack_view(args, info, box: tuple[int, int, int, int]) -> _Stack:
+    """The stack view of the run; checks --reslice_x/--reslice_y/--reslice_z_scale."""
+    x0, y0, w, h = box
+    y = y0 + h // 2 if args.reslice_y is None else args.reslice_y
+    x = x0 + w // 2 if args.reslice_x is None else args.reslice_x
+    if not y0 <= y < y0 + h:
+        raise MetroemError(f"--reslice_y {y} is outside the box rows [{y0}, {y0 + h})")
+    if not x0 <= x < x0 + w:
+        raise MetroemError(f"--reslice_x {x} is outside the box columns [{x0}, {x0 + w})")
+    z_px = args.reslice_z_scale
+    if z_px is not None and not 1 <= z_px <= 128:
+        raise MetroemError(f"--reslice_z_scale must be in 1..128, got {z_px}")
+    n = args.z_end - args.z_start
+    rx, ry, rz = info.resolution[args.mip]
+    scale = {"xz": stackview.reslice_scale(rz, rx, n, w, z_px),
+             "yz": stackview.reslice_scale(rz, ry, n, h, z_px)}
+    view = stackview.StackView(z_start=args.z_start, row=y - y0, column=x - x0)
+    region = {"mip": args.mip, "x0": x0, "y0": y0, "width": w, "height": h}
+    return _Stack(view, region, {"x": x, "y": y}, scale)
+
+
+def _volume_inputs(args):
+    """Check the z range, layers and flags of a volume run before anything is written."""
     if args.z_start is None or args.z_end is None:
         raise MetroemError("a CloudVolume z range needs --z_start and --z_end")
     if args.z_end <= args.z_start:
@@ -250,27 +330,57 @@ def _run_volume(args) -> dict:
     method = _aligner(args)
     if args.field_path and method is not None:
         raise MetroemError("give --field_path or --pyramid/--method, not both")
-    info = volumes.volume_info(args.cv_path)
-    if args.mip not in info.mips:
-        raise MetroemError(f"{args.cv_path} has no MIP {args.mip}; it has {list(info.mips)}")
+    reslice = (args.reslice_x, args.reslice_y, args.reslice_z_scale)
+    if method is not None and (args.src_path or any(v is not None for v in reslice)):
+        raise MetroemError("--src_path and --reslice_* look at a raw and an aligned stack; they "
+                           "do not go with --pyramid/--method (sections aligned pair by pair)")
+    info = _layer_info("--cv_path", args.cv_path, args.mip)
+    _check_z_range("--cv_path", info, args.mip, args.z_start, args.z_end)
+    z_lo = info.offset[args.mip][2]
+    if args.src_path:
+        src_info = _layer_info("--src_path", args.src_path, args.mip)
+        _check_z_range("--src_path", src_info, args.mip, args.z_start, args.z_end)
+        _check_same_xy(info, src_info, args.mip)
+        z_lo = max(z_lo, src_info.offset[args.mip][2])
+    return method, info, z_lo
+
+
+def _run_volume(args) -> dict:
+    from metroem import volumes
+
+    method, info, z_lo = _volume_inputs(args)
     if args.bbox:
         x0, y0, w, h = args.bbox
     else:
         (x0, y0, _), (w, h, _) = info.offset[args.mip], info.size[args.mip]
     if w < args.chunk or h < args.chunk:
         raise MetroemError(f"--bbox {w}x{h} is smaller than one --chunk {args.chunk} block")
+    # Pairwise alignment (--pyramid/--method) leaves no stack in one frame to reslice.
+    stack = _stack_view(args, info, (x0, y0, w, h)) if method is None else None
     dst = _pearson_layer(args, info, x0, y0, w, h) if args.pearson_dst else None
 
+    def read(path: str, z: int) -> Tensor:
+        return volumes.read(path, args.mip, x0, y0, z, w, h, dtype=torch.float32)
+
     def section(z: int) -> Tensor:
-        img = volumes.read(args.cv_path, args.mip, x0, y0, z, w, h, dtype=torch.float32)
+        """Section z as evaluated; the stack view also gets it "before" and "after"."""
+        raw = img = read(args.cv_path, z)
         if args.field_path:
-            f = volumes.read(args.field_path, args.mip, x0, y0, z, w, h, dtype=torch.float32)
-            img = fields.warp_image(img, f)
+            img = fields.warp_image(raw, read(args.field_path, z))
+        if stack is not None:
+            layers = {"after": img[0, 0]}
+            if args.src_path or args.field_path:
+                before = read(args.src_path, z) if args.src_path else raw
+                layers = {"before": before[0, 0], **layers}
+            stack.view.add(z, layers)
         return img[0, 0]
 
-    per_z, maps = {}, []
-    prev = section(args.z_start - 1)
-    for z in range(args.z_start, args.z_end):
+    per_z, maps, pictures = {}, [], []
+    first = max(args.z_start - 1, z_lo)
+    if first == args.z_start:
+        print(f"z {first:5d}: first section of the layer, nothing to compare it with")
+    prev = section(first)
+    for z in range(first + 1, args.z_end):
         cur = section(z)
         field = baselines.align(method, cur, prev) if method is not None else None
         moved = cur if field is None else fields.warp_image(cur[None, None], field)[0, 0]
@@ -295,22 +405,32 @@ def _run_volume(args) -> dict:
                            f"chunked r, mean {p['mean']:.3f}"),
                 viz.titled(viz.colorbar(-0.2, 1.0), "r"),
             )
-            viz.save_png(os.path.join(args.report, f"pearson_z{z}.png"), panel)
+            pictures.append(viz.save_png(os.path.join(args.report, f"pearson_z{z}.png"), panel))
         prev = cur
-    overall = metrics.pearson_summary(torch.cat([m.flatten() for m in maps]))
+    overall = metrics.pearson_summary(
+        torch.cat([m.flatten() for m in maps]) if maps else torch.empty(0))
     print(f"all      : chunked r mean {overall['mean']:.4f} p5 {overall['p5']:.4f} over "
           f"{overall['blocks']} blocks")
-    return {"sections": per_z, "overall": overall, "pearson_layer": dst}
+    result = {"sections": per_z, "overall": overall, "pearson_layer": dst}
+    if stack is not None:
+        result["stack"] = _finish_stack(args, stack, pictures)
+    return result
 
 
-def _clean(x):
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+def _finish_stack(args, stack: _Stack, pictures: list[str]) -> dict:
+    """Summarise (and with --report draw) the stack view; print one line per layer."""
+    layers = {"after": args.cv_path}
+    if args.src_path or args.field_path:
+        layers = {"before": args.src_path or args.cv_path, **layers}
+    summary = stackview.stack_summary(stack.view, layers, stack.box, stack.where, stack.scale)
+    if args.report:
+        summary = stackview.write_stack_report(args.report, stack.view, summary, pictures)
+    for name, s in summary["consecutive"].items():
+        t = s["trend"]["one_minus_r"]
+        print(f"stack {name:6s}: consecutive 1 - r median {s['median']['one_minus_r']:.4f} "
+              f"first {t['first']:.4f} last {t['last']:.4f} slope "
+              f"{t['slope_per_section']:+.2e}/section; MAD median {s['median']['mad']:.2f}")
+    return summary
 
 
 @cli_errors
@@ -320,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
     if args.cv_path and (args.src or args.tgt):
         raise MetroemError("give either --src/--tgt (image pair) or --cv_path (volume), not both")
+    stack_flags = (args.src_path, args.reslice_x, args.reslice_y, args.reslice_z_scale)
+    if not args.cv_path and any(v is not None for v in stack_flags):
+        raise MetroemError("--src_path and --reslice_* look at a CloudVolume z range; pass the "
+                           "aligned layer as --cv_path/--image_path with --z_start/--z_end")
     if args.cv_path:
         result = _run_volume(args)
     elif args.src or args.tgt:
@@ -329,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         raise MetroemError("nothing to evaluate; pass --src/--tgt or --cv_path (see --help)")
     if args.json:
-        print(json.dumps(_clean(result), indent=1))
+        print(json.dumps(stackview.json_safe(result), indent=1))
     if args.report:
         print(f"pictures in {args.report}")
     return 0

@@ -1,0 +1,179 @@
+"""Stacks with a known answer: a registered block, deformed section by section.
+
+Take ``sections`` slices ``gap`` apart from a registered FIB-SEM block (40 nm apart for
+``gap = 4`` on the 10 nm blocks) and deform every slice but the first by its own known field:
+a drift that is a random walk (each section moves up to ``drift_step`` px per axis from the one
+before), plus a small rotation, scale, shear and elastic part drawn afresh for each section.
+The first section is the fixed reference. A serial aligner must return the original block: the
+whole field of section ``i`` must equal ``invert(d_i)``.
+
+Two kinds:
+
+* ``neighbours``: consecutive slices of the block (the tissue changes between sections, as in
+  a real stack: the aligner must remove the deformation and leave that change alone);
+* ``same``: one slice repeated, each copy deformed and with noise (no change of content: what
+  is left is the error a method accumulates by itself).
+
+:func:`stack_errors` scores the whole fields of a method against the truth.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from metroem import synth
+from metroem.errors import MetroemError
+from metroem.eval import metrics
+from metroem.eval.neighbours import NOISE_STD
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "BLOCK_PX",
+    "DRIFT_STEP",
+    "KnownStack",
+    "SECTION_DEFORMATION",
+    "content_drift",
+    "make_stack",
+    "raw_errors",
+    "stack_errors",
+]
+
+DRIFT_STEP = 5.0  # px per axis per section: the random walk of the drift
+# Each section's own misalignment on top of the drift (pixels of the 10 nm slices).
+SECTION_DEFORMATION = synth.DeformationSpec(
+    rotation_deg=1.0, scale=0.01, shear=0.01, elastic=1.5, elastic_scale=96
+)
+BLOCK_PX = 64  # side of the blocks whose median error is bounded (the worst-block measure)
+MARGIN = 8  # px along the border not scored (the inverse of a field is poor there)
+
+
+@dataclass
+class KnownStack:
+    """Sections ``(1, 1, H, W)`` float32 (0 = no data), the true whole fields ``(1, 2, H, W)``
+    (``truth[0]`` is zero: the reference) and the original slices."""
+
+    kind: str
+    block: str
+    slices: list[int]
+    sections: list[Tensor]
+    truth: list[Tensor]
+    originals: list[Tensor]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.block}_z{self.slices[0]}-{self.slices[-1]}"
+
+
+def make_stack(
+    block: Tensor,
+    name: str,
+    start: int,
+    sections: int = 15,
+    gap: int = 4,
+    kind: str = "neighbours",
+    seed: int = 0,
+    drift_step: float = DRIFT_STEP,
+    deformation: synth.DeformationSpec = SECTION_DEFORMATION,
+) -> KnownStack:
+    """A known-answer stack from ``block`` ``(Z, H, W)`` starting at slice ``start``."""
+    if kind not in ("neighbours", "same"):
+        raise MetroemError(f"unknown stack kind {kind!r}; choose neighbours or same")
+    slices = [start + i * gap for i in range(sections)] if kind == "neighbours" else \
+        [start] * sections
+    if sections < 2 or start < 0 or slices[-1] >= block.shape[0]:
+        raise MetroemError(
+            f"{sections} sections {gap} apart from slice {start} do not fit in a block of "
+            f"{block.shape[0]} slices"
+        )
+    h, w = block.shape[-2:]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}{kind}".encode())
+                                        % 99_991 + start)
+    steps = (torch.rand(sections, 2, generator=gen) * 2 - 1) * drift_step
+    steps[0] = 0
+    drift = steps.cumsum(0)
+    out = KnownStack(kind, name, slices, [], [], [])
+    for i, z in enumerate(slices):
+        orig = block[z][None, None].float()
+        if i == 0:
+            src, gt = orig.clone(), torch.zeros(1, 2, h, w)
+        else:
+            d = synth.random_field(1, h, w, deformation, generator=gen)
+            d = d + drift[i].view(1, 2, 1, 1)
+            src, gt = synth.deformed_pair(orig, d)
+            if kind == "same":
+                noise = torch.randn(src.shape, generator=gen) * NOISE_STD
+                src = torch.where(src != 0, (src + noise).clamp(1, 255), torch.zeros_like(src))
+        out.sections.append(src)
+        out.truth.append(gt)
+        out.originals.append(orig)
+    return out
+
+
+def _block_medians(err: Tensor, mask: Tensor, size: int) -> Tensor:
+    """Median error of every ``size`` block with at least half its pixels scored."""
+    h, w = err.shape
+    meds = []
+    for y in range(0, h - size // 2, size):
+        for x in range(0, w - size // 2, size):
+            m = mask[y : y + size, x : x + size]
+            if m.float().mean() >= 0.5:
+                meds.append(err[y : y + size, x : x + size][m].median())
+    return torch.stack(meds) if meds else torch.zeros(0)
+
+
+def stack_errors(stack: KnownStack, whole_fields: list[Tensor]) -> dict:
+    """End-point error of each section's whole field against the truth (reference excluded).
+
+    Scored where the true sample point lies inside the raw section's data, away from the border
+    (:data:`MARGIN`). Returns the median over all scored pixels, each section's median (the
+    worst is the ``worst_section``), the worst :data:`BLOCK_PX` block median, and the slope of
+    the per-section median along z (px per section: growing error is drift)."""
+    if len(whole_fields) != len(stack.truth):
+        raise ValueError(f"{len(whole_fields)} fields for a stack of {len(stack.truth)}")
+    h, w = stack.truth[0].shape[-2:]
+    interior = metrics.interior_mask((h, w), MARGIN)
+    per_section, blocks, values = [], [], []
+    for i in range(1, len(stack.truth)):
+        gt, f = stack.truth[i], whole_fields[i].float()
+        mask = interior & metrics.valid_after_warp(stack.sections[i], gt, margin=2)
+        mask &= stack.originals[i][0, 0] != 0
+        err = metrics.epe_map(f, gt)
+        vals = err[mask]
+        values.append(vals)
+        per_section.append(float(vals.median()))
+        blocks.append(_block_medians(err, mask, BLOCK_PX))
+    allv = torch.cat(values)
+    bl = torch.cat(blocks)
+    zs = torch.arange(1, len(per_section) + 1, dtype=torch.float64)
+    ps = torch.tensor(per_section, dtype=torch.float64)
+    slope = float(((zs - zs.mean()) * (ps - ps.mean())).sum() / (zs - zs.mean()).pow(2).sum())
+    return {
+        "median": float(allv.median()),
+        "p95": float(allv.quantile(0.95)) if allv.numel() < 2**24 else float("nan"),
+        "worst_section": max(per_section),
+        "worst_block": float(bl.max()) if bl.numel() else float("nan"),
+        "slope": slope,
+        "per_section": per_section,
+    }
+
+
+def raw_errors(stack: KnownStack) -> dict:
+    """The same measure for the unaligned stack (zero fields): where a method starts."""
+    return stack_errors(stack, [torch.zeros_like(t) for t in stack.truth])
+
+
+def content_drift(stack: KnownStack) -> list[tuple[float, float]]:
+    """The apparent shift of the undeformed slices, section to section (phase correlation):
+    what an image-only method sees as drift although the true field is zero."""
+    from metroem import translation
+
+    out = []
+    for a, b in zip(stack.originals, stack.originals[1:], strict=False):
+        s = translation.phase_translation(b, a)
+        out.append((float(s[0, 0]), float(s[0, 1])))
+    return out
+

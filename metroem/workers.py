@@ -1,0 +1,314 @@
+"""A stack on many workers: blocks of sections as tasks of python-task-queue.
+
+``metroem align ... --block_size B`` splits the stack into blocks of ``B`` sections. The block
+before ``z_start`` ends at the fixed reference ``z_start - 1``; every later block starts at the
+last section of the block before it (its *reference*).
+
+1. **Blocks** (independent tasks): block ``b`` is aligned as a stack (:mod:`metroem.stack`)
+   onto its own raw reference, into the block's layers under the work folder.
+2. **Stitching** (independent tasks, once every block is done): a section's whole field is
+   its block field composed with its block reference's whole field, which is itself a chain
+   of block-reference fields back to the fixed reference (:func:`metroem.fields.compose`,
+   chunk by chunk). Each section is rendered once from its raw pixels into the output layers.
+
+With ``--queue URL`` the command only enqueues the block tasks and returns; ``metroem worker
+URL`` runs tasks until the queue is empty (any number of workers, on any machines that see
+the layers and the work folder). The worker that finishes the last block enqueues the
+stitching tasks. Every task skips work it finds marked done, so a task that runs twice (a
+lease ran out, a worker was killed) gives the same result. Without ``--queue`` the same tasks
+run in this process, in order: the result is identical.
+
+Queues are python-task-queue's (``fq:///path`` folder queues on one machine or a shared
+disk, ``sqs://`` on a cluster); this module adds no scheduler of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from metroem import tiling, volumes
+from metroem.atomic import atomic_write_bytes
+from metroem.errors import MetroemError
+
+__all__ = ["StackJob", "enqueue", "run_local", "run_block", "stitch_block", "work", "main"]
+
+log = logging.getLogger(__name__)
+JOB_FILE = "stack_job.json"
+
+
+@dataclass
+class StackJob:
+    """Everything a worker needs to run one stack's tasks (stored as JSON in ``folder``)."""
+
+    folder: str  # the work folder: job file, block layers, markers
+    pyramid: str
+    src_path: str
+    z_start: int
+    z_end: int
+    field_path: str
+    image_path: str
+    block_size: int
+    predecessors: int = 1
+    aligner: dict = field(default_factory=dict)  # _as_aligner keyword arguments
+    chunk: int = 1024
+    pad: int | None = None
+    device: str = "cpu"
+    queue: str | None = None
+
+    def blocks(self) -> list[tuple[int, list[int]]]:
+        """``(reference, sections)`` of every block, in z order."""
+        out, ref = [], self.z_start - 1
+        while ref + 1 < self.z_end:
+            secs = list(range(ref + 1, min(ref + 1 + self.block_size, self.z_end)))
+            out.append((ref, secs))
+            ref = secs[-1]
+        return out
+
+    def block_dir(self, b: int) -> str:
+        return os.path.join(self.folder, "blocks", f"b{b}")
+
+    def block_layer(self, b: int, kind: str) -> str:
+        return volumes.normalize_path(os.path.join(self.block_dir(b), kind))
+
+    def save(self) -> None:
+        atomic_write_bytes(os.path.join(self.folder, JOB_FILE),
+                           (json.dumps(asdict(self), indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, folder: str) -> StackJob:
+        path = os.path.join(folder, JOB_FILE)
+        try:
+            with open(path) as f:
+                return cls(**json.load(f))
+        except FileNotFoundError:
+            raise MetroemError(f"no stack job at {folder} ({JOB_FILE} is missing); enqueue it "
+                               "again with metroem align ... --block_size B --queue URL") from None
+
+
+class _Context:
+    """Per process and job: the aligner, its tiler and the output writer (built once)."""
+
+    _cache: dict[str, _Context] = {}
+
+    def __init__(self, job: StackJob):
+        from metroem import align
+
+        self.job = job
+        info = volumes.volume_info(job.src_path)
+        self.info = info
+        self.devices = tiling.parse_devices(job.device)
+        res = info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
+        a = dict(job.aligner)
+        self.aligner = align._as_aligner(
+            job.pyramid, a.get("checkpoint_name"), a.get("stages"), self.devices[0],
+            a.get("mip"), a.get("finetune", False), a.get("finetune_options"),
+            a.get("smoothing_nm"), res, False)
+        self.mip = self.aligner.input_mip
+        h, w = info.size[self.mip][1], info.size[self.mip][0]
+        self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)
+        self.out = align._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
+                                       job.image_path)
+
+    @classmethod
+    def of(cls, folder: str) -> _Context:
+        key = os.path.abspath(folder)
+        if key not in cls._cache:
+            cls._cache[key] = cls(StackJob.load(folder))
+        return cls._cache[key]
+
+
+def _done(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _mark(path: str) -> None:
+    with open(path, "wb"):
+        pass
+
+
+def run_block(folder: str, b: int, progress: bool = False) -> None:
+    """Task: align block ``b`` as a stack onto its raw reference, into the block's layers."""
+    from metroem import align
+
+    ctx = _Context.of(folder)
+    job = ctx.job
+    marker = os.path.join(job.folder, "blocks", f"b{b}.done")
+    if not _done(marker):
+        ref, secs = job.blocks()[b]
+        cxy = align._chunk_xy(job.src_path)
+        fpath, ipath = job.block_layer(b, "field"), job.block_layer(b, "image")
+        align._prepare_layer(fpath, ctx.info, cxy, "float32", 2, False, True)
+        align._prepare_layer(ipath, ctx.info, cxy, ctx.info.dtype, 1, False, True)
+        out = align._VolumeWriter(ctx.info, ctx.mip, ctx.mip, fpath, ipath)
+        markers = align._Markers(os.path.join(job.block_dir(b), "markers"))
+        run = align._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress)
+        align._align_stack(run, job.src_path, ref, secs, job.predecessors)
+        for p in (fpath, ipath):
+            volumes.forget(p)
+        _mark(marker)
+        log.info("block %d (z %d..%d onto %d) aligned", b, secs[0], secs[-1], ref)
+    n = len(job.blocks())
+    if job.queue and all(_done(os.path.join(job.folder, "blocks", f"b{k}.done"))
+                         for k in range(n)):
+        _insert(job.queue, [_stitch_task(folder, k) for k in range(n)
+                            if not _done(_stitch_marker(job, k))])
+
+
+def _stitch_marker(job: StackJob, b: int) -> str:
+    return os.path.join(job.folder, "blocks", f"b{b}.stitched")
+
+
+def stitch_block(folder: str, b: int, progress: bool = False) -> None:
+    """Task: whole fields of block ``b``'s sections (block field after the chain of block
+    references' fields), rendered once from raw into the output layers."""
+    from metroem import align
+
+    ctx = _Context.of(folder)
+    job, mip, t = ctx.job, ctx.mip, ctx.tiler
+    if _done(_stitch_marker(job, b)):
+        return
+    blocks = job.blocks()
+    missing = [k for k in range(b + 1)
+               if not _done(os.path.join(job.folder, "blocks", f"b{k}.done"))]
+    if missing:
+        raise MetroemError(f"block {missing[0]} is not aligned yet; stitching needs blocks "
+                           f"0..{b} (run the block tasks first)")
+    chain = [tiling.VolumeFieldStore(job.block_layer(k - 1, "field"), mip, blocks[k][0]).read
+             for k in range(1, b + 1)]
+    ref, secs = blocks[b]
+    markers = align._Markers(os.path.join(job.block_dir(b), "stitched"))
+
+    def work(model, c: tiling.Chunk) -> None:
+        g = torch.zeros(1, 2, c.h, c.w)
+        for read in chain:
+            g = tiling.compose_chunk(read, g, c)
+        if b == 0:  # the fixed reference: copied, zero field
+            src = tiling.VolumeSource(job.src_path, mip, ref)
+            ctx.out.write(ref, c, g, tiling.read_resampled(src, 0, c.y0, c.x0, c.h, c.w))
+        for z in secs:
+            own = tiling.VolumeFieldStore(job.block_layer(b, "field"), mip, z).read
+            f = tiling.compose_chunk(own, g, c)
+            src = tiling.VolumeSource(job.src_path, mip, z)
+            ctx.out.write(z, c, f, tiling.warp_chunk(src, f, c))
+        markers.mark(str(c.index))
+
+    tiling.run_chunks(t.output_chunks(), work, ctx.aligner, ctx.devices,
+                      is_done=lambda c: markers.done(str(c.index)), progress=progress,
+                      desc=f"stitching block {b} (z {secs[0]}..{secs[-1]})")
+    for p in (job.field_path, job.image_path):
+        volumes.forget(p)
+    _mark(_stitch_marker(job, b))
+
+
+# python-task-queue's registry: the functions a worker may run, by module and name.
+def _register() -> None:
+    from taskqueue import queueable
+
+    queueable(run_block)
+    queueable(stitch_block)
+
+
+def _block_task(folder: str, b: int):
+    from functools import partial
+
+    return partial(run_block, folder, b)
+
+
+def _stitch_task(folder: str, b: int):
+    from functools import partial
+
+    return partial(stitch_block, folder, b)
+
+
+def _queue(url: str):
+    try:
+        from taskqueue import TaskQueue
+    except ImportError as e:
+        raise MetroemError("task queues need python-task-queue: pip install task-queue") from e
+    _register()
+    try:
+        return TaskQueue(url)
+    except Exception as e:  # an unreachable queue is bad input, not a crash
+        raise MetroemError(f"cannot open the task queue {url}: {str(e).splitlines()[0]}; check "
+                           "the URL (fq:///path for a folder queue, sqs://name)") from None
+
+
+def _insert(url: str, tasks: list) -> None:
+    if tasks:
+        _queue(url).insert(tasks)
+
+
+def enqueue(job: StackJob) -> int:
+    """Insert the block tasks that are not done yet (or, once every block is done, the
+    stitching tasks); returns how many."""
+    n = len(job.blocks())
+    q = _queue(job.queue)
+    blocks = [k for k in range(n) if not _done(os.path.join(job.folder, "blocks", f"b{k}.done"))]
+    if blocks:
+        tasks = [_block_task(job.folder, k) for k in blocks]
+    else:
+        tasks = [_stitch_task(job.folder, k) for k in range(n)
+                 if not _done(_stitch_marker(job, k))]
+    if tasks:
+        q.insert(tasks)
+    return len(tasks)
+
+
+def run_local(job: StackJob, progress: bool = True) -> None:
+    """Every task of ``job`` in this process, in order (what the workers would do)."""
+    n = len(job.blocks())
+    for b in range(n):
+        run_block(job.folder, b, progress)
+    for b in range(n):
+        stitch_block(job.folder, b, progress)
+
+
+def work(url: str, lease_seconds: int = 600) -> int:
+    """Run tasks from queue ``url`` until it is empty; returns how many ran."""
+    q = _queue(url)
+    return q.poll(lease_seconds=lease_seconds, stop_fn=q.is_empty, verbose=False)
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="metroem worker",
+        description="run stack-alignment tasks from a queue until it is empty",
+        epilog="example: metroem align models/demo --src_path file:///v/image --z_start 1 "
+        "--z_end 200 --field_path file:///v/field --image_path file:///v/aligned "
+        "--block_size 16 --queue fq:///tmp/q   then, on each machine:   metroem worker "
+        "fq:///tmp/q",
+    )
+    p.add_argument("queue", help="queue URL (fq:///path, sqs://name)")
+    p.add_argument("--lease_seconds", type=int, default=600,
+                   help="seconds a task is leased before another worker may take it "
+                   "(default 600; longer than one block takes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metroem.errors import cli_errors
+
+    @cli_errors
+    def run(argv):
+        a = _parser().parse_args(argv)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        url = a.queue
+        if url.startswith("fq://") and not os.path.isdir(url[len("fq://"):]):
+            raise MetroemError(f"queue {url} does not exist; enqueue a stack first (metroem "
+                               "align ... --block_size B --queue URL)")
+        n = work(url, a.lease_seconds)
+        print(f"done: {n} task(s) run; the queue is empty", file=sys.stderr)
+        return 0
+
+    return run(argv)

@@ -1,0 +1,161 @@
+"""metroem.stack: serial alignment with composed fields, median of predecessors, empty sections;
+metroem.eval.stacks: known-answer stacks from the registered FIB-SEM blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metroem import fields, stack, synth
+from metroem.eval import baselines, stacks
+from metroem.eval import neighbours as nb
+
+FIBSEM = nb.default_data_dir()
+needs_fibsem = pytest.mark.skipif(
+    not (FIBSEM / "sample1").is_dir(),
+    reason=f"FIB-SEM blocks not found at {FIBSEM} (../shared/data/fibsem beside the checkout)",
+)
+SIZE = 96
+
+
+def texture(seed: int = 0, size: int = SIZE + 64) -> torch.Tensor:
+    """A smooth random texture, values in [20, 235] (no 0: all data)."""
+    g = torch.Generator().manual_seed(seed)
+    t = synth.elastic_field(1, size, size, 1.0, 3.0, generator=g)[:, :1]
+    t = (t - t.min()) / (t.max() - t.min())
+    return (20 + 215 * t).round()
+
+
+def drifting_stack(steps: list[tuple[int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One texture seen through a window that drifts by integer ``steps``: section i is the
+    texture shifted by the cumulative drift; its true whole field is that drift."""
+    big = texture()
+    pos = np.cumsum([(0, 0)] + steps, axis=0)
+    secs, truth = [], []
+    for dx, dy in pos:
+        secs.append(big[..., 32 + dy : 32 + dy + SIZE, 32 + dx : 32 + dx + SIZE].clone())
+        truth.append(torch.tensor([float(-dx), float(-dy)]).view(1, 2, 1, 1)
+                     .expand(1, 2, SIZE, SIZE))
+    return secs, truth
+
+
+def phase_pairs():
+    return stack.image_pair_fn(baselines.METHODS["phasecorr"])
+
+
+def centre_error(f: torch.Tensor, t: torch.Tensor) -> float:
+    return float((f - t)[..., 24:-24, 24:-24].abs().max())
+
+
+def test_fields_compose_along_the_stack():
+    """Each pair only sees the residual step; the stored fields are the whole drift."""
+    steps = [(3, -2), (4, 1), (-2, 5), (5, 3), (1, -4)]
+    secs, truth = drifting_stack(steps)
+    aligned, fs = stack.align_stack(secs, phase_pairs(), dtype=np.uint8)
+    assert torch.equal(fs[0], torch.zeros(1, 2, SIZE, SIZE)) and torch.equal(aligned[0], secs[0])
+    for f, t in zip(fs, truth, strict=True):
+        assert centre_error(f, t) < 0.3
+    # with the steps found exactly (integers), every aligned section is the reference itself
+    snapped = stack.image_pair_fn(lambda s, t: np.round(baselines.METHODS["phasecorr"](s, t)))
+    aligned, fs = stack.align_stack(secs, snapped, dtype=np.uint8)
+    for a in aligned[1:]:
+        assert torch.equal(a[..., 24:-24, 24:-24], secs[0][..., 24:-24, 24:-24])
+
+
+def test_each_pair_only_needs_to_find_one_step():
+    """Starting from the previous field, a method with a small search range (here +-6 px)
+    follows a drift far beyond it; started from zero it cannot."""
+    secs, truth = drifting_stack([(5, 3), (4, -5), (5, 2), (5, 4)])  # 19 px in x at the end
+
+    def short_range(src, tgt):
+        return np.clip(baselines.METHODS["phasecorr"](src, tgt), -6, 6)
+
+    _, fs = stack.align_stack(secs, stack.image_pair_fn(short_range))
+    assert all(centre_error(f, t) < 0.5 for f, t in zip(fs, truth, strict=True))
+    cold = stack.image_pair_fn(short_range)
+    _, fs = stack.align_stack(secs, lambda s, t, init: cold(s, t, torch.zeros_like(init)))
+    assert centre_error(fs[-1], truth[-1]) > 5
+
+
+def test_median_of_three_predecessors_outvotes_a_damaged_section():
+    steps = [(2, 1), (3, -2), (-1, 3), (2, 2)]
+    secs, truth = drifting_stack(steps)
+    g = torch.Generator().manual_seed(5)
+    secs[2] = torch.rand(secs[2].shape, generator=g) * 200 + 20  # damaged: noise, not tissue
+    _, one = stack.align_stack(secs, phase_pairs(), predecessors=1)
+    _, three = stack.align_stack(secs, phase_pairs(), predecessors=3)
+    assert centre_error(one[3], truth[3]) > 2  # derailed by the damaged section before it
+    assert centre_error(three[3], truth[3]) < 0.5 and centre_error(three[4], truth[4]) < 0.5
+
+
+def test_a_section_without_data_is_skipped():
+    secs, truth = drifting_stack([(2, 1), (3, -2), (-1, 3)])
+    secs[2] = torch.zeros_like(secs[2])
+    aligned, fs = stack.align_stack(secs, phase_pairs())
+    assert torch.equal(fs[2], fs[1]) and not stack.has_data(aligned[2])
+    assert centre_error(fs[3], truth[3]) < 1.0  # aligned onto section 1, the last with data
+
+
+def test_predecessors_and_median():
+    assert stack.predecessor_indices(4, [True, False, True, True], 3) == [3, 2, 0]
+    assert stack.predecessor_indices(1, [False], 2) == []
+    a, b, c = (torch.full((1, 2, 2, 2), v) for v in (1.0, 5.0, 2.0))
+    assert torch.equal(stack.combine_fields([a, b, c]), c)
+    assert torch.equal(stack.combine_fields([a, b]), torch.full((1, 2, 2, 2), 3.0))
+    with pytest.raises(ValueError):
+        stack.align_stack([a[:, :1]], phase_pairs(), predecessors=0)
+
+
+def test_section_progress_counts_and_estimates(capsys):
+    lines: list[str] = []
+    bar = stack.SectionProgress(4, done=1, emit=lines.append)
+    bar.step(7)
+    bar.step(8, " (note)")
+    assert lines[0].startswith("section 2/4 (z 7) done;") and "ETA" in lines[0]
+    assert lines[1].startswith("section 3/4 (z 8) done (note);")
+
+
+@needs_fibsem
+def test_known_stacks_truth_restores_the_block():
+    block = nb.load_blocks()["sample1"]
+    for kind in ("neighbours", "same"):
+        s = stacks.make_stack(block, "sample1", 193, kind=kind)
+        again = stacks.make_stack(block, "sample1", 193, kind=kind)
+        assert len(s.sections) == 15 and all(torch.equal(a, b) for a, b in
+                                              zip(s.sections, again.sections, strict=True))
+        assert s.slices[-1] == 249 if kind == "neighbours" else set(s.slices) == {193}
+        assert stacks.stack_errors(s, s.truth)["median"] == 0.0
+        raw = stacks.raw_errors(s)
+        assert raw["median"] > 3 and raw["worst_section"] > raw["median"]
+        back = fields.warp_image(s.sections[-1], s.truth[-1])
+        inner = (slice(None), slice(None), slice(32, -32), slice(32, -32))
+        if kind == "neighbours":  # the truth undoes the deformation (up to interpolation)
+            assert float((back - s.originals[-1])[inner].abs().median()) < 3
+    with pytest.raises(Exception, match="do not fit"):
+        stacks.make_stack(block, "sample1", 240)
+
+
+@needs_fibsem
+@pytest.mark.slow
+def test_stack_benchmark_quick_run_writes_its_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "stack.py"), "--quick", "--no-metroem",
+         "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "stack.json").read_text())
+    same, nbr = result["table"]["same"], result["table"]["neighbours"]
+    # on one slice repeated, a dense flow recovers the stack; the unaligned stack is far off
+    assert same["farneback+pc"]["median"] < 0.5 < same["unaligned"]["median"]
+    # on real neighbours every image-only method follows the tissue's own drift
+    assert nbr["farneback+pc"]["median"] > same["farneback+pc"]["median"]
+    assert set(result["content_drift"]) == {"sample1"}
+    assert "| farneback+pc |" in (tmp_path / "stack.md").read_text()
