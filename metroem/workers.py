@@ -290,8 +290,9 @@ def _parser():
     p.add_argument("--lease_seconds", type=int, default=600,
                    help="seconds a task is leased before another worker may take it "
                    "(default 600; longer than one block takes)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's default)")
+    from metroem import threads
+
+    threads.add_argument(p)
     return p
 
 
@@ -300,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
 
     @cli_errors
     def run(argv):
+        from metroem import threads
+
         a = _parser().parse_args(argv)
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        threads.apply(a.threads, announce=True)
         url = a.queue
         if url.startswith("fq://") and not os.path.isdir(url[len("fq://"):]):
             raise MetroemError(f"queue {url} does not exist; enqueue a stack first (metroem "

@@ -72,7 +72,7 @@ def test_template_recipe_copies_the_pyramid_before_training():
 # --- item 9: --threads on every command ---------------------------------------------------------
 
 COMMANDS = ["demo", "demo-volume", "ingest", "download-image", "download-field", "train",
-            "generate", "align", "export"]
+            "generate", "align", "export", "eval", "worker"]
 
 
 def test_every_command_takes_threads():

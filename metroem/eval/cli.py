@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=32, help="Pearson block side in pixels")
     p.add_argument("--report", metavar="DIR", help="write PNG pictures into DIR")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    from metroem import threads
+
+    threads.add_argument(p)
     return p
 
 
@@ -435,7 +438,10 @@ def _finish_stack(args, stack: _Stack, pictures: list[str]) -> dict:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
+    from metroem import threads
+
     args = _parser().parse_args(argv)
+    threads.apply(args.threads)
     if args.chunk < 2:
         raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
     if args.cv_path and (args.src or args.tgt):
