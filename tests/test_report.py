@@ -260,6 +260,17 @@ def test_cli_volume_bbox_must_match_chunks(tmp_path, capsys):
     assert "multiple of --chunk" in capsys.readouterr().err
 
 
+def test_cli_volume_bbox_partly_outside_is_refused(tmp_path, capsys):
+    img, _ = _volume(tmp_path)
+    size = volumes.volume_info(img).size[0][0]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--cv_path", img, "--z_start", "1", "--z_end", "2", "--bbox", str(size - 32),
+                  "0", "64", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "is not inside the layer" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
 # --- benchmark smoke runs ----------------------------------------------------------------------
 
 

@@ -354,6 +354,12 @@ def _run_volume(args) -> dict:
     method, info, z_lo = _volume_inputs(args)
     if args.bbox:
         x0, y0, w, h = args.bbox
+        (lx, ly, _), (lw, lh, _) = info.offset[args.mip], info.size[args.mip]
+        if x0 < lx or y0 < ly or x0 + w > lx + lw or y0 + h > ly + lh:
+            raise MetroemError(
+                f"--bbox x[{x0},{x0 + w}) y[{y0},{y0 + h}) is not inside the layer, which covers "
+                f"x[{lx},{lx + lw}) y[{ly},{ly + lh}) at MIP {args.mip}; move or shrink it"
+            )
     else:
         (x0, y0, _), (w, h, _) = info.offset[args.mip], info.size[args.mip]
     if w < args.chunk or h < args.chunk:
