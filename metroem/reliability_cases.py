@@ -691,6 +691,37 @@ def _al_z_end_past(world, work):
                      "--z_end", "9", "--field_path", str(work / "field"), "--pairwise"])
 
 
+def _st_args(world, work, *extra):
+    return ["align", str(world.pyramid), "--src_path", world.image, "--z_start", "1",
+            "--z_end", "3", "--field_path", str(work / "field"), "--image_path",
+            str(work / "aligned"), "--no_progress", *extra]
+
+
+def _st_no_image(world, work):
+    return Prepared(_st_args(world, work)[:-3] + ["--no_progress"])
+
+
+def _st_no_reference(world, work):
+    args = _st_args(world, work)
+    args[args.index("--z_start") + 1] = "0"
+    return Prepared(args)
+
+
+def _st_bad_queue(world, work):
+    (work / "plain").write_text("not a folder")
+    return Prepared(_st_args(world, work, "--block_size", "1", "--queue",
+                             f"fq://{work / 'plain' / 'q'}"))
+
+
+def _st_missing_queue(world, work):
+    return Prepared(["worker", f"fq://{work / 'no_queue'}"])
+
+
+def _ev_bbox_outside(world, work):
+    return Prepared(["eval", "--cv_path", world.image, "--z_start", "1", "--z_end", "2",
+                     "--bbox", str(SIZE - 32), "0", "64", "64"])
+
+
 def _tiny_weights(pyramid: Path, stage_dir: str, name: str):
     import torch
 
@@ -888,6 +919,16 @@ CASES: list[Case] = [
          _al_float_png, r"PNG holds 8/16-bit images.*write .tif or .npy"),
     Case("al_z_end_past_volume", "--z_end past the volume (align)", "metroem", _al_z_end_past,
          r"pass --z_end 6 or less"),
+    Case("st_no_image_layer", "stack without an aligned image layer (align)", "metroem",
+         _st_no_image, r"aligning a stack needs both --field_path and --image_path"),
+    Case("st_no_reference", "stack whose reference section z_start-1 is missing (align)",
+         "metroem", _st_no_reference, r"section -1 .*reference.*start at --z_start 1"),
+    Case("st_unreachable_queue", "task queue that cannot be opened (align --queue)",
+         "metroem", _st_bad_queue, r"cannot open the task queue"),
+    Case("st_missing_queue", "worker on a queue that does not exist", "metroem",
+         _st_missing_queue, r"queue fq://.*no_queue does not exist"),
+    Case("ev_bbox_outside", "--bbox partly outside the volume (eval)", "metroem",
+         _ev_bbox_outside, r"--bbox .* is not inside the layer"),
     Case("al_mixed_checkpoints", "stages whose default checkpoints differ (align)", "metroem",
          _al_mixed_defaults, r"default checkpoints differ \(stage 0: a, stage 1: b\)"),
     Case("al_unfinished_checkpoint", "default checkpoint from a stopped run (align)",
