@@ -267,10 +267,34 @@ class FileLock:
             return True, None
         return age > _UNREADABLE_LOCK_GRACE_S, None
 
+    def _create(self) -> None:
+        """Create the lock file already holding our pid: written under a temporary name and
+        hard-linked into place (atomic, fails if the lock exists), so a process killed at any
+        moment never leaves a lock without a pid. Where hard links are not supported, an
+        ``O_EXCL`` create followed by the write."""
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            try:
+                os.link(tmp, self.path)
+                return
+            except FileExistsError:
+                raise
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                                   errno.EMLINK):
+                    raise
+        finally:
+            _remove_quietly(tmp)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
     def acquire(self) -> None:
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 stale, pid = self._is_stale()
                 if not stale:
@@ -287,8 +311,6 @@ class FileLock:
                         f"cannot create {self.path}: {e.strerror}; pick a writable --dst_folder"
                     ) from e
                 raise
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
             self._held = True
             return
         raise MetroemError(

@@ -109,6 +109,24 @@ def test_file_lock_takes_over_stale_lock_and_releases(tmp_path):
     assert names(tmp_path) == set()
 
 
+def test_file_lock_appears_with_its_pid_already_written(tmp_path, monkeypatch):
+    """The lock is linked into place after the pid is written: a process killed while taking
+    it never leaves a lock without a pid (which a resume right after would have to refuse)."""
+    target = tmp_path / "x.h5"
+    seen = []
+    real_link = os.link
+
+    def watching_link(src, dst):
+        seen.append(open(src).read())
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", watching_link)
+    with FileLock(str(target)) as lk:
+        assert seen == [f"{os.getpid()}\n"] and open(lk.path).read() == seen[0]
+        assert names(tmp_path) == {lk.path.rsplit("/", 1)[1]}  # the temporary name is gone
+    assert names(tmp_path) == set()
+
+
 # ----------------------------------------------------------------------------- names
 
 
