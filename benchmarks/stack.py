@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import neighbours  # noqa: E402  (the neighbour benchmark's post-processing of a field)
 import quality as q  # noqa: E402  (shared helpers: results files, threads)
 
 from metroem import regularize, stack  # noqa: E402
@@ -54,7 +55,6 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 FIBSEM_NM = 10.0
 START, SECTIONS, GAP = 193, 15, 4  # slices 193, 197, ..., 249: 40 nm apart
 TARGETS = {"median": 0.5, "worst_section": 1.0, "worst_block": 3.0}  # issue 14, px
-FLOW_SIGMA_PX = 32.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,27 +74,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _post(method: Callable, post: Callable) -> Callable:
+    """``method`` followed by one of the neighbour benchmark's post-processings (10 nm px)."""
     def run(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
         f = torch.from_numpy(np.asarray(method(src, tgt), np.float32))[None]
         s = torch.from_numpy(src)[None, None]
         t = torch.from_numpy(tgt)[None, None]
-        return post(f, s, t)[0].numpy()
+        return post(f, s, t, FIBSEM_NM)[0].numpy()
 
     return run
-
-
-def _regularized(length_nm: float) -> Callable:
-    sigma = regularize.sigma_px(length_nm, FIBSEM_NM)
-    return lambda f, s, t: regularize.smooth_field(f, sigma, regularize.data_weight(s, t, f))
-
-
-def _gauss(sigma: float) -> Callable:
-    def post(f, s, t):
-        w = regularize.data_weight(s, t, f).clamp_min(regularize.WEIGHT_FLOOR)
-        blur = regularize._gaussian_blur
-        return blur(f * w, sigma) / blur(w, sigma)
-
-    return post
 
 
 def methods(args) -> dict[str, tuple[stack.PairFn, int]]:
@@ -104,9 +91,10 @@ def methods(args) -> dict[str, tuple[stack.PairFn, int]]:
         "translation only (phasecorr)": (stack.image_pair_fn(baselines.METHODS["phasecorr"]),
                                          1),
         "farneback+pc": (stack.image_pair_fn(fb), 1),
-        f"farneback+pc gauss {FLOW_SIGMA_PX:g}px (smoothed flow)":
-            (stack.image_pair_fn(_post(fb, _gauss(FLOW_SIGMA_PX))), 1),
-        "farneback+pc reg 640nm": (stack.image_pair_fn(_post(fb, _regularized(640))), 1),
+        f"farneback+pc gauss {neighbours.FLOW_SIGMA_PX:g}px (smoothed flow)":
+            (stack.image_pair_fn(_post(fb, neighbours._gauss(neighbours.FLOW_SIGMA_PX))), 1),
+        "farneback+pc reg 640nm":
+            (stack.image_pair_fn(_post(fb, neighbours._regularized(640))), 1),
     }
     if args.no_metroem:
         return out

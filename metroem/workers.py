@@ -123,13 +123,11 @@ class _Context:
         return cls._cache[key]
 
 
-def _done(path: str) -> bool:
-    return os.path.exists(path)
+def _job_markers(job: StackJob):
+    """Markers of whole tasks: ``b<k>`` (block aligned), ``b<k>_stitched``."""
+    from metroem.align import _Markers
 
-
-def _mark(path: str) -> None:
-    with open(path, "wb"):
-        pass
+    return _Markers(os.path.join(job.folder, "blocks"))
 
 
 def run_block(folder: str, b: int, progress: bool = False) -> None:
@@ -138,8 +136,8 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
 
     ctx = _Context.of(folder)
     job = ctx.job
-    marker = os.path.join(job.folder, "blocks", f"b{b}.done")
-    if not _done(marker):
+    done = _job_markers(job)
+    if not done.done(f"b{b}"):
         ref, secs = job.blocks()[b]
         cxy = align._chunk_xy(job.src_path)
         fpath, ipath = job.block_layer(b, "field"), job.block_layer(b, "image")
@@ -151,17 +149,12 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
         align._align_stack(run, job.src_path, ref, secs, job.predecessors)
         for p in (fpath, ipath):
             volumes.forget(p)
-        _mark(marker)
+        done.mark(f"b{b}")
         log.info("block %d (z %d..%d onto %d) aligned", b, secs[0], secs[-1], ref)
     n = len(job.blocks())
-    if job.queue and all(_done(os.path.join(job.folder, "blocks", f"b{k}.done"))
-                         for k in range(n)):
+    if job.queue and all(done.done(f"b{k}") for k in range(n)):
         _insert(job.queue, [_stitch_task(folder, k) for k in range(n)
-                            if not _done(_stitch_marker(job, k))])
-
-
-def _stitch_marker(job: StackJob, b: int) -> str:
-    return os.path.join(job.folder, "blocks", f"b{b}.stitched")
+                            if not done.done(f"b{k}_stitched")])
 
 
 def stitch_block(folder: str, b: int, progress: bool = False) -> None:
@@ -171,11 +164,11 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
 
     ctx = _Context.of(folder)
     job, mip, t = ctx.job, ctx.mip, ctx.tiler
-    if _done(_stitch_marker(job, b)):
+    done = _job_markers(job)
+    if done.done(f"b{b}_stitched"):
         return
     blocks = job.blocks()
-    missing = [k for k in range(b + 1)
-               if not _done(os.path.join(job.folder, "blocks", f"b{k}.done"))]
+    missing = [k for k in range(b + 1) if not done.done(f"b{k}")]
     if missing:
         raise MetroemError(f"block {missing[0]} is not aligned yet; stitching needs blocks "
                            f"0..{b} (run the block tasks first)")
@@ -203,7 +196,7 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
                       desc=f"stitching block {b} (z {secs[0]}..{secs[-1]})")
     for p in (job.field_path, job.image_path):
         volumes.forget(p)
-    _mark(_stitch_marker(job, b))
+    done.mark(f"b{b}_stitched")
 
 
 # python-task-queue's registry: the functions a worker may run, by module and name.
@@ -249,12 +242,13 @@ def enqueue(job: StackJob) -> int:
     stitching tasks); returns how many."""
     n = len(job.blocks())
     q = _queue(job.queue)
-    blocks = [k for k in range(n) if not _done(os.path.join(job.folder, "blocks", f"b{k}.done"))]
+    done = _job_markers(job)
+    blocks = [k for k in range(n) if not done.done(f"b{k}")]
     if blocks:
         tasks = [_block_task(job.folder, k) for k in blocks]
     else:
         tasks = [_stitch_task(job.folder, k) for k in range(n)
-                 if not _done(_stitch_marker(job, k))]
+                 if not done.done(f"b{k}_stitched")]
     if tasks:
         q.insert(tasks)
     return len(tasks)

@@ -13,20 +13,12 @@ import numpy as np
 import pytest
 from conftest import snapshot
 from PIL import Image
+from test_training import train
 
 from metroem import align, datasets, generate, modules, nets
 from metroem.training import checkpoint as ckpt
-from metroem.training import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def train(argv: list[str]) -> int:
-    """cli.main as train.py runs it: the exit status (errors exit 2 through SystemExit)."""
-    try:
-        return cli.main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def run_align(argv: list[str]) -> int:
