@@ -2,7 +2,7 @@
 
 from metroem.errors import MetroemError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["MetroemError", "__version__", "load_aligner"]
 

@@ -2,37 +2,41 @@
 
 A pyramid is a folder of module folders named ``<STAGE>_mip<IN_MIP>in_<SUFFIX>`` (for example
 ``0_mip8in_coarse``, ``12_mip10in_x``). Stages train in increasing order and run coarse to
-fine, so IN_MIP never increases with the stage. Each module folder is self-contained and
-modelhouse-loadable (see docs/modules.md)::
+fine, so IN_MIP never increases with the stage. A module folder is data, loadable by
+modelhouse and corgie (see docs/modules.md)::
 
-    create.py                   copied from metroem/templates/create.py
-    code/{__init__,fields,nets}.py   frozen copies of metroem's code at creation/training time
-    model/model_spec.json       {"format": "metroem-module", "spec": ..., "default_checkpoint": ...}
+    create.py                   a few lines that call metroem.corgie.create (modelhouse's hook)
+    model/model_spec.json       {"format": "metroem-module", "metroem_version": ...,
+                                 "spec": {"arch": ..., ...}, "default_checkpoint": ...}
     model/<name>.state.pth.tar  plain state_dicts
 
-Loading always goes through the folder's own ``create.py`` (as modelhouse and corgie do), so a
-module is rebuilt with the code it was trained with. That executes code from the folder: only
-load modules you trust.
+The network is built by the architecture the spec names (``spec["arch"]``, versioned in
+:mod:`metroem.nets`), never by code stored in the folder, so loading a module runs no code from
+it. Folders written by metroem before 0.2 also carry a ``code/`` copy; it is ignored.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import glob
 import io
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from metroem import __version__
 from metroem.atomic import atomic_write_bytes
 from metroem.errors import MetroemError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ModuleInfo",
@@ -43,8 +47,10 @@ __all__ = [
     "discover",
     "select_stages",
     "create_module",
-    "refresh_code",
+    "write_entry_point",
     "load_module",
+    "build_stage",
+    "choose_checkpoint",
     "read_spec",
     "save_weights",
     "set_default_checkpoint",
@@ -60,10 +66,7 @@ CHECKPOINT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WEIGHTS_SUFFIX = ".state.pth.tar"
 SPEC_FORMAT = "metroem-module"
 SPEC_FILE = os.path.join("model", "model_spec.json")
-FROZEN_CODE = ("fields.py", "nets.py")  # copied from the metroem package into code/
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
-TEMPLATE = _PACKAGE_DIR / "templates" / "create.py"
+ENTRY_POINT = Path(__file__).resolve().parent / "templates" / "create.py"  # the create.py shim
 
 
 @dataclass(frozen=True)
@@ -152,11 +155,10 @@ def discover(pyramid_path: str | os.PathLike) -> list[ModuleInfo]:
         )
     _check_order(modules)
     for m in modules:
-        for rel in ("create.py", SPEC_FILE):
-            if not (m.path / rel).is_file():
-                raise MetroemError(
-                    f"module {m.path} lacks {rel}; re-create it with metroem.modules.create_module"
-                )
+        if not (m.path / SPEC_FILE).is_file():
+            raise MetroemError(
+                f"module {m.path} lacks {SPEC_FILE}; re-create it (metroem.modules.create_module)"
+            )
     return modules
 
 
@@ -209,28 +211,24 @@ def select_stages(modules: list[ModuleInfo], stages: Iterable[int] | None) -> li
 
 
 def _spec_document(spec: Mapping, default_checkpoint: str | None) -> bytes:
-    doc = {"format": SPEC_FORMAT, "spec": spec, "default_checkpoint": default_checkpoint}
+    doc = {"format": SPEC_FORMAT, "metroem_version": __version__, "spec": spec,
+           "default_checkpoint": default_checkpoint}
     try:
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
     except (TypeError, ValueError) as e:
         raise MetroemError(f"the model spec is not JSON-serialisable ({e}); fix the spec") from e
 
 
-def _write_code(module_path: Path) -> None:
-    """Freeze metroem's current fields.py / nets.py (and create.py) into the module folder."""
-    code = module_path / "code"
-    code.mkdir(parents=True, exist_ok=True)
-    sources = {code / name: _PACKAGE_DIR / name for name in FROZEN_CODE}
-    sources[module_path / "create.py"] = TEMPLATE
-    for src in sources.values():
-        if not src.is_file():
-            raise MetroemError(f"{src} is missing from the metroem installation; reinstall it")
-    atomic_write_bytes(
-        str(code / "__init__.py"), b'"""Frozen copy of metroem code for this module."""\n'
-    )
-    for dst, src in sources.items():
-        atomic_write_bytes(str(dst), src.read_bytes())
-    shutil.rmtree(code / "__pycache__", ignore_errors=True)
+def write_entry_point(module_path: str | os.PathLike) -> None:
+    """Write the folder's ``create.py``, the few lines modelhouse and corgie import.
+
+    The trainer calls this on the modules it trains, so a folder made by an older metroem
+    (with a frozen ``code/`` copy) gets the current entry point.
+    """
+    module = Path(module_path).expanduser()
+    if not ENTRY_POINT.is_file():
+        raise MetroemError(f"{ENTRY_POINT} is missing from the metroem installation; reinstall it")
+    atomic_write_bytes(str(module / "create.py"), ENTRY_POINT.read_bytes())
 
 
 def create_module(
@@ -242,9 +240,10 @@ def create_module(
 ) -> ModuleInfo:
     """Create the module folder ``<stage>_mip<mip>in_<suffix>`` in a pyramid (made if absent).
 
-    ``spec`` defaults to ``nets.default_spec()``; it is checked by building the model once. The
-    folder is assembled under a hidden temporary name and renamed into place, so a half-made
-    module never carries a module name.
+    ``spec`` defaults to ``nets.default_spec()``; it is checked by building the model once and
+    written complete (defaults filled in), so a later change of a default never changes what
+    the module computes. The folder is assembled under a hidden temporary name and renamed
+    into place, so a half-made module never carries a module name.
     """
     from metroem import nets
 
@@ -259,14 +258,14 @@ def create_module(
 
     spec = json.loads(json.dumps(nets.default_spec() if spec is None else dict(spec)))
     try:
-        nets.build_model(spec)
+        spec = nets.build_model(spec).spec
     except Exception as e:
         raise MetroemError(f"cannot build a model from the spec ({type(e).__name__}: {e})") from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=pyramid))
     try:
         (tmp / "model").mkdir()
         (tmp / SPEC_FILE).write_bytes(_spec_document(spec, None))
-        _write_code(tmp)
+        write_entry_point(tmp)
         tmp.chmod(0o755)
         os.rename(tmp, final)
     except BaseException:
@@ -275,21 +274,14 @@ def create_module(
     return new
 
 
-def refresh_code(module_path: str | os.PathLike) -> None:
-    """Re-freeze the module's ``code/`` and ``create.py`` from the installed metroem.
-
-    The trainer calls this when it trains a module, so the folder rebuilds with the code its
-    weights were trained with.
-    """
-    module = _module_dir(module_path)
-    _write_code(module)
-
-
 def _module_dir(module_path: str | os.PathLike) -> Path:
     module = Path(module_path).expanduser()
-    if not (module / "create.py").is_file():
+    if not (module / SPEC_FILE).is_file():
+        if not module.is_dir():
+            raise MetroemError(f"module folder {module} does not exist; check the path")
         raise MetroemError(
-            f"{module} is not a module folder (no create.py); pass a folder named {NAME_PATTERN}"
+            f"{module} is not a module folder (no {SPEC_FILE}); pass a folder named "
+            f"{NAME_PATTERN} made by metroem"
         )
     return module
 
@@ -335,86 +327,202 @@ def set_default_checkpoint(module_path: str | os.PathLike, checkpoint_name: str)
 
 def _set_default_checkpoint(module: Path, checkpoint_name: str) -> None:
     """Record ``default_checkpoint`` in model_spec.json, leaving the spec itself as written."""
-    path = module / SPEC_FILE
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MetroemError(f"cannot read {path} ({e}); re-create the module") from e
-    spec = doc["spec"] if isinstance(doc, dict) and doc.get("format") == SPEC_FORMAT else doc
-    atomic_write_bytes(str(path), _spec_document(spec, checkpoint_name))
+    spec, _ = _read_document(module)
+    atomic_write_bytes(str(module / SPEC_FILE), _spec_document(spec, checkpoint_name))
 
 
 def update_spec(module_path: str | os.PathLike, **changes) -> dict:
     """Change keys of a module's network spec in place (atomic); returns the new spec.
 
     For settings that change no parameters (e.g. ``lk_iterations``, ``residual_sigma``), which
-    can be switched on or off for trained weights. The new spec is checked by building the model
-    with the module's own frozen code, so a key that code does not know is refused.
+    can be switched on or off for trained weights. The new spec is checked by building it, and
+    refused if its parameters differ from the old spec's (the weights would no longer fit).
     """
+    from metroem import nets
+
     module = _module_dir(module_path)
     spec, default = read_spec(module)
     new = {**spec, **changes}
     try:
-        _call_template("load_code", str(module)).build_model(new)
-    except Exception as e:
+        nets.check_same_parameters(spec, new)
+    except ValueError as e:
         raise MetroemError(
-            f"{module.name}: the spec change {changes} does not build with this module's code "
-            f"({e}); refresh its code (modules.refresh_code) or fix the keys"
+            f"{module.name}: the spec change {changes} does not build with the module's weights "
+            f"({e}); fix the keys"
         ) from e
     atomic_write_bytes(str(module / SPEC_FILE), _spec_document(new, default))
     return new
 
 
+def _read_json(path: Path, folder: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MetroemError(
+            f"{path} does not exist; {folder} is not a complete metroem module folder"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise MetroemError(f"{path} is not readable JSON ({e}); fix or re-create it") from e
+
+
+def _read_document(module: Path) -> tuple[dict, str | None]:
+    """``(spec, default_checkpoint)`` of model_spec.json as written (references not inlined).
+
+    The file is metroem's wrapper ``{"format": "metroem-module", "spec": ...}`` or a bare spec.
+    """
+    path = module / SPEC_FILE
+    doc = _read_json(path, module)
+    if isinstance(doc, dict) and doc.get("format") == SPEC_FORMAT:
+        spec, default = doc.get("spec"), doc.get("default_checkpoint")
+    else:
+        spec, default = doc, None
+    if not isinstance(spec, dict):
+        raise MetroemError(f"{path}: the spec must be a JSON object; re-create the module")
+    return spec, default
+
+
 def read_spec(module_path: str | os.PathLike) -> tuple[dict, str | None]:
-    """``(spec, default_checkpoint)`` of a module, read as its create.py reads it."""
+    """``(spec, default_checkpoint)`` of a module, with ``{"path": ...}`` references inlined.
+
+    A ``{"path": "other.json"}`` entry is replaced by that JSON file (relative to the file that
+    names it), which must lie inside the module folder.
+    """
     module = _module_dir(module_path)
-    return _call_template("read_spec", str(module))
+    spec, default = _read_document(module)
+    return _inline_paths(spec, module / "model", module, depth=0), default
+
+
+def _inline_paths(node, base: Path, folder: Path, depth: int):
+    if depth > 16:
+        raise MetroemError(f"{folder}: spec path references nest too deep (a cycle?)")
+    if isinstance(node, list):
+        return [_inline_paths(v, base, folder, depth) for v in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("path")
+    if not isinstance(ref, str):
+        return {k: _inline_paths(v, base, folder, depth) for k, v in node.items()}
+    out = {k: _inline_paths(v, base, folder, depth) for k, v in node.items() if k != "path"}
+    target = Path(os.path.realpath(base / ref))
+    root = os.path.realpath(folder)
+    if os.path.isabs(ref) or os.path.commonpath([root, str(target)]) != root:
+        raise MetroemError(
+            f"spec path reference {ref!r} leaves the module folder {folder}; copy the file into "
+            "the folder and reference it relative to model/"
+        )
+    loaded = _inline_paths(_read_json(target, folder), target.parent, folder, depth + 1)
+    return {**loaded, **out} if isinstance(loaded, dict) else loaded
 
 
 def checkpoint_names(module_path: str | os.PathLike) -> list[str]:
-    """The module's checkpoint names, oldest first."""
-    return _call_template("checkpoint_names", str(_module_dir(module_path)))
+    """The module's checkpoint names, oldest first (by modification time)."""
+    model_dir = glob.escape(str(_module_dir(module_path) / "model"))
+    paths = glob.glob(os.path.join(model_dir, "*" + WEIGHTS_SUFFIX))
+    paths.sort(key=lambda p: (os.path.getmtime(p), p))
+    return [os.path.basename(p)[: -len(WEIGHTS_SUFFIX)] for p in paths]
+
+
+def choose_checkpoint(module_path: str | os.PathLike, checkpoint_name: str | None) -> Path | None:
+    """Path of the named checkpoint; without a name the spec's default, else the most recent
+    one; None when the module has none."""
+    module = _module_dir(module_path)
+    names = checkpoint_names(module)
+    if checkpoint_name is None:
+        _, default = _read_document(module)
+        if default in names:
+            checkpoint_name = default
+        elif names:
+            checkpoint_name = names[-1]
+        else:
+            return None
+    if checkpoint_name.endswith(WEIGHTS_SUFFIX):
+        checkpoint_name = checkpoint_name[: -len(WEIGHTS_SUFFIX)]
+    if not CHECKPOINT_NAME_RE.match(checkpoint_name) or checkpoint_name not in names:
+        raise MetroemError(
+            f"no checkpoint {checkpoint_name!r} in {module / 'model'}; "
+            f"available: {', '.join(names) or 'none'}"
+        )
+    return module / "model" / (checkpoint_name + WEIGHTS_SUFFIX)
+
+
+def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """A plain state_dict from ``path`` (tensors only: ``weights_only=True``)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location=device)
+    except Exception as e:
+        raise MetroemError(
+            f"{path} is not a readable state_dict ({type(e).__name__}: {_first_line(e)}); "
+            "it may be truncated or corrupt: pick another checkpoint"
+        ) from e
+    if not isinstance(state, dict):
+        raise MetroemError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else "no details"
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_state_dict(model: torch.nn.Module, state: Mapping, source: str) -> None:
+    """``model.load_state_dict(state)``, or one MetroemError line naming the keys that misfit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    problems = [
+        f"{label}: {_few(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if keys
+    ]
+    if problems:
+        raise MetroemError(
+            f"{source} was saved from another architecture ({'; '.join(problems)}); load it "
+            "with the module folder it was trained in"
+        )
+    model.load_state_dict(dict(state))
+
+
+def build_stage(module_path: str | os.PathLike) -> torch.nn.Module:
+    """The untrained network of a module, built from its spec by :mod:`metroem.nets`."""
+    from metroem import nets
+
+    module = _module_dir(module_path)
+    spec, _ = read_spec(module)
+    try:
+        return nets.build_model(spec)
+    except Exception as e:
+        raise MetroemError(
+            f"{module / SPEC_FILE}: this metroem ({__version__}) cannot build the spec "
+            f"({type(e).__name__}: {_first_line(e)}); fix the spec, or use the metroem that "
+            "wrote it"
+        ) from e
 
 
 def load_module(
     module_path: str | os.PathLike, checkpoint_name: str | None = None, device: str = "cpu"
 ) -> torch.nn.Module:
-    """Load a module exactly as modelhouse does: import its create.py and call ``create()``.
+    """A module's network with its weights, in eval mode on ``device``; fields are plain tensors.
 
-    This runs the folder's code: only load modules you trust.
+    ``checkpoint_name`` picks ``model/<name>.state.pth.tar`` (default: :func:`choose_checkpoint`).
+    Without any checkpoint the network is untrained, with a warning. Only the folder's spec and
+    weights are read; no code from the folder runs.
     """
-    module = _module_dir(module_path).resolve()
-    creator = _import_file(module / "create.py")
-    return creator.create(checkpoint_name=checkpoint_name, device=device)
-
-
-def load_state_dict(model: torch.nn.Module, state: Mapping, source: str) -> None:
-    """``model.load_state_dict(state)`` or a one-line MetroemError naming the misfit keys."""
-    _call_template("load_weights", model, dict(state), source)
-
-
-# --- helpers -------------------------------------------------------------------------------
-
-_template_module = None
-
-
-def _call_template(function: str, *args):
-    """Run a function of metroem's create.py template: loading logic lives there only."""
-    global _template_module
-    if _template_module is None:
-        _template_module = _import_file(TEMPLATE)
-    return getattr(_template_module, function)(*args)
-
-
-def _import_file(path: Path):
-    """Import a Python file under a private name without writing bytecode beside it."""
-    name = "_metroem_create_" + re.sub(r"\W", "_", str(path.parent))[-60:]
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    module = importlib.util.module_from_spec(spec)
-    dont_write = sys.dont_write_bytecode
-    sys.dont_write_bytecode = True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = dont_write
-    return module
+    module = _module_dir(module_path)
+    model = build_stage(module)
+    path = choose_checkpoint(module, checkpoint_name)
+    if path is None:
+        warnings.warn(f"{module}: no *{WEIGHTS_SUFFIX} checkpoint in model/; the network is "
+                      "untrained", stacklevel=2)
+    else:
+        load_state_dict(model, read_weights(path, device), str(path))
+    return model.to(device).eval()

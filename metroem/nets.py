@@ -19,8 +19,8 @@ Architecture (see docs/nets_and_losses.md):
    that is composed onto the field;
 5. the field is upsampled from the finest refined level to full resolution.
 
-This file imports only torch, the standard library and ``fields`` (relatively), so a module
-folder can carry frozen copies of ``fields.py`` and ``nets.py`` and load without metroem.
+Architectures are versioned by name (``ARCHITECTURES``): a module folder's spec names the one
+its weights were trained with, and tests/test_golden.py pins the shipped pyramids' fields.
 """
 
 from __future__ import annotations
@@ -196,9 +196,28 @@ def validate_spec(spec: dict) -> dict:
     return out
 
 
-def build_model(spec: dict | None = None) -> StageAligner:
-    """Build a stage aligner from ``spec`` (missing keys take defaults; unknown keys raise)."""
-    return StageAligner(validate_spec(spec if spec is not None else {}))
+def build_model(spec: dict | None = None) -> nn.Module:
+    """Build the stage network ``spec["arch"]`` names (default: the current architecture).
+
+    Missing keys take the architecture's defaults; unknown keys and unknown architectures raise
+    ``ValueError``. Architectures are versioned: a trained spec keeps its ``arch`` name, and an
+    architecture whose computation changes gets a new name (the golden tests pin the old ones).
+    """
+    spec = {} if spec is None else spec
+    arch = spec.get("arch", ARCH) if isinstance(spec, dict) else ARCH
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {arch!r}; this metroem knows {', '.join(ARCHITECTURES)} "
+            "(a newer metroem may have written the spec)"
+        )
+    return ARCHITECTURES[arch](spec)
+
+
+def check_same_parameters(old: dict, new: dict) -> None:
+    """Raise ``ValueError`` unless both specs build and their networks take the same weights."""
+    a, b = build_model(old).state_dict(), build_model(new).state_dict()
+    if {k: v.shape for k, v in a.items()} != {k: v.shape for k, v in b.items()}:
+        raise ValueError("the new spec's network has different parameters")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -756,3 +775,7 @@ class StageAligner(nn.Module):
                 agg = torch.where(has_data.view(-1, 1, 1, 1), fields.compose(agg, res), agg)
         assert agg is not None
         return agg
+
+
+# Architecture name -> builder from a spec. Names are never reused for a different computation.
+ARCHITECTURES: dict = {ARCH: lambda spec: StageAligner(validate_spec(spec))}

@@ -830,7 +830,7 @@ CASES: list[Case] = [
     Case("tr_duplicate_stage", "duplicate module stage", "train", _train_case(_edit_duplicate),
          r"duplicate stage 1"),
     Case("tr_empty_module", "empty module folder", "train", _train_case(_edit_empty_module),
-         r"2_mip0in_empty lacks create.py"),
+         r"2_mip0in_empty lacks model/model_spec.json"),
     # train.py: datasets
     Case("tr_empty_dataset_folder", "empty dataset folder (no files)", "train", _tr_empty_data,
          r"no image datasets at MIP 1 in .*empty"),

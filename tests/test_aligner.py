@@ -169,7 +169,7 @@ def test_module_folder_is_a_corgie_processor(pyramid, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", list(sys.path))  # modelhouse prepends its temp folder
     monkeypatch.chdir(tmp_path)
     folder = str(modules.discover(pyramid)[1].path)
-    params = {"checkpoint_name": "rand", "output": "torchfields", "mip": 0}
+    params = {"checkpoint_name": "rand", "mip": 0}  # torchfields output is the default
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         simple = modelhouse.load_model_simple(folder, **params)
@@ -202,9 +202,11 @@ def test_plain_output_stays_a_tensor(pyramid):
     src, tgt = isbi_pair(32)
     with torch.no_grad():
         assert type(model(src, tgt)) is torch.Tensor
-    with pytest.raises(metroem.MetroemError):
-        creator = modules._import_file(folder / "create.py")
-        creator.create(output="numpy")
+    from metroem import corgie
+
+    assert type(corgie.create(folder, "rand", output="tensor")(src, tgt)) is torch.Tensor
+    with pytest.raises(metroem.MetroemError, match="output='numpy' is not one of"):
+        corgie.create(folder, output="numpy")
 
 
 def test_input_mip_coarser_than_every_stage_is_refused_unless_there_is_no_data(pyramid):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -127,17 +126,21 @@ def test_export_matches_whole_image_aligner_for_any_size(pyramid, exported):
         export.export_pyramid(str(pyramid), str(exported))
 
 
-def test_export_refuses_a_module_whose_frozen_code_differs(pyramid, tmp_path):
-    changed = tmp_path / "pyramid"
-    shutil.copytree(pyramid, changed)
-    code = next(changed.glob("1_*")) / "code" / "nets.py"
-    text = code.read_text()
-    assert text.count("res = self._smooth(res, level)") == 1
-    code.write_text(text.replace("res = self._smooth(res, level)",
-                                 "res = self._smooth(res, level) * 1.5"))
+def test_export_that_disagrees_with_the_pyramid_is_never_written(pyramid, tmp_path, monkeypatch):
+    """The export is checked against the loaded pyramid before anything is written."""
+    rebuild = export._rebuild
+
+    def perturbed(aligner):
+        copy = rebuild(aligner)
+        with torch.no_grad():
+            for p in copy.stages[-1].parameters():
+                p.mul_(1.5)
+        return copy
+
+    monkeypatch.setattr(export, "_rebuild", perturbed)
     out = tmp_path / "x.pt"
-    with pytest.raises(MetroemError, match="frozen code does not match"):
-        export.export_pyramid(str(changed), str(out))
+    with pytest.raises(MetroemError, match="differs from the loaded one"):
+        export.export_pyramid(str(pyramid), str(out))
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
 
 

@@ -1,4 +1,4 @@
-"""Pyramid discovery, module folders, loading (metroem, modelhouse, without metroem)."""
+"""Pyramid discovery, module folders as data, loading (metroem, modelhouse)."""
 
 from __future__ import annotations
 
@@ -9,26 +9,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from metroem import modules, nets
+from metroem import __version__, demo, modules, nets
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
-
-ISBI = isbi_dir()
-REPO = Path(modules.__file__).resolve().parent.parent
 
 
-def isbi_pair(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two consecutive real sections, cropped, as uint8 (1, 1, size, size) tensors."""
-    crops = [
-        np.asarray(Image.open(ISBI / f"{i:02d}.png"))[100 : 100 + size, 200 : 200 + size]
-        for i in (0, 1)
-    ]
-    return tuple(torch.from_numpy(np.ascontiguousarray(a))[None, None] for a in crops)
+def em_pair(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two neighbouring EM-like sections as uint8 (1, 1, size, size) tensors."""
+    stack = demo.procedural_stack(2, 256, 256, seed=3)[..., :size, :size].contiguous()
+    return stack[0:1], stack[1:2]
 
 
 def trained_like(spec: dict, seed: int = 1) -> torch.nn.Module:
@@ -42,7 +33,7 @@ def trained_like(spec: dict, seed: int = 1) -> torch.nn.Module:
 
 
 def fake_module(pyramid: Path, name: str, complete: bool = True) -> Path:
-    """A folder that passes discovery's content checks (create.py + model/model_spec.json)."""
+    """A folder that passes discovery's content checks (model/model_spec.json)."""
     path = pyramid / name
     (path / "model").mkdir(parents=True)
     if complete:
@@ -124,7 +115,7 @@ def test_discover_rejects_missing_or_non_folder_paths(tmp_path):
         modules.discover(tmp_path / "file")
 
 
-@pytest.mark.parametrize("missing", ["create.py", "model/model_spec.json"])
+@pytest.mark.parametrize("missing", ["model/model_spec.json"])
 def test_discover_rejects_incomplete_module(tmp_path, missing):
     path = fake_module(tmp_path, "0_mip4in_a")
     (path / missing).unlink()
@@ -140,9 +131,11 @@ def test_create_module_layout_and_round_trip(tmp_path):
     spec = nets.default_spec()
     info = modules.create_module(tmp_path / "pyr", 2, 6, "mid", spec)
     assert info.path == tmp_path / "pyr" / "2_mip6in_mid" and (info.stage, info.mip) == (2, 6)
-    for name in ("fields.py", "nets.py"):
-        assert (info.path / "code" / name).read_bytes() == (REPO / "metroem" / name).read_bytes()
-    assert (info.path / "create.py").read_bytes() == modules.TEMPLATE.read_bytes()
+    # data only: the spec, weights to come, and the few-line modelhouse entry point
+    files = sorted(str(p.relative_to(info.path)) for p in info.path.rglob("*"))
+    assert files == ["create.py", "model", "model/model_spec.json"]
+    assert (info.path / "create.py").read_bytes() == modules.ENTRY_POINT.read_bytes()
+    assert len((info.path / "create.py").read_text().splitlines()) < 25
     assert not [p for p in (tmp_path / "pyr").iterdir() if p.name.startswith(".")]
     assert modules.discover(tmp_path / "pyr") == [info]
 
@@ -152,8 +145,9 @@ def test_create_module_layout_and_round_trip(tmp_path):
     assert set(torch.load(path, weights_only=True)) == set(model.state_dict())
     doc = json.loads((info.path / "model" / "model_spec.json").read_text())
     assert doc["default_checkpoint"] == "best" and doc["spec"] == spec
+    assert doc["metroem_version"] == __version__ and doc["spec"]["arch"] == nets.ARCH
 
-    src, tgt = isbi_pair()
+    src, tgt = em_pair()
     loaded = modules.load_module(info.path)
     assert not loaded.training
     with torch.no_grad():
@@ -171,7 +165,7 @@ def test_default_checkpoint_is_latest_saved_and_names_are_checked(tmp_path):
     first, second = trained_like(spec, 1), trained_like(spec, 2)
     modules.save_weights(info.path, "first", first.state_dict())
     modules.save_weights(info.path, "second", second.state_dict())
-    src, tgt = isbi_pair()
+    src, tgt = em_pair()
     with torch.no_grad():
         assert torch.equal(modules.load_module(info.path)(src, tgt), second(src, tgt))
         assert torch.equal(modules.load_module(info.path, "first")(src, tgt), first(src, tgt))
@@ -207,25 +201,30 @@ def test_create_module_rejects_conflicts(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["1_mip6in_a"]
 
 
-def test_refresh_code_restores_frozen_files(tmp_path):
-    info = modules.create_module(tmp_path, 0, 3, "a", nets.default_spec())
-    (info.path / "code" / "nets.py").write_text("raise RuntimeError('stale')\n")
-    modules.refresh_code(info.path)
-    assert (info.path / "code" / "nets.py").read_bytes() == (REPO / "metroem/nets.py").read_bytes()
-
-
-def test_modules_with_different_code_coexist(tmp_path):
+def test_loading_runs_no_code_from_the_folder(tmp_path):
+    """A folder is data: its create.py and an old frozen code/ copy are never executed."""
     spec = nets.default_spec()
-    a = modules.create_module(tmp_path, 0, 4, "a", spec)
-    b = modules.create_module(tmp_path, 1, 3, "b", spec)
-    with open(b.path / "code" / "nets.py", "a") as f:
-        f.write("\nCODE_VERSION = 'b'\n")
-    modules.save_weights(a.path, "w", trained_like(spec, 1).state_dict())
-    modules.save_weights(b.path, "w", trained_like(spec, 2).state_dict())
-    ma, mb = modules.load_module(a.path), modules.load_module(b.path)
-    assert type(ma).__module__ != type(mb).__module__
-    assert getattr(sys.modules[type(mb).__module__], "CODE_VERSION", None) == "b"
-    assert not hasattr(sys.modules[type(ma).__module__], "CODE_VERSION")
+    info = modules.create_module(tmp_path, 0, 4, "a", spec)
+    model = trained_like(spec, 1)
+    modules.save_weights(info.path, "w", model.state_dict())
+    (info.path / "create.py").write_text("raise SystemExit('create.py ran')\n")
+    (info.path / "code").mkdir()  # the layout of folders written by metroem 0.1
+    (info.path / "code" / "nets.py").write_text("raise SystemExit('frozen code ran')\n")
+    src, tgt = em_pair()
+    with torch.no_grad():
+        assert torch.equal(modules.load_module(info.path)(src, tgt), model(src, tgt))
+    modules.write_entry_point(info.path)  # what training does to a folder it trains
+    assert (info.path / "create.py").read_bytes() == modules.ENTRY_POINT.read_bytes()
+
+
+def test_unknown_architecture_is_refused_in_one_line(tmp_path):
+    info = modules.create_module(tmp_path, 0, 4, "a", nets.default_spec())
+    doc = json.loads((info.path / "model" / "model_spec.json").read_text())
+    doc["spec"]["arch"] = "metroem-stage-v99"
+    (info.path / "model" / "model_spec.json").write_text(json.dumps(doc))
+    with pytest.raises(MetroemError, match="unknown architecture 'metroem-stage-v99'") as e:
+        modules.load_module(info.path)
+    assert nets.ARCH in one_line(e) and __version__ in str(e.value)
 
 
 WIDER = {"channels": [c * 2 for c in nets.default_spec()["channels"]]}
@@ -291,72 +290,53 @@ def test_modelhouse_loads_trained_module(tmp_path, monkeypatch):
     model = trained_like(spec, 3)
     modules.save_weights(info.path, "trained", model.state_dict())
     modules.save_weights(info.path, "later", trained_like(spec, 4).state_dict())
-    src, tgt = isbi_pair()
-    loaded = modelhouse.load_model_simple(str(info.path), checkpoint_name="trained")
+    src, tgt = em_pair()
+    loaded = modelhouse.load_model_simple(str(info.path), checkpoint_name="trained",
+                                          output="tensor")
     kwargs = json.dumps({"checkpoint_name": "trained", "device": "cpu", "unused": 1})
-    loaded_json = modelhouse.load_model(str(info.path), kwargs)
+    processor = modelhouse.load_model(str(info.path), kwargs)  # corgie's default: torchfields
     with torch.no_grad():
         expected = model(src, tgt)
+        assert type(loaded(src, tgt)) is torch.Tensor
         assert torch.equal(loaded(src, tgt), expected)
-        assert torch.equal(loaded_json(src, tgt), expected)
+        field = processor(src_img=src, tgt_img=tgt)
+        assert torch.equal(field.as_subclass(torch.Tensor), expected) and field.x is not None
     assert not list(info.path.rglob("__pycache__"))
 
 
-ISOLATED = textwrap.dedent(
+MODELHOUSE = textwrap.dedent(
     """
-    import importlib.util, sys
-    sys.meta_path[:] = [f for f in sys.meta_path if "metroem" not in repr(f).lower()]
-    sys.path[:] = [p for p in sys.path if p and "metroem" not in p and p != {repo!r}]
-    try:
-        import metroem
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("metroem is still importable: " + metroem.__file__)
-    import torch
-    spec = importlib.util.spec_from_file_location("create", {create!r})
-    creator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(creator)
-    model = creator.create(checkpoint_name="best", device="cpu", path="ignored", mip=5)
+    import json, sys, torch, modelhouse
+    from torchfields.fields import DisplacementField
+    processor = modelhouse.load_model_simple({folder!r})
     src, tgt = torch.load({inputs!r})
-    with torch.no_grad():
-        torch.save(model(src, tgt), {out!r})
-    assert "metroem" not in sys.modules
-    try:
-        creator.create(checkpoint_name="nope")
-    except RuntimeError as e:
-        assert type(e).__name__ == "ModuleLoadError" and "'nope'" in str(e), e
-    else:
-        raise SystemExit("a missing checkpoint raised nothing")
+    field = processor(src_img=src, tgt_img=tgt, src_agg_field=None)  # as corgie calls it
+    assert isinstance(field, DisplacementField), type(field)
+    torch.save((field.x.as_subclass(torch.Tensor), field.y.as_subclass(torch.Tensor),
+                field.as_subclass(torch.Tensor)), {out!r})
     """
 )
 
 
-def test_module_loads_without_metroem(tmp_path):
+def test_modelhouse_gives_corgie_a_processor_with_no_params(tmp_path):
+    """``modelhouse.load_model_simple(folder)`` alone, in a fresh process, is what corgie needs:
+    a processor returning a torchfields DisplacementField (``.x``/``.y``), default weights."""
     spec = nets.default_spec()
     info = modules.create_module(tmp_path / "pyr", 0, 5, "a", spec)
     model = trained_like(spec, 5)
     modules.save_weights(info.path, "best", model.state_dict())
-    src, tgt = isbi_pair()
+    src, tgt = em_pair()
     torch.save((src, tgt), tmp_path / "inputs.pt")
-    script = ISOLATED.format(
-        repo=str(REPO),
-        create=str(info.path / "create.py"),
-        inputs=str(tmp_path / "inputs.pt"),
-        out=str(tmp_path / "out.pt"),
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run(
-        [sys.executable, "-I", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    script = MODELHOUSE.format(folder=str(info.path), inputs=str(tmp_path / "inputs.pt"),
+                               out=str(tmp_path / "out.pt"))
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ))
     assert run.returncode == 0, run.stderr[-2000:]
+    x, y, field = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "out.pt"), model(src, tgt))
+        expected = model(src, tgt)
+    assert expected.abs().max() > 0 and torch.equal(field, expected)
+    assert torch.equal(x, expected[:, 0:1]) and torch.equal(y, expected[:, 1:2])
 
 
 def test_update_spec_switches_parameter_free_settings_and_refuses_unknown_keys(tmp_path):
@@ -366,4 +346,6 @@ def test_update_spec_switches_parameter_free_settings_and_refuses_unknown_keys(t
     assert spec == new and spec["lk_iterations"] == 1 and spec["residual_sigma"] == 6.0
     with pytest.raises(MetroemError, match="does not build"):
         modules.update_spec(info.path, lk_iterations=-2)
+    with pytest.raises(MetroemError, match="different parameters"):
+        modules.update_spec(info.path, global_translation=True)
     assert modules.read_spec(info.path)[0]["lk_iterations"] == 1  # unchanged on refusal

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,29 +200,6 @@ def test_tiny_net_overfits_a_translated_pair():
     with torch.no_grad():
         t = fields.mean_translation(model(src, tgt)[..., 16:-16, 16:-16])[0]
     assert (t - torch.tensor([-4.0, 3.0])).norm() < 0.75
-
-
-def test_frozen_copy_loads_without_metroem(tmp_path):
-    """A module folder's frozen copies of fields.py + nets.py work with metroem unimportable."""
-    pkg = tmp_path / "frozen"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    for name in ("fields.py", "nets.py"):
-        shutil.copy(Path(nets.__file__).with_name(name), pkg / name)
-    model = nets.build_model(_tiny())
-    torch.save(model.state_dict(), tmp_path / "w.pt")
-    (tmp_path / "spec.json").write_text(json.dumps(model.spec))
-    code = (
-        "import sys, json, torch; sys.modules['metroem'] = None\n"
-        f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "from frozen import nets\n"
-        f"m = nets.build_model(json.load(open({str(tmp_path / 'spec.json')!r})))\n"
-        f"m.load_state_dict(torch.load({str(tmp_path / 'w.pt')!r}))\n"
-        "print(tuple(m(torch.ones(1, 1, 9, 9), torch.ones(1, 1, 9, 9)).shape))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "(1, 2, 9, 9)"
 
 
 def test_per_level_lists_follow_the_number_of_levels():

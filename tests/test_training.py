@@ -69,7 +69,7 @@ def trained(tiny_world, tmp_path_factory):
     return run
 
 
-def test_each_stage_writes_weights_state_and_frozen_code(trained):
+def test_each_stage_writes_weights_state_and_entry_point(trained):
     for stage in (0, 1):
         module = trained.module(stage)
         state = torch.load(modules.weights_path(module, "tiny"), weights_only=True)
@@ -81,7 +81,8 @@ def test_each_stage_writes_weights_state_and_frozen_code(trained):
         )
         assert restored.step == 6 and restored.extra["final"] and restored.extra["skipped"] == 0
         assert "epe_median" in restored.extra["val"]
-        assert (module / "code" / "nets.py").is_file() and (module / "create.py").is_file()
+        assert (module / "create.py").read_bytes() == modules.ENTRY_POINT.read_bytes()
+        assert not (module / "code").exists()  # a module folder is data
         assert modules.read_spec(module)[1] == "tiny"  # default checkpoint
 
 

@@ -276,7 +276,7 @@ def remove_stale_temp_files(module_path) -> list[str]:
     """Delete hidden ``.NAME.tmp-PID-*`` files (see metroem.atomic) left in a module folder by
     a process that was killed mid-write (its pid is gone); returns what was removed."""
     removed = []
-    for folder in (Path(module_path), Path(module_path) / "model", Path(module_path) / "code"):
+    for folder in (Path(module_path), Path(module_path) / "model"):
         removed += remove_stale_temps_in(str(folder))
     return removed
 
@@ -462,16 +462,16 @@ def train_stage(
     clip = float(tcfg["grad_clip"])
     log_every, image_every = int(tcfg["log_every"]), int(tcfg["image_every"])
     val_every, ckpt_every = int(tcfg["val_every"]), int(tcfg["checkpoint_every"])
-    code_frozen = False
+    entry_written = False
 
     def save(final: bool = False) -> None:
-        nonlocal code_frozen
+        nonlocal entry_written
         if not info.is_main:
             return
         with faults.saving(module.stage):
-            if not code_frozen:  # the folder rebuilds with the code these weights came from
-                modules.refresh_code(module.path)
-                code_frozen = True
+            if not entry_written:  # the current create.py (older folders carry frozen code)
+                modules.write_entry_point(module.path)
+                entry_written = True
             # Only a finished run's weights become the module's default checkpoint: a
             # stopped run's never do (loading then names them or refuses, see aligner.py).
             modules.save_weights(module.path, checkpoint_name, model.state_dict(),

@@ -1,1 +1,0 @@
-"""Frozen copy of metroem code for this module."""
