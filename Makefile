@@ -32,14 +32,9 @@ isbi: $(STAMP)
 	    --x_offset 256 --y_offset 256 --mips 0 1 2 --patch_sizes 512 256 128 --overwrite
 	rm -rf $(RUN)/pyramid
 	$(PY) -c "from metroem.demo_pipeline import copy_pyramid_definition as c; c('models/isbi', '$(RUN)/pyramid')"
-	# the shipped weights were trained with the parameter-free refinements off, then switched on
-	# (every stage then runs twice: iterations=2)
-	# (and stage 0's three coarsest levels get a wider residual blur: level_smooth_sigma)
-	$(PY) -c "from metroem import modules as m; from metroem.nets import REFINEMENTS_OFF as off; [m.update_spec(x.path, **off) for x in m.discover('$(RUN)/pyramid')]"
+	# models/isbi/train.yaml is the whole recipe (model.train_spec: refinements off while training)
 	$(PY) train.py --pyramid_path $(RUN)/pyramid --dataset_path $(RUN)/data --checkpoint_name isbi \
-	    --train_mode custom --train_params_path models/isbi/train.yaml --seed 0 $(ARGS)
-	$(PY) -c "from metroem import modules as m; [m.update_spec(x.path, lk_iterations=1, lk_sigma=8.0, residual_sigma=12.0, iterations=2) for x in m.discover('$(RUN)/pyramid')]"
-	$(PY) -c "from metroem import modules as m; m.update_spec(m.discover('$(RUN)/pyramid')[0].path, level_smooth_sigma=[1.0, 1.0, 3.0, 3.0, 3.0])"
+	    --seed 0 $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -60,7 +60,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 SECTION_MODULES = {"loss": "metroem.losses", "masks": "metroem.masks", "augment": "metroem.augment"}
 
 # Mappings whose keys are not fixed by the schema (an empty mapping in the defaults is free too).
-FREE = {"optimizer.params", "per_mip"}
+FREE = {"optimizer.params", "per_mip", "model.train_spec"}
 
 ENUMS = {
     "preset": PRESETS,

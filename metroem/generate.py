@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,15 +159,22 @@ def check_outputs(pyramid_path: str, dataset_path: str, checkpoint_name: str, up
             )
 
 
-def _provenance(pyramid_path: str, used: list[modules.ModuleInfo], checkpoint_name: str) -> dict:
-    """What the generated files record: the pyramid and a digest of every weights file used."""
+def _provenance(pyramid_path: str, used: list[modules.ModuleInfo], checkpoint_name: str,
+                spec_changes: Mapping[int, Mapping] | None = None) -> dict:
+    """What the generated files record: the pyramid, a digest of every weights file used and
+    the spec changes they ran with."""
     digests = {}
     for m in used:
         path = modules.weights_path(m.path, checkpoint_name)
         digests[str(m.stage)] = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() \
             else "none"
-    return {"pyramid": str(Path(pyramid_path).expanduser().resolve()),
-            "weights": json.dumps(digests, sort_keys=True)}
+    record = {"pyramid": str(Path(pyramid_path).expanduser().resolve()),
+              "weights": json.dumps(digests, sort_keys=True)}
+    changes = {str(m.stage): dict(spec_changes[m.stage]) for m in used
+               if spec_changes and spec_changes.get(m.stage)}
+    if changes:
+        record["spec_changes"] = json.dumps(changes, sort_keys=True)
+    return record
 
 
 def _up_to_date(out: _Output, record: dict) -> bool:
@@ -184,8 +192,12 @@ def generate_fields(
     log=print,
     overwrite: bool = False,
     own_ok: bool = False,
+    spec_changes: Mapping[int, Mapping] | None = None,
 ) -> list[str]:
     """Write the field + re-cut image datasets that feed the stage after ``upto_stage``.
+
+    ``spec_changes`` (stage -> spec keys) runs stages with parameter-free settings changed, as
+    a training run's ``model.train_spec`` says.
 
     Returns the field files (written, or already up to date). If ``upto_stage`` is the last
     stage, fields are written at its own MIP (useful for evaluation) and no images are re-cut.
@@ -196,7 +208,7 @@ def generate_fields(
     check_outputs(pyramid_path, dataset_path, checkpoint_name, upto_stage, overwrite, own_ok)
     mods, k, nxt, out_mip, outputs = _plan(pyramid_path, dataset_path, checkpoint_name,
                                            upto_stage)
-    record = _provenance(pyramid_path, mods[: k + 1], checkpoint_name)
+    record = _provenance(pyramid_path, mods[: k + 1], checkpoint_name, spec_changes)
     todo = [o for o in outputs if not _up_to_date(o, record)]
     for o in outputs:
         if o not in todo:
@@ -204,7 +216,8 @@ def generate_fields(
     if not todo:
         return [o.field_path for o in outputs]
     stages = [
-        (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device)))
+        (m.mip, modules.load_module(m.path, checkpoint_name=checkpoint_name, device=str(device),
+                                    spec_changes=(spec_changes or {}).get(m.stage)))
         for m in mods[: k + 1]
     ]
     aligner = PyramidAligner(stages, input_mip=out_mip).to(device).eval()

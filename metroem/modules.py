@@ -492,14 +492,16 @@ def load_state_dict(model: torch.nn.Module, state: Mapping, source: str) -> None
     model.load_state_dict(dict(state))
 
 
-def build_stage(module_path: str | os.PathLike) -> torch.nn.Module:
-    """The untrained network of a module, built from its spec by :mod:`metroem.nets`."""
+def build_stage(module_path: str | os.PathLike, spec_changes: Mapping | None = None
+                ) -> torch.nn.Module:
+    """The untrained network of a module, built from its spec (with ``spec_changes`` on top)
+    by :mod:`metroem.nets`."""
     from metroem import nets
 
     module = _module_dir(module_path)
     spec, _ = read_spec(module)
     try:
-        return nets.build_model(spec)
+        return nets.build_model({**spec, **dict(spec_changes or {})})
     except Exception as e:
         raise MetroemError(
             f"{module / SPEC_FILE}: this metroem ({__version__}) cannot build the spec "
@@ -509,16 +511,19 @@ def build_stage(module_path: str | os.PathLike) -> torch.nn.Module:
 
 
 def load_module(
-    module_path: str | os.PathLike, checkpoint_name: str | None = None, device: str = "cpu"
+    module_path: str | os.PathLike, checkpoint_name: str | None = None, device: str = "cpu",
+    spec_changes: Mapping | None = None,
 ) -> torch.nn.Module:
     """A module's network with its weights, in eval mode on ``device``; fields are plain tensors.
 
     ``checkpoint_name`` picks ``model/<name>.state.pth.tar`` (default: :func:`choose_checkpoint`).
+    ``spec_changes`` overrides spec keys that add no parameters (a training run's
+    ``model.train_spec``).
     Without any checkpoint the network is untrained, with a warning. Only the folder's spec and
     weights are read; no code from the folder runs.
     """
     module = _module_dir(module_path)
-    model = build_stage(module)
+    model = build_stage(module, spec_changes)
     path = choose_checkpoint(module, checkpoint_name)
     if path is None:
         warnings.warn(f"{module}: no *{WEIGHTS_SUFFIX} checkpoint in model/; the network is "

@@ -41,6 +41,7 @@ from metroem.training.engine import (
     check_stage,
     env_summary,
     train_stage,
+    training_spec,
 )
 from metroem.training.logger import RunLogger
 from metroem.training.stage_data import GROUND_TRUTH_TAG, check_images
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pyramid_path", required=True, help="folder of <STAGE>_mip<MIP>in_<SUFFIX>")
     p.add_argument("--dataset_path", required=True, help="folder of h5 image/field datasets")
     p.add_argument("--checkpoint_name", required=True, help="name of the weights to write")
-    p.add_argument("--train_mode", default="scratch", choices=config_mod.MODES)
+    p.add_argument("--train_mode", default=None, choices=config_mod.MODES,
+                   help="default: the pyramid's own recipe PYRAMID/train.yaml (custom) when it "
+                   "has one and no --train_params_path is given, else scratch")
     p.add_argument("--train_params_path", default=None, help="YAML/JSON config (custom mode)")
     p.add_argument("--train_stages", type=int, nargs="*", default=None,
                    help="stage numbers to train (default: all; none given: train nothing)")
@@ -141,6 +144,7 @@ def _preflight(args, cfg, mods, train_numbers, gen_numbers) -> dict[int, dict]:
             check_outputs(args.pyramid_path, args.dataset_path, args.checkpoint_name, m.stage,
                           overwrite=args.overwrite, own_ok=args.resume)
             for used in mods[: i + 1]:
+                training_spec(used, config_mod.resolve(cfg, used.mip))  # fits the weights
                 weights = modules.weights_path(used.path, args.checkpoint_name)
                 if used.stage not in train_numbers and not weights.exists():
                     raise MetroemError(
@@ -162,8 +166,22 @@ def run(args: argparse.Namespace) -> list[StageResult]:
         dist.shutdown()
 
 
+RECIPE_FILE = "train.yaml"  # a pyramid's own training recipe, used when no config is named
+
+
+def _config_source(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """``(mode, params path, note)``: the pyramid's recipe when nothing else is named."""
+    if args.train_mode is None and args.train_params_path is None:
+        recipe = os.path.join(args.pyramid_path, RECIPE_FILE)
+        if os.path.isfile(recipe):
+            return "custom", recipe, (f"config: the pyramid's recipe {recipe} (pass --train_mode "
+                                      "scratch or --train_params_path to train otherwise)")
+    return args.train_mode or "scratch", args.train_params_path, None
+
+
 def _run(args: argparse.Namespace, info: dist.DistInfo, device) -> list[StageResult]:
-    cfg = config_mod.load_config(args.train_mode, args.train_params_path, _overrides(args))
+    mode, params, note = _config_source(args)
+    cfg = config_mod.load_config(mode, params, _overrides(args))
     faults = Faults.from_env()
     mods = modules.discover(args.pyramid_path)
     train_numbers = [m.stage for m in modules.select_stages(mods, args.train_stages)]
@@ -193,10 +211,12 @@ def _run(args: argparse.Namespace, info: dist.DistInfo, device) -> list[StageRes
                            redirect_stdout=not args.no_redirect_stdout)
         stack.callback(logger.close)
         logger.message(f"metroem train: {env_summary(device, info)}; logs in {log_dir}")
+        if note:
+            logger.message(note)
         if info.is_main:
             config_mod.save_resolved(cfg, os.path.join(log_dir, "config.yaml"))
         try:
-            _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, stop,
+            _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfgs, stop,
                     faults, logger, results)
         except StopRequested as e:
             e.signum = stop.signum
@@ -216,7 +236,7 @@ def _finished_line(name: str, trained: list[int], generated: list[int]) -> str:
     return "training finished: " + ("; ".join(parts) if parts else "nothing to do")
 
 
-def _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, stop, faults,
+def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfgs, stop, faults,
             logger, results) -> None:
     """Train and generate stage by stage (the body of :func:`run`)."""
     for i, m in enumerate(mods):
@@ -236,9 +256,12 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, stage_cfgs, st
         if m.stage in gen_numbers:
             if info.is_main:
                 t0 = time.time()
+                changes = {u.stage: config_mod.resolve(cfg, u.mip)["model"]["train_spec"]
+                           for u in mods[: i + 1]}
                 generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name,
                                 m.stage, device=device, log=logger.message,
-                                overwrite=args.overwrite, own_ok=args.resume)
+                                overwrite=args.overwrite, own_ok=args.resume,
+                                spec_changes=changes)
                 logger.message(f"fields after stage {m.stage} in {time.time() - t0:.0f} s")
             dist.barrier(info)
         later = [s for s in train_numbers + gen_numbers if s > m.stage]

@@ -299,17 +299,34 @@ def _finetune_source(module_path, checkpoint_name: str):
     return modules.weights_path(module_path, names[-1]) if names else None
 
 
+def training_spec(module: modules.ModuleInfo, cfg: dict) -> dict:
+    """The module's spec with the config's ``model.train_spec`` on top, checked to take the
+    same weights (only parameter-free settings may differ while training)."""
+    spec, _ = modules.read_spec(module.path)
+    changes = dict(cfg.get("model", {}).get("train_spec") or {})
+    try:
+        nets.build_model(spec)
+    except (ValueError, TypeError) as e:
+        raise MetroemError(f"{module.path}: cannot build the model spec ({e}); fix it") from e
+    try:
+        nets.check_same_parameters(spec, {**spec, **changes})
+    except (ValueError, TypeError) as e:
+        raise MetroemError(
+            f"model.train_spec {changes} does not fit stage {module.stage} ({module.name}): "
+            f"{e}; only settings without parameters (e.g. {', '.join(nets.REFINEMENTS_OFF)}) "
+            "may differ while training"
+        ) from e
+    return {**spec, **changes}
+
+
 def _initial_model(module: modules.ModuleInfo, checkpoint_name: str, cfg: dict, resume: bool):
-    """The stage's model from its spec; finetune (not resuming) loads the existing weights.
+    """The stage's model from its spec (with ``model.train_spec``); finetune (not resuming)
+    loads the existing weights.
 
     Finetuning is a config on the finetune preset: ``--train_mode finetune`` (the config loader
     makes its preset match the mode) or a custom config with ``preset: finetune``.
     """
-    spec, _ = modules.read_spec(module.path)
-    try:
-        model = nets.build_model(spec)
-    except (ValueError, TypeError) as e:
-        raise MetroemError(f"{module.path}: cannot build the model spec ({e}); fix it") from e
+    model = nets.build_model(training_spec(module, cfg))
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     if cfg["preset"] == "finetune" and not (resume and state_path.exists()):
         start = _finetune_source(module.path, checkpoint_name)
