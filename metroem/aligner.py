@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroem import fields, modules, regularize, translation
+from metroem import fields, modules, pretrained, regularize, translation
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -242,7 +242,9 @@ def load_aligner(
 ) -> PyramidAligner:
     """Load a trained pyramid (all stages or the given stage numbers) as one aligner.
 
-    Each module folder is loaded through its own ``create.py`` (as modelhouse does), with the
+    ``pyramid_path`` is a pyramid folder or the name of a shipped pyramid
+    (:mod:`metroem.pretrained`: ``"isbi"``, ``"demo"``); an existing folder wins. Each module
+    is built from its spec and weights (:func:`metroem.modules.load_module`), with the
     checkpoints :func:`resolve_checkpoints` picks from ``checkpoint_name`` (one name, one per
     stage as a list or ``"a,b,c"``, or None: each module's default); which checkpoint each
     stage uses is logged. ``input_mip`` is the MIP of the images the aligner will be called
@@ -261,6 +263,7 @@ def load_aligner(
             f"device {device} requested but {count} GPU(s) are visible; use device='cpu' or a "
             "visible GPU"
         )
+    pyramid_path = pretrained.resolve(pyramid_path)  # a folder, or a shipped pyramid's name
     settings = modules.pyramid_settings(pyramid_path)
     if smoothing_nm is None:
         smoothing_nm = settings.get("smoothing_nm")

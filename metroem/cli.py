@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("metroem.workers:main", "run stack-alignment tasks from a task queue"),
     "export": ("metroem.export:main", "export a pyramid as one TorchScript file"),
     "eval": ("metroem.eval.cli:main", "measure alignment quality, compare baselines, report"),
+    "pretrained": ("metroem.pretrained:main", "list the shipped pyramids, or copy one to train"),
 }
 
 

@@ -1,0 +1,82 @@
+"""The registry of shipped pyramids: names resolve to verified folders, copies train."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import metroem
+from metroem import modules, pretrained
+from metroem.errors import MetroemError
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.mark.parametrize("name", pretrained.names())
+def test_registry_matches_the_shipped_folders(name):
+    entry = pretrained.REGISTRY[name]
+    folder = pretrained.verify(name)  # module names and every weights checksum
+    assert folder.resolve() == (MODELS / name).resolve()
+    assert (folder / entry.config).is_file()  # the recipe's config travels with the pyramid
+    assert [m.name for m in modules.discover(folder)] == list(entry.modules)
+    for path in entry.results:
+        assert (MODELS.parent / path).is_file(), path
+
+
+def test_a_name_loads_the_same_aligner_as_its_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder called "demo" here
+    src = torch.full((1, 1, 64, 64), 100.0)
+    src[..., 20:40, 24:30] = 20
+    tgt = src.roll(2, dims=-1)
+    by_name = metroem.load_aligner("demo")
+    by_folder = metroem.load_aligner(MODELS / "demo")
+    with torch.no_grad():
+        assert torch.equal(by_name(src, tgt), by_folder(src, tgt))
+
+
+def test_an_existing_folder_wins_over_a_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # an empty user folder named like a shipped pyramid
+    with pytest.raises(MetroemError, match="no module folders in demo"):
+        metroem.load_aligner("demo")
+
+
+def test_unknown_names_and_changed_weights_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(MetroemError, match="no pretrained pyramid 'nope'; known: demo, isbi"):
+        pretrained.pyramid_path("nope")
+    copy = tmp_path / "isbi"
+    shutil.copytree(MODELS / "isbi", copy)
+    pretrained.verify("isbi", copy)
+    weights = modules.weights_path(copy / "1_mip1in_isbi", "isbi")
+    state = torch.load(weights, weights_only=True)
+    next(iter(state.values())).add_(1e-3)
+    modules.save_weights(copy / "1_mip1in_isbi", "isbi", state)
+    with pytest.raises(MetroemError, match="does not match its registered SHA-256"):
+        pretrained.verify("isbi", copy)
+    monkeypatch.setattr(pretrained, "pyramid_path", lambda name: copy)
+    with pytest.raises(MetroemError, match="SHA-256"):
+        metroem.load_aligner("isbi")
+
+
+def test_copy_is_a_trainable_definition_and_never_overwrites(tmp_path, capsys):
+    dst = tmp_path / "mine"
+    assert pretrained.main(["copy", "isbi", str(dst)]) == 0
+    assert "copied isbi" in capsys.readouterr().out
+    assert [m.name for m in modules.discover(dst)] == list(pretrained.REGISTRY["isbi"].modules)
+    assert (dst / "train.yaml").read_bytes() == (MODELS / "isbi" / "train.yaml").read_bytes()
+    assert not list(dst.rglob("*.pth*")) and not list(dst.rglob("__init__.py"))
+    with pytest.raises(SystemExit) as e:
+        pretrained.main(["copy", "isbi", str(dst)])
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+    with_weights = pretrained.copy_pyramid("demo", tmp_path / "tuned", weights=True)
+    pretrained.verify("demo", with_weights)
+
+
+def test_list_names_every_pyramid(capsys):
+    assert pretrained.main([]) == 0
+    out = capsys.readouterr().out
+    for name, entry in pretrained.REGISTRY.items():
+        assert f"{name}: {entry.summary}" in out and "weights verified" in out
