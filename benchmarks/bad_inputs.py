@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from metroem import reliability_cases as rc  # noqa: E402
 from metroem.atomic import atomic_write_bytes  # noqa: E402
+from metroem.sample_data import isbi_dir  # noqa: E402
 
 
 def _markdown(results: list[rc.Result], meta: dict) -> str:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in rc.CASES if not a.only or any(c.name.startswith(o) for o in a.only)]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="metroem_bad_inputs_") as tmp:
-        world = rc.build_world(Path(tmp) / "world")
+        world = rc.build_world(Path(tmp) / "world", isbi_dir())
         results = rc.run_cases(cases, world, Path(tmp) / "work", jobs=a.jobs)
     meta = {
         "date": time.strftime("%Y-%m-%d"),

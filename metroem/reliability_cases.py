@@ -69,13 +69,12 @@ def tiny_spec() -> dict:
                              global_radius=2)
 
 
-def build_world(root: str | os.PathLike) -> World:
-    """Build the shared inputs under ``root`` (a few seconds)."""
+def build_world(root: str | os.PathLike, sections: str | os.PathLike) -> World:
+    """Build the shared inputs under ``root`` from the ISBI PNGs in ``sections`` (seconds)."""
     import torch
     from PIL import Image
 
     from metroem import download, modules, volumes
-    from metroem.sample_data import isbi_section
 
     root = Path(root)
     image, fld = volumes.normalize_path(str(root / "image")), volumes.normalize_path(
@@ -86,7 +85,7 @@ def build_world(root: str | os.PathLike) -> World:
         fld, (SIZE, SIZE, NZ), 3, dtype="float32", num_channels=2, chunk_xy=128
     )
     for z in range(NZ):
-        sec = np.asarray(Image.open(isbi_section(z)))[:SIZE, :SIZE]
+        sec = np.asarray(Image.open(Path(sections) / f"{z:02d}.png"))[:SIZE, :SIZE]
         volumes.write_all_mips(image, 0, 0, z, torch.from_numpy(sec.copy())[None, None])
         ramp = torch.linspace(-1.0, 1.0, SIZE)
         f = torch.stack([ramp[None, :].expand(SIZE, SIZE) + z,

@@ -14,11 +14,15 @@ from metroem.errors import MetroemError
 REPO = Path(__file__).resolve().parent.parent
 
 
+class SharedDataMissing(MetroemError):
+    """The sample data is not where it was looked for."""
+
+
 def isbi_dir(check: bool = True) -> Path:
     """The folder of the sample sections (``00.png`` ... ``29.png``)."""
     path = Path(os.environ.get("METROEM_ISBI_DIR", REPO.parent / "shared" / "data" / "isbi"))
     if check and not (path / "00.png").exists():
-        raise MetroemError(
+        raise SharedDataMissing(
             f"sample sections not found in {path}; set METROEM_ISBI_DIR to a folder of the ISBI "
             "2012 PNG sections"
         )

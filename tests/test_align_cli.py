@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 from PIL import Image
 
 from metroem import align, cli, fields, modules, nets, tiling, volumes
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
 
-ISBI = isbi_dir()
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 CHUNK, PAD = 32, 16
 
@@ -49,7 +48,7 @@ def pyramid(tmp_path_factory) -> Path:
 
 
 def section(i: int, size: int) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(Image.open(ISBI / f"{i:02d}.png"))[:size, :size])
+    return np.ascontiguousarray(np.asarray(Image.open(isbi_section(i)))[:size, :size])
 
 
 def expected_field(pyramid, a, b) -> torch.Tensor:

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 from PIL import Image
 
 import metroem
 from metroem import aligner as aligner_mod
 from metroem import fields, modules, nets
-from metroem.sample_data import isbi_dir
 
-ISBI = isbi_dir()
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 
 
@@ -32,7 +31,7 @@ def one_thread():
 
 def isbi_pair(size: int = 64, y: int = 100, x: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Two consecutive real sections as uint8 (1, 1, size, size), the source shifted."""
-    a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (0, 1))
+    a, b = (np.asarray(Image.open(isbi_section(i))) for i in (0, 1))
     src = a[y + 3 : y + 3 + size, x + 2 : x + 2 + size]
     tgt = b[y : y + size, x : x + size]
     return tuple(torch.from_numpy(np.ascontiguousarray(v))[None, None] for v in (src, tgt))

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import shared_data
 
 from metroem import atomic, datasets, download, losses, modules, nets
 from metroem import reliability_cases as rc
@@ -49,7 +50,7 @@ def test_catalogue_covers_the_classes_of_issue_6():
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory) -> dict[str, rc.Result]:
     root = tmp_path_factory.mktemp("bad_input")
-    world = rc.build_world(root / "world")
+    world = rc.build_world(root / "world", shared_data("isbi"))
     results = rc.run_cases(rc.CASES, world, root / "work", jobs=3)
     return {r.name: r for r in results}
 

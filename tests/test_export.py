@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 from PIL import Image
 
 from metroem import export, modules, nets
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
 
-ISBI = isbi_dir()
 REPO = Path(modules.__file__).resolve().parent.parent
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 
@@ -60,7 +59,7 @@ def exported(pyramid, tmp_path_factory) -> Path:
 
 
 def real_inputs(sizes) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (5, 6))
+    a, b = (np.asarray(Image.open(isbi_section(i))) for i in (5, 6))
     return [
         tuple(torch.from_numpy(x[:h, :w].copy())[None, None] for x in (a, b)) for h, w in sizes
     ]
