@@ -51,6 +51,7 @@ def pytest_configure(config):
         "checkout; skipped without them (tests/helpers.py)")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs_shared"):
         for name in mark.args or ("isbi",):
@@ -65,7 +66,7 @@ class _Module(pytest.Module):
         try:
             return list(super().collect())
         except SharedDataMissing:
-            pytest.skip(skip_reason("isbi"))
+            pytest.skip(f"{self.path.name} {skip_reason('isbi')}")
 
 
 def pytest_pycollect_makemodule(module_path, parent):
