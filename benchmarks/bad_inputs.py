@@ -26,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+# the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
+os.environ.setdefault("METROEM_SHARED_DATA", str(HERE.parent.parent / "shared" / "data"))
 
 from metroem import reliability_cases as rc  # noqa: E402
 from metroem.atomic import atomic_write_bytes  # noqa: E402

@@ -18,10 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, have_shared, shared_data, skip_reason
+from helpers import REPO, SHARED_DATA, SHARED_ENV, have_shared, shared_data, skip_reason
 
 from metroem import demo, demo_pipeline, modules, nets
 from metroem.sample_data import SharedDataMissing
+
+# The package reads the shared data's location from the environment only; the checkout's
+# default (../shared/data) is set here, for the library calls and subprocesses of the tests.
+os.environ.setdefault(SHARED_ENV, str(SHARED_DATA))
 
 MIPS = (1, 0)  # stage 0 at MIP 1, stage 1 at MIP 0
 

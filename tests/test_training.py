@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import MIPS, TINY_OVERRIDES, snapshot, subprocess_env, tiny_spec
+from conftest import MIPS, REPO, TINY_OVERRIDES, snapshot, subprocess_env, tiny_spec
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -436,13 +436,23 @@ def test_module_locked_by_another_live_process(tiny_run, capsys):
 # --- the demo pipeline ---------------------------------------------------------------------------
 
 
+def test_demo_pipeline_without_a_pyramid_definition_is_one_line(tmp_path, capsys):
+    from metroem import demo_pipeline
+
+    with pytest.raises(SystemExit) as e:  # the package holds no models/: the checkout does
+        demo_pipeline.main(["--out", str(tmp_path / "out"), "--pyramid", str(tmp_path / "no")])
+    assert e.value.code == 2
+    assert "no pyramid definition at" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_demo_pipeline_prints_the_results_table(tmp_path):
     out = tmp_path / "demo"
     res = subprocess.run(
         [sys.executable, "-m", "metroem.demo_pipeline", "--out", str(out), "--num_sections", "5",
          "--size", "256", "--set", "train.steps=3", "--set", "data.batch_size=2",
-         "--set", "data.crop_size=64"],
+         "--set", "data.crop_size=64", "--pyramid", str(REPO / "models" / "demo")],
         capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=str(tmp_path),
     )
     assert res.returncode == 0, res.stderr[-3000:]
