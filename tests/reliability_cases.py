@@ -12,8 +12,8 @@ pyramid), runs the real command (``download_image.py``, ``download_field.py``, `
   (no hidden ``.*.tmp-*`` or ``.*.lock`` file is left behind).
 
 ``tests/test_bad_input.py`` runs the table; ``benchmarks/bad_inputs.py`` writes it out as
-``benchmarks/results/bad_inputs.{md,json}``. This module is the one list of cases. It runs the
-checkout's top-level scripts, so it needs a source checkout (``pip install -e .``).
+``benchmarks/results/bad_inputs.{md,json}``. This module is the one list of cases: test
+scaffolding, not part of the package. It runs the checkout's top-level scripts.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]  # the checkout: this file is tests/
 TOOLS = {
     "download_image": [str(REPO / "download_image.py")],
     "download_field": [str(REPO / "download_field.py")],
