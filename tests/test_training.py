@@ -25,7 +25,7 @@ from metroem.aligner import load_aligner
 from metroem.generate import generate_fields
 from metroem.training import checkpoint as ckpt
 from metroem.training import cli
-from metroem.training.engine import parse_faults
+from metroem.training.faults import FaultHooks, parse_faults
 from metroem.training.stage_data import StageDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -303,6 +303,19 @@ def test_too_many_nans_stop_with_one_line_and_last_good_weights(tiny_run, monkey
                                "--set", "train.steps=1")) == 0
     one = tiny_run.weights(0, "one")
     assert all(torch.equal(stopped[k], one[k]) for k in one)
+
+
+def test_only_the_command_line_reads_the_fault_variable(tiny_run, monkeypatch):
+    """The library call (cli.run, the loop) takes hooks as an argument and ignores
+    METROEM_FAULT; hooks passed in act."""
+    monkeypatch.setenv("METROEM_FAULT", "nan@step=1+")
+    argv = tiny_run.argv("lib", "--train_stages", "0", "--generate_field_stages",
+                         "--no_redirect_stdout", "--set", "train.steps=2")
+    (res,) = cli.run(cli.build_parser().parse_args(argv))
+    assert res.steps == 2 and res.skipped == 0
+    argv[argv.index("lib")] = "hooked"
+    (res,) = cli.run(cli.build_parser().parse_args(argv), FaultHooks("nan@step=2"))
+    assert res.steps == 2 and res.skipped == 1
 
 
 def test_fault_spec_is_checked():
