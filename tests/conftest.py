@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SHARED_DATA, SHARED_ENV, have_shared, shared_data, skip_reason
+from helpers import (
+    REPO,
+    SHARED_DATA,
+    SHARED_ENV,
+    have_shared,
+    shared_data,
+    skip_reason,
+    tiny_pyramid,
+)
 
 from metroem import demo, demo_pipeline, modules, nets
 from metroem.sample_data import SharedDataMissing
@@ -135,8 +143,7 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
         demo_pipeline.cut_datasets(vol, str(root / "data"), list(MIPS))
     finally:
         torch.set_num_threads(threads)
-    for stage, mip in enumerate(MIPS):
-        modules.create_module(root / "pyramid", stage, mip, "tiny", tiny_spec())
+    tiny_pyramid(root / "pyramid", tiny_spec(), MIPS, suffix="tiny")
     return TinyWorld(root, vol, root / "data", root / "pyramid")
 
 

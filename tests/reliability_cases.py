@@ -72,9 +72,10 @@ def tiny_spec() -> dict:
 def build_world(root: str | os.PathLike, sections: str | os.PathLike) -> World:
     """Build the shared inputs under ``root`` from the ISBI PNGs in ``sections`` (seconds)."""
     import torch
+    from helpers import tiny_pyramid
     from PIL import Image
 
-    from metroem import download, modules, volumes
+    from metroem import download, volumes
 
     root = Path(root)
     image, fld = volumes.normalize_path(str(root / "image")), volumes.normalize_path(
@@ -94,9 +95,7 @@ def build_world(root: str | os.PathLike, sections: str | os.PathLike) -> World:
     data = root / "data"
     download.download_image(image, str(data), 1, NZ, CENTRE, CENTRE, list(MIPS),
                             [SIZE >> m for m in MIPS], progress=False)
-    pyramid = root / "pyramid"
-    for stage, mip in enumerate(MIPS):
-        modules.create_module(pyramid, stage, mip, "t", tiny_spec())
+    pyramid = tiny_pyramid(root / "pyramid", tiny_spec(), MIPS)
     return World(root, image, fld, data, pyramid)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import isbi_section
+from helpers import isbi_section, tiny_pyramid
 from PIL import Image
 
 import metroem
@@ -37,22 +37,11 @@ def isbi_pair(size: int = 64, y: int = 100, x: int = 200) -> tuple[torch.Tensor,
     return tuple(torch.from_numpy(np.ascontiguousarray(v))[None, None] for v in (src, tgt))
 
 
-def random_pyramid(root: Path, mips=(1, 0), seed: int = 0, spec: dict = SPEC) -> Path:
-    """A pyramid of modules with random (non-zero) weights saved as checkpoint 'rand'."""
-    torch.manual_seed(seed)
-    for stage, mip in enumerate(mips):
-        info = modules.create_module(root, stage, mip, "t", spec)
-        model = nets.build_model(spec)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        modules.save_weights(info.path, "rand", model.state_dict())
-    return root
-
-
 @pytest.fixture(scope="module")
 def pyramid(tmp_path_factory) -> Path:
-    return random_pyramid(tmp_path_factory.mktemp("pyr") / "pyramid")
+    """Two stages (MIP 1, 0) with random non-zero weights saved as checkpoint 'rand'."""
+    root = tmp_path_factory.mktemp("pyr") / "pyramid"
+    return tiny_pyramid(root, SPEC, checkpoint="rand", noise=0.05, seed=0)
 
 
 def test_load_aligner_is_lazy_export_and_eval_module(pyramid):

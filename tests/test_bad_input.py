@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import reliability_cases as rc
 import torch
-from helpers import shared_data
+from helpers import shared_data, tiny_pyramid
 
 from metroem import atomic, datasets, download, losses, modules, nets
 from metroem.aligner import load_aligner
@@ -184,8 +184,7 @@ def test_losses_are_finite_on_tissue_free_pairs():
 
 
 def test_aligner_returns_the_incoming_field_on_tissue_free_pairs(tmp_path):
-    for stage, mip in enumerate((1, 0)):
-        modules.create_module(tmp_path, stage, mip, "t", rc.tiny_spec())
+    tiny_pyramid(tmp_path, rc.tiny_spec())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained modules warn
         aligner = load_aligner(tmp_path)
