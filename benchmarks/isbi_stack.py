@@ -21,6 +21,7 @@ on real EM, not a held-out score (``benchmarks/stack.py`` is that).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -38,6 +39,8 @@ from metroem.eval import cli as eval_cli  # noqa: E402
 from metroem.eval import pairs, stacks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
+os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
 
 def _parser() -> argparse.ArgumentParser:

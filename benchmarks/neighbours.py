@@ -61,6 +61,8 @@ BASELINES = ["identity", "farneback+pc", "dis+pc", "ilk+pc", "tvl1+pc", "elastix
 LENGTHS_NM = [80.0, 160.0, 320.0, 640.0, 1280.0]  # smoothing lengths of the trade-off curve
 FLOW_LENGTHS_NM = [320.0, 640.0]  # the same regulariser on Farneback, for comparison
 FLOW_SIGMA_PX = 32.0  # "a smoothed flow": Farneback Gaussian-blurred with this sigma (px)
+# the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
+os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
 
 def _parser() -> argparse.ArgumentParser:

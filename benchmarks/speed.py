@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PYRAMID = REPO / "models" / "isbi"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 UNTRAINED_MIPS = (2, 1, 0)
+# the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
+os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
 
 def _parser() -> argparse.ArgumentParser:

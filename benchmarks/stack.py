@@ -55,6 +55,8 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 FIBSEM_NM = 10.0
 START, SECTIONS, GAP = 193, 15, 4  # slices 193, 197, ..., 249: 40 nm apart
 TARGETS = {"median": 0.5, "worst_section": 1.0, "worst_block": 3.0}  # issue 14, px
+# the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
+os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
 
 def _parser() -> argparse.ArgumentParser:

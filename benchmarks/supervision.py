@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "both": ("the recipe: both terms", []),
     "embedding": ("both + embedding term", []),  # + loss.embedding_weight (see --embedding-weight)
 }
+# the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
+os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
 
 def _quality():

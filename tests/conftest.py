@@ -2,6 +2,9 @@
 
 The volume, datasets and pyramid definition are built once per session; each test that trains
 gets its own copy (``tiny_run``) so runs never see each other's files.
+
+Tests that need the shared data beside the checkout (tests/helpers.py) get it through
+``helpers.shared_data(name)`` or the ``needs_shared`` marker and are skipped without it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    REPO,
+    SHARED_DATA,
+    SHARED_ENV,
+    have_shared,
+    shared_data,
+    skip_reason,
+    tiny_pyramid,
+)
 
 from metroem import demo, demo_pipeline, modules, nets
-from metroem.sample_data import isbi_dir
 
-REPO = Path(__file__).resolve().parents[1]
-ISBI = isbi_dir()
+# The package reads the shared data's location from the environment only; the checkout's
+# default (../shared/data) is set here, for the library calls and subprocesses of the tests.
+os.environ.setdefault(SHARED_ENV, str(SHARED_DATA))
+
 MIPS = (1, 0)  # stage 0 at MIP 1, stage 1 at MIP 0
 
 # A training config small enough that one step takes milliseconds on one CPU thread.
@@ -38,6 +51,26 @@ TINY_OVERRIDES = [
     "augment.same_section.p=0.5",
     "augment.same_section.translation=4.0",
 ]
+
+
+# --- the shared data beside the checkout ---------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs_shared(*names): needs the shared data sets (default 'isbi') beside the "
+        "checkout; skipped without them (tests/helpers.py)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_shared"):
+        for name in mark.args or ("isbi",):
+            if not have_shared(name):
+                pytest.skip(skip_reason(name))
+
+
+# --- tiny worlds ----------------------------------------------------------------------------
 
 
 def tiny_spec() -> dict:
@@ -87,13 +120,13 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
     try:
         vol = demo.build_demo_volume(
             root / "volume", num_sections=5, size=256, num_mips=3, seed=0, chunk_xy=128,
-            sections_dir=ISBI if ISBI.exists() else None, drift=8.0, elastic=2.0,
+            sections_dir=shared_data("isbi") if have_shared("isbi") else None, drift=8.0,
+            elastic=2.0,
         )
         demo_pipeline.cut_datasets(vol, str(root / "data"), list(MIPS))
     finally:
         torch.set_num_threads(threads)
-    for stage, mip in enumerate(MIPS):
-        modules.create_module(root / "pyramid", stage, mip, "tiny", tiny_spec())
+    tiny_pyramid(root / "pyramid", tiny_spec(), MIPS, suffix="tiny")
     return TinyWorld(root, vol, root / "data", root / "pyramid")
 
 

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section, tiny_pyramid
 from PIL import Image
 
-from metroem import align, cli, fields, modules, nets, tiling, volumes
+from metroem import align, cli, fields, nets, tiling, volumes
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
 
-ISBI = isbi_dir()
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 CHUNK, PAD = 32, 16
 
@@ -37,19 +36,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pyramid(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pyr") / "pyramid"
-    torch.manual_seed(0)
-    for stage, mip in enumerate((1, 0)):
-        info = modules.create_module(root, stage, mip, "t", SPEC)
-        model = nets.build_model(SPEC)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        modules.save_weights(info.path, "rand", model.state_dict())
-    return root
+    return tiny_pyramid(root, SPEC, checkpoint="rand", noise=0.02, seed=0)
 
 
 def section(i: int, size: int) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(Image.open(ISBI / f"{i:02d}.png"))[:size, :size])
+    return np.ascontiguousarray(np.asarray(Image.open(isbi_section(i)))[:size, :size])
 
 
 def expected_field(pyramid, a, b) -> torch.Tensor:

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section, tiny_pyramid
 from PIL import Image
 
 import metroem
 from metroem import aligner as aligner_mod
 from metroem import fields, modules, nets
-from metroem.sample_data import isbi_dir
 
-ISBI = isbi_dir()
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 
 
@@ -32,28 +31,17 @@ def one_thread():
 
 def isbi_pair(size: int = 64, y: int = 100, x: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Two consecutive real sections as uint8 (1, 1, size, size), the source shifted."""
-    a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (0, 1))
+    a, b = (np.asarray(Image.open(isbi_section(i))) for i in (0, 1))
     src = a[y + 3 : y + 3 + size, x + 2 : x + 2 + size]
     tgt = b[y : y + size, x : x + size]
     return tuple(torch.from_numpy(np.ascontiguousarray(v))[None, None] for v in (src, tgt))
 
 
-def random_pyramid(root: Path, mips=(1, 0), seed: int = 0, spec: dict = SPEC) -> Path:
-    """A pyramid of modules with random (non-zero) weights saved as checkpoint 'rand'."""
-    torch.manual_seed(seed)
-    for stage, mip in enumerate(mips):
-        info = modules.create_module(root, stage, mip, "t", spec)
-        model = nets.build_model(spec)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        modules.save_weights(info.path, "rand", model.state_dict())
-    return root
-
-
 @pytest.fixture(scope="module")
 def pyramid(tmp_path_factory) -> Path:
-    return random_pyramid(tmp_path_factory.mktemp("pyr") / "pyramid")
+    """Two stages (MIP 1, 0) with random non-zero weights saved as checkpoint 'rand'."""
+    root = tmp_path_factory.mktemp("pyr") / "pyramid"
+    return tiny_pyramid(root, SPEC, checkpoint="rand", noise=0.05, seed=0)
 
 
 def test_load_aligner_is_lazy_export_and_eval_module(pyramid):

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import isbi_section
 
 from metroem import augment as A
 from metroem import fields
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
 from metroem.synth import DeformationSpec, random_field
 
-ISBI = isbi_dir()
 TOL = 0.025  # relative mean |warp(src, field) - tgt| after augmenting (before: ~0.008)
 WRONG = 0.04  # a wrong field is at least this far off
 
@@ -270,7 +269,7 @@ def test_pipeline_on_a_self_supervised_batch():
 def test_pipeline_on_an_isbi_section():
     from PIL import Image
 
-    raw = torch.from_numpy(np.array(Image.open(ISBI / "00.png"))).float()[None, None]
+    raw = torch.from_numpy(np.array(Image.open(isbi_section(0)))).float()[None, None]
     img = fields.downsample_image(raw, 2)[..., :96, :]  # MIP 2, 96 x 128
     batch = make_pair(img, seed=3)
     before = mismatch(batch)

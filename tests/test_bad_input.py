@@ -1,4 +1,4 @@
-"""Bad input: the catalogue of metroem/reliability_cases.py through the real command lines, plus
+"""Bad input: the catalogue of tests/reliability_cases.py through the real command lines, plus
 the library-level guarantees behind it (atomic writes on a full disk, HDF5 surviving it, tissue-
 free pairs, weights_only loading).
 
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reliability_cases as rc
 import torch
+from helpers import shared_data, tiny_pyramid
 
 from metroem import atomic, datasets, download, losses, modules, nets
-from metroem import reliability_cases as rc
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
 
@@ -49,7 +50,7 @@ def test_catalogue_covers_the_classes_of_issue_6():
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory) -> dict[str, rc.Result]:
     root = tmp_path_factory.mktemp("bad_input")
-    world = rc.build_world(root / "world")
+    world = rc.build_world(root / "world", shared_data("isbi"))
     results = rc.run_cases(rc.CASES, world, root / "work", jobs=3)
     return {r.name: r for r in results}
 
@@ -119,18 +120,18 @@ def test_h5_writer_survives_a_full_disk(tmp_path):
 
 
 def test_weights_on_a_full_disk_keep_the_old_file(tmp_path):
-    module = modules.create_module(tmp_path / "p", 0, 0, "t", rc.tiny_spec()).path
-    first = modules.save_weights(module, "w", nets.build_model(rc.tiny_spec()).state_dict())
+    spec = rc.tiny_spec()
+    module = modules.create_module(tmp_path / "p", 0, 0, "t", spec).path
+    first = modules.save_weights(module, "w", nets.build_model(spec).state_dict())
     before = first.read_bytes()
     res = _limited(
         f"""
         import torch
         from metroem import modules, nets
         from metroem.errors import MetroemError
-        from metroem.reliability_cases import tiny_spec
         torch.manual_seed(1)
         try:
-            modules.save_weights({str(module)!r}, "w", nets.build_model(tiny_spec()).state_dict(),
+            modules.save_weights({str(module)!r}, "w", nets.build_model({spec!r}).state_dict(),
                                  make_default=False)
         except MetroemError as e:
             print("error:", e)
@@ -183,8 +184,7 @@ def test_losses_are_finite_on_tissue_free_pairs():
 
 
 def test_aligner_returns_the_incoming_field_on_tissue_free_pairs(tmp_path):
-    for stage, mip in enumerate((1, 0)):
-        modules.create_module(tmp_path, stage, mip, "t", rc.tiny_spec())
+    tiny_pyramid(tmp_path, rc.tiny_spec())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained modules warn
         aligner = load_aligner(tmp_path)

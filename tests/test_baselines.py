@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 
 from metroem import fields
 from metroem.errors import MetroemError
 from metroem.eval import baselines, metrics
 
-ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi"
 SIZE = 256
 
 
 def _section(z: int = 3) -> torch.Tensor:
     from PIL import Image
 
-    a = np.asarray(Image.open(ISBI / f"{z:02d}.png"), dtype=np.float32)
+    a = np.asarray(Image.open(isbi_section(z)), dtype=np.float32)
     return torch.from_numpy(np.maximum(a, 1.0))
 
 

@@ -11,12 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 
 from metroem import demo, fields, volumes
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
-
-ISBI = isbi_dir()
 
 SIZE, NZ, MIPS, MARGIN = 256, 4, 3, 24
 
@@ -134,7 +132,7 @@ def test_pair_ground_truth_aligns_identical_real_sections(tmp_path):
     src_dir = tmp_path / "same"
     src_dir.mkdir()
     for name in ("a.png", "b.png", "c.png"):
-        shutil.copy(ISBI / "07.png", src_dir / name)
+        shutil.copy(isbi_section(7), src_dir / name)
     vol = demo.build_demo_volume(
         tmp_path / "vol", num_sections=3, num_mips=2, sections_dir=src_dir, seed=5, drift=12.0
     )
@@ -157,7 +155,7 @@ def test_sections_dir_mode_with_real_images(tmp_path):
     src_dir = tmp_path / "isbi"
     src_dir.mkdir()
     for i in (3, 4, 5):
-        shutil.copy(ISBI / f"{i:02d}.png", src_dir / f"{i:02d}.png")
+        shutil.copy(isbi_section(i), src_dir / f"{i:02d}.png")
     vol = demo.build_demo_volume(
         tmp_path / "vol", num_sections=10, size=(256, 192), num_mips=3, sections_dir=src_dir
     )

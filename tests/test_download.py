@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 from PIL import Image
 
 from metroem import datasets as D
@@ -27,9 +28,7 @@ from metroem.download import (
     snap_centre,
 )
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
 
-ISBI = str(isbi_dir())
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OX, OY, OZ, EXT, NZ = 199168, 134656, 8170, 3584, 12
 CX, CY = 200960, 136448  # the upstream example centre
@@ -41,7 +40,7 @@ def url(path) -> str:
 
 def isbi(n: int, size: int) -> torch.Tensor:
     """The first ``n`` ISBI sections cropped to ``size``, shape (n, 1, size, size) uint8."""
-    imgs = [np.asarray(Image.open(f"{ISBI}/{i:02d}.png"))[:size, :size] for i in range(n)]
+    imgs = [np.asarray(Image.open(isbi_section(i)))[:size, :size] for i in range(n)]
     return torch.from_numpy(np.stack(imgs)[:, None].copy())
 
 

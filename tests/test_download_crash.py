@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reliability_cases import child_env
 
 from metroem import datasets, volumes
-from metroem.reliability_cases import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, NZ = 1024, 16

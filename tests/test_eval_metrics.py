@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 
 from metroem import fields, synth
 from metroem.eval import metrics
-
-ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi"
 
 
 def _section(z: int = 0, size: int = 128) -> torch.Tensor:
     from PIL import Image
 
-    a = np.asarray(Image.open(ISBI / f"{z:02d}.png"), dtype=np.float32)[:size, :size]
+    a = np.asarray(Image.open(isbi_section(z)), dtype=np.float32)[:size, :size]
     return torch.from_numpy(np.maximum(a, 1.0))
 
 

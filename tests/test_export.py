@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section, tiny_pyramid
 from PIL import Image
 
 from metroem import export, modules, nets
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
 
-ISBI = isbi_dir()
 REPO = Path(modules.__file__).resolve().parent.parent
 SPEC = nets.default_spec(levels=4, channels=[4, 8, 8])
 
@@ -35,15 +34,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pyramid(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pyr") / "pyramid"
-    torch.manual_seed(1)
-    for stage, mip in enumerate((1, 0)):
-        info = modules.create_module(root, stage, mip, "t", SPEC)
-        model = nets.build_model(SPEC)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        modules.save_weights(info.path, "rand", model.state_dict())
-    return root
+    return tiny_pyramid(root, SPEC, checkpoint="rand", noise=0.02, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def exported(pyramid, tmp_path_factory) -> Path:
 
 
 def real_inputs(sizes) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (5, 6))
+    a, b = (np.asarray(Image.open(isbi_section(i))) for i in (5, 6))
     return [
         tuple(torch.from_numpy(x[:h, :w].copy())[None, None] for x in (a, b)) for h, w in sizes
     ]

@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_pyramid
 
-from metroem import align, demo, fields, finetune, losses, modules, nets, volumes
+from metroem import align, demo, fields, finetune, losses, nets, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.errors import MetroemError
 from metroem.finetune import finetune_field
@@ -40,10 +41,7 @@ def tissue(src, tgt, gt):
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pyr") / "pyramid"
-    spec = nets.default_spec(levels=4, channels=[4, 8, 8])
-    for stage, mip in enumerate((1, 0)):
-        modules.create_module(root, stage, mip, "t", spec)
-    return root
+    return tiny_pyramid(root, nets.default_spec(levels=4, channels=[4, 8, 8]))
 
 
 def test_finetuning_improves_epe_without_folds(demo_pair, untrained):

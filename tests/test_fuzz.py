@@ -162,9 +162,8 @@ def test_random_config_documents_give_a_config_or_a_metroem_error(tmp_path, doc)
 
 @pytest.fixture(scope="module")
 def real_file(tmp_path_factory):
+    from helpers import isbi_section
     from PIL import Image
-
-    from metroem.sample_data import isbi_section
 
     folder = tmp_path_factory.mktemp("fuzz_h5")
     secs = [np.asarray(Image.open(isbi_section(i)))[:48, :48] for i in range(4)]

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import isbi_section
 from PIL import Image
 
 from metroem import config as config_mod
 from metroem import fields, losses, nets, synth
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_section
 
 
 def _isbi(i: int, size: int = 64) -> torch.Tensor:

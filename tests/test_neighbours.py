@@ -9,22 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import shared_data
 
 from metroem import fields
 from metroem.errors import MetroemError
 from metroem.eval import neighbours as nb
 
 REPO = Path(__file__).resolve().parents[1]
-FIBSEM = nb.default_data_dir()
-needs_fibsem = pytest.mark.skipif(
-    not (FIBSEM / "sample1").is_dir(),
-    reason=f"FIB-SEM blocks not found at {FIBSEM} (../shared/data/fibsem beside the checkout)",
-)
+needs_fibsem = pytest.mark.needs_shared("fibsem")
 
 
 @pytest.fixture(scope="module")
 def blocks():
-    return nb.load_blocks()
+    return nb.load_blocks(shared_data("fibsem"))
 
 
 @needs_fibsem
@@ -85,7 +82,7 @@ def test_truth_is_exact_on_a_registered_synthetic_block():
 def test_benchmark_quick_run_writes_its_tables(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "neighbours.py"), "--quick", "--no-metroem",
-         "--threads", "1", "--out", str(tmp_path)],
+         "--threads", "1", "--out", str(tmp_path), "--fibsem", str(shared_data("fibsem"))],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]

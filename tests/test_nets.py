@@ -8,12 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 from PIL import Image
 
 from metroem import fields, nets
-from metroem.sample_data import isbi_dir
-
-ISBI = str(isbi_dir() / "{:02d}.png")
 
 
 def _tiny(**over) -> dict:
@@ -24,7 +22,7 @@ def _tiny(**over) -> dict:
 
 
 def _isbi(i: int = 0) -> torch.Tensor:
-    return torch.from_numpy(np.array(Image.open(ISBI.format(i)))).float()[None, None]
+    return torch.from_numpy(np.array(Image.open(isbi_section(i)))).float()[None, None]
 
 
 @pytest.fixture(autouse=True)

@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 from PIL import Image
 
 from metroem import fields, viz, volumes
 from metroem.eval import cli, metrics, report
 
 REPO = Path(__file__).resolve().parents[1]
-ISBI = REPO.parent / "shared" / "data" / "isbi"
 SIZE = 128
 
 
 def _section(z: int) -> np.ndarray:
-    return np.maximum(np.asarray(Image.open(ISBI / f"{z:02d}.png"), dtype=np.float32), 1.0)
+    return np.maximum(np.asarray(Image.open(isbi_section(z)), dtype=np.float32), 1.0)
 
 
 def _shifted(z: int, dx: int, dy: int, size: int = SIZE) -> np.ndarray:
@@ -281,6 +281,7 @@ def _script(name: str):
     return mod
 
 
+@pytest.mark.needs_shared("isbi")
 def test_quality_benchmark_quick(tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -299,6 +300,7 @@ def test_quality_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_shared("isbi")
 def test_speed_benchmark_quick(tmp_path):
     threads = torch.get_num_threads()
     try:

@@ -6,16 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import shared_data
 
 from metroem import fields, stack, synth
 from metroem.eval import baselines, stacks
 from metroem.eval import neighbours as nb
 
-FIBSEM = nb.default_data_dir()
-needs_fibsem = pytest.mark.skipif(
-    not (FIBSEM / "sample1").is_dir(),
-    reason=f"FIB-SEM blocks not found at {FIBSEM} (../shared/data/fibsem beside the checkout)",
-)
+needs_fibsem = pytest.mark.needs_shared("fibsem")
 SIZE = 96
 
 
@@ -118,7 +115,7 @@ def test_section_progress_counts_and_estimates(capsys):
 
 @needs_fibsem
 def test_known_stacks_truth_restores_the_block():
-    block = nb.load_blocks()["sample1"]
+    block = nb.load_blocks(shared_data("fibsem"))["sample1"]
     for kind in ("neighbours", "same"):
         s = stacks.make_stack(block, "sample1", 193, kind=kind)
         again = stacks.make_stack(block, "sample1", 193, kind=kind)
@@ -147,7 +144,7 @@ def test_stack_benchmark_quick_run_writes_its_table(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, str(repo / "benchmarks" / "stack.py"), "--quick", "--no-metroem",
-         "--threads", "1", "--out", str(tmp_path)],
+         "--threads", "1", "--out", str(tmp_path), "--fibsem", str(shared_data("fibsem"))],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]

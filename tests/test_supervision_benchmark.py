@@ -39,6 +39,7 @@ def test_variant_configs_resolve(variant, p, sim, sup, emb):
     assert loss["embedding_weight"] == emb
 
 
+@pytest.mark.needs_shared("isbi")
 def test_supervision_benchmark_quick(tmp_path):
     threads = torch.get_num_threads()
     try:

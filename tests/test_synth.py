@@ -6,12 +6,10 @@ import math
 
 import numpy as np
 import torch
+from helpers import isbi_section
 from PIL import Image
 
 from metroem import fields, synth
-from metroem.sample_data import isbi_dir
-
-ISBI = isbi_dir()
 
 
 def gen(seed: int) -> torch.Generator:
@@ -90,7 +88,7 @@ def test_zero_spec_is_identity():
 
 
 def test_deformed_pair_ground_truth_aligns_source():
-    img = torch.from_numpy(np.array(Image.open(ISBI / "05.png"))[:256, :320].copy())
+    img = torch.from_numpy(np.array(Image.open(isbi_section(5)))[:256, :320].copy())
     img = img.float().view(1, 1, 256, 320)
     spec = synth.DeformationSpec(
         translation=6, rotation_deg=1.5, scale=0.02, shear=0.01, elastic=2, elastic_scale=64

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import isbi_section
 from PIL import Image
 from torch import nn
 
@@ -14,9 +15,7 @@ import metroem
 from metroem import demo, fields, synth, tiling
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
-from metroem.sample_data import isbi_dir
 
-ISBI = isbi_dir()
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
@@ -30,7 +29,7 @@ def one_thread():
 
 
 def sections(size: int = 192) -> tuple[np.ndarray, np.ndarray]:
-    a, b = (np.asarray(Image.open(ISBI / f"{i:02d}.png")) for i in (0, 1))
+    a, b = (np.asarray(Image.open(isbi_section(i))) for i in (0, 1))
     src = np.ascontiguousarray(a[5 : 5 + size, 7 : 7 + size])
     return src, np.ascontiguousarray(b[:size, :size])
 
@@ -170,7 +169,7 @@ def test_upsample_region_and_stores_match_whole_operations(tmp_path):
             part = tiling.upsample_region(disk.read, y0, x0, hh, ww, levels)
             assert torch.allclose(part, up[..., y0 : y0 + hh, x0 : x0 + ww], atol=1e-6)
     # images: the strip-wise masked box average equals the whole one
-    img = np.asarray(Image.open(ISBI / "00.png"))[:96, :80].copy()
+    img = np.asarray(Image.open(isbi_section(0)))[:96, :80].copy()
     img[:40, :30] = 0  # no data
     whole = fields.downsample_image(torch.from_numpy(img)[None, None].float(), 2)
     got = tiling.read_resampled(tiling.ArraySource(img), 2, 4, -2, 16, 20)
@@ -263,7 +262,7 @@ def test_stage_wise_tiling_equals_whole_image_for_the_shipped_isbi_pyramid():
     # default per-stage pads the tiled field matches one whole-image call everywhere.
     root = Path(__file__).resolve().parents[1] / "models" / "isbi"
     al = metroem.load_aligner(str(root), input_mip=0).eval()
-    secs = [np.asarray(Image.open(isbi_dir() / f"{i:02d}.png"), np.float32) for i in (5, 6, 7, 8)]
+    secs = [np.asarray(Image.open(isbi_section(i)), np.float32) for i in (5, 6, 7, 8)]
     src = np.concatenate((secs[1][:256], secs[3][:256]), 1)  # 256 x 1024
     tgt = np.concatenate((secs[0][:256], secs[2][:256]), 1)
     threads = torch.get_num_threads()

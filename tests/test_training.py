@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import MIPS, TINY_OVERRIDES, snapshot, subprocess_env, tiny_spec
+from conftest import MIPS, REPO, TINY_OVERRIDES, snapshot, subprocess_env, tiny_spec
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -25,7 +25,7 @@ from metroem.aligner import load_aligner
 from metroem.generate import generate_fields
 from metroem.training import checkpoint as ckpt
 from metroem.training import cli
-from metroem.training.engine import parse_faults
+from metroem.training.faults import FaultHooks, parse_faults
 from metroem.training.stage_data import StageDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -306,6 +306,19 @@ def test_too_many_nans_stop_with_one_line_and_last_good_weights(tiny_run, monkey
     assert all(torch.equal(stopped[k], one[k]) for k in one)
 
 
+def test_only_the_command_line_reads_the_fault_variable(tiny_run, monkeypatch):
+    """The library call (cli.run, the loop) takes hooks as an argument and ignores
+    METROEM_FAULT; hooks passed in act."""
+    monkeypatch.setenv("METROEM_FAULT", "nan@step=1+")
+    argv = tiny_run.argv("lib", "--train_stages", "0", "--generate_field_stages",
+                         "--no_redirect_stdout", "--set", "train.steps=2")
+    (res,) = cli.run(cli.build_parser().parse_args(argv))
+    assert res.steps == 2 and res.skipped == 0
+    argv[argv.index("lib")] = "hooked"
+    (res,) = cli.run(cli.build_parser().parse_args(argv), FaultHooks("nan@step=2"))
+    assert res.steps == 2 and res.skipped == 1
+
+
 def test_fault_spec_is_checked():
     assert parse_faults("nan@step=3,rank=1; kill9@save=2,file=weights")[1].file == "weights"
     assert parse_faults("sigterm@step=4+")[0].steps == (4, float("inf"))
@@ -437,13 +450,23 @@ def test_module_locked_by_another_live_process(tiny_run, capsys):
 # --- the demo pipeline ---------------------------------------------------------------------------
 
 
+def test_demo_pipeline_without_a_pyramid_definition_is_one_line(tmp_path, capsys):
+    from metroem import demo_pipeline
+
+    with pytest.raises(SystemExit) as e:  # the package holds no models/: the checkout does
+        demo_pipeline.main(["--out", str(tmp_path / "out"), "--pyramid", str(tmp_path / "no")])
+    assert e.value.code == 2
+    assert "no pyramid definition at" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_demo_pipeline_prints_the_results_table(tmp_path):
     out = tmp_path / "demo"
     res = subprocess.run(
         [sys.executable, "-m", "metroem.demo_pipeline", "--out", str(out), "--num_sections", "5",
          "--size", "256", "--set", "train.steps=3", "--set", "data.batch_size=2",
-         "--set", "data.crop_size=64"],
+         "--set", "data.crop_size=64", "--pyramid", str(REPO / "models" / "demo")],
         capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=str(tmp_path),
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from metroem import synth
+from metroem import sample_data, synth
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
 
 __all__ = [
-    "DEFAULT_DATA",
     "DEFORMATION",
     "GAPS",
     "HELD_OUT",
@@ -48,7 +47,6 @@ __all__ = [
     "split",
 ]
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fibsem"
 NOISE_STD = 8.0  # grey levels of noise on same-section sources (as metroem.eval.pairs)
 HELD_OUT = 50  # last slices of each block kept out of training (benchmarks only)
 GAPS = (1, 2, 4, 8)  # slices apart: 10, 20, 40, 80 nm on the 10 nm FIB-SEM blocks
@@ -77,9 +75,9 @@ class NeighbourPair:
 
 
 def default_data_dir() -> Path:
-    """``$METROEM_FIBSEM_DATA`` if set, else ``<repo>/../shared/data/fibsem``."""
-    env = os.environ.get("METROEM_FIBSEM_DATA")
-    return Path(env) if env else DEFAULT_DATA
+    """``$METROEM_FIBSEM_DATA`` if set, else ``$METROEM_SHARED_DATA/fibsem`` (one-line error if
+    neither is set)."""
+    return sample_data.shared_dir("fibsem", "METROEM_FIBSEM_DATA")
 
 
 def load_blocks(data_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
@@ -90,7 +88,8 @@ def load_blocks(data_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
     if not folder.is_dir():
         raise MetroemError(
             f"registered blocks not found at {folder}; pass --fibsem DIR (a folder with one "
-            "sub-folder of slice images per block) or set METROEM_FIBSEM_DATA"
+            "sub-folder of slice images per block) or set METROEM_FIBSEM_DATA or "
+            "METROEM_SHARED_DATA"
         )
     blocks = {
         d.name: load_sections(d)[:, 0].float() for d in sorted(folder.iterdir()) if d.is_dir()

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from metroem import fields, synth
+from metroem import fields, sample_data, synth
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
 
 __all__ = [
     "DIFFICULTIES",
-    "DEFAULT_DATA",
     "BenchmarkPair",
     "default_data_dir",
     "load_stack",
@@ -57,7 +56,6 @@ DIFFICULTIES: dict[str, synth.DeformationSpec] = {
     ),
 }
 NOISE_STD = 8.0  # grey levels of Gaussian noise added to same-section sources (uint8 scale)
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "isbi"
 
 
 @dataclass
@@ -87,9 +85,9 @@ class BenchmarkPair:
 
 
 def default_data_dir() -> Path:
-    """``$METROEM_BENCH_DATA`` if set, else ``<repo>/../shared/data/isbi``."""
-    env = os.environ.get("METROEM_BENCH_DATA")
-    return Path(env) if env else DEFAULT_DATA
+    """``$METROEM_BENCH_DATA`` if set, else ``$METROEM_SHARED_DATA/isbi`` (one-line error if
+    neither is set)."""
+    return sample_data.shared_dir("isbi", "METROEM_BENCH_DATA")
 
 
 def load_stack(
@@ -102,7 +100,7 @@ def load_stack(
     if not folder.is_dir():
         raise MetroemError(
             f"benchmark sections not found at {folder}; pass --data DIR (a folder of consecutive "
-            "section images) or set METROEM_BENCH_DATA"
+            "section images) or set METROEM_BENCH_DATA or METROEM_SHARED_DATA"
         )
     stack = load_sections(folder, num_sections)
     if stack.shape[0] < 2:

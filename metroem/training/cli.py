@@ -34,7 +34,6 @@ from metroem.generate import check_outputs, generate_fields
 from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
 from metroem.training.engine import (
-    Faults,
     StageResult,
     StopFlag,
     StopRequested,
@@ -43,6 +42,7 @@ from metroem.training.engine import (
     train_stage,
     training_spec,
 )
+from metroem.training.faults import FaultHooks, TrainingHooks
 from metroem.training.logger import RunLogger
 from metroem.training.stage_data import GROUND_TRUTH_TAG, check_images
 
@@ -155,13 +155,14 @@ def _preflight(args, cfg, mods, train_numbers, gen_numbers) -> dict[int, dict]:
     return stage_cfgs
 
 
-def run(args: argparse.Namespace) -> list[StageResult]:
-    """Train and generate as the arguments say; returns the per-stage results."""
+def run(args: argparse.Namespace, hooks: TrainingHooks | None = None) -> list[StageResult]:
+    """Train and generate as the arguments say; returns the per-stage results. ``hooks`` go to
+    the training loop (:mod:`metroem.training.faults`; default: none)."""
     _check_checkpoint_name(args.checkpoint_name)
     device_name = args.device if args.device is not None else args.gpu
     info, device = dist.init(device_name)
     try:
-        return _run(args, info, device)
+        return _run(args, info, device, hooks if hooks is not None else TrainingHooks())
     finally:
         dist.shutdown()
 
@@ -179,10 +180,10 @@ def _config_source(args: argparse.Namespace) -> tuple[str, str | None, str | Non
     return args.train_mode or "scratch", args.train_params_path, None
 
 
-def _run(args: argparse.Namespace, info: dist.DistInfo, device) -> list[StageResult]:
+def _run(args: argparse.Namespace, info: dist.DistInfo, device,
+         hooks: TrainingHooks) -> list[StageResult]:
     mode, params, note = _config_source(args)
     cfg = config_mod.load_config(mode, params, _overrides(args))
-    faults = Faults.from_env()
     mods = modules.discover(args.pyramid_path)
     train_numbers = [m.stage for m in modules.select_stages(mods, args.train_stages)]
     last = mods[-1].stage
@@ -217,7 +218,7 @@ def _run(args: argparse.Namespace, info: dist.DistInfo, device) -> list[StageRes
             config_mod.save_resolved(cfg, os.path.join(log_dir, "config.yaml"))
         try:
             _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfgs, stop,
-                    faults, logger, results)
+                    hooks, logger, results)
         except StopRequested as e:
             e.signum = stop.signum
             logger.message(f"training stopped: {e}")  # the last line: not finished
@@ -236,7 +237,7 @@ def _finished_line(name: str, trained: list[int], generated: list[int]) -> str:
     return "training finished: " + ("; ".join(parts) if parts else "nothing to do")
 
 
-def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfgs, stop, faults,
+def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfgs, stop, hooks,
             logger, results) -> None:
     """Train and generate stage by stage (the body of :func:`run`)."""
     for i, m in enumerate(mods):
@@ -245,7 +246,7 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfg
             logger.message(f"stage {m.stage} ({m.name}): training at MIP {m.mip}")
             res = train_stage(m, prev, args.dataset_path, args.checkpoint_name,
                               stage_cfgs[m.stage], args.resume, device,
-                              info, logger, stop=stop, faults=faults)
+                              info, logger, stop=stop, hooks=hooks)
             results.append(res)
             epe = res.val.get("epe_median")
             logger.message(
@@ -275,9 +276,10 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfg
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    hooks = FaultHooks.from_env()  # METROEM_FAULT: fault injection for tests and drills
     threads.apply(args.threads)  # the run header says how many
     try:
-        run(args)
+        run(args, hooks)
     except StopRequested as e:  # already reported by the run's logger, as its last line
         signum = getattr(e, "signum", None) or signal.SIGTERM
         return 128 + int(signum)  # 130 after Ctrl-C, 143 after SIGTERM: not finished

@@ -1,4 +1,4 @@
-"""Train one pyramid stage: the training loop, validation, checkpoints, NaN policy, fault hooks.
+"""Train one pyramid stage: the training loop, validation, checkpoints, NaN policy, hooks.
 
 The loop reads top to bottom in :func:`train_stage`: take a batch, augment it, predict the
 saturated field, compute the loss terms, back-propagate, agree across ranks that loss and
@@ -10,13 +10,14 @@ Resuming is exact: every random choice of a step is a function of (seed, step, r
 order is restored from the checkpoint, and model, optimizer and scheduler states are saved
 whole, so a resumed run ends with the same weights as an uninterrupted one (on the same device).
 
-Fault injection for tests and drills (``METROEM_FAULT``, see docs/training.md), e.g.
-``sigterm@step=5``, ``nan@step=3,rank=1``, ``nan@step=2+``, ``kill9@save=2,file=weights``.
+The loop calls a :class:`~metroem.training.faults.TrainingHooks` at the start of each step, on
+each step's loss and around each checkpoint write (default: hooks that do nothing). Fault
+injection for tests and drills (``METROEM_FAULT``) lives in :mod:`metroem.training.faults`; the
+command line passes it in, the loop never reads the environment.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -37,12 +38,10 @@ from metroem.training import distributed as dist
 from metroem.training import stage_data
 from metroem.training.data import BatchStream, CropDataset, split_indices
 from metroem.training.equivariance import forward_with_equivariance
+from metroem.training.faults import TrainingHooks
 from metroem.training.logger import RunLogger
 
 Tensor = torch.Tensor
-
-FAULT_ENV = "METROEM_FAULT"
-
 
 class StopRequested(Exception):
     """Raised after a SIGTERM/SIGINT once the checkpoint is written; the CLI exits 128 + signal
@@ -84,117 +83,6 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-# --- fault injection ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One ``ACTION@KEY=VALUE,...`` entry of ``METROEM_FAULT``."""
-
-    action: str  # sigterm | kill9 | nan
-    steps: tuple[int, float] | None = None  # inclusive range of 1-based step numbers
-    stage: int | None = None
-    rank: int | None = None
-    save: int | None = None  # kill9: the N-th checkpoint write of this process
-    file: str = "state"  # kill9@save: die before renaming the "state" or "weights" temp file
-
-    def matches(self, stage: int, step: int | None, rank: int) -> bool:
-        if self.stage is not None and self.stage != stage:
-            return False
-        if self.rank is not None and self.rank != rank:
-            return False
-        return step is not None and self.steps is not None and (
-            self.steps[0] <= step <= self.steps[1]
-        )
-
-
-def parse_faults(text: str | None) -> list[Fault]:
-    """Parse ``METROEM_FAULT``: entries separated by ``;``, e.g. ``nan@step=3-5,rank=1``."""
-    out = []
-    for entry in (text or "").split(";"):
-        entry = entry.strip()
-        if not entry:
-            continue
-        bad = MetroemError(
-            f"{FAULT_ENV} entry {entry!r} is not ACTION@KEY=VALUE[,KEY=VALUE] with ACTION "
-            "sigterm|kill9|nan and keys step (N, N-M, N+), stage, rank, save, file"
-        )
-        action, _, rest = entry.partition("@")
-        if action not in ("sigterm", "kill9", "nan") or not rest:
-            raise bad
-        kw: dict = {"action": action}
-        for part in rest.split(","):
-            key, _, value = part.strip().partition("=")
-            try:
-                if key == "step":
-                    lo, dash, hi = value.partition("-")
-                    if value.endswith("+"):
-                        kw["steps"] = (int(value[:-1]), math.inf)
-                    else:
-                        kw["steps"] = (int(lo), int(hi) if dash else int(lo))
-                elif key in ("stage", "rank", "save"):
-                    kw[key] = int(value)
-                elif key == "file" and value in ("state", "weights"):
-                    kw["file"] = value
-                else:
-                    raise ValueError(key)
-            except ValueError:
-                raise bad from None
-        has_step, has_save = "steps" in kw, "save" in kw
-        if has_step == has_save or (has_save and action != "kill9"):
-            raise bad  # exactly one trigger: step=... (any action) or save=N (kill9)
-        out.append(Fault(**kw))
-    return out
-
-
-class Faults:
-    """The faults of ``METROEM_FAULT`` and the hooks the loop calls (no-ops when unset)."""
-
-    def __init__(self, text: str | None = None):
-        self.faults = parse_faults(text)
-        self.saves = 0  # checkpoint writes by this process so far
-
-    @classmethod
-    def from_env(cls) -> Faults:
-        return cls(os.environ.get(FAULT_ENV))
-
-    def before_step(self, stage: int, step: int, rank: int) -> None:
-        """Signal this process at the start of 1-based step ``step`` if a fault says so."""
-        for f in self.faults:
-            if f.action in ("sigterm", "kill9") and f.save is None and f.matches(stage, step, rank):
-                os.kill(os.getpid(), signal.SIGTERM if f.action == "sigterm" else signal.SIGKILL)
-
-    def poison(self, stage: int, step: int, rank: int) -> bool:
-        """Whether step ``step``'s loss is to be made NaN on this rank."""
-        return any(f.action == "nan" and f.matches(stage, step, rank) for f in self.faults)
-
-    @contextlib.contextmanager
-    def saving(self, stage: int):
-        """Around one checkpoint write: ``kill9@save=N`` dies once the temp file is written,
-        just before it would be renamed onto its final name (``file=state|weights``)."""
-        self.saves += 1
-        armed = [
-            f for f in self.faults
-            if f.action == "kill9" and f.save == self.saves and f.stage in (None, stage)
-        ]
-        if not armed:
-            yield
-            return
-        suffix = ckpt.STATE_SUFFIX if armed[0].file == "state" else modules.WEIGHTS_SUFFIX
-        real_replace = os.replace
-
-        def replace(src, dst, *a, **kw):
-            if str(dst).endswith(suffix):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_replace(src, dst, *a, **kw)
-
-        os.replace = replace
-        try:
-            yield
-        finally:
-            os.replace = real_replace
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -410,12 +298,13 @@ def train_stage(
     info: dist.DistInfo,
     logger: RunLogger,
     stop: StopFlag | None = None,
-    faults: Faults | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> StageResult:
-    """Train ``module`` on the stage's dataset with the resolved config ``cfg``."""
+    """Train ``module`` on the stage's dataset with the resolved config ``cfg``; ``hooks`` (see
+    :mod:`metroem.training.faults`) are called at each step, loss and checkpoint write."""
     t_start = time.time()
     stop = stop if stop is not None else StopFlag()
-    faults = faults if faults is not None else Faults.from_env()
+    hooks = hooks if hooks is not None else TrainingHooks()
     tcfg, dcfg = cfg["train"], cfg["data"]
     seed = int(cfg["seed"])
     torch.manual_seed(seed + info.rank)
@@ -485,7 +374,7 @@ def train_stage(
         nonlocal entry_written
         if not info.is_main:
             return
-        with faults.saving(module.stage):
+        with hooks.checkpoint_write(module.stage):
             if not entry_written:  # the current create.py (older folders carry frozen code)
                 modules.write_entry_point(module.path)
                 entry_written = True
@@ -510,7 +399,7 @@ def train_stage(
     t_last, samples = time.time(), 0
     while step < steps:
         # One step: data -> augment -> forward -> loss -> backward -> agree -> step.
-        faults.before_step(module.stage, step + 1, info.rank)
+        hooks.on_step(module.stage, step + 1, info.rank)
         batch = _to(next(stream), device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + info.rank)
         batch = aug(batch, gen)
@@ -527,8 +416,7 @@ def train_stage(
         if eq_weight > 0:
             terms["equivariance"] = eq_term
             total = total + eq_weight * eq_term
-        if faults.poison(module.stage, step + 1, info.rank):
-            total = total * float("nan")
+        total = hooks.on_loss(module.stage, step + 1, info.rank, total)
         optimizer.zero_grad(set_to_none=True)
         # Every rank back-propagates, even a non-finite loss, so DDP's gradient all-reduce
         # always pairs up; the verdict below is shared, so all ranks skip the same steps.

@@ -12,8 +12,8 @@ pyramid), runs the real command (``download_image.py``, ``download_field.py``, `
   (no hidden ``.*.tmp-*`` or ``.*.lock`` file is left behind).
 
 ``tests/test_bad_input.py`` runs the table; ``benchmarks/bad_inputs.py`` writes it out as
-``benchmarks/results/bad_inputs.{md,json}``. This module is the one list of cases. It runs the
-checkout's top-level scripts, so it needs a source checkout (``pip install -e .``).
+``benchmarks/results/bad_inputs.{md,json}``. This module is the one list of cases: test
+scaffolding, not part of the package. It runs the checkout's top-level scripts.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]  # the checkout: this file is tests/
 TOOLS = {
     "download_image": [str(REPO / "download_image.py")],
     "download_field": [str(REPO / "download_field.py")],
@@ -69,13 +69,13 @@ def tiny_spec() -> dict:
                              global_radius=2)
 
 
-def build_world(root: str | os.PathLike) -> World:
-    """Build the shared inputs under ``root`` (a few seconds)."""
+def build_world(root: str | os.PathLike, sections: str | os.PathLike) -> World:
+    """Build the shared inputs under ``root`` from the ISBI PNGs in ``sections`` (seconds)."""
     import torch
+    from helpers import tiny_pyramid
     from PIL import Image
 
-    from metroem import download, modules, volumes
-    from metroem.sample_data import isbi_section
+    from metroem import download, volumes
 
     root = Path(root)
     image, fld = volumes.normalize_path(str(root / "image")), volumes.normalize_path(
@@ -86,7 +86,7 @@ def build_world(root: str | os.PathLike) -> World:
         fld, (SIZE, SIZE, NZ), 3, dtype="float32", num_channels=2, chunk_xy=128
     )
     for z in range(NZ):
-        sec = np.asarray(Image.open(isbi_section(z)))[:SIZE, :SIZE]
+        sec = np.asarray(Image.open(Path(sections) / f"{z:02d}.png"))[:SIZE, :SIZE]
         volumes.write_all_mips(image, 0, 0, z, torch.from_numpy(sec.copy())[None, None])
         ramp = torch.linspace(-1.0, 1.0, SIZE)
         f = torch.stack([ramp[None, :].expand(SIZE, SIZE) + z,
@@ -95,9 +95,7 @@ def build_world(root: str | os.PathLike) -> World:
     data = root / "data"
     download.download_image(image, str(data), 1, NZ, CENTRE, CENTRE, list(MIPS),
                             [SIZE >> m for m in MIPS], progress=False)
-    pyramid = root / "pyramid"
-    for stage, mip in enumerate(MIPS):
-        modules.create_module(pyramid, stage, mip, "t", tiny_spec())
+    pyramid = tiny_pyramid(root / "pyramid", tiny_spec(), MIPS)
     return World(root, image, fld, data, pyramid)
 
 
