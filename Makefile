@@ -31,7 +31,7 @@ isbi: $(STAMP)
 	$(PY) download_image.py --cv_path $(RUN)/volume --dst_folder $(RUN)/data --z_start 1 --z_end 24 \
 	    --x_offset 256 --y_offset 256 --mips 0 1 2 --patch_sizes 512 256 128 --overwrite
 	rm -rf $(RUN)/pyramid
-	$(PY) -c "from metroem.demo_pipeline import copy_pyramid_definition as c; c('models/isbi', '$(RUN)/pyramid')"
+	$(PY) -m metroem.cli pretrained copy isbi $(RUN)/pyramid
 	# models/isbi/train.yaml is the whole recipe (model.train_spec: refinements off while training)
 	$(PY) train.py --pyramid_path $(RUN)/pyramid --dataset_path $(RUN)/data --checkpoint_name isbi \
 	    --seed 0 $(ARGS)

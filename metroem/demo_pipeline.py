@@ -7,8 +7,8 @@
 
 No downloads, no credentials; about 10 minutes on 2 CPU cores. ``--sections DIR`` uses real
 images (e.g. ``../shared/data/isbi``) instead of the procedural stack. The pyramid definition
-is ``models/demo`` of the checkout (relative to the working folder, as ``make demo`` runs it)
-unless ``--pyramid DIR`` names another.
+is the shipped ``demo`` pyramid's (:mod:`metroem.pretrained`) unless ``--pyramid DIR`` names
+another.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import time
 import numpy as np
 import torch
 
-from metroem import datasets, demo, download, modules, threads
+from metroem import datasets, demo, download, modules, pretrained, threads
 from metroem.errors import MetroemError, cli_errors
 from metroem.training import cli as train_cli
 
-DEFAULT_PYRAMID = os.path.join("models", "demo")
 MARKER = "metroem_demo_run.json"
 
 
@@ -142,8 +141,8 @@ def pyramid_epe_by_stage(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metroem demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    p.add_argument("--pyramid", default=DEFAULT_PYRAMID,
-                   help="pyramid definition to train (default: models/demo, run from the checkout)")
+    p.add_argument("--pyramid", default=None,
+                   help="pyramid definition to train (default: the shipped demo pyramid's)")
     p.add_argument("--sections", default=None, help="folder of real section images to use")
     p.add_argument("--num_sections", type=int, default=16)
     p.add_argument("--size", type=int, default=1024, help="section size at MIP0 (pixels)")
@@ -159,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if not os.path.isdir(a.pyramid):
-        raise MetroemError(f"no pyramid definition at {a.pyramid}; run from the checkout (make "
-                           "demo) or pass --pyramid DIR")
+    if a.pyramid is None:
+        a.pyramid = str(pretrained.pyramid_path("demo"))
+    elif not os.path.isdir(a.pyramid):
+        raise MetroemError(f"no pyramid definition at {a.pyramid}; pass --pyramid DIR")
     threads.apply(a.threads, announce=True)
     t0 = time.time()
     out = os.path.abspath(a.out)
