@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import MIPS, REPO, TINY_OVERRIDES, snapshot, subprocess_env, tiny_spec
+from conftest import MIPS, TINY_OVERRIDES, snapshot, subprocess_env, tiny_spec
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
