@@ -1,11 +1,12 @@
 # The two commands of the README:  `make demo`  and  `make test`.
 # Both create (or reuse) a virtual environment in .venv with only python3 needed up front.
+# `make corgie-check` runs the shipped modules through corgie in a separate .venv-corgie.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test isbi lint clean
+.PHONY: venv demo test isbi lint clean corgie-check
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +41,25 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
+# corgie (0.1.1 pins click<8) gets its own environment. Naming torch==2.13.0 next to corgie keeps
+# the pinned CPU build: pip then picks the matching torchvision (0.28.0) instead of replacing
+# torch with a newer CUDA build. tests/test_corgie.py runs `corgie align-block` and
+# `corgie compute-field` with models/demo's module folders as processors (~35 s on one core).
+CORGIE_VENV := .venv-corgie
+CORGIE_PY := $(CORGIE_VENV)/bin/python
+CORGIE_STAMP := $(CORGIE_VENV)/.installed
+
+$(CORGIE_STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(CORGIE_VENV)
+	$(CORGIE_PY) -m pip install -q --upgrade pip
+	$(CORGIE_PY) -m pip install -q torch==2.13.0
+	$(CORGIE_PY) -m pip install -q -e . pytest
+	$(CORGIE_PY) -m pip install -q corgie==0.1.1 torch==2.13.0
+	$(CORGIE_PY) -m pip check
+	touch $(CORGIE_STAMP)
+
+corgie-check: $(CORGIE_STAMP)
+	OMP_NUM_THREADS=1 $(CORGIE_PY) -m pytest -q tests/test_corgie.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) $(CORGIE_VENV) demo_output
