@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from metroem import fields, synth
+from metroem import synth
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -37,7 +37,6 @@ __all__ = [
     "load_stack",
     "make_pairs",
     "gt_valid_mask",
-    "deformed_field_check",
 ]
 
 # Deformation of the source at each difficulty, in pixels of the 512 x 512 sections.
@@ -189,12 +188,3 @@ def gt_valid_mask(pair: BenchmarkPair, margin: int = 4) -> Tensor:
     gt = pair.gt if pair.gt is not None else pair.h
     ok = valid_after_warp(pair.src, gt, margin=margin)
     return ok & (pair.tgt != 0)
-
-
-def deformed_field_check(pair: BenchmarkPair) -> float:
-    """Median |warp(src, gt) - tgt| over valid pixels: a sanity value for a ``same`` pair."""
-    if pair.gt is None:
-        raise ValueError("only same-section pairs have a ground-truth field")
-    warped = fields.warp_image(pair.src[None, None], pair.gt[None])[0, 0]
-    m = gt_valid_mask(pair)
-    return float((warped - pair.tgt)[m].abs().median())
