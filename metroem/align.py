@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -39,12 +40,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, images, regularize, stack, threads, tiling, volumes
+from metroem import fields, images, logs, regularize, stack, threads, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.errors import MetroemError, cli_errors
 
 __all__ = ["align_files", "align_volume", "read_image", "main"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 MARKER_DIR = "_metroem_align"
@@ -638,8 +641,7 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
     order = [ref] + zs
     has = {ref: _section_has_data(src_path, mip, ref, t.height, t.width)}
     done_before = sum(all(run.markers.done(f"z{z}_{c.index}") for c in chunks) for z in zs)
-    bar = stack.SectionProgress(len(zs), done_before, run.progress,
-                                emit=lambda m: print(m, file=sys.stderr, flush=True))
+    bar = stack.SectionProgress(len(zs), done_before, run.progress)
     for i, z in enumerate(zs, start=1):
         has[z] = _section_has_data(src_path, mip, z, t.height, t.width)
         if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
@@ -745,12 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
     o.add_argument("--no_progress", action="store_true", help="no progress bar")
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads, announce=True)
     common = dict(
         checkpoint_name=a.checkpoint_name, stages=a.stages, mip=a.mip, chunk=a.chunk,
@@ -778,14 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         raise MetroemError("pass --src/--tgt image files or --src_path with a z range")
     if out.get("enqueued") is not None:
-        print(f"enqueued {out['enqueued']} task(s) for {out['blocks']} block(s) on {a.queue}; "
-              f"run `metroem worker {a.queue}` on each worker", file=sys.stderr)
+        log.info("enqueued %d task(s) for %d block(s) on %s; run `metroem worker %s` on each "
+                 "worker", out["enqueued"], out["blocks"], a.queue, a.queue)
     elif out.get("blocks"):
-        print(f"done: {len(out['sections'])} section(s) aligned in {out['blocks']} block(s)",
-              file=sys.stderr)
+        log.info("done: %d section(s) aligned in %d block(s)", len(out["sections"]),
+                 out["blocks"])
     else:
-        print(f"done: {out['chunks_run']} chunk(s) aligned" +
-              (" (outputs already complete)" if out.get("skipped") else ""), file=sys.stderr)
+        log.info("done: %d chunk(s) aligned%s", out["chunks_run"],
+                 " (outputs already complete)" if out.get("skipped") else "")
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,12 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import fields, synth, threads, volumes
+from metroem import fields, logs, synth, threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 from metroem.images import natural_key
 
 Tensor = torch.Tensor
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DemoVolume",
@@ -546,7 +549,7 @@ def build_demo_volume(
             volumes.write_all_mips(paths["image"], 0, 0, z, observed[crop])
             volumes.write_all_mips(paths["field"], 0, 0, z, g[crop].contiguous(), is_field=True)
             if verbose:
-                print(f"section {z + 1}/{num_sections} written", flush=True)
+                log.info("section %d/%d written", z + 1, num_sections)
         final = {key: volumes.normalize_path(str(out / name)) for key, name in LAYERS.items()}
         demo = DemoVolume(
             out_dir=str(out),
@@ -588,7 +591,7 @@ def build_demo_volume(
             volumes.forget(str(tmp / name))
             volumes.forget(str(out / name))
     if verbose:
-        print(f"built in {time.time() - started:.1f} s", flush=True)
+        log.info("built in %.1f s", time.time() - started)
     return demo
 
 
@@ -681,6 +684,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo volume")
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
@@ -688,6 +692,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``metroem-demo-volume``."""
     args = _parser().parse_args(argv)
+    logs.setup_logging(args.verbosity)
     threads.apply(args.threads)
     if args.size is not None and len(args.size) not in (1, 2):
         raise MetroemError("--size takes one value (square) or two (WIDTH HEIGHT)")

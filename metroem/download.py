@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import datasets, fields, threads, volumes
+from metroem import datasets, fields, logs, threads, volumes
 from metroem.errors import MetroemError, cli_errors
 
 Tensor = torch.Tensor
@@ -527,6 +527,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x_offset", type=int, required=True, help="patch centre x, MIP0 pixels")
     p.add_argument("--y_offset", type=int, required=True, help="patch centre y, MIP0 pixels")
     threads.add_argument(p)
+    logs.add_arguments(p)
 
 
 def _image_parser() -> argparse.ArgumentParser:
@@ -585,6 +586,7 @@ def _field_parser() -> argparse.ArgumentParser:
 def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
     """``metroem-download-image`` / ``python download_image.py``."""
     a = _image_parser().parse_args(None if argv is None else list(argv))
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     paths = download_image(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.mips,
@@ -592,7 +594,7 @@ def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
         cv_path_defects=a.cv_path_defects, defect_threshold=a.defect_threshold,
         overwrite=a.overwrite, progress=True,
     )
-    for p in paths:
+    for p in paths:  # the command's output: the files written, one a line on stdout
         print(p)
     return paths
 
@@ -601,6 +603,7 @@ def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
 def download_field_main(argv: Iterable[str] | None = None) -> str:
     """``metroem-download-field`` / ``python download_field.py``."""
     a = _field_parser().parse_args(None if argv is None else list(argv))
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     path = download_field(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.src_mip,
