@@ -32,14 +32,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from metroem import fields, logs, synth, threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
-from metroem.images import natural_key
+from metroem.images import load_sections
 
 Tensor = torch.Tensor
 
@@ -49,16 +48,12 @@ __all__ = [
     "DemoVolume",
     "build_demo_volume",
     "procedural_stack",
-    "load_sections",
-    "read_sections",
-    "section_files",
     "misalignment_fields",
     "pair_ground_truth",
     "main",
 ]
 
 LAYERS = {"image": "image", "field": "field_gt", "aligned": "image_aligned"}
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
 # --- procedural EM-like sections ----------------------------------------------------------------
@@ -321,52 +316,6 @@ def _synapses(tissue: _Tissue, centres, radius, cell, z, gap, xx, yy):
         cloud = torch.exp(-(qx**2 + qy**2) / (2 * 20.0**2)) * (sub == pre)
         ves[y0:y1, x0:x1] += cloud
     return dark.clamp(0, 0.7), ves.clamp(0, 1)
-
-
-# --- real sections ------------------------------------------------------------------------------
-
-
-def section_files(sections_dir: str | os.PathLike) -> list[Path]:
-    """The section images of a folder (PNG/TIF/...) in natural name order (``2`` before ``10``)."""
-    folder = Path(sections_dir)
-    if not folder.is_dir():
-        raise MetroemError(f"sections folder {folder} does not exist; pass a folder of images")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: natural_key(p.name))
-    if not files:
-        raise MetroemError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return files
-
-
-def read_sections(files: list[Path]) -> Tensor:
-    """Images ``files`` as ``(Z, 1, H, W)`` uint8, values >= 1 (all must have one size).
-
-    Colour images are converted to grey; 0 is raised to 1 because 0 means "no data".
-    """
-    from PIL import Image
-
-    arrays = []
-    for p in files:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("L"))
-        if arrays and a.shape != arrays[0].shape:
-            raise MetroemError(
-                f"{p.name} is {a.shape[1]}x{a.shape[0]} but {files[0].name} is "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all sections must have one size"
-            )
-        arrays.append(a)
-    stack = torch.from_numpy(np.stack(arrays)[:, None].copy())
-    return stack.clamp_min(1)
-
-
-def load_sections(sections_dir: str | os.PathLike, num_sections: int | None = None) -> Tensor:
-    """The first ``num_sections`` (default all) images of a folder, see :func:`read_sections`."""
-    files = section_files(sections_dir)
-    if num_sections is not None:
-        files = files[:num_sections]
-        if not files:
-            raise MetroemError(f"num_sections must be >= 1 to read images from {sections_dir}")
-    return read_sections(files)
 
 
 # --- misalignment -------------------------------------------------------------------------------

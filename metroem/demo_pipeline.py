@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from metroem import datasets, demo, download, logs, modules, threads
+from metroem import datasets, demo, download, geometry, logs, modules, threads
 from metroem.errors import MetroemError, cli_errors
 from metroem.training import cli as train_cli
 
@@ -85,7 +85,7 @@ def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
         overwrite=True, progress=False,
     )
     for m, s in zip(mips, sizes, strict=True):
-        x0, y0 = download.patch_origin(cx, cy, m, s)
+        x0, y0 = geometry.patch_origin(cx, cy, m, s)
         gts = [
             demo.pair_ground_truth(vol.field_path, m, x0, y0, z, s, s)[0].numpy()
             for z in range(1, vol.num_sections)

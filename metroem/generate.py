@@ -3,7 +3,7 @@
 For the stage after ``k`` (MIP ``m``): read every plain image dataset ``x*_y*_z*_MIP{m}.h5``,
 run the pyramid up to stage ``k`` at input MIP ``m``, remove each pair's average translation over
 tissue (snapped to a multiple of ``2**(coarsest MIP of the pyramid)`` MIP0 pixels, so every MIP
-moves by whole pixels; :func:`metroem.download.remove_translation`, the same rule as
+moves by whole pixels; :func:`metroem.geometry.remove_translation`, the same rule as
 ``download_field``: halves round up), and write
 
 * ``field_{k}_x*_y*_z*_MIP{m}_{C}.h5``: the saturated field minus that translation, and
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import datasets, download, logs, modules, threads, volumes
+from metroem import datasets, geometry, logs, modules, threads, volumes
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
 
@@ -64,7 +64,7 @@ def _read_moved_sources(data: datasets.H5Data, t_total: np.ndarray, mip: int) ->
         raise MetroemError("the image dataset records no source volume")
     size = data.shape[-1]
     try:
-        x0, y0 = download.patch_origin(
+        x0, y0 = geometry.patch_origin(
             int(data.attrs["x_offset"]), int(data.attrs["y_offset"]), mip, size
         )
     except (KeyError, ValueError) as e:
@@ -224,7 +224,7 @@ def generate_fields(
         field = torch.cat(out)
         tissue = (pairs[:, 1:2] != 0) & (pairs[:, 0:1] != 0)
         # The same removal (and snapping rule) as download_field.
-        field_rm, t_new = download.remove_translation(field, out_mip, coarsest, tissue)
+        field_rm, t_new = geometry.remove_translation(field, out_mip, coarsest, tissue)
         t_total = t_new.numpy() + data.translation  # from the unmoved windows
         attrs = {
             k_: data.attrs[k_] for k_ in ("x_offset", "y_offset", "z", "patch_size", "resolution")

@@ -33,9 +33,8 @@ import torch
 
 from metroem import logs, threads, volumes
 from metroem.atomic import replace_dir, temp_name
-from metroem.demo import section_files
 from metroem.errors import MetroemError, cli_errors
-from metroem.images import read_grey
+from metroem.images import read_grey, section_files
 
 MANIFEST = "ingest.json"
 DTYPES = ("auto", "uint8", "uint16", "float32")

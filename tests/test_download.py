@@ -24,9 +24,9 @@ from metroem.download import (
     download_field_main,
     download_image,
     download_image_main,
-    snap_centre,
 )
 from metroem.errors import MetroemError
+from metroem.geometry import snap_centre
 from metroem.sample_data import isbi_dir
 
 ISBI = str(isbi_dir())

@@ -186,14 +186,14 @@ def test_ctrl_c_during_field_generation_then_rerun(tiny_run, capsys, monkeypatch
     """Ctrl-C while the fields after stage 0 are generated: one press finishes the fields and
     stops before stage 1; two presses interrupt the generation itself. Either way nothing
     half-written is left, the run does not look finished, and --resume completes it."""
-    real = generate.download.remove_translation
+    real = generate.geometry.remove_translation
 
     def ctrl_c(*args, **kwargs):
         for _ in range(presses):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate.download, "remove_translation", ctrl_c)
+    monkeypatch.setattr(generate.geometry, "remove_translation", ctrl_c)
     argv = tiny_run.argv("v1", "--no_redirect_stdout")
     assert train(argv) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -203,7 +203,7 @@ def test_ctrl_c_during_field_generation_then_rerun(tiny_run, capsys, monkeypatch
     field = tiny_run.data / datasets.field_filename(0, 128, 128, 1, 0, "v1")
     assert field.exists() == (presses == 1)
     assert not modules.weights_path(tiny_run.module(1), "v1").exists()
-    monkeypatch.setattr(generate.download, "remove_translation", real)
+    monkeypatch.setattr(generate.geometry, "remove_translation", real)
     assert train(argv) == 2  # a plain rerun would throw stage 0's checkpoint away
     assert "--resume" in error_line(capsys.readouterr().err)
     assert train([*argv, "--resume"]) == 0

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_spec
 
 from metroem import datasets, download, generate, modules, nets, volumes
-from metroem.download import remove_translation, snap_centre, snap_to_multiple
+from metroem.geometry import remove_translation, snap_centre, snap_to_multiple
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -95,7 +95,7 @@ def load_stack(
     data_dir: str | os.PathLike | None = None, num_sections: int | None = None
 ) -> Tensor:
     """The benchmark sections as ``(Z, H, W)`` float32 (values >= 1; 0 stays reserved)."""
-    from metroem.demo import load_sections
+    from metroem.images import load_sections
 
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     if not folder.is_dir():
