@@ -14,8 +14,6 @@ $(STAMP): pyproject.toml setup.py
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
-	# artificery declares a torch requirement that would replace the pinned build.
-	$(PY) -m pip install -q --no-deps artificery==0.0.3.3
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -39,12 +40,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, images, regularize, stack, threads, tiling, volumes
+from metroem import fields, images, logs, regularize, stack, threads, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.errors import MetroemError, cli_errors
 
 __all__ = ["align_files", "align_volume", "read_image", "main"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 MARKER_DIR = "_metroem_align"
@@ -136,6 +139,7 @@ class _Markers:
 
 
 TILING = "stages-v1"  # in the job signature: a run of another tiling cannot be resumed
+FILES_WORK = 2  # align_files' work folder layout, in its job signature (1: before tiled_field)
 
 
 def _option_signature(aligner) -> dict:
@@ -148,33 +152,45 @@ def _pad_signature(tiler: tiling.StageTiler) -> str:
     return ",".join(str(p.pad) for p in tiler.plans)
 
 
-def _stage_desc(tiler: tiling.StageTiler, k: int) -> str:
-    p = tiler.plans[k]
-    return f"stage {k}/{len(tiler.plans) - 1} (MIP {p.mip})"
+class _PairMarks:
+    """Chunk markers of one pair's :func:`metroem.tiling.tiled_field` run: coarse stage ``k``'s
+    beside its cache (``<folder>/stage<k>_done/``), the output passes' in ``markers`` as
+    ``<prefix><pass><index>``."""
+
+    def __init__(self, folder: str, markers: _Markers, prefix: str):
+        self.folder, self.markers, self.prefix = folder, markers, prefix
+        self.stages: dict[str, _Markers] = {}
+
+    def _at(self, name: str, c: tiling.Chunk) -> tuple[_Markers, str]:
+        if name.startswith("stage"):
+            if name not in self.stages:
+                self.stages[name] = _Markers(os.path.join(self.folder, f"{name}_done"))
+            return self.stages[name], str(c.index)
+        return self.markers, f"{self.prefix}{name}{c.index}"
+
+    def done(self, name: str, c: tiling.Chunk) -> bool:
+        m, key = self._at(name, c)
+        return m.done(key)
+
+    def mark(self, name: str, c: tiling.Chunk) -> None:
+        m, key = self._at(name, c)
+        m.mark(key)
 
 
-def _run_coarse_stages(tiler: tiling.StageTiler, aligner, devices, src, tgt, folder: str,
-                       progress: bool, label: str = "", start=None):
-    """Run every stage but the last over the whole region into ``.npy`` caches in ``folder``
-    (one marker per chunk, so an interrupted run reuses finished chunks); returns the last
-    coarse stage's store (for a one-stage pyramid: stage 0's start). Stage 0 starts from
-    ``start`` (a store in its pixels) if given, else from
-    :meth:`metroem.tiling.StageTiler.initial_store`."""
-    prev = start if start is not None else tiler.initial_store(src, tgt)
-    for p in tiler.coarse:
-        path = os.path.join(folder, f"stage{p.index}.npy")
-        store = tiler.new_store(p.index, path, create=not os.path.exists(path))
-        marks = _Markers(os.path.join(folder, f"stage{p.index}_done"))
+def _pair_field(tiler: tiling.StageTiler, aligner, devices, src, tgt, folder: str,
+                markers: _Markers, prefix: str, progress: bool, label: str = "", start=None):
+    """:func:`metroem.tiling.tiled_field` of one section pair, resumable: every pass's field in
+    an ``.npy`` cache in ``folder``, every chunk marked (:class:`_PairMarks`). Returns the store
+    of the finished field and the number of chunks its last pass ran."""
+    os.makedirs(folder, exist_ok=True)
 
-        def work_fn(model, c, k=p.index, prev=prev, store=store, marks=marks) -> None:
-            tiler.run_stage_chunk(model, k, c, src, tgt, prev, store)
-            marks.mark(str(c.index))
+    def stores(name: str):
+        path = os.path.join(folder, f"{name}.npy")
+        return tiler.store(name, path, create=not os.path.exists(path))
 
-        tiling.run_chunks(tiler.stage_chunks(p.index), work_fn, aligner, devices,
-                          is_done=lambda c, marks=marks: marks.done(str(c.index)),
-                          progress=progress, desc=label + _stage_desc(tiler, p.index))
-        prev = store
-    return prev
+    return tiling.tiled_field(tiler, aligner, src, tgt, devices, stores=stores,
+                              marks=_PairMarks(folder, markers, prefix), start=start,
+                              progress=progress, label=label)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -264,50 +280,28 @@ def align_files(
         pyramid=pyramid if isinstance(pyramid, (str, os.PathLike)) else "object",
         checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, finetune=finetune,
         finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
-        field_out=bool(field_out), image_out=bool(image_out), **_option_signature(aligner)))
-    fresh = not os.path.exists(os.path.join(work, "field.npy"))
-    fw = tiling.NpyWriter(os.path.join(work, "field.npy"), (2, h, w), np.float32, fresh)
-    raw = None  # with smoothing, the pyramid's field goes here first and is smoothed after
-    if tiler.smoothing_px > 0:
-        path = os.path.join(work, "field_raw.npy")
-        raw = tiling.NpyFieldStore(path, h, w, create=not os.path.exists(path))
-    iw = None
+        field_out=bool(field_out), image_out=bool(image_out), work=FILES_WORK,
+        **_option_signature(aligner)))
+    markers = _Markers(os.path.join(work, "done"))
+    field, ran = _pair_field(tiler, aligner, devices, s, t, work, markers, "", progress)
+    chunks = tiler.output_chunks()
     if image_out:
         fresh = not os.path.exists(os.path.join(work, "image.npy"))
         iw = tiling.NpyWriter(os.path.join(work, "image.npy"), (h, w), s.dtype, fresh)
-    markers = _Markers(os.path.join(work, "done"))
-    chunks = tiler.output_chunks()
-    todo = [c for c in chunks if not markers.done(str(c.index))]
-    prev = _run_coarse_stages(tiler, aligner, devices, s, t, work, progress) if todo else None
 
-    def raw_fn(model, c: tiling.Chunk) -> None:
-        raw.write(c.y0, c.x0, tiler.output_chunk(model, c, s, t, prev))
-        markers.mark(f"raw{c.index}")
-
-    def work_fn(model, c: tiling.Chunk) -> None:
-        if raw is None:
-            f = tiler.output_chunk(model, c, s, t, prev)
-        else:
-            f = tiler.smooth_chunk(c, raw.read, s, t)
-        fw.write(c.y0, c.x0, f[0].numpy())
-        if iw is not None:
-            img = tiling.warp_chunk(s, f, c)[0].numpy()
+        def image_fn(model, c: tiling.Chunk) -> None:
+            img = tiling.warp_chunk(s, field.read(c.y0, c.x0, c.h, c.w), c)[0].numpy()
             if np.issubdtype(iw.dtype, np.integer):
                 info = np.iinfo(iw.dtype)
                 img = np.clip(np.rint(img), info.min, info.max)
             iw.write(c.y0, c.x0, img.astype(iw.dtype))
-        markers.mark(str(c.index))
+            markers.mark(f"image{c.index}")
 
-    if raw is not None:
-        tiling.run_chunks(todo, raw_fn, aligner, devices,
-                          is_done=lambda c: markers.done(f"raw{c.index}"), progress=progress,
-                          desc=_stage_desc(tiler, len(tiler.plans) - 1))
-    ran = tiling.run_chunks(chunks, work_fn, aligner, devices,
-                            is_done=lambda c: markers.done(str(c.index)), progress=progress,
-                            desc=_stage_desc(tiler, len(tiler.plans) - 1) if raw is None
-                            else f"smoothing ({tiler.smoothing_px:g} px)")
+        ran = tiling.run_chunks(chunks, image_fn, aligner, devices,
+                                is_done=lambda c: markers.done(f"image{c.index}"),
+                                progress=progress, desc="aligned image")
     if field_out:
-        os.replace(os.path.join(work, "field.npy"), field_out)
+        os.replace(field.path, field_out)
     if image_out:
         tmp = os.path.join(work, "image.npy")
         if image_out.lower().endswith(".npy"):
@@ -594,24 +588,10 @@ class _Run:
     def pair_field(self, src, tgt, folder: str, label: str, start=None):
         """The pyramid's field of one section pair into an ``.npy`` store in ``folder``
         (smoothed when the aligner smooths); returns the store (resumable: chunk markers)."""
-        t = self.tiler
-        os.makedirs(folder, exist_ok=True)
-        prev = _run_coarse_stages(t, self.aligner, self.devices, src, tgt, folder,
-                                  self.progress, label=label, start=start)
         key = os.path.relpath(folder, self.markers.folder).replace(os.sep, "_")
-        raw = tiling.NpyFieldStore(os.path.join(folder, "raw.npy"), t.height, t.width,
-                                   create=not os.path.exists(os.path.join(folder, "raw.npy")))
-        last = _stage_desc(t, len(t.plans) - 1)
-        self.chunks(lambda m, c: raw.write(c.y0, c.x0, t.output_chunk(m, c, src, tgt, prev)),
-                    t.output_chunks(), f"{key}_raw", label + last)
-        if t.smoothing_px <= 0:
-            return raw
-        path = os.path.join(folder, "smooth.npy")
-        sm = tiling.NpyFieldStore(path, t.height, t.width, create=not os.path.exists(path))
-        self.chunks(lambda m, c: sm.write(c.y0, c.x0, t.smooth_chunk(c, raw.read, src, tgt)),
-                    t.output_chunks(), f"{key}_smooth",
-                    label + f"smoothing ({t.smoothing_px:g} px)")
-        return sm
+        store, _ = _pair_field(self.tiler, self.aligner, self.devices, src, tgt, folder,
+                               self.markers, key + "_", self.progress, label, start)
+        return store
 
 
 def _align_pairs(run: _Run, src_path: str, tgt_path: str, pairs) -> tuple[int, int]:
@@ -661,8 +641,7 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
     order = [ref] + zs
     has = {ref: _section_has_data(src_path, mip, ref, t.height, t.width)}
     done_before = sum(all(run.markers.done(f"z{z}_{c.index}") for c in chunks) for z in zs)
-    bar = stack.SectionProgress(len(zs), done_before, run.progress,
-                                emit=lambda m: print(m, file=sys.stderr, flush=True))
+    bar = stack.SectionProgress(len(zs), done_before, run.progress)
     for i, z in enumerate(zs, start=1):
         has[z] = _section_has_data(src_path, mip, z, t.height, t.width)
         if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
@@ -768,12 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
     o.add_argument("--no_progress", action="store_true", help="no progress bar")
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads, announce=True)
     common = dict(
         checkpoint_name=a.checkpoint_name, stages=a.stages, mip=a.mip, chunk=a.chunk,
@@ -801,14 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         raise MetroemError("pass --src/--tgt image files or --src_path with a z range")
     if out.get("enqueued") is not None:
-        print(f"enqueued {out['enqueued']} task(s) for {out['blocks']} block(s) on {a.queue}; "
-              f"run `metroem worker {a.queue}` on each worker", file=sys.stderr)
+        log.info("enqueued %d task(s) for %d block(s) on %s; run `metroem worker %s` on each "
+                 "worker", out["enqueued"], out["blocks"], a.queue, a.queue)
     elif out.get("blocks"):
-        print(f"done: {len(out['sections'])} section(s) aligned in {out['blocks']} block(s)",
-              file=sys.stderr)
+        log.info("done: %d section(s) aligned in %d block(s)", len(out["sections"]),
+                 out["blocks"])
     else:
-        print(f"done: {out['chunks_run']} chunk(s) aligned" +
-              (" (outputs already complete)" if out.get("skipped") else ""), file=sys.stderr)
+        log.info("done: %d chunk(s) aligned%s", out["chunks_run"],
+                 " (outputs already complete)" if out.get("skipped") else "")
     return 0
 
 

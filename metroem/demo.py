@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,31 +32,28 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import fields, synth, threads, volumes
+from metroem import fields, logs, synth, threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
-from metroem.images import natural_key
+from metroem.images import load_sections
 
 Tensor = torch.Tensor
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DemoVolume",
     "build_demo_volume",
     "procedural_stack",
-    "load_sections",
-    "read_sections",
-    "section_files",
     "misalignment_fields",
     "pair_ground_truth",
     "main",
 ]
 
 LAYERS = {"image": "image", "field": "field_gt", "aligned": "image_aligned"}
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
 # --- procedural EM-like sections ----------------------------------------------------------------
@@ -320,52 +318,6 @@ def _synapses(tissue: _Tissue, centres, radius, cell, z, gap, xx, yy):
     return dark.clamp(0, 0.7), ves.clamp(0, 1)
 
 
-# --- real sections ------------------------------------------------------------------------------
-
-
-def section_files(sections_dir: str | os.PathLike) -> list[Path]:
-    """The section images of a folder (PNG/TIF/...) in natural name order (``2`` before ``10``)."""
-    folder = Path(sections_dir)
-    if not folder.is_dir():
-        raise MetroemError(f"sections folder {folder} does not exist; pass a folder of images")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: natural_key(p.name))
-    if not files:
-        raise MetroemError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return files
-
-
-def read_sections(files: list[Path]) -> Tensor:
-    """Images ``files`` as ``(Z, 1, H, W)`` uint8, values >= 1 (all must have one size).
-
-    Colour images are converted to grey; 0 is raised to 1 because 0 means "no data".
-    """
-    from PIL import Image
-
-    arrays = []
-    for p in files:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("L"))
-        if arrays and a.shape != arrays[0].shape:
-            raise MetroemError(
-                f"{p.name} is {a.shape[1]}x{a.shape[0]} but {files[0].name} is "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all sections must have one size"
-            )
-        arrays.append(a)
-    stack = torch.from_numpy(np.stack(arrays)[:, None].copy())
-    return stack.clamp_min(1)
-
-
-def load_sections(sections_dir: str | os.PathLike, num_sections: int | None = None) -> Tensor:
-    """The first ``num_sections`` (default all) images of a folder, see :func:`read_sections`."""
-    files = section_files(sections_dir)
-    if num_sections is not None:
-        files = files[:num_sections]
-        if not files:
-            raise MetroemError(f"num_sections must be >= 1 to read images from {sections_dir}")
-    return read_sections(files)
-
-
 # --- misalignment -------------------------------------------------------------------------------
 
 
@@ -546,7 +498,7 @@ def build_demo_volume(
             volumes.write_all_mips(paths["image"], 0, 0, z, observed[crop])
             volumes.write_all_mips(paths["field"], 0, 0, z, g[crop].contiguous(), is_field=True)
             if verbose:
-                print(f"section {z + 1}/{num_sections} written", flush=True)
+                log.info("section %d/%d written", z + 1, num_sections)
         final = {key: volumes.normalize_path(str(out / name)) for key, name in LAYERS.items()}
         demo = DemoVolume(
             out_dir=str(out),
@@ -588,7 +540,7 @@ def build_demo_volume(
             volumes.forget(str(tmp / name))
             volumes.forget(str(out / name))
     if verbose:
-        print(f"built in {time.time() - started:.1f} s", flush=True)
+        log.info("built in %.1f s", time.time() - started)
     return demo
 
 
@@ -681,6 +633,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo volume")
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
@@ -688,6 +641,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``metroem-demo-volume``."""
     args = _parser().parse_args(argv)
+    logs.setup_logging(args.verbosity)
     threads.apply(args.threads)
     if args.size is not None and len(args.size) not in (1, 2):
         raise MetroemError("--size takes one value (square) or two (WIDTH HEIGHT)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,10 +24,11 @@ import time
 import numpy as np
 import torch
 
-from metroem import datasets, demo, download, modules, pretrained, threads
+from metroem import datasets, demo, download, geometry, logs, modules, pretrained, threads
 from metroem.errors import MetroemError, cli_errors
 from metroem.training import cli as train_cli
 
+log = logging.getLogger(__name__)
 MARKER = "metroem_demo_run.json"
 
 
@@ -82,7 +84,7 @@ def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
         overwrite=True, progress=False,
     )
     for m, s in zip(mips, sizes, strict=True):
-        x0, y0 = download.patch_origin(cx, cy, m, s)
+        x0, y0 = geometry.patch_origin(cx, cy, m, s)
         gts = [
             demo.pair_ground_truth(vol.field_path, m, x0, y0, z, s, s)[0].numpy()
             for z in range(1, vol.num_sections)
@@ -152,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     p.add_argument("--seed", type=int, default=0)
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    logs.setup_logging(a.verbosity)
     if a.pyramid is None:
         a.pyramid = str(pretrained.pyramid_path("demo"))
     elif not os.path.isdir(a.pyramid):
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(a.out)
     _fresh_dir(out, a.resume)
     vol_dir, data_dir, pyr = (os.path.join(out, d) for d in ("volume", "data", "pyramid"))
-    print(f"[1/4] building the demo volume in {vol_dir}", flush=True)
+    log.info("[1/4] building the demo volume in %s", vol_dir)
     if a.resume and os.path.exists(os.path.join(vol_dir, "demo.json")):
         vol = _load_volume(vol_dir)
     else:
@@ -175,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                                      seed=a.seed, sections_dir=a.sections, overwrite=True)
     mods = copy_pyramid_definition(a.pyramid, pyr)
     mips = sorted({m.mip for m in mods}, reverse=True)
-    print(f"[2/4] cutting datasets at MIPs {mips} into {data_dir}", flush=True)
+    log.info("[2/4] cutting datasets at MIPs %s into %s", mips, data_dir)
     if not (a.resume and os.path.isdir(data_dir)):
         os.makedirs(data_dir, exist_ok=True)
         cut_datasets(vol, data_dir, mips)
     base = {m: identity_epe(data_dir, m) for m in mips}
-    print("[3/4] training", ", ".join(f"stage {m.stage} at MIP {m.mip}" for m in mods), flush=True)
+    log.info("[3/4] training %s", ", ".join(f"stage {m.stage} at MIP {m.mip}" for m in mods))
     train_args = [
         "--pyramid_path", pyr, "--dataset_path", data_dir, "--checkpoint_name", "demo",
         "--train_mode", "custom", "--train_params_path", os.path.join(pyr, "train.yaml"),
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.resume:
         train_args.append("--resume")
     results = train_cli.run(train_cli.build_parser().parse_args(train_args))
+    # the results table is the command's output: stdout (the progress lines are on stderr)
     print("[4/4] results on held-out pairs: end-point error vs ground truth (median over tissue)")
     header = ("stage", "MIP", "val before", "val after", "pyramid through stage (MIP0 px)")
     print("  {:>5} {:>3} {:>10} {:>9}   {}".format(*header))
@@ -201,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{rows.get(r.stage, float('nan')):.3f}")
     print(f"  (val columns: pixels at the stage's MIP, on the stage's own crops; identity = "
           f"{base[min(base)] * 2 ** min(base):.2f} MIP0 px)")
-    print(f"done in {time.time() - t0:.0f} s. Trained pyramid: {pyr}")
-    print(f"tensorboard --logdir {os.path.join(pyr, '_runs')}")
+    log.info("done in %.0f s. Trained pyramid: %s", time.time() - t0, pyr)
+    log.info("tensorboard --logdir %s", os.path.join(pyr, "_runs"))
     return 0
 
 

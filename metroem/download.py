@@ -1,6 +1,6 @@
 """Cut training data out of CloudVolumes into h5 datasets: ``download_image``, ``download_field``.
 
-Geometry (see docs/datasets.md):
+Geometry (see docs/datasets.md; the rules are :mod:`metroem.geometry`'s):
 
 * ``x_offset, y_offset`` are MIP0 pixels and name the **centre** of the patch. They are snapped
   to the nearest multiple of ``2**M`` (M = the coarsest MIP involved), so the centre is a whole
@@ -38,17 +38,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import datasets, fields, threads, volumes
+from metroem import datasets, fields, logs, threads, volumes
 from metroem.errors import MetroemError, cli_errors
+from metroem.geometry import patch_origin, remove_translation, snap_centre, snap_to_multiple
 
 Tensor = torch.Tensor
 
 __all__ = [
     "DEFAULT_DEFECT_THRESHOLD",
-    "snap_to_multiple",
-    "snap_centre",
-    "remove_translation",
-    "patch_origin",
     "download_image",
     "download_field",
     "download_image_main",
@@ -56,61 +53,6 @@ __all__ = [
 ]
 
 DEFAULT_DEFECT_THRESHOLD = 0.0  # defect value above this blanks the image pixel (0 = no data)
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def snap_to_multiple(
-    value: float | np.ndarray | Tensor, step: int
-) -> int | np.ndarray | Tensor:
-    """The multiple of ``step`` nearest to ``value``; exact halves round up (towards +inf).
-
-    In units of ``step``: 0.5 -> 1, 1.5 -> 2, -0.5 -> 0, -2.5 -> -2. This is metroem's one
-    snapping rule (docs/datasets.md): patch centres, the translations that ``download_field``
-    and ``metroem generate`` remove, and the source-window shifts of ``download_image`` all use
-    it. A Python or numpy scalar gives an ``int``; numpy arrays and tensors keep their kind
-    (floating point, whole multiples of ``step``).
-    """
-    q = value / step
-    whole = q // 1  # floor, for numbers, arrays and tensors alike
-    whole = whole + ((q - whole) >= 0.5)  # exact: no rounding of q + 0.5 near a half
-    out = whole * step
-    if isinstance(out, (np.ndarray, torch.Tensor)):
-        return out
-    return int(out)
-
-
-def snap_centre(x: int, y: int, coarsest_mip: int) -> tuple[int, int]:
-    """Snap a MIP0 centre to the nearest multiple of ``2**coarsest_mip`` (shared integer grid)."""
-    k = 2**coarsest_mip
-    return snap_to_multiple(x, k), snap_to_multiple(y, k)
-
-
-def remove_translation(
-    field: Tensor, mip: int, coarsest_mip: int, mask: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Split fields ``(N, 2, H, W)`` (px at ``mip``) into ``(field - t / 2**mip, t)``.
-
-    ``t`` ``(N, 2)`` int64 is each field's mean displacement (over ``mask != 0`` if given) in
-    MIP0 px, snapped with :func:`snap_to_multiple` to a multiple of ``2**coarsest_mip`` so that
-    the moved source windows stay on the pixel grid of every MIP up to ``coarsest_mip``. Used by
-    both ``download_field`` and ``metroem generate``.
-    """
-    if coarsest_mip < mip:
-        raise ValueError(f"coarsest_mip {coarsest_mip} is finer than the field's MIP {mip}")
-    mean_mip0 = fields.mean_translation(field, mask).double() * 2**mip
-    t = snap_to_multiple(mean_mip0, 2**coarsest_mip).long()
-    residual = field - (t.double() / 2**mip).to(field.dtype).view(-1, 2, 1, 1)
-    return residual, t
-
-
-def patch_origin(cx: int, cy: int, mip: int, size: int) -> tuple[int, int]:
-    """First voxel (x, y) at ``mip`` of the ``size``-pixel patch centred on MIP0 ``(cx, cy)``."""
-    k = 2**mip
-    if cx % k or cy % k:
-        raise ValueError(f"centre ({cx}, {cy}) is not on the MIP {mip} grid; snap it first")
-    return cx // k - size // 2, cy // k - size // 2
 
 
 def _check_inside(info: volumes.VolumeInfo, mip: int, x0: int, y0: int, size: int, what: str):
@@ -527,6 +469,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x_offset", type=int, required=True, help="patch centre x, MIP0 pixels")
     p.add_argument("--y_offset", type=int, required=True, help="patch centre y, MIP0 pixels")
     threads.add_argument(p)
+    logs.add_arguments(p)
 
 
 def _image_parser() -> argparse.ArgumentParser:
@@ -585,6 +528,7 @@ def _field_parser() -> argparse.ArgumentParser:
 def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
     """``metroem-download-image`` / ``python download_image.py``."""
     a = _image_parser().parse_args(None if argv is None else list(argv))
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     paths = download_image(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.mips,
@@ -592,7 +536,7 @@ def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
         cv_path_defects=a.cv_path_defects, defect_threshold=a.defect_threshold,
         overwrite=a.overwrite, progress=True,
     )
-    for p in paths:
+    for p in paths:  # the command's output: the files written, one a line on stdout
         print(p)
     return paths
 
@@ -601,6 +545,7 @@ def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
 def download_field_main(argv: Iterable[str] | None = None) -> str:
     """``metroem-download-field`` / ``python download_field.py``."""
     a = _field_parser().parse_args(None if argv is None else list(argv))
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     path = download_field(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.src_mip,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
+
+from metroem import logs
 
 
 class MetroemError(Exception):
@@ -16,35 +17,22 @@ class MetroemError(Exception):
 
 
 def cli_errors(main):
-    """Decorate a CLI ``main`` so MetroemError (and Ctrl-C) end in one line, not a traceback."""
+    """Decorate a CLI ``main`` so MetroemError (and Ctrl-C) end in one line, not a traceback.
+
+    The library's log lines are shown on stderr while the command runs
+    (:func:`metroem.logs.command_logging`; ``main`` sets its ``--verbose`` / ``--quiet``).
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        handler = _log_to_stderr()
-        try:
-            return main(*args, **kwargs)
-        except MetroemError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-        finally:
-            if handler is not None:
-                logging.getLogger("metroem").removeHandler(handler)
+        with logs.command_logging():
+            try:
+                return main(*args, **kwargs)
+            except MetroemError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                sys.exit(130)
 
     return wrapper
-
-
-def _log_to_stderr() -> logging.Handler | None:
-    """Show the library's ``metroem.*`` INFO lines (plain messages) on stderr during a command,
-    unless the caller configured logging for them already."""
-    logger = logging.getLogger("metroem")
-    if logger.handlers:
-        return None
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    return handler

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -29,12 +30,13 @@ import warnings
 import torch
 from torch import nn
 
-from metroem import nets, threads
+from metroem import logs, nets, threads
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError, cli_errors
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 __all__ = ["export_pyramid", "ExportedAligner", "main"]
 
@@ -157,16 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mip", type=int, help="input MIP (default: finest stage's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads, announce=True)
     diff = export_pyramid(a.pyramid, a.out, a.checkpoint_name, a.stages, a.mip, a.overwrite)
-    print(f"wrote {a.out} (equals the loaded pyramid within {diff:.1g} px on a test pair)",
-          file=sys.stderr)
+    log.info("wrote %s (equals the loaded pyramid within %.1g px on a test pair)", a.out, diff)
     return 0
 
 

@@ -3,7 +3,7 @@
 For the stage after ``k`` (MIP ``m``): read every plain image dataset ``x*_y*_z*_MIP{m}.h5``,
 run the pyramid up to stage ``k`` at input MIP ``m``, remove each pair's average translation over
 tissue (snapped to a multiple of ``2**(coarsest MIP of the pyramid)`` MIP0 pixels, so every MIP
-moves by whole pixels; :func:`metroem.download.remove_translation`, the same rule as
+moves by whole pixels; :func:`metroem.geometry.remove_translation`, the same rule as
 ``download_field``: halves round up), and write
 
 * ``field_{k}_x*_y*_z*_MIP{m}_{C}.h5``: the saturated field minus that translation, and
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import datasets, download, modules, threads, volumes
+from metroem import datasets, geometry, logs, modules, threads, volumes
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
+
+log = logging.getLogger(__name__)
 
 # Attributes of generated files saying what made them.
 PROVENANCE = ("pyramid", "weights")
@@ -62,7 +65,7 @@ def _read_moved_sources(data: datasets.H5Data, t_total: np.ndarray, mip: int) ->
         raise MetroemError("the image dataset records no source volume")
     size = data.shape[-1]
     try:
-        x0, y0 = download.patch_origin(
+        x0, y0 = geometry.patch_origin(
             int(data.attrs["x_offset"]), int(data.attrs["y_offset"]), mip, size
         )
     except (KeyError, ValueError) as e:
@@ -189,7 +192,6 @@ def generate_fields(
     upto_stage: int,
     device: torch.device | str = "cpu",
     batch_size: int = 2,
-    log=print,
     overwrite: bool = False,
     own_ok: bool = False,
     spec_changes: Mapping[int, Mapping] | None = None,
@@ -203,7 +205,7 @@ def generate_fields(
     stage, fields are written at its own MIP (useful for evaluation) and no images are re-cut.
     Outputs that already record this pyramid and these exact weights are kept as they are (a
     rerun after an interruption finishes the rest); other existing outputs are replaced only as
-    :func:`check_outputs` allows (``overwrite``, ``own_ok``).
+    :func:`check_outputs` allows (``overwrite``, ``own_ok``). Progress is logged (INFO).
     """
     check_outputs(pyramid_path, dataset_path, checkpoint_name, upto_stage, overwrite, own_ok)
     mods, k, nxt, out_mip, outputs = _plan(pyramid_path, dataset_path, checkpoint_name,
@@ -212,7 +214,8 @@ def generate_fields(
     todo = [o for o in outputs if not _up_to_date(o, record)]
     for o in outputs:
         if o not in todo:
-            log(f"{os.path.basename(o.field_path)} is up to date (same pyramid and weights); kept")
+            log.info("%s is up to date (same pyramid and weights); kept",
+                     os.path.basename(o.field_path))
     if not todo:
         return [o.field_path for o in outputs]
     stages = [
@@ -234,7 +237,7 @@ def generate_fields(
         field = torch.cat(out)
         tissue = (pairs[:, 1:2] != 0) & (pairs[:, 0:1] != 0)
         # The same removal (and snapping rule) as download_field.
-        field_rm, t_new = download.remove_translation(field, out_mip, coarsest, tissue)
+        field_rm, t_new = geometry.remove_translation(field, out_mip, coarsest, tissue)
         t_total = t_new.numpy() + data.translation  # from the unmoved windows
         attrs = {
             k_: data.attrs[k_] for k_ in ("x_offset", "y_offset", "z", "patch_size", "resolution")
@@ -244,23 +247,24 @@ def generate_fields(
                      **record)
         # Images first, field last: the field file is what marks this output as done.
         if o.image_path is not None:
-            _recut_images(data, summary, o, t_new, t_total, out_mip, record, log)
+            _recut_images(data, summary, o, t_new, t_total, out_mip, record)
         datasets.write_field_dataset(
             o.field_path, field_rm.numpy(), translation=t_total, attrs=attrs, overwrite=True
         )
         mean_shift = float(t_new.double().norm(dim=1).mean())
-        log(f"generated {os.path.basename(o.field_path)}: {len(field)} pairs, mean removed "
-            f"translation {mean_shift:.1f} MIP0 px")
+        log.info("generated %s: %d pairs, mean removed translation %.1f MIP0 px",
+                 os.path.basename(o.field_path), len(field), mean_shift)
     return [o.field_path for o in outputs]
 
 
-def _recut_images(data, summary, out: _Output, t_new, t_total, mip, record, log):
+def _recut_images(data, summary, out: _Output, t_new, t_total, mip, record):
     """Write ``x*_y*_z*_MIP{mip}_{tag}.h5``: the pairs with sources moved by the translation."""
     try:
         pairs = _read_moved_sources(data, t_total, mip)
     except MetroemError as e:
-        log(f"cannot re-read {os.path.basename(summary.path)}'s source volume ({e}); shifting "
-            "the stored patches instead (0 = no data where the window leaves them)")
+        log.warning("cannot re-read %s's source volume (%s); shifting the stored patches "
+                    "instead (0 = no data where the window leaves them)",
+                    os.path.basename(summary.path), e)
         pairs = shift_source(data.data, (t_new // 2**mip).numpy())
     attrs = dict(data.attrs)
     attrs.update(field_dset=out.field_path, **record)
@@ -286,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                    "by this pyramid with these weights are always kept)")
 
     threads.add_argument(p)
+    logs.add_arguments(p)
 
     @cli_errors
     def run(args) -> int:
+        logs.setup_logging(args.verbosity)
         threads.apply(args.threads, announce=True)
         generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name, args.stage,
                         device=resolve_device(args.device), overwrite=args.overwrite)

@@ -1,4 +1,5 @@
-"""Reading one section image file (PNG/TIFF/JPEG/BMP) as a 2-D array, the same way everywhere.
+"""Reading section image files (PNG/TIFF/JPEG/BMP): one file as a 2-D array, the same way
+everywhere, and a folder of them in z order.
 
 ``metroem ingest`` and ``metroem align`` read section files through :func:`read_grey`, so they
 agree on what a section is:
@@ -8,20 +9,36 @@ agree on what a section is:
   channel fully opaque); a real colour image or one with transparency is refused, because
   turning it grey would silently throw information away;
 * a file that is not an image, or is truncated, is a one-line :class:`MetroemError` naming it.
+
+:func:`section_files` lists a folder's section images in natural name order (``2`` before
+``10``: what ``metroem ingest`` numbers z by); :func:`load_sections` reads them as one 8-bit
+stack for the demo volume and the benchmarks (colour converted to grey, 0 raised to 1).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from metroem.errors import MetroemError
 
-__all__ = ["TIFF_SUFFIXES", "natural_key", "read_grey", "to_grey"]
+__all__ = [
+    "TIFF_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "natural_key",
+    "read_grey",
+    "to_grey",
+    "section_files",
+    "read_sections",
+    "load_sections",
+]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")  # of a sections folder
 
 
 def _first_line(e: BaseException) -> str:
@@ -104,3 +121,49 @@ def natural_key(name: str) -> tuple:
     """Sort key comparing the numbers in ``name`` as numbers: ``2.png`` before ``10.png``."""
     parts = re.split(r"(\d+)", name.casefold())
     return tuple((0, int(p), p) if p.isdigit() else (1, 0, p) for p in parts if p)
+
+
+# --- a folder of sections ----------------------------------------------------------------
+
+
+def section_files(sections_dir: str | os.PathLike) -> list[Path]:
+    """The section images of a folder (PNG/TIF/...) in natural name order (``2`` before ``10``)."""
+    folder = Path(sections_dir)
+    if not folder.is_dir():
+        raise MetroemError(f"sections folder {folder} does not exist; pass a folder of images")
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: natural_key(p.name))
+    if not files:
+        raise MetroemError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return files
+
+
+def read_sections(files: list[Path]) -> torch.Tensor:
+    """Images ``files`` as ``(Z, 1, H, W)`` uint8, values >= 1 (all must have one size).
+
+    Colour images are converted to grey; 0 is raised to 1 because 0 means "no data".
+    """
+    from PIL import Image
+
+    arrays = []
+    for p in files:
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("L"))
+        if arrays and a.shape != arrays[0].shape:
+            raise MetroemError(
+                f"{p.name} is {a.shape[1]}x{a.shape[0]} but {files[0].name} is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all sections must have one size"
+            )
+        arrays.append(a)
+    stack = torch.from_numpy(np.stack(arrays)[:, None].copy())
+    return stack.clamp_min(1)
+
+
+def load_sections(sections_dir: str | os.PathLike, num_sections: int | None = None) -> torch.Tensor:
+    """The first ``num_sections`` (default all) images of a folder, see :func:`read_sections`."""
+    files = section_files(sections_dir)
+    if num_sections is not None:
+        files = files[:num_sections]
+        if not files:
+            raise MetroemError(f"num_sections must be >= 1 to read images from {sections_dir}")
+    return read_sections(files)

@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import threads, volumes
+from metroem import logs, threads, volumes
 from metroem.atomic import replace_dir, temp_name
-from metroem.demo import section_files
 from metroem.errors import MetroemError, cli_errors
-from metroem.images import read_grey
+from metroem.images import read_grey, section_files
 
 MANIFEST = "ingest.json"
 DTYPES = ("auto", "uint8", "uint16", "float32")
@@ -285,17 +284,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="percentile range mapped to 1..max when rescaling (default 0.5 99.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing volume")
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     m = ingest_images(a.sections_dir, a.out, a.num_mips, a.resolution,
                       parse_index_list(a.exclude), overwrite=a.overwrite, dtype=a.dtype,
                       percentiles=a.percentiles)
     w, h = m["size"]
+    # the command's output on stdout: what was written where, in which z order
     print("z order (by the number in each name):")
     print("\n".join(mapping_lines(m["sections"])))
     print(m["levels"])

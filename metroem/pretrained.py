@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metroem import modules
+from metroem import logs, modules
 from metroem.errors import MetroemError, cli_errors
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,14 @@ def build_parser():
     c.add_argument("name", choices=names())
     c.add_argument("dest", help="new folder")
     c.add_argument("--weights", action="store_true", help="copy the weights too (finetuning)")
+    logs.add_arguments(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    logs.setup_logging(a.verbosity)
     if a.action == "copy":
         dst = copy_pyramid(a.name, a.dest, weights=a.weights)
         what = "with" if a.weights else "without"

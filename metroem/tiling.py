@@ -1,17 +1,14 @@
 """Tiled inference: align images of any size chunk by chunk, with bounded memory.
 
-Stage-wise tiling (:class:`StageTiler`, :func:`align_tiled`, what ``metroem align`` uses) runs
-the pyramid one stage at a time over the whole region. Stage ``k`` is tiled at its own MIP:
-chunks of ``chunk`` stage pixels, each run on a window padded by ``pad_k`` stage pixels per side
-(default: :func:`default_stage_pad` of the stage's net) and clipped to the region, fed the
-images box-averaged to the stage's MIP and the previous stage's field resampled exactly as the
-whole-image :class:`~metroem.aligner.PyramidAligner` resamples it. Coarse stages store their
-field for the whole region (4^k times smaller than the output; in memory or an ``.npy``
-cache); the last stage runs per output chunk and writes straight into the output. The tiled
-field equals the whole-image field wherever the pads cover the stages' reach.
-
-:func:`align_windows` (what ``metroem export`` bakes in) runs the whole pyramid on one padded
-window per chunk instead (``pad`` in input pixels); coarse stages then see little context.
+Stage-wise tiling (:class:`StageTiler`; :func:`tiled_field`, what ``metroem align`` and
+:func:`align_tiled` run) runs the pyramid one stage at a time over the whole region. Stage ``k``
+is tiled at its own MIP: chunks of ``chunk`` stage pixels, each run on a window padded by
+``pad_k`` stage pixels per side (default: :func:`default_stage_pad` of the stage's net) and
+clipped to the region, fed the images box-averaged to the stage's MIP and the previous stage's
+field resampled exactly as the whole-image :class:`~metroem.aligner.PyramidAligner` resamples
+it. Coarse stages store their field for the whole region (4^k times smaller than the output; in
+memory or an ``.npy`` cache); the last stage runs per output chunk and writes straight into the
+output. The tiled field equals the whole-image field wherever the pads cover the stages' reach.
 
 Only windows are in memory: sources are read window by window (:class:`NpySource` reads rows of
 an ``.npy`` file with ``pread``, :class:`VolumeSource` reads a CloudVolume cutout; coarse stages
@@ -49,12 +46,10 @@ __all__ = [
     "NpySource",
     "NpyWriter",
     "VolumeSource",
-    "align_chunk",
-    "window_size",
     "warp_chunk",
     "compose_chunk",
     "align_tiled",
-    "align_windows",
+    "tiled_field",
     "StageTiler",
     "StagePlan",
     "VolumeFieldStore",
@@ -241,30 +236,6 @@ def _as_tensor(a: np.ndarray, device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)[None, None]
 
 
-def window_size(chunk_size: int, pad: int, multiple: int) -> int:
-    """Side of every window: ``chunk + 2 pad`` rounded up to the aligner's size multiple."""
-    return math.ceil((chunk_size + 2 * pad) / multiple) * multiple
-
-
-def align_chunk(
-    aligner, src, tgt, chunk: Chunk, pad: int, chunk_size: int | None = None, **kwargs
-) -> Tensor:
-    """Field ``(1, 2, h, w)`` (CPU) of one chunk: align the padded window, keep the centre.
-
-    Every window has the same size (:func:`window_size` of the nominal ``chunk_size``), so
-    edge chunks see the same grid and the same amount of context as interior ones.
-    """
-    m = aligner.size_multiple() if hasattr(aligner, "size_multiple") else 1
-    wh = ww = window_size(chunk_size or max(chunk.h, chunk.w), pad, m)
-    y0, x0 = chunk.y0 - pad, chunk.x0 - pad
-    dev = getattr(aligner, "device", torch.device("cpu"))
-    s = _as_tensor(src.read(y0, x0, wh, ww), dev)
-    t = _as_tensor(tgt.read(y0, x0, wh, ww), dev)
-    with torch.no_grad():
-        f = aligner(s, t, **kwargs)
-    return f[..., pad : pad + chunk.h, pad : pad + chunk.w].float().cpu()
-
-
 def warp_chunk(src, field: Tensor, chunk: Chunk) -> Tensor:
     """The source warped by a chunk's field, ``(1, 1, h, w)`` float: ``src(p + field(p))``.
 
@@ -290,28 +261,6 @@ def compose_chunk(read_first, second: Tensor, chunk: Chunk) -> Tensor:
     big = torch.nn.functional.pad(second, (margin,) * 4, mode="replicate")
     out = big + fields.warp_field(win, big)
     return out[..., margin : margin + chunk.h, margin : margin + chunk.w].contiguous()
-
-
-def align_windows(aligner, src, tgt, chunk: int, pad: int, **kwargs) -> Tensor:
-    """Whole field ``(1, 2, H, W)``, each chunk from the whole pyramid run on its own window.
-
-    The pre-stage-wise method (what ``metroem export`` bakes in): ``pad`` is in pixels of the
-    input MIP, so coarse stages see only ``pad / 2^(mip - input_mip)`` of their own pixels of
-    context and the field differs from the whole-image field unless ``pad`` covers every
-    stage's receptive field. Prefer :func:`align_tiled`.
-    """
-    src = src if hasattr(src, "read") else ArraySource(np.asarray(src))
-    tgt = tgt if hasattr(tgt, "read") else ArraySource(np.asarray(tgt))
-    if src.shape != tgt.shape:
-        raise MetroemError(f"source {src.shape} and target {tgt.shape} differ in size")
-    check_chunking(chunk, pad, aligner.size_multiple())
-    h, w = src.shape
-    out = torch.zeros(1, 2, h, w)
-    for c in plan_chunks(h, w, chunk):
-        out[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = align_chunk(
-            aligner, src, tgt, c, pad, chunk, **kwargs
-        )
-    return out
 
 
 # --- stage-wise tiling --------------------------------------------------------------------------
@@ -429,6 +378,7 @@ class NpyFieldStore:
     reads outside repeat the border. ``create`` makes the file, else an existing one is used."""
 
     def __init__(self, path: str, height: int, width: int, create: bool):
+        self.path = path
         self.shape = (height, width)
         if create:  # made under a temporary name: a killed run never leaves a half header
             from metroem.atomic import atomic_path
@@ -631,12 +581,22 @@ class StageTiler:
         """Chunks of the output (input MIP pixels): the last stage's units of work."""
         return plan_chunks(self.height, self.width, self.chunk)
 
-    def new_store(self, k: int, path: str | None = None, create: bool = True):
-        """A field store for coarse stage ``k``: in memory, or the ``.npy`` file ``path``."""
-        p = self.plans[k]
+    def store(self, name: str, path: str | None = None, create: bool = True):
+        """The field store of one pass of :func:`tiled_field`: ``"stage<k>"`` (coarse stage
+        ``k``, its pixels) or an output pass (``"raw"``, ``"smooth"``: input-MIP pixels); in
+        memory, or the ``.npy`` file ``path`` (``create``: make it, else use the existing one)."""
+        if name.startswith("stage"):
+            p = self.plans[int(name[len("stage"):])]
+            height, width = p.height, p.width
+        else:
+            height, width = self.height, self.width
         if path is None:
-            return MemoryFieldStore(p.height, p.width)
-        return NpyFieldStore(path, p.height, p.width, create)
+            return MemoryFieldStore(height, width)
+        return NpyFieldStore(path, height, width, create)
+
+    def describe(self, k: int) -> str:
+        """``stage k/last (MIP m)``: a progress label."""
+        return f"stage {k}/{len(self.plans) - 1} (MIP {self.plans[k].mip})"
 
     def _window(self, k: int, y0: int, x0: int, h: int, w: int) -> tuple[int, int, int, int]:
         p = self.plans[k]
@@ -705,36 +665,91 @@ class StageTiler:
         return field[..., oy : oy + c.h, ox : ox + c.w].float().cpu().contiguous()
 
 
+def tiled_field(
+    tiler: StageTiler,
+    aligner,
+    src,
+    tgt,
+    devices: Sequence[torch.device],
+    *,
+    stores: Callable[[str], object] | None = None,
+    marks=None,
+    start=None,
+    progress: bool = False,
+    label: str = "",
+) -> tuple[object, int]:
+    """The pyramid's field of ``src`` onto ``tgt`` over the tiler's region, stage by stage.
+
+    Every coarse stage ``k`` runs over the whole region into store ``"stage<k>"``; the last
+    stage runs per output chunk into store ``"raw"``; when the aligner smooths, a pass of
+    :meth:`StageTiler.smooth_chunk` follows into store ``"smooth"``. ``stores(name)`` makes each
+    store (default: in memory, :meth:`StageTiler.store`). ``marks`` makes a run resumable: an
+    object with ``done(name, chunk)`` and ``mark(name, chunk)``; chunks done are skipped and each
+    chunk is marked once its data is written (``metroem align`` keeps ``.npy`` stores and marker
+    files). Stage 0 starts from ``start`` (a store in its pixels) if given, else from
+    :meth:`StageTiler.initial_store`. Chunks are spread over ``devices``; ``label`` prefixes the
+    progress bars.
+
+    Returns the store of the finished field (``(1, 2, h, w)`` reads, input-MIP pixels) and the
+    number of chunks its last pass ran.
+    """
+    stores = stores or tiler.store
+
+    def run(name: str, jobs, fn, desc: str) -> int:
+        def work(model, c: Chunk) -> None:
+            fn(model, c)
+            if marks is not None:
+                marks.mark(name, c)
+
+        done = (lambda c: marks.done(name, c)) if marks is not None else (lambda c: False)
+        return run_chunks(jobs, work, aligner, devices, is_done=done, progress=progress,
+                          desc=label + desc)
+
+    prev = start if start is not None else tiler.initial_store(src, tgt)
+    for p in tiler.coarse:
+        store = stores(f"stage{p.index}")
+
+        def coarse(model, c: Chunk, k=p.index, prev=prev, store=store) -> None:
+            tiler.run_stage_chunk(model, k, c, src, tgt, prev, store)
+
+        run(f"stage{p.index}", tiler.stage_chunks(p.index), coarse, tiler.describe(p.index))
+        prev = store
+    raw = stores("raw")
+
+    def final(model, c: Chunk) -> None:
+        raw.write(c.y0, c.x0, tiler.output_chunk(model, c, src, tgt, prev))
+
+    ran = run("raw", tiler.output_chunks(), final, tiler.describe(len(tiler.plans) - 1))
+    if tiler.smoothing_px <= 0:
+        return raw, ran
+    smooth = stores("smooth")
+
+    def regular(model, c: Chunk) -> None:
+        smooth.write(c.y0, c.x0, tiler.smooth_chunk(c, raw.read, src, tgt))
+
+    ran = run("smooth", tiler.output_chunks(), regular,
+              f"smoothing ({tiler.smoothing_px:g} px)")
+    return smooth, ran
+
+
 def align_tiled(
     aligner,
     src,
     tgt,
     chunk: int,
     pad: int | None = None,
-    method: str = "stages",
     devices: Sequence[torch.device] | None = None,
     progress: bool = False,
-    **kwargs,
 ) -> Tensor:
     """Whole field ``(1, 2, H, W)`` of two sources (or 2-D arrays), computed chunk by chunk.
 
-    ``method="stages"`` (default) tiles stage by stage (:class:`StageTiler`; ``pad`` in pixels
-    of each stage's MIP, ``None`` = per-stage default) and equals the whole-image field
+    Tiles stage by stage (:class:`StageTiler`, :func:`tiled_field`; ``pad`` in pixels of each
+    stage's MIP, ``None`` = per-stage default) and equals the whole-image field
     ``aligner(src, tgt)`` up to the window cuts' effect, which the default pads keep below 0.01
     px away from the image border. Coarse stages' fields are kept in memory (4^k times smaller
     than the output); each stage's chunks are spread over ``devices`` (default: the aligner's).
-    ``method="window"`` is :func:`align_windows` (``pad`` in input pixels; ``kwargs`` are passed
-    to the aligner).
+    ``metroem align`` runs the same passes with ``.npy`` caches and chunk markers.
     """
-    if method == "window":
-        return align_windows(aligner, src, tgt, chunk, 0 if pad is None else pad, **kwargs)
-    if method != "stages":
-        raise MetroemError(f"unknown tiling method {method!r}; use 'stages' or 'window'")
-    if kwargs:
-        raise MetroemError(
-            f"stage-wise tiling takes no aligner arguments ({', '.join(kwargs)}); use "
-            "method='window'"
-        )
     src = src if hasattr(src, "read") else ArraySource(np.asarray(src))
     tgt = tgt if hasattr(tgt, "read") else ArraySource(np.asarray(tgt))
     if src.shape != tgt.shape:
@@ -742,37 +757,8 @@ def align_tiled(
     h, w = src.shape
     tiler = StageTiler(aligner, h, w, chunk, pad)
     devices = list(devices) if devices else [aligner.device]
-    prev = tiler.initial_store(src, tgt)
-    for p in tiler.coarse:
-        store = tiler.new_store(p.index)
-
-        def coarse(model, c: Chunk, k=p.index, prev=prev, store=store) -> None:
-            tiler.run_stage_chunk(model, k, c, src, tgt, prev, store)
-
-        run_chunks(tiler.stage_chunks(p.index), coarse, aligner, devices, progress=progress,
-                   desc=f"stage {p.index} (MIP {p.mip})")
-        prev = store
-    out = torch.zeros(1, 2, h, w)
-
-    def final(model, c: Chunk) -> None:
-        out[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = tiler.output_chunk(
-            model, c, src, tgt, prev
-        )
-
-    last = tiler.plans[-1]
-    run_chunks(tiler.output_chunks(), final, aligner, devices, progress=progress,
-               desc=f"stage {last.index} (MIP {last.mip})")
-    if tiler.smoothing_px <= 0:
-        return out
-    raw = _window_reader(out, 0, 0)
-    smooth = torch.zeros_like(out)
-
-    def regular(model, c: Chunk) -> None:
-        smooth[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = tiler.smooth_chunk(c, raw, src, tgt)
-
-    run_chunks(tiler.output_chunks(), regular, aligner, devices, progress=progress,
-               desc="smoothing")
-    return smooth
+    store, _ = tiled_field(tiler, aligner, src, tgt, devices, progress=progress)
+    return store.field
 
 
 # --- devices and the chunk runner ---------------------------------------------------------------

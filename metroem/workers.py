@@ -27,12 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from metroem import tiling, volumes
+from metroem import logs, tiling, volumes
 from metroem.atomic import atomic_write_bytes
 from metroem.errors import MetroemError
 
@@ -287,6 +286,7 @@ def _parser():
     from metroem import threads
 
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
@@ -298,13 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         from metroem import threads
 
         a = _parser().parse_args(argv)
+        logs.setup_logging(a.verbosity)
         threads.apply(a.threads, announce=True)
         url = a.queue
         if url.startswith("fq://") and not os.path.isdir(url[len("fq://"):]):
             raise MetroemError(f"queue {url} does not exist; enqueue a stack first (metroem "
                                "align ... --block_size B --queue URL)")
         n = work(url, a.lease_seconds)
-        print(f"done: {n} task(s) run; the queue is empty", file=sys.stderr)
+        log.info("done: %d task(s) run; the queue is empty", n)
         return 0
 
     return run(argv)

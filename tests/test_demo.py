@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import isbi_section
 
-from metroem import demo, fields, volumes
+from metroem import demo, fields, images, volumes
 from metroem.errors import MetroemError
 
 SIZE, NZ, MIPS, MARGIN = 256, 4, 3, 24
@@ -161,7 +161,7 @@ def test_sections_dir_mode_with_real_images(tmp_path):
     )
     assert vol.num_sections == 3 and vol.size == (256, 192) and vol.source == str(src_dir)
     aligned = volumes.read(vol.aligned_path, 0, 0, 0, 0, 256, 192, nz=3)
-    real = demo.load_sections(src_dir)
+    real = images.load_sections(src_dir)
     assert torch.equal(aligned, real[..., 160:352, 128:384])  # centre crop, in name order
     obs = volumes.read(vol.image_path, 0, 0, 0, 0, 256, 192, nz=3)
     g = volumes.read(vol.field_path, 0, 0, 0, 0, 256, 192, nz=3)

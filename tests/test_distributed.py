@@ -28,7 +28,7 @@ def torchrun(argv: list[str], **env: str) -> subprocess.CompletedProcess:
 def test_two_processes_train_and_write_one_checkpoint(tiny_run):
     res = torchrun(tiny_run.argv("ddp", "--no_redirect_stdout"))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "world size 2" in res.stdout
+    assert "world size 2" in res.stderr
     for stage in (0, 1):
         model_dir = tiny_run.module(stage) / "model"
         names = sorted(p.name for p in model_dir.iterdir())
@@ -38,7 +38,7 @@ def test_two_processes_train_and_write_one_checkpoint(tiny_run):
         restored = ckpt.load_training_state(model_dir / "ddp.training.pt", restore_rng=False)
         assert restored.step == 6 and restored.extra["final"]
     assert (tiny_run.data / datasets.field_filename(0, 128, 128, 1, 0, "ddp")).exists()
-    assert res.stdout.count("stage 1 done: 6 steps") == 1  # only rank 0 logs
+    assert res.stderr.count("stage 1 done: 6 steps") == 1  # only rank 0 logs
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_nan_on_rank_1_only_is_skipped_by_every_rank(tiny_run):
                    METROEM_FAULT="nan@step=3,rank=1")
     assert res.returncode == 0, res.stderr[-3000:]
     # rank 0 computed a finite loss at step 3, yet it skipped the step too
-    assert "step 3: non-finite loss or gradient, skipped (1 of at most 20)" in res.stdout
+    assert "step 3: non-finite loss or gradient, skipped (1 of at most 20)" in res.stderr
     state = ckpt.load_training_state(
         ckpt.training_state_path(tiny_run.module(0), "ddp"), restore_rng=False
     )

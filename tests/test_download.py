@@ -25,9 +25,9 @@ from metroem.download import (
     download_field_main,
     download_image,
     download_image_main,
-    snap_centre,
 )
 from metroem.errors import MetroemError
+from metroem.geometry import snap_centre
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OX, OY, OZ, EXT, NZ = 199168, 134656, 8170, 3584, 12

@@ -82,11 +82,11 @@ def test_rerun_without_resume_is_refused_and_keeps_the_checkpoint(tiny_run, caps
 def test_stopped_run_exits_nonzero_and_never_becomes_the_default(tiny_run, capsys, monkeypatch,
                                                                  tmp_path):
     assert train(tiny_run.argv("a", "--no_redirect_stdout")) == 0  # both stages, finished
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert out[-1].startswith("training finished: stage(s) 0, 1 trained to checkpoint 'a'")
     monkeypatch.setenv("METROEM_FAULT", "sigterm@step=3,stage=0")
     assert train(stage0(tiny_run, "b")) == 143  # 128 + SIGTERM: not finished
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert out[-1].startswith("training stopped: stage 0 stopped at step 3")
     monkeypatch.delenv("METROEM_FAULT")
     assert default_checkpoint(tiny_run, 0) == "a"  # the stopped 'b' is not the default
@@ -166,7 +166,7 @@ def test_generate_cli_keeps_existing_files_unless_told(tiny_run, capsys):
     mtime = field.stat().st_mtime_ns
     capsys.readouterr()
     assert generate.main(base) == 0  # same pyramid, same weights: up to date, kept
-    assert "is up to date" in capsys.readouterr().out and field.stat().st_mtime_ns == mtime
+    assert "is up to date" in capsys.readouterr().err and field.stat().st_mtime_ns == mtime
     # new weights for the same name: the old fields are not replaced without --overwrite
     other = nets.build_model(modules.read_spec(tiny_run.module(0))[0])
     modules.save_weights(tiny_run.module(0), "v1", other.state_dict())
@@ -186,29 +186,28 @@ def test_ctrl_c_during_field_generation_then_rerun(tiny_run, capsys, monkeypatch
     """Ctrl-C while the fields after stage 0 are generated: one press finishes the fields and
     stops before stage 1; two presses interrupt the generation itself. Either way nothing
     half-written is left, the run does not look finished, and --resume completes it."""
-    real = generate.download.remove_translation
+    real = generate.geometry.remove_translation
 
     def ctrl_c(*args, **kwargs):
         for _ in range(presses):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate.download, "remove_translation", ctrl_c)
+    monkeypatch.setattr(generate.geometry, "remove_translation", ctrl_c)
     argv = tiny_run.argv("v1", "--no_redirect_stdout")
     assert train(argv) == 130
-    out, err = capsys.readouterr()
-    last = (out if presses == 1 else err).strip().splitlines()[-1]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("training stopped: stopped after stage 0" if presses == 1
                            else "interrupted")
     assert not list(tiny_run.root.rglob(".*.tmp-*")) and not list(tiny_run.root.rglob(".*.lock"))
     field = tiny_run.data / datasets.field_filename(0, 128, 128, 1, 0, "v1")
     assert field.exists() == (presses == 1)
     assert not modules.weights_path(tiny_run.module(1), "v1").exists()
-    monkeypatch.setattr(generate.download, "remove_translation", real)
+    monkeypatch.setattr(generate.geometry, "remove_translation", real)
     assert train(argv) == 2  # a plain rerun would throw stage 0's checkpoint away
     assert "--resume" in error_line(capsys.readouterr().err)
     assert train([*argv, "--resume"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert ("is up to date" in out) == (presses == 1)
     assert out.strip().splitlines()[-1].startswith("training finished")
     assert datasets.read_field_dataset(str(field), load_data=False).attrs["pyramid"] == \
@@ -238,7 +237,7 @@ def test_resume_with_a_changed_config_says_what_changed(tiny_run, capsys, monkey
     monkeypatch.delenv("METROEM_FAULT")
     capsys.readouterr()
     assert train([*stage0(tiny_run, "tiny"), "--resume", "--set", "train.steps=8"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "config differs from the checkpoint's (train.steps: 6 -> 8)" in out
     assert ckpt.load_checkpoint(tiny_run.module(0), "tiny", restore_rng=False).step == 8
 
@@ -263,7 +262,7 @@ def test_stage_whose_tissue_is_smaller_than_its_crop_is_refused(tiny_run, capsys
 
 def test_train_header_shows_the_threads_flag(tiny_run, capsys):
     assert train(stage0(tiny_run, "tiny", "--threads", "1", "--set", "train.steps=1")) == 0
-    header = capsys.readouterr().out.splitlines()[0]
+    header = capsys.readouterr().err.splitlines()[0]
     assert header.startswith("metroem train:") and "1 CPU threads" in header
 
 

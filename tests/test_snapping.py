@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_spec
 
 from metroem import datasets, download, generate, modules, nets, volumes
-from metroem.download import remove_translation, snap_centre, snap_to_multiple
+from metroem.geometry import remove_translation, snap_centre, snap_to_multiple
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,8 +159,7 @@ def test_generate_and_download_agree_on_half_pixels(tiny_run, tmp_path, monkeypa
     modules.save_weights(stage0, "half", nets.build_model(tiny_spec()).state_dict())
     monkeypatch.setattr(ConstantAligner, "field", (shift[0] * 2, shift[1] * 2))  # px at MIP 0
     monkeypatch.setattr(generate, "PyramidAligner", ConstantAligner)
-    generate.generate_fields(str(tiny_run.pyramid), str(tiny_run.data), "half", 0,
-                             log=lambda s: None)
+    generate.generate_fields(str(tiny_run.pyramid), str(tiny_run.data), "half", 0)
     gen = datasets.read_field_dataset(
         str(tiny_run.data / datasets.field_filename(0, 128, 128, 1, 0, "half"))
     )

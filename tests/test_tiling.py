@@ -108,11 +108,6 @@ def test_tiled_field_equals_whole_field_for_local_random_pyramid():
     assert (tiled - whole).abs().max() < 1e-4  # everywhere: windows stop at the image border
     short = tiling.align_tiled(al, a, b, chunk=64, pad=4)
     assert (short - whole)[..., 64:-64, 64:-64].abs().max() > 0.01
-    # whole pyramid per window (the export's method): pad in input pixels, ~40 needed
-    windows = tiling.align_tiled(al, a, b, chunk=64, pad=64, method="window")
-    assert (windows - whole)[..., 64:-64, 64:-64].abs().max() < 1e-4
-    short = tiling.align_windows(al, a, b, chunk=64, pad=16)
-    assert (short - whole)[..., 64:-64, 64:-64].abs().max() > 0.01
 
 
 def demo_pair(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +183,6 @@ def test_stage_tiler_checks_its_settings():
     al.input_mip = 1  # a stage at MIP 0 is finer than the input
     with pytest.raises(MetroemError, match="MIP 0"):
         tiling.StageTiler(al, 100, 70, 32)
-    with pytest.raises(MetroemError, match="method='window'"):
-        tiling.align_tiled(local_pyramid(), np.ones((8, 8)), np.ones((8, 8)), 16, 4, foo=1)
 
 
 def test_warp_chunk_matches_whole_warp():

@@ -123,7 +123,7 @@ def test_sigterm_at_a_step_exits_143_and_resume_is_identical(tiny_world, tmp_pat
     argv = run.argv("tiny")
     stopped = run_train_py(argv, METROEM_FAULT="sigterm@step=3,stage=1")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]  # not finished
-    last = stopped.stdout.strip().splitlines()[-1]
+    last = stopped.stderr.strip().splitlines()[-1]
     assert last.startswith("training stopped: stage 1 stopped at step 3")
     assert "Traceback" not in stopped.stderr
     state = ckpt.load_training_state(ckpt.training_state_path(run.module(1), "tiny"),
@@ -132,7 +132,7 @@ def test_sigterm_at_a_step_exits_143_and_resume_is_identical(tiny_world, tmp_pat
     assert "stage 1 stopped at step 3" in (run.pyramid / "_runs/tiny/train.log").read_text()
     resumed = run_train_py([*argv, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "stage 1: resumed at step 3" in resumed.stdout
+    assert "stage 1: resumed at step 3" in resumed.stderr
     assert_same(final_weights(run), reference[0], "SIGTERM at stage 1 step 3")
 
 
@@ -160,7 +160,7 @@ def test_external_sigterm_once_a_checkpoint_exists(tiny_world, tmp_path, forker)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "training stopped" in out and "Traceback" not in err
+    assert "training stopped" in err and "Traceback" not in err
     state = ckpt.load_training_state(state_path, restore_rng=False)
     assert 10 <= state.step < 60, "the signal should land during training"
     p.join(300)
@@ -245,7 +245,7 @@ def test_second_train_py_on_the_same_module_is_refused(tiny_world, tmp_path):
         assert f"pid {first.pid}" in lines[0]
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=60)
-        assert first.returncode == 128 + signal.SIGTERM and "training stopped" in out
+        assert first.returncode == 128 + signal.SIGTERM and "training stopped" in err
         assert not lock.exists()  # released on the way out
     finally:
         if first.poll() is None:

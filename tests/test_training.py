@@ -4,6 +4,7 @@ on one thread; train.py itself runs as a subprocess in tests/test_train_crash.py
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -219,7 +220,7 @@ def _constant_shift_module(pyramid, stage: int, mip: int, shift: tuple[float, fl
 def test_known_translation_is_removed_snapped_and_recut(tiny_run):
     # Stage 0 (MIP 1) predicts (3.3, -5.6) px = (6.6, -11.2) MIP0 px -> snapped to (6, -12).
     _constant_shift_module(tiny_run.pyramid, 0, 1, (3.3, -5.6), "shift")
-    generate_fields(str(tiny_run.pyramid), str(tiny_run.data), "shift", 0, log=lambda s: None)
+    generate_fields(str(tiny_run.pyramid), str(tiny_run.data), "shift", 0)
     aligner = load_aligner(tiny_run.pyramid, "shift", stages=[0], input_mip=0)
     plain = datasets.read_image_dataset(str(tiny_run.data / "x128_y128_z1_MIP0.h5"))
     pairs = torch.from_numpy(plain.data.astype(np.float32))
@@ -252,18 +253,17 @@ def test_known_translation_is_removed_snapped_and_recut(tiny_run):
     assert float((a - b)[:, 0][inside].abs().max()) <= 1e-3 * float(pairs.max())
 
 
-def test_recut_falls_back_to_shifting_when_the_volume_is_gone(tiny_run, tmp_path):
+def test_recut_falls_back_to_shifting_when_the_volume_is_gone(tiny_run, tmp_path, caplog):
     _constant_shift_module(tiny_run.pyramid, 0, 1, (3.3, -5.6), "shift")
     volume_dir = tiny_run.volume.out_dir
     hidden = tmp_path / "volume_moved_away"
-    messages = []
     os.rename(volume_dir, hidden)
     try:
-        generate_fields(str(tiny_run.pyramid), str(tiny_run.data), "shift", 0,
-                        log=messages.append)
+        with caplog.at_level(logging.WARNING, logger="metroem"):
+            generate_fields(str(tiny_run.pyramid), str(tiny_run.data), "shift", 0)
     finally:
         os.rename(hidden, volume_dir)
-    assert any("shifting the stored patches" in m for m in messages)
+    assert "shifting the stored patches" in caplog.text
     fd, recut, plain, inside = _check_invariant(tiny_run.data, "shift", 0, 0, None)
     assert fd.translation.tolist() == [[6, -12]] * 4
     # what came from outside the stored patch is 0 (no data); the rest is the patch, moved
@@ -281,7 +281,7 @@ def test_injected_nan_is_skipped_and_counted(tiny_run, monkeypatch, capsys):
         ckpt.training_state_path(tiny_run.module(0), "tiny"), restore_rng=False
     )
     assert state.step == 6 and state.extra["skipped"] == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "step 2: non-finite loss or gradient, skipped (1 of at most 20)" in out
     assert all(torch.isfinite(v).all() for v in tiny_run.weights(0).values())
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import NamedTuple
@@ -41,11 +42,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metroem import fields, viz
+from metroem import fields, logs, viz
 from metroem.errors import MetroemError, cli_errors
 from metroem.eval import baselines, metrics, report, stackview
 
 Tensor = torch.Tensor
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     from metroem import threads
 
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
@@ -447,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     from metroem import threads
 
     args = _parser().parse_args(argv)
+    logs.setup_logging(args.verbosity)
     threads.apply(args.threads)
     if args.chunk < 2:
         raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
@@ -467,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(stackview.json_safe(result), indent=1))
     if args.report:
-        print(f"pictures in {args.report}")
+        log.info("pictures in %s", args.report)
     return 0
 
 

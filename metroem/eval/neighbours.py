@@ -82,7 +82,7 @@ def default_data_dir() -> Path:
 
 def load_blocks(data_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
     """Every block under ``data_dir`` as ``name -> (Z, H, W)`` float32 (values >= 1)."""
-    from metroem.demo import load_sections
+    from metroem.images import load_sections
 
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     if not folder.is_dir():

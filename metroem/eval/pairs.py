@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from metroem import fields, sample_data, synth
+from metroem import sample_data, synth
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -36,7 +36,6 @@ __all__ = [
     "load_stack",
     "make_pairs",
     "gt_valid_mask",
-    "deformed_field_check",
 ]
 
 # Deformation of the source at each difficulty, in pixels of the 512 x 512 sections.
@@ -94,7 +93,7 @@ def load_stack(
     data_dir: str | os.PathLike | None = None, num_sections: int | None = None
 ) -> Tensor:
     """The benchmark sections as ``(Z, H, W)`` float32 (values >= 1; 0 stays reserved)."""
-    from metroem.demo import load_sections
+    from metroem.images import load_sections
 
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     if not folder.is_dir():
@@ -187,12 +186,3 @@ def gt_valid_mask(pair: BenchmarkPair, margin: int = 4) -> Tensor:
     gt = pair.gt if pair.gt is not None else pair.h
     ok = valid_after_warp(pair.src, gt, margin=margin)
     return ok & (pair.tgt != 0)
-
-
-def deformed_field_check(pair: BenchmarkPair) -> float:
-    """Median |warp(src, gt) - tgt| over valid pixels: a sanity value for a ``same`` pair."""
-    if pair.gt is None:
-        raise ValueError("only same-section pairs have a ground-truth field")
-    warped = fields.warp_image(pair.src[None, None], pair.gt[None])[0, 0]
-    m = gt_valid_mask(pair)
-    return float((warped - pair.tgt)[m].abs().median())

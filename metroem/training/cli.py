@@ -27,7 +27,7 @@ import sys
 import time
 
 from metroem import config as config_mod
-from metroem import modules, threads
+from metroem import logs, modules, threads
 from metroem.atomic import FileLock
 from metroem.errors import MetroemError, cli_errors
 from metroem.generate import check_outputs, generate_fields
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     threads.add_argument(p)
+    logs.add_arguments(p)
     return p
 
 
@@ -260,9 +261,8 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfg
                 changes = {u.stage: config_mod.resolve(cfg, u.mip)["model"]["train_spec"]
                            for u in mods[: i + 1]}
                 generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name,
-                                m.stage, device=device, log=logger.message,
-                                overwrite=args.overwrite, own_ok=args.resume,
-                                spec_changes=changes)
+                                m.stage, device=device, overwrite=args.overwrite,
+                                own_ok=args.resume, spec_changes=changes)
                 logger.message(f"fields after stage {m.stage} in {time.time() - t0:.0f} s")
             dist.barrier(info)
         later = [s for s in train_numbers + gen_numbers if s > m.stage]
@@ -277,6 +277,7 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfg
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     hooks = FaultHooks.from_env()  # METROEM_FAULT: fault injection for tests and drills
+    logs.setup_logging(args.verbosity)
     threads.apply(args.threads)  # the run header says how many
     try:
         run(args, hooks)

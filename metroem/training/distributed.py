@@ -96,11 +96,6 @@ def agree(
     return bool(flags[0].item() == 0.0), bool(flags[1].item() > 0.0)
 
 
-def all_agree_finite(info: DistInfo, finite: bool, device: torch.device) -> bool:
-    """True only if every rank saw a finite loss and gradients."""
-    return agree(info, finite, False, device)[0]
-
-
 def all_true(info: DistInfo, value: bool) -> bool:
     """True only if ``value`` is true on every rank (CPU tensor: works before a device is used,
     on gloo; NCCL needs the rank's GPU, which :func:`init` has set)."""

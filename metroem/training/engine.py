@@ -258,7 +258,7 @@ def check_stage(
     _check_tissue_size(module, dataset_path, crop, min(sizes), model)
     state_path = ckpt.training_state_path(module.path, checkpoint_name)
     if resume and state_path.exists():
-        ckpt.load_training_state(state_path, model, restore_rng=False)
+        ckpt.load_checkpoint(module.path, checkpoint_name, model, restore_rng=False)
 
 
 def _check_tissue_size(module: modules.ModuleInfo, dataset_path: str, crop: int, patch: int,
@@ -336,8 +336,8 @@ def train_stage(
     step, skipped = 0, 0
     val_metrics: dict[str, float] = {}
     if resume and state_path.exists():
-        restored = ckpt.load_training_state(
-            state_path, model, optimizer, scheduler, map_location=device
+        restored = ckpt.load_checkpoint(
+            module.path, checkpoint_name, model, optimizer, scheduler, map_location=device
         )
         step = int(restored.step)
         extra = restored.extra or {}
@@ -380,11 +380,9 @@ def train_stage(
                 entry_written = True
             # Only a finished run's weights become the module's default checkpoint: a
             # stopped run's never do (loading then names them or refuses, see aligner.py).
-            modules.save_weights(module.path, checkpoint_name, model.state_dict(),
-                                 make_default=False)
-            ckpt.save_training_state(
-                state_path, model, optimizer, scheduler, step=step,
-                rng_states=ckpt.capture_rng_states(), data_state=stream.state(), config=cfg,
+            ckpt.save_checkpoint(
+                module.path, checkpoint_name, model, optimizer, scheduler, step=step,
+                data_state=stream.state(), config=cfg, make_default=False,
                 extra={"skipped": skipped, "final": final, "stage": module.stage,
                        "val": {k: float(v) for k, v in val_metrics.items()}},
             )

@@ -5,6 +5,7 @@ Only the main process writes; other ranks get a logger whose methods do nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from metroem import fields, viz
+
+log = logging.getLogger(__name__)
 
 
 class _Tee:
@@ -111,12 +114,10 @@ class RunLogger:
                               dataformats="HWC")
 
     def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(text)
-        else:
-            print(text, flush=True)
+        """Log ``text`` (INFO; main process only). The command's log lines go to stderr, so
+        into ``train.log`` too, and are written between the progress bar's updates."""
+        if self.enabled:
+            log.info(text)
 
     def end_stage(self) -> None:
         if self._bar is not None:
