@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,11 +76,29 @@ COMMANDS = ["demo", "demo-volume", "ingest", "download-image", "download-field",
             "generate", "align", "export", "eval", "worker"]
 
 
-def test_every_command_takes_threads():
-    for name in COMMANDS:
-        r = metroem(name, "--help")
-        assert r.returncode == 0, (name, r.stderr)
-        assert "--threads N" in r.stdout and "one per core" in " ".join(r.stdout.split()), name
+def command_help(name: str, capsys) -> str:
+    """``metroem NAME --help`` in this process (the dispatcher's own entry for NAME)."""
+    import importlib
+
+    from metroem import cli
+
+    module, func = cli.COMMANDS[name][0].split(":")
+    with pytest.raises(SystemExit) as e:
+        getattr(importlib.import_module(module), func)(["--help"])
+    assert e.value.code == 0, name
+    return capsys.readouterr().out
+
+
+def test_every_command_takes_threads_and_verbosity(capsys):
+    from metroem import cli
+
+    assert set(COMMANDS) <= set(cli.COMMANDS)
+    for name in cli.COMMANDS:
+        text = " ".join(command_help(name, capsys).split())
+        if name != "pretrained":  # lists and copies files: no computation to thread
+            assert "--threads N" in text and "one per core" in text, name
+        assert "--verbose" in text and "--quiet" in text, name
+    assert metroem("align", "--help").returncode == 0  # the dispatcher itself, as installed
     line = error_line(metroem("ingest", "a", "b", "--threads", "0"))
     assert "--threads 0" in line
 
