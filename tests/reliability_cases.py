@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import forked
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: this file is tests/
@@ -1004,92 +1005,10 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-# Modules a forked case finds imported already (what costs most of a fresh interpreter's start).
-PRELOAD = ["torch", "cloudvolume", "h5py", "torch.utils.tensorboard", "metroem.cli",
-           "metroem.training.cli", "metroem.align", "metroem.download", "metroem.eval.cli"]
-
-
-def forkserver():
-    """A multiprocessing context whose children start from an interpreter with :data:`PRELOAD`
-    imported: a case then runs in a fresh process (its own state, exit code, signals, file-size
-    limit) without paying for the imports. The benchmark runs real ``python`` subprocesses."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
-
-
-@dataclass
-class _Proc:
-    returncode: int
-    stderr: str
-
-
-def _forked_tool(tool: list[str], argv: list[str], cwd: str, env: dict, limit: int | None,
-                 out: str, err: str) -> None:
-    """The child of :func:`_run_forked`: the tool as ``python TOOL ARGV`` would run it."""
-    import runpy
-    import traceback
-
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    if limit is not None:
-        _preexec(limit)()
-    for fd, path in ((1, out), (2, err)):
-        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(f, fd)
-        os.close(f)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    import torch
-
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        if tool[0] == "-m":
-            sys.argv = [tool[1], *argv]
-            runpy.run_module(tool[1], run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = [tool[0], *argv]
-            runpy.run_path(tool[0], run_name="__main__")
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            code = 1
-        else:
-            code = int(e.code or 0)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _run_forked(forker, tool: list[str], argv: list[str], work: Path, env: dict,
-                limit: int | None, timeout: float) -> _Proc:
-    out, err = work.parent / f".{work.name}.out", work.parent / f".{work.name}.err"
-    p = forker.Process(target=_forked_tool, args=(tool, argv, str(work), env, limit, str(out),
-                                                   str(err)))
-    p.start()
-    p.join(timeout)
-    if p.is_alive():
-        p.kill()
-        p.join()
-        raise subprocess.TimeoutExpired(tool, timeout)
-    text = err.read_text(errors="replace")
-    for f in (out, err):
-        f.unlink()
-    code = p.exitcode if p.exitcode >= 0 else 128 - p.exitcode
-    return _Proc(code, text)
-
-
 def run_case(case: Case, world: World, work: Path, timeout: float = 240,
              forker=None) -> Result:
     """Prepare, run and check one case in the empty folder ``work``: as a ``python``
-    subprocess, or forked from ``forker`` (:func:`forkserver`) when given."""
+    subprocess, or forked from ``forker`` (:func:`forked.forkserver`) when given."""
     work.mkdir(parents=True, exist_ok=True)
     prep = case.setup(world, work)
     watch = prep.watch if prep.watch is not None else [work]
@@ -1100,8 +1019,8 @@ def run_case(case: Case, world: World, work: Path, timeout: float = 240,
         before = snapshot(watch, prep.ignore)
         t0 = time.time()
         if forker is not None:
-            proc = _run_forked(forker, TOOLS[case.tool], list(prep.argv), work,
-                               child_env(**prep.env), prep.fsize_limit, timeout)
+            proc = forked.run(forker, TOOLS[case.tool], list(prep.argv), work,
+                              child_env(**prep.env), timeout, fsize_limit=prep.fsize_limit)
         else:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=timeout, cwd=str(work),

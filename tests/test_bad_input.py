@@ -17,6 +17,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 import reliability_cases as rc
@@ -53,7 +54,7 @@ def catalogue(tmp_path_factory) -> dict[str, rc.Result]:
     world = rc.build_world(root / "world", shared_data("isbi"))
     # Forked from a preloaded interpreter: the same checks as `python ...` subprocesses (which
     # benchmarks/bad_inputs.py runs) at a third of the cost.
-    results = rc.run_cases(rc.CASES, world, root / "work", jobs=3, forker=rc.forkserver())
+    results = rc.run_cases(rc.CASES, world, root / "work", jobs=3, forker=forked.forkserver())
     return {r.name: r for r in results}
 
 

@@ -8,12 +8,10 @@ generation again produces exactly the clean run's files.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 from conftest import REPO, subprocess_env, tiny_spec
@@ -23,9 +21,18 @@ from metroem import datasets, modules, nets
 CKPT = "gen"
 
 
-def _generate_cmd(run) -> list[str]:
-    return [sys.executable, "-m", "metroem.cli", "generate", "--pyramid_path", str(run.pyramid),
-            "--dataset_path", str(run.data), "--checkpoint_name", CKPT, "--stage", "0"]
+GENERATE = ["-m", "metroem.cli"]
+
+
+def _generate_argv(run) -> list[str]:
+    return ["generate", "--pyramid_path", str(run.pyramid), "--dataset_path", str(run.data),
+            "--checkpoint_name", CKPT, "--stage", "0"]
+
+
+def _generate(forker, run) -> forked.Tool:
+    """``python -m metroem.cli generate ...`` in a fresh process (forked: see tests/forked.py)."""
+    return forked.Tool(forker, GENERATE, _generate_argv(run), REPO, subprocess_env(),
+                       run.root / "logs")
 
 
 def _outputs(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -49,9 +56,9 @@ def test_killed_generation_leaves_complete_files_and_reruns_cleanly(tiny_run):
     model = nets.build_model(modules.read_spec(stage0)[0] or tiny_spec())
     modules.save_weights(stage0, CKPT, model.state_dict())
 
+    forker = forked.forkserver()
     t0 = time.time()
-    clean = subprocess.run(_generate_cmd(tiny_run), capture_output=True, text=True, timeout=300,
-                           env=subprocess_env(), cwd=str(REPO))
+    clean = _generate(forker, tiny_run).wait(300)
     duration = time.time() - t0
     assert clean.returncode == 0, clean.stderr
     reference = _outputs(tiny_run.data)
@@ -61,11 +68,10 @@ def test_killed_generation_leaves_complete_files_and_reruns_cleanly(tiny_run):
 
     killed_midway = 0
     for frac in (0.3, 0.5, 0.65, 0.8, 0.9, 0.97):
-        proc = subprocess.Popen(_generate_cmd(tiny_run), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=str(REPO))
+        proc = _generate(forker, tiny_run)
         time.sleep(duration * frac)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+            proc.kill()  # SIGKILL
             killed_midway += 1
         proc.wait(timeout=60)
         # Whatever exists under a final name is complete and equal to the clean run.
@@ -73,8 +79,7 @@ def test_killed_generation_leaves_complete_files_and_reruns_cleanly(tiny_run):
             assert np.array_equal(data, reference[name][0]), name
             assert np.array_equal(translation, reference[name][1]), name
         # A rerun redoes it cleanly (stale temp files of the killed writer do not block it).
-        again = subprocess.run(_generate_cmd(tiny_run), capture_output=True, text=True,
-                               timeout=300, env=subprocess_env(), cwd=str(REPO))
+        again = _generate(forker, tiny_run).wait(300)
         assert again.returncode == 0, again.stderr
         after = _outputs(tiny_run.data)
         assert after.keys() == reference.keys()
