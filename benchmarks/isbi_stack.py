@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
 
-from metroem import align, volumes  # noqa: E402
+from metroem import inference, volumes  # noqa: E402
 from metroem.errors import cli_errors  # noqa: E402
 from metroem.eval import cli as eval_cli  # noqa: E402
 from metroem.eval import pairs, stacks  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.smoothing_nm is not None:
             cmd += ["--smoothing_nm", str(a.smoothing_nm)]
         t0 = time.perf_counter()
-        align.main(cmd)
+        inference.main(cmd)
         seconds = time.perf_counter() - t0
         whole = [volumes.read(field, 0, 0, 0, z, w, h).float() for z in range(n)]
         score = stacks.stack_errors(known, whole)

@@ -1,7 +1,7 @@
 """Peak memory of tiled alignment vs image size: bounded by the chunk size, not the image.
 
 For each size (2k^2 ... 16k^2 pixels) a fresh subprocess aligns two ``.npy`` images with
-:func:`metroem.align.align_files` (field ``.npy`` + aligned image ``.npy`` outputs) and reports
+:func:`metroem.inference.align_files` (field ``.npy`` + aligned image ``.npy`` outputs) and reports
 its peak resident memory (``ru_maxrss``) and the peak of Python/numpy allocations
 (``tracemalloc``). ``align_files`` tiles stage by stage (:class:`metroem.tiling.StageTiler`):
 every stage but the last runs over the whole image at its own MIP into an ``.npy`` cache, the
@@ -41,7 +41,7 @@ CHILD = r"""
 import json, resource, sys, time, tracemalloc
 import torch
 from torch import nn
-from metroem import align, fields
+from metroem import fields, inference
 from metroem.aligner import PyramidAligner, load_aligner
 
 class ConvStage(nn.Module):
@@ -68,7 +68,7 @@ if cfg["pyramid"]:
 else:
     al = PyramidAligner([(1, ConvStage(1)), (0, ConvStage(2))]).eval()
 t0 = time.time()
-out = align.align_files(al, sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
+out = inference.align_files(al, sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
                         chunk=cfg["chunk"], pad=cfg["pad"], progress=False)
 seconds = time.time() - t0
 peak_py = tracemalloc.get_traced_memory()[1]

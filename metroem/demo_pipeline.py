@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from metroem import datasets, demo, download, geometry, logs, modules, pretrained, threads
+from metroem import datasets, demo_volume, download, geometry, logs, modules, pretrained, threads
 from metroem.errors import MetroemError, cli_errors
 from metroem.training import cli as train_cli
 
@@ -50,13 +50,13 @@ def _val_fraction(pyr: str) -> float:
     return float(cfg["data"]["val_fraction"])
 
 
-def _load_volume(vol_dir: str) -> demo.DemoVolume:
+def _load_volume(vol_dir: str) -> demo_volume.DemoVolume:
     """The DemoVolume described by an existing ``demo.json`` (for --resume)."""
     with open(os.path.join(vol_dir, "demo.json")) as f:
         meta = json.load(f)
-    keys = demo.DemoVolume.__dataclass_fields__
+    keys = demo_volume.DemoVolume.__dataclass_fields__
     vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in keys}
-    return demo.DemoVolume(**vals)
+    return demo_volume.DemoVolume(**vals)
 
 
 def copy_pyramid_definition(src: str, dst: str) -> list[modules.ModuleInfo]:
@@ -74,7 +74,7 @@ def copy_pyramid_definition(src: str, dst: str) -> list[modules.ModuleInfo]:
     return modules.discover(dst)
 
 
-def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
+def cut_datasets(vol: demo_volume.DemoVolume, data_dir: str, mips: list[int]) -> None:
     """Image datasets covering whole sections at every MIP + ground-truth field datasets."""
     size = vol.size[0]
     cx = cy = size // 2
@@ -86,7 +86,7 @@ def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
     for m, s in zip(mips, sizes, strict=True):
         x0, y0 = geometry.patch_origin(cx, cy, m, s)
         gts = [
-            demo.pair_ground_truth(vol.field_path, m, x0, y0, z, s, s)[0].numpy()
+            demo_volume.pair_ground_truth(vol.field_path, m, x0, y0, z, s, s)[0].numpy()
             for z in range(1, vol.num_sections)
         ]
         name = datasets.field_filename(0, cx, cy, 1, m, "groundtruth")
@@ -101,7 +101,7 @@ def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
 
 def identity_epe(data_dir: str, mip: int) -> float:
     """Median EPE of doing nothing (zero field) against the ground truth, over tissue."""
-    from metroem.training.stage_data import StageDataset
+    from metroem.training.stage_inputs import StageDataset
 
     ds = StageDataset(data_dir, mip, None, "identity-baseline")
     errs = [item["field"].norm(dim=0)[item["tgt"][0] != 0] for item in (ds[i] for i in
@@ -119,8 +119,8 @@ def pyramid_epe_by_stage(
     directly comparable: the error the aligner makes when it stops after stage k.
     """
     from metroem.aligner import load_aligner
-    from metroem.training.data import split_indices
-    from metroem.training.stage_data import StageDataset
+    from metroem.training.batches import split_indices
+    from metroem.training.stage_inputs import StageDataset
 
     mods = modules.discover(pyramid)
     mip = mods[-1].mip
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.resume and os.path.exists(os.path.join(vol_dir, "demo.json")):
         vol = _load_volume(vol_dir)
     else:
-        vol = demo.build_demo_volume(vol_dir, num_sections=a.num_sections, size=a.size,
+        vol = demo_volume.build_demo_volume(vol_dir, num_sections=a.num_sections, size=a.size,
                                      seed=a.seed, sections_dir=a.sections, overwrite=True)
     mods = copy_pyramid_definition(a.pyramid, pyr)
     mips = sorted({m.mip for m in mods}, reverse=True)

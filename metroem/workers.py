@@ -96,7 +96,7 @@ class _Context:
     _cache: dict[str, _Context] = {}
 
     def __init__(self, job: StackJob):
-        from metroem import align
+        from metroem import inference
 
         self.job = job
         info = volumes.volume_info(job.src_path)
@@ -104,14 +104,14 @@ class _Context:
         self.devices = tiling.parse_devices(job.device)
         res = info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
         a = dict(job.aligner)
-        self.aligner = align._as_aligner(
+        self.aligner = inference._as_aligner(
             job.pyramid, a.get("checkpoint_name"), a.get("stages"), self.devices[0],
             a.get("mip"), a.get("finetune", False), a.get("finetune_options"),
             a.get("smoothing_nm"), res, False)
         self.mip = self.aligner.input_mip
         h, w = info.size[self.mip][1], info.size[self.mip][0]
         self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)
-        self.out = align._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
+        self.out = inference._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
                                        job.image_path)
 
     @classmethod
@@ -124,28 +124,28 @@ class _Context:
 
 def _job_markers(job: StackJob):
     """Markers of whole tasks: ``b<k>`` (block aligned), ``b<k>_stitched``."""
-    from metroem.align import _Markers
+    from metroem.inference import _Markers
 
     return _Markers(os.path.join(job.folder, "blocks"))
 
 
 def run_block(folder: str, b: int, progress: bool = False) -> None:
     """Task: align block ``b`` as a stack onto its raw reference, into the block's layers."""
-    from metroem import align
+    from metroem import inference
 
     ctx = _Context.of(folder)
     job = ctx.job
     done = _job_markers(job)
     if not done.done(f"b{b}"):
         ref, secs = job.blocks()[b]
-        cxy = align._chunk_xy(job.src_path)
+        cxy = inference._chunk_xy(job.src_path)
         fpath, ipath = job.block_layer(b, "field"), job.block_layer(b, "image")
-        align._prepare_layer(fpath, ctx.info, cxy, "float32", 2, False, True)
-        align._prepare_layer(ipath, ctx.info, cxy, ctx.info.dtype, 1, False, True)
-        out = align._VolumeWriter(ctx.info, ctx.mip, ctx.mip, fpath, ipath)
-        markers = align._Markers(os.path.join(job.block_dir(b), "markers"))
-        run = align._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress)
-        align._align_stack(run, job.src_path, ref, secs, job.predecessors)
+        inference._prepare_layer(fpath, ctx.info, cxy, "float32", 2, False, True)
+        inference._prepare_layer(ipath, ctx.info, cxy, ctx.info.dtype, 1, False, True)
+        out = inference._VolumeWriter(ctx.info, ctx.mip, ctx.mip, fpath, ipath)
+        markers = inference._Markers(os.path.join(job.block_dir(b), "markers"))
+        run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress)
+        inference._align_stack(run, job.src_path, ref, secs, job.predecessors)
         for p in (fpath, ipath):
             volumes.forget(p)
         done.mark(f"b{b}")
@@ -159,7 +159,7 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
 def stitch_block(folder: str, b: int, progress: bool = False) -> None:
     """Task: whole fields of block ``b``'s sections (block field after the chain of block
     references' fields), rendered once from raw into the output layers."""
-    from metroem import align
+    from metroem import inference
 
     ctx = _Context.of(folder)
     job, mip, t = ctx.job, ctx.mip, ctx.tiler
@@ -174,7 +174,7 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
     chain = [tiling.VolumeFieldStore(job.block_layer(k - 1, "field"), mip, blocks[k][0]).read
              for k in range(1, b + 1)]
     ref, secs = blocks[b]
-    markers = align._Markers(os.path.join(job.block_dir(b), "stitched"))
+    markers = inference._Markers(os.path.join(job.block_dir(b), "stitched"))
 
     def work(model, c: tiling.Chunk) -> None:
         g = torch.zeros(1, 2, c.h, c.w)

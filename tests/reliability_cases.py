@@ -1006,7 +1006,7 @@ def error_lines(stderr: str) -> list[str]:
 
 # Modules a forked case finds imported already (what costs most of a fresh interpreter's start).
 PRELOAD = ["torch", "cloudvolume", "h5py", "torch.utils.tensorboard", "metroem.cli",
-           "metroem.training.cli", "metroem.align", "metroem.download", "metroem.eval.cli"]
+           "metroem.training.cli", "metroem.inference", "metroem.download", "metroem.eval.cli"]
 
 
 def forkserver():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import tiny_pyramid
 
-from metroem import align, demo, fields, finetune, losses, nets, volumes
+from metroem import demo_volume, fields, finetune, inference, losses, nets, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.errors import MetroemError
 from metroem.finetune import finetune_field
@@ -26,11 +26,11 @@ def one_thread():
 def demo_pair(tmp_path_factory):
     """A demo pair (observed section 1 onto 0) at MIP0 with its ground-truth field."""
     out = tmp_path_factory.mktemp("demo") / "vol"
-    vol = demo.build_demo_volume(out, num_sections=2, size=128, num_mips=1, drift=6.0,
+    vol = demo_volume.build_demo_volume(out, num_sections=2, size=128, num_mips=1, drift=6.0,
                                  elastic=2.0, rotation_deg=0.5, seed=3)
     src = volumes.read(vol.image_path, 0, 0, 0, 1, 128)
     tgt = volumes.read(vol.image_path, 0, 0, 0, 0, 128)
-    gt = demo.pair_ground_truth(vol.field_path, 0, 0, 0, 1, 128)
+    gt = demo_volume.pair_ground_truth(vol.field_path, 0, 0, 0, 1, 128)
     return src, tgt, gt
 
 
@@ -120,8 +120,8 @@ def test_align_cli_finetune_flag(demo_pair, untrained, tmp_path):
             "--chunk", "128", "--pad", "0", "--no_progress"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert align.main([*base, "--field_out", str(tmp_path / "plain.npy")]) == 0
-        assert align.main([*base, "--field_out", str(tmp_path / "ft.npy"), "--finetune",
+        assert inference.main([*base, "--field_out", str(tmp_path / "plain.npy")]) == 0
+        assert inference.main([*base, "--field_out", str(tmp_path / "ft.npy"), "--finetune",
                            "--finetune_iterations", "30"]) == 0
     w = tissue(src, tgt, gt)
     plain = torch.from_numpy(np.load(tmp_path / "plain.npy"))[None]

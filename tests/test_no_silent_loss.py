@@ -15,7 +15,7 @@ from conftest import snapshot
 from PIL import Image
 from test_training import train
 
-from metroem import align, datasets, generate, modules, nets
+from metroem import datasets, generate, inference, modules, nets
 from metroem.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def run_align(argv: list[str]) -> int:
     try:
-        return align.main(argv)
+        return inference.main(argv)
     except SystemExit as e:
         return int(e.code)
 

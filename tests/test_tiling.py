@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import metroem
-from metroem import demo, fields, synth, tiling
+from metroem import demo_volume, fields, synth, tiling
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
 
@@ -112,7 +112,7 @@ def test_tiled_field_equals_whole_field_for_local_random_pyramid():
 
 def demo_pair(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """A procedural section (cells ~40 px) deformed (shift ~6 px, elastic) and its neighbour."""
-    stack = demo.procedural_stack(2, h, w, seed=0, cell_px=40.0)
+    stack = demo_volume.procedural_stack(2, h, w, seed=0, cell_px=40.0)
     g = torch.Generator().manual_seed(0)
     spec = synth.DeformationSpec(translation=6.0, rotation_deg=0.5, elastic=3.0,
                                  elastic_scale=128.0)

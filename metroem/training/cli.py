@@ -44,7 +44,7 @@ from metroem.training.engine import (
 )
 from metroem.training.faults import FaultHooks, TrainingHooks
 from metroem.training.logger import RunLogger
-from metroem.training.stage_data import GROUND_TRUTH_TAG, check_images
+from metroem.training.stage_inputs import GROUND_TRUTH_TAG, check_images
 
 # Extra ``KEY=VALUE`` config overrides, separated by ';', applied before --set: for launchers
 # whose command line is fixed (upstream scripts, job templates).

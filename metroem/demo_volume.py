@@ -17,7 +17,7 @@ Each section z is misaligned by a known smooth deformation d_z (random-walk drif
 Example::
 
     metroem-demo-volume demo_volume                      # 12 sections of 1024 x 1024, 4 MIPs
-    python -m metroem.demo demo_isbi --sections_dir ../shared/data/isbi --num_mips 3
+    python -m metroem.demo_volume demo_isbi --sections_dir ../shared/data/isbi --num_mips 3
 """
 
 from __future__ import annotations
@@ -527,7 +527,8 @@ def build_demo_volume(
             },
             "field_gt": "g_z aligns observed section z onto the aligned frame: "
             "warp_image(image[z], field_gt[z]) ~ image_aligned[z]; the field aligning source z "
-            "onto target z-1 is compose(g_z, invert(g_{z-1})) (metroem.demo.pair_ground_truth)",
+            "onto target z-1 is compose(g_z, invert(g_{z-1})) "
+            "(metroem.demo_volume.pair_ground_truth)",
         }
         (tmp / "demo.json").write_text(json.dumps(meta, indent=2) + "\n")
         replace_dir(tmp, out)
