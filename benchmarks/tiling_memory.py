@@ -69,7 +69,7 @@ else:
     al = PyramidAligner([(1, ConvStage(1)), (0, ConvStage(2))]).eval()
 t0 = time.time()
 out = inference.align_files(al, sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
-                        chunk=cfg["chunk"], pad=cfg["pad"], progress=False)
+                            chunk=cfg["chunk"], pad=cfg["pad"], progress=False)
 seconds = time.time() - t0
 peak_py = tracemalloc.get_traced_memory()[1]
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

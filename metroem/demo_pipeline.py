@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         vol = _load_volume(vol_dir)
     else:
         vol = demo_volume.build_demo_volume(vol_dir, num_sections=a.num_sections, size=a.size,
-                                     seed=a.seed, sections_dir=a.sections, overwrite=True)
+                                            seed=a.seed, sections_dir=a.sections, overwrite=True)
     mods = copy_pyramid_definition(a.pyramid, pyr)
     mips = sorted({m.mip for m in mods}, reverse=True)
     log.info("[2/4] cutting datasets at MIPs %s into %s", mips, data_dir)

@@ -11,7 +11,7 @@ code as :class:`metroem.aligner.PyramidAligner` at every size: its field equals
 Each stage is rebuilt from its module's spec and weights, and the export refuses to write a
 file that disagrees with the loaded pyramid on a test pair. Memory
 grows with the image; cut large images into overlapping tiles as for any aligner (``metroem
-align`` does). Online finetuning is not exported.
+align`` does). Online refinement is not exported.
 
 Example::
 

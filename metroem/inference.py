@@ -71,14 +71,14 @@ def read_image(path: str):
     return tiling.ArraySource(images.read_grey(path))  # the same reading as metroem ingest
 
 
-def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetune_options,
+def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_options,
                 smoothing_nm=None, resolution_nm=None, translation_init=False):
     if isinstance(pyramid, PyramidAligner):
         aligner = pyramid
         if mip is not None:
             aligner.input_mip = int(mip)
-        if finetune:
-            aligner.finetune, aligner.finetune_options = True, dict(finetune_options or {})
+        if refine:
+            aligner.refine, aligner.refine_options = True, dict(refine_options or {})
         if smoothing_nm:
             aligner.smoothing_px = _smoothing_px(smoothing_nm, resolution_nm, aligner.input_mip)
         if translation_init:
@@ -86,8 +86,8 @@ def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetun
         return aligner
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained stages warn once per module; fine here
-        return load_aligner(pyramid, checkpoint_name, stages, device, mip, finetune,
-                            finetune_options, smoothing_nm=smoothing_nm,
+        return load_aligner(pyramid, checkpoint_name, stages, device, mip, refine,
+                            refine_options, smoothing_nm=smoothing_nm,
                             resolution_nm=resolution_nm, translation_init=translation_init)
 
 
@@ -225,8 +225,8 @@ def align_files(
     chunk: int = 1024,
     pad: int | None = None,
     device: str = "cpu",
-    finetune: bool = False,
-    finetune_options: dict | None = None,
+    refine: bool = False,
+    refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
     translation_init: bool = False,
@@ -269,8 +269,8 @@ def align_files(
         raise MetroemError(f"{src} is {s.shape[1]}x{s.shape[0]} but {tgt} is "
                            f"{t.shape[1]}x{t.shape[0]}; give sections of one size")
     devices = tiling.parse_devices(device)
-    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
-                          finetune_options, smoothing_nm, resolution_nm, translation_init)
+    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
+                          refine_options, smoothing_nm, resolution_nm, translation_init)
     h, w = s.shape
     tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
     os.makedirs(work, exist_ok=True)
@@ -278,8 +278,8 @@ def align_files(
         src=os.path.abspath(src), tgt=os.path.abspath(tgt), size=f"{w}x{h}", chunk=chunk,
         pad=_pad_signature(tiler), tiling=TILING,
         pyramid=pyramid if isinstance(pyramid, (str, os.PathLike)) else "object",
-        checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, finetune=finetune,
-        finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
+        checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, refine=refine,
+        refine_options=json.dumps(refine_options or {}, sort_keys=True),
         field_out=bool(field_out), image_out=bool(image_out), work=FILES_WORK,
         **_option_signature(aligner)))
     markers = _Markers(os.path.join(work, "done"))
@@ -398,8 +398,8 @@ def align_volume(
     chunk: int = 1024,
     pad: int | None = None,
     device: str = "cpu",
-    finetune: bool = False,
-    finetune_options: dict | None = None,
+    refine: bool = False,
+    refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     translation_init: bool = False,
     overwrite: bool = False,
@@ -459,8 +459,8 @@ def align_volume(
     pairs = _z_ranges(info, volumes.volume_info(tgt_path), z_start, z_end, tgt_z, same_layer,
                       stack_mode)
     devices = tiling.parse_devices(device)
-    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
-                          finetune_options, smoothing_nm, info.resolution[min(info.mips)][0]
+    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
+                          refine_options, smoothing_nm, info.resolution[min(info.mips)][0]
                           / 2 ** min(info.mips), translation_init)
     mip = aligner.input_mip
     if mip not in info.mips:
@@ -483,8 +483,8 @@ def align_volume(
         block_size=block_size,
         reference=z_start - 1 if stack_mode else None,
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
-        checkpoint=checkpoint_name, stages=stages, finetune=finetune,
-        finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
+        checkpoint=checkpoint_name, stages=stages, refine=refine,
+        refine_options=json.dumps(refine_options or {}, sort_keys=True),
         **_option_signature(aligner)))
     out = _VolumeWriter(info, mip, top, field_path, image_path)
     run = _Run(aligner, tiler, devices, markers, out, progress)
@@ -493,7 +493,7 @@ def align_volume(
                              field_path, image_path, block_size, predecessors, queue, chunk,
                              pad, device, progress,
                              dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
-                                  finetune=finetune, finetune_options=finetune_options,
+                                  refine=refine, refine_options=refine_options,
                                   smoothing_nm=smoothing_nm))
     try:
         if stack_mode:
@@ -680,7 +680,7 @@ EPILOG = """examples:
   metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
       --field_path file:///data/vol/field --image_path file:///data/vol/aligned \\
       --chunk 2048 --device all          # a stack: z 0 is the fixed reference
-  (add --resume to continue an interrupted run, --finetune to refine each field online)
+  (add --resume to continue an interrupted run, --refine to refine each field online)
 """
 
 
@@ -738,10 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--translation_init", action="store_true",
                    help="start from one global translation found by phase correlation (drift "
                    "larger than the coarse stage's search window)")
-    m.add_argument("--finetune", action="store_true", help="refine each field online")
-    m.add_argument("--finetune_iterations", type=int, default=60, help="steps per level")
-    m.add_argument("--finetune_lr", type=float, default=0.3, help="px per step (cosine decay)")
-    m.add_argument("--finetune_smoothness", type=float, default=3.0, help="smoothness weight")
+    m.add_argument("--refine", action="store_true",
+                   help="refine each field online on its pair (metroem.refine)")
+    m.add_argument("--refine_steps", type=int, default=60, help="steps per level")
+    m.add_argument("--refine_lr", type=float, default=0.3, help="px per step (cosine decay)")
+    m.add_argument("--refine_smoothness_weight", type=float, default=3.0,
+                   help="weight of the smoothness term")
     o = p.add_argument_group("outputs")
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -758,9 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     threads.apply(a.threads, announce=True)
     common = dict(
         checkpoint_name=a.checkpoint_name, stages=a.stages, mip=a.mip, chunk=a.chunk,
-        pad=a.pad, device=a.device, finetune=a.finetune,
-        finetune_options={"iterations": a.finetune_iterations, "lr": a.finetune_lr,
-                          "smoothness": a.finetune_smoothness} if a.finetune else None,
+        pad=a.pad, device=a.device, refine=a.refine,
+        refine_options={"steps": a.refine_steps, "lr": a.refine_lr,
+                        "smoothness_weight": a.refine_smoothness_weight} if a.refine else None,
         overwrite=a.overwrite, resume=a.resume, progress=not a.no_progress,
         smoothing_nm=a.smoothing_nm, translation_init=a.translation_init,
     )

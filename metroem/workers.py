@@ -106,13 +106,13 @@ class _Context:
         a = dict(job.aligner)
         self.aligner = inference._as_aligner(
             job.pyramid, a.get("checkpoint_name"), a.get("stages"), self.devices[0],
-            a.get("mip"), a.get("finetune", False), a.get("finetune_options"),
+            a.get("mip"), a.get("refine", False), a.get("refine_options"),
             a.get("smoothing_nm"), res, False)
         self.mip = self.aligner.input_mip
         h, w = info.size[self.mip][1], info.size[self.mip][0]
         self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)
         self.out = inference._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
-                                       job.image_path)
+                                           job.image_path)
 
     @classmethod
     def of(cls, folder: str) -> _Context:

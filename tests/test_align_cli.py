@@ -78,7 +78,7 @@ def test_align_files_png_and_npy(pyramid, tmp_path):
         inference.main(args)
     assert e.value.code == 2
     assert inference.align_files(str(pyramid), str(tmp_path / "s.png"), str(tmp_path / "t.npy"),
-                             str(field_out), chunk=CHUNK, pad=PAD, resume=True)["skipped"]
+                                 str(field_out), chunk=CHUNK, pad=PAD, resume=True)["skipped"]
     np.save(tmp_path / "t.npy", np.zeros_like(b))
     assert inference.main([*args, "--overwrite"]) == 0
     assert np.abs(np.load(field_out)).max() == 0  # no target data: identity field
@@ -89,13 +89,13 @@ def test_bad_inputs_are_one_line_errors(pyramid, tmp_path):
     np.save(tmp_path / "b.npy", section(1, 48))
     with pytest.raises(MetroemError, match="one size"):
         inference.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
-                          str(tmp_path / "f.npy"), chunk=CHUNK, pad=PAD)
+                              str(tmp_path / "f.npy"), chunk=CHUNK, pad=PAD)
     with pytest.raises(MetroemError, match="multiple of 16"):
         inference.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "a.npy"),
-                          str(tmp_path / "f.npy"), chunk=40, pad=PAD)
+                              str(tmp_path / "f.npy"), chunk=40, pad=PAD)
     with pytest.raises(MetroemError, match="does not exist"):
         inference.align_files(str(pyramid), str(tmp_path / "nope.png"), str(tmp_path / "a.npy"),
-                          str(tmp_path / "f.npy"))
+                              str(tmp_path / "f.npy"))
 
 
 def test_resume_reuses_the_coarse_stage_cache(pyramid, tmp_path, monkeypatch):
@@ -118,7 +118,7 @@ def test_resume_reuses_the_coarse_stage_cache(pyramid, tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # resuming must not run the coarse stage again
         m.setattr(tiling.StageTiler, "run_stage_chunk", crash)
         res = inference.align_files(*run, str(out), chunk=CHUNK, pad=PAD, resume=True,
-                                progress=False)
+                                    progress=False)
     assert res["chunks_run"] == 16 and not work.exists()
     assert np.abs(np.load(out) - expected_field(pyramid, a, b)[0].numpy()).max() < 1e-5
 
@@ -147,13 +147,13 @@ def test_killed_run_resumes_to_the_same_result(pyramid, tmp_path):
     assert 10 <= partial < 144 and not out.exists()
     with pytest.raises(MetroemError, match="--resume"):
         inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
-                          str(out), chunk=CHUNK, pad=PAD)
+                              str(out), chunk=CHUNK, pad=PAD)
     res = inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
-                            str(out), chunk=CHUNK, pad=PAD, resume=True, progress=False)
+                                str(out), chunk=CHUNK, pad=PAD, resume=True, progress=False)
     assert res["chunks_run"] == 144 - partial
     once = tmp_path / "once.npy"
     inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"), str(once),
-                      chunk=CHUNK, pad=PAD, progress=False)
+                          chunk=CHUNK, pad=PAD, progress=False)
     assert np.array_equal(np.load(out), np.load(once))
 
 
@@ -191,14 +191,14 @@ def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
     with pytest.raises(SystemExit):
         inference.main(args)  # exists: no silent overwrite
     assert inference.align_volume(str(pyramid), src, 1, 3, fpath, ipath, chunk=CHUNK, pad=PAD,
-                              pairwise=True, resume=True, progress=False)["chunks_run"] == 0
+                                  pairwise=True, resume=True, progress=False)["chunks_run"] == 0
     assert inference.align_volume(str(pyramid), src, 2, 3, fpath, None, tgt_z=0, chunk=CHUNK,
-                              pad=PAD, overwrite=True, progress=False)["chunks_run"] == 4
+                                  pad=PAD, overwrite=True, progress=False)["chunks_run"] == 4
     expected = expected_field(pyramid, section(6, 64), section(4, 64))
     assert torch.allclose(volumes.read(fpath, 0, 64, 32, 2, 64), expected, atol=1e-5)
     with pytest.raises(MetroemError, match="z_start 1"):
         inference.align_volume(str(pyramid), src, 0, 2, str(tmp_path / "f2"), chunk=CHUNK, pad=PAD,
-                           pairwise=True)
+                               pairwise=True)
 
 
 def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyramid, tmp_path):
@@ -220,14 +220,14 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
     assert (tiled - expected).abs().max() < 1e-3
     out = tmp_path / "f.npy"
     assert inference.main([str(pyramid), "--src", str(tmp_path / "s.npy"), "--tgt",
-                       str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk", "64",
-                       "--smoothing_nm", "32", "--resolution_nm", "4", "--translation_init",
-                       "--no_progress"]) == 0
+                           str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk", "64",
+                           "--smoothing_nm", "32", "--resolution_nm", "4", "--translation_init",
+                           "--no_progress"]) == 0
     assert np.abs(np.load(out) - expected[0].numpy()).max() < 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "s.npy", "t.npy"]
     with pytest.raises(MetroemError, match="--resolution_nm"):
         inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
-                          str(tmp_path / "g.npy"), chunk=64, smoothing_nm=32)
+                              str(tmp_path / "g.npy"), chunk=64, smoothing_nm=32)
 
 
 def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
@@ -235,8 +235,8 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     res = volumes.volume_info(src).resolution[0][0]
     fpath = str(tmp_path / "field")
     assert inference.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
-                       "--field_path", fpath, "--chunk", "64", "--smoothing_nm", str(8 * res),
-                       "--translation_init", "--no_progress", "--pairwise"]) == 0
+                           "--field_path", fpath, "--chunk", "64", "--smoothing_nm", str(8 * res),
+                           "--translation_init", "--no_progress", "--pairwise"]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         al = load_aligner(pyramid, translation_init=True, smoothing_nm=8 * res,
@@ -247,7 +247,7 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     assert not os.listdir(tmp_path / "field" / inference.MARKER_DIR / "stages")
     with pytest.raises(SystemExit):
         inference.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
-                    "--field_path", str(tmp_path / "f2"), "--resolution_nm", "4"])
+                        "--field_path", str(tmp_path / "f2"), "--resolution_nm", "4"])
 
 
 def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_path, capsys):
@@ -284,7 +284,7 @@ def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_pat
         inference.main(args)  # exists: no silent overwrite
     with pytest.raises(MetroemError, match="resume"):
         inference.align_volume(str(pyramid), src, 2, 5, fpath, ipath, chunk=CHUNK, resume=True,
-                           progress=False)  # other settings (predecessors 1)
+                               progress=False)  # other settings (predecessors 1)
 
 
 def test_an_interrupted_stack_resumes_to_the_same_stack(pyramid, tmp_path, monkeypatch):
@@ -330,5 +330,5 @@ def test_stack_bad_inputs_are_one_line_errors(pyramid, tmp_path):
             inference.align_volume(str(pyramid), *args, chunk=CHUNK, pad=PAD, progress=False)
     with pytest.raises(MetroemError, match="predecessors"):
         inference.align_volume(str(pyramid), src, 1, 3, f, i, pairwise=True, predecessors=2,
-                           chunk=CHUNK, pad=PAD)
+                               chunk=CHUNK, pad=PAD)
     assert not (tmp_path / "f").exists() and not (tmp_path / "i").exists()

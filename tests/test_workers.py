@@ -63,8 +63,8 @@ def test_two_queue_workers_give_the_single_process_stack(pyramid, tmp_path):  # 
     queue = f"fq://{tmp_path / 'queue'}"
     multi = [str(tmp_path / "f2"), str(tmp_path / "i2")]
     rc = inference.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "6",
-                     "--field_path", multi[0], "--image_path", multi[1], "--chunk", str(CHUNK),
-                     "--block_size", "2", "--queue", queue, "--no_progress"])
+                         "--field_path", multi[0], "--image_path", multi[1], "--chunk", str(CHUNK),
+                         "--block_size", "2", "--queue", queue, "--no_progress"])
     assert rc == 0
     assert volumes.read(multi[0], 0, 64, 32, 0, 64, nz=6).abs().max() == 0  # only enqueued
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -88,12 +88,12 @@ def test_queue_bad_inputs_are_one_line_errors(pyramid, tmp_path, capsys):  # noq
     f, i = str(tmp_path / "f"), str(tmp_path / "i")
     with pytest.raises(MetroemError, match="cannot open the task queue"):
         inference.align_volume(str(pyramid), src, 1, 3, f, i, chunk=CHUNK, block_size=1,
-                           queue=f"fq://{tmp_path / 'plain' / 'q'}")
+                               queue=f"fq://{tmp_path / 'plain' / 'q'}")
     with pytest.raises(MetroemError, match="--block_size"):
         inference.align_volume(str(pyramid), src, 1, 3, f, i, chunk=CHUNK, queue="fq:///tmp/q")
     with pytest.raises(MetroemError, match="for stacks"):
         inference.align_volume(str(pyramid), src, 1, 3, f, None, chunk=CHUNK, pairwise=True,
-                           block_size=2)
+                               block_size=2)
     assert not os.path.exists(f) and not os.path.exists(i)
     with pytest.raises(SystemExit) as e:
         workers.main([f"fq://{tmp_path / 'missing'}"])
