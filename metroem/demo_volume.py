@@ -493,7 +493,7 @@ def build_demo_volume(
             aligned = aligned_all[z : z + 1]
             d = d_all[z : z + 1]
             observed = fields.warp_image(aligned, d)
-            g = fields.invert(d, iterations=100, tol=1e-3)
+            g = fields.invert(d, steps=100, tol=1e-3)
             volumes.write_all_mips(paths["aligned"], 0, 0, z, aligned[crop])
             volumes.write_all_mips(paths["image"], 0, 0, z, observed[crop])
             volumes.write_all_mips(paths["field"], 0, 0, z, g[crop].contiguous(), is_field=True)
@@ -584,7 +584,7 @@ def pair_ground_truth(
     rx1, ry1 = max(rx1, rx0 + 1), max(ry1, ry0 + 1)
     both = volumes.read(field_path, mip, rx0, ry0, z - 1, rx1 - rx0, ry1 - ry0, nz=2)
     g_prev, g_cur = both[0:1], both[1:2]
-    pair = fields.compose(g_cur, fields.invert(g_prev, iterations=100, tol=1e-3))
+    pair = fields.compose(g_cur, fields.invert(g_prev, steps=100, tol=1e-3))
     # Pad (border) where the wanted window sticks out of the volume, then cut it out.
     pad = (max(0, rx0 - x0), max(0, x0 + width - rx1), max(0, ry0 - y0), max(0, y0 + height - ry1))
     if any(pad):
