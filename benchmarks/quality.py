@@ -16,7 +16,7 @@ PNGs (EPE vs difficulty charts, example pair reports).
 Examples::
 
     python benchmarks/quality.py                        # baselines (+ metroem if models/isbi)
-    python benchmarks/quality.py --pyramid models/isbi --refine
+    python benchmarks/quality.py --pyramid_path models/isbi --refine
     python benchmarks/quality.py --quick --out /tmp/q   # smoke run: 2 methods, 128 px crops
 """
 
@@ -51,10 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="folder of consecutive section images "
                    f"(default {pairs.default_data_dir()})")
-    p.add_argument("--pyramid", default=None, help="metroem pyramid to include "
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid", default=None,
+                   help="metroem pyramid to include "
                    f"(default {DEFAULT_PYRAMID} when it exists)")
     p.add_argument("--no-metroem", action="store_true", help="baselines only")
-    p.add_argument("--checkpoint", default=None, help="checkpoint name inside the pyramid")
+    p.add_argument("--checkpoint_name", "--checkpoint", dest="checkpoint", default=None,
+                   help="checkpoint name inside the pyramid")
     p.add_argument("--refine", action="store_true",
                    help="also run the pyramid with online per-pair refinement (row "
                    "metroem-refine)")
@@ -97,7 +99,7 @@ def _methods(args) -> dict[str, baselines.FieldFn]:
                 pyramid, args.checkpoint, refine=True
             )
     elif args.refine:
-        raise MetroemError("--refine needs a pyramid; pass --pyramid DIR")
+        raise MetroemError("--refine needs a pyramid; pass --pyramid_path DIR")
     return out
 
 

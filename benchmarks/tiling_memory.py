@@ -11,12 +11,12 @@ in memory.
 By default the pyramid is a two-stage stand-in (MIP 1 and 0, one random 3x3 conv per stage;
 chunk 1024, pad 128 per stage) so the run measures the tiling machinery (strip-wise window
 reads and resampling, the coarse stage's cache, warps, writes) and stays within minutes on 2
-CPU cores. ``--pyramid models/demo --mip 1`` runs a real trained pyramid with its default
+CPU cores. ``--pyramid_path models/demo --mip 1`` runs a real trained pyramid with its default
 per-stage pads instead (much slower: hours at 16k^2 on 2 cores).
 
     .venv/bin/python benchmarks/tiling_memory.py            # ~8 min on 2 cores
     .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 4096
-    .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 --pyramid models/demo --mip 1
+    .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 --pyramid_path models/demo --mip 1
 
 Results: benchmarks/results/tiling_memory.json and .md. Not part of CI.
 """
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--pad", type=int, default=None,
                    help="pad per stage (default: 128 for the stand-in, the nets' own otherwise)")
-    p.add_argument("--pyramid", default=None, help="a trained pyramid folder (default: stand-in)")
-    p.add_argument("--mip", type=int, default=None, help="input MIP for --pyramid")
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid", default=None,
+                   help="a trained pyramid folder (default: stand-in)")
+    p.add_argument("--mip", type=int, default=None, help="input MIP for --pyramid_path")
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--results", default=RESULTS, help="output folder (default: %(default)s)")
     p.add_argument("--from_json", action="store_true", help="only rewrite the .md from the .json")

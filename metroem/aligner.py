@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroem import fields, modules, pretrained, regularize, translation
+from metroem import devices, fields, modules, pretrained, regularize, translation
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -256,13 +256,7 @@ def load_aligner(
     part of the field that is affine over about that length; ``translation_init`` starts from
     a phase-correlation translation (see :class:`PyramidAligner`).
     """
-    device = torch.device(device)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise MetroemError(
-            f"device {device} requested but {count} GPU(s) are visible; use device='cpu' or a "
-            "visible GPU"
-        )
+    device = devices.parse_device(device)  # a GPU that is not there is an error
     pyramid_path = pretrained.resolve(pyramid_path)  # a folder, or a shipped pyramid's name
     settings = modules.pyramid_settings(pyramid_path)
     if smoothing_nm is None:

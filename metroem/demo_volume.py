@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from metroem import fields, logs, synth, threads, volumes
+from metroem import cliargs, fields, logs, synth, threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 from metroem.images import load_sections
@@ -596,15 +596,8 @@ def pair_ground_truth(
 # --- command line -------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line MetroemErrors (``error: ...``, exit 2)."""
-
-    def error(self, message: str):
-        raise MetroemError(f"{message}; see {self.prog} --help")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def build_parser() -> argparse.ArgumentParser:
+    p = cliargs.Parser(
         prog="metroem-demo-volume",
         description="Build a local misaligned EM-like demo volume with ground-truth fields.",
         epilog="example: metroem-demo-volume demo_volume --num_sections 12 --size 1024",
@@ -633,15 +626,14 @@ def _parser() -> argparse.ArgumentParser:
         help="nm per voxel at MIP0 (default 4 4 40)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo volume")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``metroem-demo-volume``."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logs.setup_logging(args.verbosity)
     threads.apply(args.threads)
     if args.size is not None and len(args.size) not in (1, 2):

@@ -2,15 +2,16 @@
 
 Files (PNG/TIF/npy, any size; ``.npy`` is read window by window, PNG/TIF are loaded whole)::
 
-    metroem align models/demo --src s.png --tgt t.png --field_out field.npy --image_out out.png
+    metroem align --pyramid_path models/demo --src s.png --tgt t.png --field_out field.npy \\
+        --image_out out.png
 
 A CloudVolume z range as an aligned stack: section ``--z_start - 1`` is the fixed reference
 (copied to the outputs), each later section is aligned onto the aligned sections before it and
 rendered once from its raw pixels (:mod:`metroem.stack`; ``--predecessors 3`` outvotes a bad
 pair); progress is one line per section with an ETA::
 
-    metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
-        --field_path file:///data/vol/field --image_path file:///data/vol/aligned
+    metroem align --pyramid_path models/demo --src_path file:///data/vol/image --z_start 1 \\
+        --z_end 10 --field_path file:///data/vol/field --image_path file:///data/vol/aligned
 
 ``--pairwise`` (each section onto raw z-1), ``--tgt_z`` or ``--tgt_path`` give fields between
 pairs instead.
@@ -40,9 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, images, logs, regularize, stack, threads, tiling, volumes
+from metroem import cliargs, fields, images, logs, regularize, stack, threads, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
+from metroem.devices import parse_devices
 from metroem.errors import MetroemError, cli_errors
 
 __all__ = ["align_files", "align_volume", "read_image", "main"]
@@ -268,7 +270,7 @@ def align_files(
     if s.shape != t.shape:
         raise MetroemError(f"{src} is {s.shape[1]}x{s.shape[0]} but {tgt} is "
                            f"{t.shape[1]}x{t.shape[0]}; give sections of one size")
-    devices = tiling.parse_devices(device)
+    devices = parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
                           refine_options, smoothing_nm, resolution_nm, translation_init)
     h, w = s.shape
@@ -458,7 +460,7 @@ def align_volume(
     tgt_path = tgt_path or src_path
     pairs = _z_ranges(info, volumes.volume_info(tgt_path), z_start, z_end, tgt_z, same_layer,
                       stack_mode)
-    devices = tiling.parse_devices(device)
+    devices = parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
                           refine_options, smoothing_nm, info.resolution[min(info.mips)][0]
                           / 2 ** min(info.mips), translation_init)
@@ -676,8 +678,9 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
 # --- command line -------------------------------------------------------------------------------
 
 EPILOG = """examples:
-  metroem align models/demo --src s.png --tgt t.png --field_out f.npy --image_out aligned.png
-  metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
+  metroem align --pyramid_path models/demo --src s.png --tgt t.png --field_out f.npy \\
+      --image_out aligned.png
+  metroem align --pyramid_path isbi --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
       --field_path file:///data/vol/field --image_path file:///data/vol/aligned \\
       --chunk 2048 --device all          # a stack: z 0 is the fixed reference
   (add --resume to continue an interrupted run, --refine to refine each field online)
@@ -685,11 +688,11 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cliargs.Parser(
         prog="metroem align", description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("pyramid", help="pyramid folder (module folders <STAGE>_mip<MIP>in_<SUFFIX>)")
+    cliargs.add_pyramid(p)
     f = p.add_argument_group("image files")
     f.add_argument("--src", help="source image (.png, .tif, .npy)")
     f.add_argument("--tgt", help="target image, same size")
@@ -717,16 +720,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--image_path", help="output aligned image layer")
     v.add_argument("--work_dir", help="folder for chunk markers (default: in the output layer)")
     m = p.add_argument_group("model and tiling")
-    m.add_argument("--checkpoint_name",
-                   help="checkpoint of every stage, or one per stage: a,b,c (default: the "
-                   "stages' shared default; differing or unfinished defaults are refused)")
+    cliargs.add_checkpoint(m)
     m.add_argument("--stages", type=int, nargs="+", help="stage numbers to run (default: all)")
     m.add_argument("--mip", type=int, help="MIP of the images (default: finest stage's MIP)")
     m.add_argument("--chunk", type=int, default=1024, help="chunk side in pixels (default 1024)")
     m.add_argument("--pad", type=int, default=None,
                    help="context per side in pixels of each stage's MIP (default: per stage, "
                    "from its network; 320 for the demo nets)")
-    m.add_argument("--device", default="cpu", help="cpu | gpu | all | GPU ids like 0,2")
+    cliargs.add_device(m, help="cpu | gpu | all | GPU ids like 0,2: chunks are spread over "
+                       "the devices (default cpu)")
     m.add_argument("--smoothing_nm", type=float, default=None,
                    help="keep only the part of the field that is affine over about this length "
                    "(nm): sections' smooth distortion stays, tissue is not bent onto its "
@@ -748,8 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
     o.add_argument("--no_progress", action="store_true", help="no progress bar")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -769,14 +770,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.src or a.tgt:
         if not (a.src and a.tgt):
             raise MetroemError("pass both --src and --tgt")
-        out = align_files(a.pyramid, a.src, a.tgt, a.field_out, a.image_out,
+        out = align_files(a.pyramid_path, a.src, a.tgt, a.field_out, a.image_out,
                           resolution_nm=a.resolution_nm, **common)
     elif a.src_path:
         if a.z_start is None or a.z_end is None:
             raise MetroemError("pass --z_start and --z_end with --src_path")
         if a.resolution_nm is not None:
             raise MetroemError("--resolution_nm is for image files; a layer has its own")
-        out = align_volume(a.pyramid, a.src_path, a.z_start, a.z_end, a.field_path,
+        out = align_volume(a.pyramid_path, a.src_path, a.z_start, a.z_end, a.field_path,
                            a.image_path, tgt_path=a.tgt_path, tgt_z=a.tgt_z,
                            pairwise=a.pairwise, predecessors=a.predecessors,
                            block_size=a.block_size, queue=a.queue,

@@ -60,7 +60,6 @@ __all__ = [
     "upsample_region",
     "MemoryFieldStore",
     "NpyFieldStore",
-    "parse_devices",
     "run_chunks",
 ]
 
@@ -761,36 +760,7 @@ def align_tiled(
     return store.field
 
 
-# --- devices and the chunk runner ---------------------------------------------------------------
-
-
-def parse_devices(spec: str) -> list[torch.device]:
-    """``cpu`` | ``gpu`` (first GPU) | ``all`` (every GPU, else the CPU) | ``0,2`` (GPU ids)."""
-    spec = str(spec).strip().lower()
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if spec == "cpu":
-        return [torch.device("cpu")]
-    if spec == "all":
-        return [torch.device(f"cuda:{i}") for i in range(n)] or [torch.device("cpu")]
-    if spec in ("gpu", "cuda"):
-        ids = [0]
-    else:
-        try:
-            ids = [int(p) for p in spec.replace("cuda:", "").split(",") if p.strip()]
-        except ValueError:
-            raise MetroemError(
-                f"bad --device {spec!r}: use cpu, gpu, all or GPU ids like 0,2"
-            ) from None
-        if not ids:
-            raise MetroemError("--device is empty: use cpu, gpu, all or GPU ids like 0,2")
-    missing = [i for i in ids if i >= n or i < 0]
-    if missing:
-        have = f"GPUs 0..{n - 1}" if n else "no GPU"
-        raise MetroemError(
-            f"--device {spec}: GPU {missing[0]} is not available (this machine has {have}); "
-            "use --device cpu"
-        )
-    return [torch.device(f"cuda:{i}") for i in ids]
+# --- the chunk runner -----------------------------------------------------------------------------
 
 
 class _Progress:

@@ -33,6 +33,7 @@ import torch
 
 from metroem import logs, tiling, volumes
 from metroem.atomic import atomic_write_bytes
+from metroem.devices import parse_devices
 from metroem.errors import MetroemError
 
 __all__ = ["StackJob", "enqueue", "run_local", "run_block", "stitch_block", "work", "main"]
@@ -101,7 +102,7 @@ class _Context:
         self.job = job
         info = volumes.volume_info(job.src_path)
         self.info = info
-        self.devices = tiling.parse_devices(job.device)
+        self.devices = parse_devices(job.device)
         res = info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
         a = dict(job.aligner)
         self.aligner = inference._as_aligner(
@@ -268,14 +269,14 @@ def work(url: str, lease_seconds: int = 600) -> int:
     return q.poll(lease_seconds=lease_seconds, stop_fn=q.is_empty, verbose=False)
 
 
-def _parser():
-    import argparse
+def build_parser():
+    from metroem import cliargs
 
-    p = argparse.ArgumentParser(
+    p = cliargs.Parser(
         prog="metroem worker",
         description="run stack-alignment tasks from a queue until it is empty",
-        epilog="example: metroem align models/demo --src_path file:///v/image --z_start 1 "
-        "--z_end 200 --field_path file:///v/field --image_path file:///v/aligned "
+        epilog="example: metroem align --pyramid_path models/demo --src_path file:///v/image "
+        "--z_start 1 --z_end 200 --field_path file:///v/field --image_path file:///v/aligned "
         "--block_size 16 --queue fq:///tmp/q   then, on each machine:   metroem worker "
         "fq:///tmp/q",
     )
@@ -283,10 +284,7 @@ def _parser():
     p.add_argument("--lease_seconds", type=int, default=600,
                    help="seconds a task is leased before another worker may take it "
                    "(default 600; longer than one block takes)")
-    from metroem import threads
-
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -297,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(argv):
         from metroem import threads
 
-        a = _parser().parse_args(argv)
+        a = build_parser().parse_args(argv)
         logs.setup_logging(a.verbosity)
         threads.apply(a.threads, announce=True)
         url = a.queue

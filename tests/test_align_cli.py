@@ -54,7 +54,8 @@ def test_help_documents_an_example(capsys):
     with pytest.raises(SystemExit):
         cli.main(["align", "--help"])
     out = capsys.readouterr().out
-    assert "example" in out and "metroem align models/demo --src" in out and "--resume" in out
+    assert "example" in out and "--resume" in out
+    assert "metroem align --pyramid_path models/demo --src" in out
 
 
 def test_align_files_png_and_npy(pyramid, tmp_path):
@@ -62,9 +63,9 @@ def test_align_files_png_and_npy(pyramid, tmp_path):
     Image.fromarray(a).save(tmp_path / "s.png")
     np.save(tmp_path / "t.npy", b)
     field_out, image_out = tmp_path / "f.npy", tmp_path / "out.png"
-    args = [str(pyramid), "--src", str(tmp_path / "s.png"), "--tgt", str(tmp_path / "t.npy"),
-            "--field_out", str(field_out), "--image_out", str(image_out), "--chunk", str(CHUNK),
-            "--pad", str(PAD), "--no_progress"]
+    args = ["--pyramid_path", str(pyramid), "--src", str(tmp_path / "s.png"), "--tgt",
+            str(tmp_path / "t.npy"), "--field_out", str(field_out), "--image_out", str(image_out),
+            "--chunk", str(CHUNK), "--pad", str(PAD), "--no_progress"]
     assert inference.main(args) == 0
     field = np.load(field_out)
     expected = expected_field(pyramid, a, b)
@@ -128,7 +129,7 @@ def test_killed_run_resumes_to_the_same_result(pyramid, tmp_path):
     a, b = section(2, 384), section(3, 384)
     np.save(tmp_path / "s.npy", a)
     np.save(tmp_path / "t.npy", b)
-    base = [sys.executable, "-m", "metroem.inference", str(pyramid), "--src",
+    base = [sys.executable, "-m", "metroem.inference", "--pyramid_path", str(pyramid), "--src",
             str(tmp_path / "s.npy"), "--tgt", str(tmp_path / "t.npy"), "--chunk", str(CHUNK),
             "--pad", str(PAD), "--no_progress"]
     out = tmp_path / "killed.npy"
@@ -168,8 +169,8 @@ def make_volume(path: Path, n: int = 3, size: int = 64) -> str:
 def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
     src = make_volume(tmp_path / "img")
     fpath, ipath = str(tmp_path / "field"), str(tmp_path / "aligned")
-    args = [str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "3", "--field_path",
-            fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--pad", str(PAD),
+    args = ["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "3",
+            "--field_path", fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--pad", str(PAD),
             "--no_progress", "--pairwise"]
     assert inference.main(args) == 0
     stage_caches = tmp_path / "field" / inference.MARKER_DIR / "stages"
@@ -219,10 +220,10 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
     tiled = tiling.align_tiled(whole, a, b, 64)
     assert (tiled - expected).abs().max() < 1e-3
     out = tmp_path / "f.npy"
-    assert inference.main([str(pyramid), "--src", str(tmp_path / "s.npy"), "--tgt",
-                           str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk", "64",
-                           "--smoothing_nm", "32", "--resolution_nm", "4", "--translation_init",
-                           "--no_progress"]) == 0
+    assert inference.main(["--pyramid_path", str(pyramid), "--src", str(tmp_path / "s.npy"),
+                           "--tgt", str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk",
+                           "64", "--smoothing_nm", "32", "--resolution_nm", "4",
+                           "--translation_init", "--no_progress"]) == 0
     assert np.abs(np.load(out) - expected[0].numpy()).max() < 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "s.npy", "t.npy"]
     with pytest.raises(MetroemError, match="--resolution_nm"):
@@ -234,9 +235,9 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     src = make_volume(tmp_path / "img", size=128)
     res = volumes.volume_info(src).resolution[0][0]
     fpath = str(tmp_path / "field")
-    assert inference.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
-                           "--field_path", fpath, "--chunk", "64", "--smoothing_nm", str(8 * res),
-                           "--translation_init", "--no_progress", "--pairwise"]) == 0
+    assert inference.main(["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1",
+                           "--z_end", "2", "--field_path", fpath, "--chunk", "64", "--smoothing_nm",
+                           str(8 * res), "--translation_init", "--no_progress", "--pairwise"]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         al = load_aligner(pyramid, translation_init=True, smoothing_nm=8 * res,
@@ -246,8 +247,9 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     assert torch.allclose(got, expected, atol=1e-4)
     assert not os.listdir(tmp_path / "field" / inference.MARKER_DIR / "stages")
     with pytest.raises(SystemExit):
-        inference.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
-                        "--field_path", str(tmp_path / "f2"), "--resolution_nm", "4"])
+        inference.main(["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1",
+                        "--z_end", "2", "--field_path", str(tmp_path / "f2"), "--resolution_nm",
+                        "4"])
 
 
 def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_path, capsys):
@@ -258,8 +260,9 @@ def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_pat
 
     src = make_volume(tmp_path / "img", n=5)
     fpath, ipath = str(tmp_path / "field"), str(tmp_path / "aligned")
-    args = [str(pyramid), "--src_path", src, "--z_start", "2", "--z_end", "5", "--field_path",
-            fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--predecessors", "2"]
+    args = ["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "2", "--z_end", "5",
+            "--field_path", fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--predecessors",
+            "2"]
     # (the default pads, from the nets, cover the whole 64 px region: tiled = whole image)
     assert inference.main(args) == 0
     err = capsys.readouterr().err

@@ -123,8 +123,8 @@ def test_align_cli_refine_flag(demo_pair, untrained, tmp_path):
     src, tgt, gt = demo_pair
     np.save(tmp_path / "s.npy", src[0, 0].numpy())
     np.save(tmp_path / "t.npy", tgt[0, 0].numpy())
-    base = [str(untrained), "--src", str(tmp_path / "s.npy"), "--tgt", str(tmp_path / "t.npy"),
-            "--chunk", "128", "--pad", "0", "--no_progress"]
+    base = ["--pyramid_path", str(untrained), "--src", str(tmp_path / "s.npy"), "--tgt",
+            str(tmp_path / "t.npy"), "--chunk", "128", "--pad", "0", "--no_progress"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert inference.main([*base, "--field_out", str(tmp_path / "plain.npy")]) == 0

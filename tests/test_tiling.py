@@ -198,22 +198,6 @@ def test_warp_chunk_matches_whole_warp():
         assert torch.allclose(got, ref, atol=1e-3)
 
 
-def test_parse_devices():
-    assert tiling.parse_devices("cpu") == [torch.device("cpu")]
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert len(tiling.parse_devices("all")) == max(1, n)
-    with pytest.raises(MetroemError) as e:
-        tiling.parse_devices(f"{n},{n + 2}")
-    assert "\n" not in str(e.value) and "not available" in str(e.value)
-    with pytest.raises(MetroemError):
-        tiling.parse_devices("fast")
-    if n == 0:
-        with pytest.raises(MetroemError, match="no GPU"):
-            tiling.parse_devices("gpu")
-    else:
-        assert tiling.parse_devices("gpu") == [torch.device("cuda:0")]
-
-
 def test_run_chunks_skips_done_and_reraises():
     al = local_pyramid()
     seen = []

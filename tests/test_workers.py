@@ -62,9 +62,10 @@ def test_two_queue_workers_give_the_single_process_stack(pyramid, tmp_path):  # 
     assert out["blocks"] == 3
     queue = f"fq://{tmp_path / 'queue'}"
     multi = [str(tmp_path / "f2"), str(tmp_path / "i2")]
-    rc = inference.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "6",
-                         "--field_path", multi[0], "--image_path", multi[1], "--chunk", str(CHUNK),
-                         "--block_size", "2", "--queue", queue, "--no_progress"])
+    rc = inference.main(["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1",
+                         "--z_end", "6", "--field_path", multi[0], "--image_path", multi[1],
+                         "--chunk", str(CHUNK), "--block_size", "2", "--queue", queue,
+                         "--no_progress"])
     assert rc == 0
     assert volumes.read(multi[0], 0, 64, 32, 0, 64, nz=6).abs().max() == 0  # only enqueued
     env = dict(os.environ, OMP_NUM_THREADS="1")
