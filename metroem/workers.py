@@ -105,6 +105,9 @@ class _Context:
         self.devices = parse_devices(job.device)
         res = info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
         a = dict(job.aligner)
+        if "finetune" in a:  # a job enqueued before refinement got its name
+            raise MetroemError(f"the stack job in {job.folder} was enqueued by an older metroem "
+                               "(aligner option finetune, now refine); enqueue it again")
         self.aligner = inference._as_aligner(
             job.pyramid, a.get("checkpoint_name"), a.get("stages"), self.devices[0],
             a.get("mip"), a.get("refine", False), a.get("refine_options"),
