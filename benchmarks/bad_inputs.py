@@ -33,7 +33,7 @@ os.environ.setdefault("METROEM_SHARED_DATA", str(HERE.parent.parent / "shared" /
 import reliability_cases as rc  # noqa: E402
 
 from metroem.atomic import atomic_write_bytes  # noqa: E402
-from metroem.sample_data import isbi_dir  # noqa: E402
+from metroem.shared_data import isbi_dir  # noqa: E402
 
 
 def _markdown(results: list[rc.Result], meta: dict) -> str:

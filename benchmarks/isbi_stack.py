@@ -3,8 +3,8 @@
 The 30 ISBI sections (4 nm px, 50 nm apart) are registered to start with. Every section but
 the first is deformed as in ``benchmarks/stack.py`` (a drift random walk of +-5 px per section
 and axis, rotation, scale, shear, elastic), written to a local CloudVolume, aligned with
-``metroem align <pyramid> --src_path ... --z_start 1 --z_end 30 --field_path ...
---image_path ...`` and looked at with ``metroem eval --src_path ... --image_path ... --report``
+``metroem align --pyramid_path <pyramid> --src_path ... --z_start 1 --z_end 30 --field_path
+... --image_path ...`` and looked at with ``metroem eval --src_path ... --image_path ... --report``
 (xz / yz reslices before and after, residual between consecutive sections along z). Since the
 deformation is known, the aligned fields are also scored against it (median px, worst
 section): on real ssTEM the truth is only as good as the ISBI registration, so read it next to
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality as q  # noqa: E402
 
-from metroem import align, volumes  # noqa: E402
+from metroem import inference, volumes  # noqa: E402
 from metroem.errors import cli_errors  # noqa: E402
 from metroem.eval import cli as eval_cli  # noqa: E402
 from metroem.eval import pairs, stacks  # noqa: E402
@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--isbi", default=None,
                    help=f"ISBI sections (default {pairs.default_data_dir()})")
-    p.add_argument("--pyramid", default=str(REPO / "models" / "isbi"))
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid",
+                   default=str(REPO / "models" / "isbi"), help="the pyramid to align with")
     p.add_argument("--smoothing_nm", type=float, default=None,
                    help="passed to metroem align (default: the pyramid's pyramid.json)")
     p.add_argument("--chunk", type=int, default=512, help="--chunk of metroem align")
@@ -73,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         for z, s in enumerate(known.sections):
             volumes.write_all_mips(raw, 0, 0, z, s.round().clamp(0, 255).to(torch.uint8))
         field, aligned = (volumes.normalize_path(str(work / k)) for k in ("field", "aligned"))
-        cmd = [a.pyramid, "--src_path", raw, "--z_start", "1", "--z_end", str(n),
+        cmd = ["--pyramid_path", a.pyramid, "--src_path", raw, "--z_start", "1", "--z_end", str(n),
                "--field_path", field, "--image_path", aligned, "--chunk", str(a.chunk),
                "--no_progress"]
         if a.smoothing_nm is not None:
             cmd += ["--smoothing_nm", str(a.smoothing_nm)]
         t0 = time.perf_counter()
-        align.main(cmd)
+        inference.main(cmd)
         seconds = time.perf_counter() - t0
         whole = [volumes.read(field, 0, 0, 0, z, w, h).float() for z in range(n)]
         score = stacks.stack_errors(known, whole)
@@ -94,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         summary = json.loads((report / "summary.json").read_text())
-        shown = [Path(a.pyramid).name, "--src_path", "RAW", "--z_start", "1", "--z_end", str(n),
-                 "..."] + (["--smoothing_nm", f"{a.smoothing_nm:g}"] if a.smoothing_nm else [])
+        shown = ["--pyramid_path", Path(a.pyramid).name, "--src_path", "RAW", "--z_start", "1",
+                 "--z_end", str(n), "..."]
+        shown += ["--smoothing_nm", f"{a.smoothing_nm:g}"] if a.smoothing_nm else []
         result = {"command": "metroem align " + " ".join(shown),
                   "sections": n, "seconds": seconds, "errors": score,
                   "unaligned": stacks.raw_errors(known), "stack_view": summary.get("stack")}

@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    f"(default {nb.default_data_dir()})")
     p.add_argument("--isbi", default=None, help="folder of consecutive ssTEM sections "
                    f"(default {pairs.default_data_dir()}); 'none' skips the ISBI part")
-    p.add_argument("--pyramid", default=None, help="metroem pyramid; its MIP0 pixel size comes "
-                   f"from its pyramid.json, else {PYRAMID_NM:g} nm (default {DEFAULT_PYRAMID})")
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid", default=None,
+                   help="metroem pyramid; its MIP0 pixel size comes"
+                   f" from its pyramid.json, else {PYRAMID_NM:g} nm (default {DEFAULT_PYRAMID})")
     p.add_argument("--no-metroem", action="store_true", help="baselines only")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"baselines to run (default: {' '.join(BASELINES)}, where installed)")
@@ -140,7 +141,8 @@ def base_functions(names: set[str], args) -> dict[str, baselines.FieldFn]:
     if any(n.startswith("metroem") for n in names):
         pyramid = args.pyramid or str(DEFAULT_PYRAMID)
         if not Path(pyramid).is_dir():
-            raise MetroemError(f"pyramid {pyramid} not found; pass --pyramid DIR or --no-metroem")
+            raise MetroemError(f"pyramid {pyramid} not found; pass --pyramid_path DIR or "
+                               "--no-metroem")
         # A pyramid runs on images at the MIP whose pixel size is closest to theirs: the
         # 10 nm FIB-SEM slices are MIP 1 (8 nm) of the 4 nm ISBI pyramid, as a user would run it.
         from metroem.modules import pyramid_settings

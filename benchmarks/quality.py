@@ -16,7 +16,7 @@ PNGs (EPE vs difficulty charts, example pair reports).
 Examples::
 
     python benchmarks/quality.py                        # baselines (+ metroem if models/isbi)
-    python benchmarks/quality.py --pyramid models/isbi --finetune
+    python benchmarks/quality.py --pyramid_path models/isbi --refine
     python benchmarks/quality.py --quick --out /tmp/q   # smoke run: 2 methods, 128 px crops
 """
 
@@ -51,12 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="folder of consecutive section images "
                    f"(default {pairs.default_data_dir()})")
-    p.add_argument("--pyramid", default=None, help="metroem pyramid to include "
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid", default=None,
+                   help="metroem pyramid to include "
                    f"(default {DEFAULT_PYRAMID} when it exists)")
     p.add_argument("--no-metroem", action="store_true", help="baselines only")
-    p.add_argument("--checkpoint", default=None, help="checkpoint name inside the pyramid")
-    p.add_argument("--finetune", action="store_true",
-                   help="also run the pyramid with per-pair fine-tuning (row metroem-finetune)")
+    p.add_argument("--checkpoint_name", "--checkpoint", dest="checkpoint", default=None,
+                   help="checkpoint name inside the pyramid")
+    p.add_argument("--refine", action="store_true",
+                   help="also run the pyramid with online per-pair refinement (row "
+                   "metroem-refine)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="baselines to run (default: every installed one; see --list)")
     p.add_argument("--list", action="store_true", help="list the baselines and exit")
@@ -91,12 +94,12 @@ def _methods(args) -> dict[str, baselines.FieldFn]:
         pyramid = None
     if pyramid:
         out["metroem"] = baselines.metroem_method(pyramid, args.checkpoint)
-        if args.finetune:
-            out["metroem-finetune"] = baselines.metroem_method(
-                pyramid, args.checkpoint, finetune=True
+        if args.refine:
+            out["metroem-refine"] = baselines.metroem_method(
+                pyramid, args.checkpoint, refine=True
             )
-    elif args.finetune:
-        raise MetroemError("--finetune needs a pyramid; pass --pyramid DIR")
+    elif args.refine:
+        raise MetroemError("--refine needs a pyramid; pass --pyramid_path DIR")
     return out
 
 
@@ -280,7 +283,7 @@ def _pictures(out: Path, result: dict, methods: dict, examples: list[pairs.Bench
         (m for m in methods if m != "identity"),
         key=lambda m: (np.nan_to_num(table[hardest][m]["epe_median"], nan=1e9)),
     )
-    for method in ranked[:1] + [m for m in ("metroem", "metroem-finetune") if m in methods]:
+    for method in ranked[:1] + [m for m in ("metroem", "metroem-refine") if m in methods]:
         for pair in examples:
             field = baselines.align(methods[method], pair.src, pair.tgt)
             report.write_pair_report(out / "png", pair.src, pair.tgt, field,

@@ -9,8 +9,8 @@ Measures
 3. scaling: metroem and two baselines vs image size, and metroem vs the number of sections
    (pairs aligned one after the other, and as one batch).
 
-metroem runs the pyramid given with ``--pyramid`` (default ``models/isbi`` when it exists), else
-an untrained pyramid of the default stage network at MIPs 2/1/0: the weights do not change the
+metroem runs the pyramid given with ``--pyramid_path`` (default ``models/isbi`` when it exists),
+else an untrained pyramid of the default stage network at MIPs 2/1/0: the weights do not change the
 compute, so the timings hold for a trained one of the same spec. Every timing is the median of
 ``--repeats`` runs after one warm-up; threads are pinned with ``--threads``.
 
@@ -54,7 +54,8 @@ os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="folder of section images (default: isbi)")
-    p.add_argument("--pyramid", default=None, help="metroem pyramid to time")
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid", default=None,
+                   help="metroem pyramid to time")
     p.add_argument("--methods", nargs="+", default=None, help="baselines (default: installed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)

@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fibsem", default=None, help="folder of registered blocks "
                    f"(default {nb.default_data_dir()})")
-    p.add_argument("--pyramid", default=str(DEFAULT_PYRAMID), help="metroem pyramid")
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid", default=str(DEFAULT_PYRAMID),
+                   help="metroem pyramid")
     p.add_argument("--no-metroem", action="store_true", help="peers only")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and OpenCV")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder")

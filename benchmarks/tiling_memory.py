@@ -1,7 +1,7 @@
 """Peak memory of tiled alignment vs image size: bounded by the chunk size, not the image.
 
 For each size (2k^2 ... 16k^2 pixels) a fresh subprocess aligns two ``.npy`` images with
-:func:`metroem.align.align_files` (field ``.npy`` + aligned image ``.npy`` outputs) and reports
+:func:`metroem.inference.align_files` (field ``.npy`` + aligned image ``.npy`` outputs) and reports
 its peak resident memory (``ru_maxrss``) and the peak of Python/numpy allocations
 (``tracemalloc``). ``align_files`` tiles stage by stage (:class:`metroem.tiling.StageTiler`):
 every stage but the last runs over the whole image at its own MIP into an ``.npy`` cache, the
@@ -11,12 +11,12 @@ in memory.
 By default the pyramid is a two-stage stand-in (MIP 1 and 0, one random 3x3 conv per stage;
 chunk 1024, pad 128 per stage) so the run measures the tiling machinery (strip-wise window
 reads and resampling, the coarse stage's cache, warps, writes) and stays within minutes on 2
-CPU cores. ``--pyramid models/demo --mip 1`` runs a real trained pyramid with its default
+CPU cores. ``--pyramid_path models/demo --mip 1`` runs a real trained pyramid with its default
 per-stage pads instead (much slower: hours at 16k^2 on 2 cores).
 
     .venv/bin/python benchmarks/tiling_memory.py            # ~8 min on 2 cores
     .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 4096
-    .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 --pyramid models/demo --mip 1
+    .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 --pyramid_path models/demo --mip 1
 
 Results: benchmarks/results/tiling_memory.json and .md. Not part of CI.
 """
@@ -41,7 +41,7 @@ CHILD = r"""
 import json, resource, sys, time, tracemalloc
 import torch
 from torch import nn
-from metroem import align, fields
+from metroem import fields, inference
 from metroem.aligner import PyramidAligner, load_aligner
 
 class ConvStage(nn.Module):
@@ -68,8 +68,8 @@ if cfg["pyramid"]:
 else:
     al = PyramidAligner([(1, ConvStage(1)), (0, ConvStage(2))]).eval()
 t0 = time.time()
-out = align.align_files(al, sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
-                        chunk=cfg["chunk"], pad=cfg["pad"], progress=False)
+out = inference.align_files(al, sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
+                            chunk=cfg["chunk"], pad=cfg["pad"], progress=False)
 seconds = time.time() - t0
 peak_py = tracemalloc.get_traced_memory()[1]
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--pad", type=int, default=None,
                    help="pad per stage (default: 128 for the stand-in, the nets' own otherwise)")
-    p.add_argument("--pyramid", default=None, help="a trained pyramid folder (default: stand-in)")
-    p.add_argument("--mip", type=int, default=None, help="input MIP for --pyramid")
+    p.add_argument("--pyramid_path", "--pyramid", dest="pyramid", default=None,
+                   help="a trained pyramid folder (default: stand-in)")
+    p.add_argument("--mip", type=int, default=None, help="input MIP for --pyramid_path")
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--results", default=RESULTS, help="output folder (default: %(default)s)")
     p.add_argument("--from_json", action="store_true", help="only rewrite the .md from the .json")

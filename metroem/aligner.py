@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metroem import fields, modules, pretrained, regularize, translation
+from metroem import devices, fields, modules, pretrained, regularize, translation
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -45,9 +45,9 @@ def plain_tensor(t: Tensor | None) -> Tensor | None:
 class PyramidAligner(nn.Module):
     """Runs ``stages`` (a list of ``(mip, model)``, coarse to fine) on an image pair.
 
-    ``finetune=True`` refines the network's field on each pair by optimising the field itself
-    (see :mod:`metroem.finetune`); ``finetune_options`` are passed to
-    :func:`metroem.finetune.finetune_field` (``iterations``, ``lr``, ``smoothness``, ...).
+    ``refine=True`` refines the network's field on each pair by optimising the field itself
+    (see :mod:`metroem.refine`); ``refine_options`` are passed to
+    :func:`metroem.refine.refine_field` (``steps``, ``lr``, ``smoothness_weight``, ...).
 
     ``smoothing_px > 0`` replaces the pyramid's field by its local affine fit in a Gaussian
     window of that many pixels at ``input_mip`` (:func:`metroem.regularize.smooth_field`,
@@ -64,8 +64,8 @@ class PyramidAligner(nn.Module):
         self,
         stages: list[tuple[int, nn.Module]],
         input_mip: int | None = None,
-        finetune: bool = False,
-        finetune_options: dict | None = None,
+        refine: bool = False,
+        refine_options: dict | None = None,
         smoothing_px: float = 0.0,
         translation_init: bool = False,
     ):
@@ -77,8 +77,8 @@ class PyramidAligner(nn.Module):
             raise ValueError(f"stages must run coarse to fine (MIPs never increase): {self.mips}")
         self.stages = nn.ModuleList([m for _, m in stages])
         self.input_mip = min(self.mips) if input_mip is None else int(input_mip)
-        self.finetune = bool(finetune)
-        self.finetune_options = dict(finetune_options or {})
+        self.refine = bool(refine)
+        self.refine_options = dict(refine_options or {})
         self.translation_init = bool(translation_init)
         self.smoothing_px = float(smoothing_px)
         if not (self.smoothing_px >= 0 and math.isfinite(self.smoothing_px)):
@@ -115,7 +115,7 @@ class PyramidAligner(nn.Module):
         tgt_img: Tensor,
         src_agg_field: Tensor | None = None,
         input_mip: int | None = None,
-        finetune: bool | None = None,
+        refine: bool | None = None,
         src_mask: Tensor | None = None,
         tgt_mask: Tensor | None = None,
         **kwargs,
@@ -124,9 +124,9 @@ class PyramidAligner(nn.Module):
 
         Images are ``(N, 1, H, W)`` of any dtype with raw values (0 = no data). The network runs
         on the aligner's device; the field comes back on the device of ``src_img``. Without
-        gradients unless the aligner is in training mode. ``finetune`` (default: the
+        gradients unless the aligner is in training mode. ``refine`` (default: the
         aligner's setting) refines the field on the pair; ``src_mask`` / ``tgt_mask`` (defects,
-        nonzero = exclude) are respected by finetuning. Other keyword arguments (corgie's
+        nonzero = exclude) are respected by refinement. Other keyword arguments (corgie's
         ``tgt_agg_field`` and the like) are ignored.
         """
         mip_in = self.input_mip if input_mip is None else int(input_mip)
@@ -147,16 +147,16 @@ class PyramidAligner(nn.Module):
                 scale = 2.0 ** (mip_in - self.input_mip)  # the length is set at input_mip
                 weight = regularize.data_weight(src, tgt, field)
                 field = regularize.smooth_field(field, self.smoothing_px / scale, weight)
-        if self.finetune if finetune is None else finetune:
-            from metroem.finetune import finetune_field
+        if self.refine if refine is None else refine:
+            from metroem.refine import refine_field
 
-            field = finetune_field(
+            field = refine_field(
                 src_img.to(field.device),
                 tgt_img.to(field.device),
                 field.detach(),
                 src_mask=None if src_mask is None else src_mask.to(field.device),
                 tgt_mask=None if tgt_mask is None else tgt_mask.to(field.device),
-                **self.finetune_options,
+                **self.refine_options,
             )
         return field.to(out_device)
 
@@ -234,8 +234,8 @@ def load_aligner(
     stages: list[int] | None = None,
     device: str | torch.device = "cpu",
     input_mip: int | None = None,
-    finetune: bool = False,
-    finetune_options: dict | None = None,
+    refine: bool = False,
+    refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
     translation_init: bool = False,
@@ -256,13 +256,7 @@ def load_aligner(
     part of the field that is affine over about that length; ``translation_init`` starts from
     a phase-correlation translation (see :class:`PyramidAligner`).
     """
-    device = torch.device(device)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise MetroemError(
-            f"device {device} requested but {count} GPU(s) are visible; use device='cpu' or a "
-            "visible GPU"
-        )
+    device = devices.parse_device(device)  # a GPU that is not there is an error
     pyramid_path = pretrained.resolve(pyramid_path)  # a folder, or a shipped pyramid's name
     settings = modules.pyramid_settings(pyramid_path)
     if smoothing_nm is None:
@@ -286,7 +280,7 @@ def load_aligner(
         for m, name in zip(mods, names, strict=True)
     ]
     aligner = PyramidAligner(
-        loaded, input_mip=input_mip, finetune=finetune, finetune_options=finetune_options,
+        loaded, input_mip=input_mip, refine=refine, refine_options=refine_options,
         smoothing_px=smoothing_px, translation_init=translation_init,
     )
     return aligner.to(device).eval()

@@ -1,7 +1,7 @@
 """``metroem <command> ...``: one entry point for every command-line tool.
 
 Each command lives in its own module with a ``main(argv)``; this file only dispatches, so
-``metroem align ...`` is the same as ``python -m metroem.align ...``.
+``metroem align ...`` is the same as ``python -m metroem.inference ...``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("metroem.demo_pipeline:main", "run the whole pipeline on the built-in demo stack"),
-    "demo-volume": ("metroem.demo:main", "build a misaligned demo CloudVolume with ground truth"),
+    "demo-volume": ("metroem.demo_volume:main",
+                    "build a misaligned demo CloudVolume with ground truth"),
     "ingest": ("metroem.ingest:main", "import a folder of section images as a CloudVolume"),
     "download-image": ("metroem.download:download_image_main", "cut image pairs into h5"),
     "download-field": ("metroem.download:download_field_main", "cut a field volume into h5"),
     "train": ("metroem.training.cli:main", "train a pyramid stage by stage"),
     "generate": ("metroem.generate:main", "generate the fields that feed the next stage"),
-    "align": ("metroem.align:main", "align images or a CloudVolume z range, tile by tile"),
+    "align": ("metroem.inference:main", "align images or a CloudVolume z range, tile by tile"),
     "worker": ("metroem.workers:main", "run stack-alignment tasks from a task queue"),
     "export": ("metroem.export:main", "export a pyramid as one TorchScript file"),
     "eval": ("metroem.eval.cli:main", "measure alignment quality, compare baselines, report"),

@@ -7,8 +7,8 @@
 
 No downloads, no credentials; about 10 minutes on 2 CPU cores. ``--sections DIR`` uses real
 images (e.g. ``../shared/data/isbi``) instead of the procedural stack. The pyramid definition
-is the shipped ``demo`` pyramid's (:mod:`metroem.pretrained`) unless ``--pyramid DIR`` names
-another.
+is the shipped ``demo`` pyramid's (:mod:`metroem.pretrained`) unless ``--pyramid_path`` names
+another (a folder, or another shipped pyramid's name).
 """
 
 from __future__ import annotations
@@ -24,7 +24,17 @@ import time
 import numpy as np
 import torch
 
-from metroem import datasets, demo, download, geometry, logs, modules, pretrained, threads
+from metroem import (
+    cliargs,
+    datasets,
+    demo_volume,
+    download,
+    geometry,
+    logs,
+    modules,
+    pretrained,
+    threads,
+)
 from metroem.errors import MetroemError, cli_errors
 from metroem.training import cli as train_cli
 
@@ -50,13 +60,13 @@ def _val_fraction(pyr: str) -> float:
     return float(cfg["data"]["val_fraction"])
 
 
-def _load_volume(vol_dir: str) -> demo.DemoVolume:
+def _load_volume(vol_dir: str) -> demo_volume.DemoVolume:
     """The DemoVolume described by an existing ``demo.json`` (for --resume)."""
     with open(os.path.join(vol_dir, "demo.json")) as f:
         meta = json.load(f)
-    keys = demo.DemoVolume.__dataclass_fields__
+    keys = demo_volume.DemoVolume.__dataclass_fields__
     vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in keys}
-    return demo.DemoVolume(**vals)
+    return demo_volume.DemoVolume(**vals)
 
 
 def copy_pyramid_definition(src: str, dst: str) -> list[modules.ModuleInfo]:
@@ -74,7 +84,7 @@ def copy_pyramid_definition(src: str, dst: str) -> list[modules.ModuleInfo]:
     return modules.discover(dst)
 
 
-def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
+def cut_datasets(vol: demo_volume.DemoVolume, data_dir: str, mips: list[int]) -> None:
     """Image datasets covering whole sections at every MIP + ground-truth field datasets."""
     size = vol.size[0]
     cx = cy = size // 2
@@ -86,7 +96,7 @@ def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
     for m, s in zip(mips, sizes, strict=True):
         x0, y0 = geometry.patch_origin(cx, cy, m, s)
         gts = [
-            demo.pair_ground_truth(vol.field_path, m, x0, y0, z, s, s)[0].numpy()
+            demo_volume.pair_ground_truth(vol.field_path, m, x0, y0, z, s, s)[0].numpy()
             for z in range(1, vol.num_sections)
         ]
         name = datasets.field_filename(0, cx, cy, 1, m, "groundtruth")
@@ -101,7 +111,7 @@ def cut_datasets(vol: demo.DemoVolume, data_dir: str, mips: list[int]) -> None:
 
 def identity_epe(data_dir: str, mip: int) -> float:
     """Median EPE of doing nothing (zero field) against the ground truth, over tissue."""
-    from metroem.training.stage_data import StageDataset
+    from metroem.training.stage_inputs import StageDataset
 
     ds = StageDataset(data_dir, mip, None, "identity-baseline")
     errs = [item["field"].norm(dim=0)[item["tgt"][0] != 0] for item in (ds[i] for i in
@@ -119,8 +129,8 @@ def pyramid_epe_by_stage(
     directly comparable: the error the aligner makes when it stops after stage k.
     """
     from metroem.aligner import load_aligner
-    from metroem.training.data import split_indices
-    from metroem.training.stage_data import StageDataset
+    from metroem.training.batches import split_indices
+    from metroem.training.stage_inputs import StageDataset
 
     mods = modules.discover(pyramid)
     mip = mods[-1].mip
@@ -141,20 +151,20 @@ def pyramid_epe_by_stage(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metroem demo", description=__doc__.splitlines()[0])
+    p = cliargs.Parser(prog="metroem demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    p.add_argument("--pyramid", default=None,
-                   help="pyramid definition to train (default: the shipped demo pyramid's)")
+    cliargs.add_pyramid(p, "--pyramid", required=False,
+                        help="pyramid definition to train: a folder or a shipped pyramid's name "
+                        "(default: demo)")
     p.add_argument("--sections", default=None, help="folder of real section images to use")
     p.add_argument("--num_sections", type=int, default=16)
     p.add_argument("--size", type=int, default=1024, help="section size at MIP0 (pixels)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config key, e.g. --set train.steps=50")
-    p.add_argument("--device", default="cpu")
+    cliargs.add_device(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     p.add_argument("--seed", type=int, default=0)
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -162,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logs.setup_logging(a.verbosity)
-    if a.pyramid is None:
-        a.pyramid = str(pretrained.pyramid_path("demo"))
-    elif not os.path.isdir(a.pyramid):
-        raise MetroemError(f"no pyramid definition at {a.pyramid}; pass --pyramid DIR")
+    if a.pyramid_path is None:
+        a.pyramid_path = str(pretrained.pyramid_path("demo"))
+    elif not pretrained.resolve(a.pyramid_path).is_dir():
+        raise MetroemError(f"no pyramid definition at {a.pyramid_path}; pass --pyramid_path DIR")
+    else:
+        a.pyramid_path = str(pretrained.resolve(a.pyramid_path))
     threads.apply(a.threads, announce=True)
     t0 = time.time()
     out = os.path.abspath(a.out)
@@ -175,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.resume and os.path.exists(os.path.join(vol_dir, "demo.json")):
         vol = _load_volume(vol_dir)
     else:
-        vol = demo.build_demo_volume(vol_dir, num_sections=a.num_sections, size=a.size,
-                                     seed=a.seed, sections_dir=a.sections, overwrite=True)
-    mods = copy_pyramid_definition(a.pyramid, pyr)
+        vol = demo_volume.build_demo_volume(vol_dir, num_sections=a.num_sections, size=a.size,
+                                            seed=a.seed, sections_dir=a.sections, overwrite=True)
+    mods = copy_pyramid_definition(a.pyramid_path, pyr)
     mips = sorted({m.mip for m in mods}, reverse=True)
     log.info("[2/4] cutting datasets at MIPs %s into %s", mips, data_dir)
     if not (a.resume and os.path.isdir(data_dir)):

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import datasets, fields, logs, threads, volumes
+from metroem import cliargs, datasets, fields, logs, threads, volumes
 from metroem.errors import MetroemError, cli_errors
 from metroem.geometry import patch_origin, remove_translation, snap_centre, snap_to_multiple
 
@@ -454,13 +454,6 @@ def download_field(
 # ----------------------------------------------------------------------------- CLIs
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line MetroemErrors (exit 2 via cli_errors)."""
-
-    def error(self, message: str):
-        raise MetroemError(f"{message}; see {self.prog} --help")
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv_path", required=True, help="CloudVolume (gs://, s3://, file://, folder)")
     p.add_argument("--dst_folder", required=True, help="folder for the h5 file(s) (created)")
@@ -468,12 +461,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--z_end", type=int, required=True, help="one past the last source section")
     p.add_argument("--x_offset", type=int, required=True, help="patch centre x, MIP0 pixels")
     p.add_argument("--y_offset", type=int, required=True, help="patch centre y, MIP0 pixels")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
 
 
-def _image_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def build_image_parser() -> argparse.ArgumentParser:
+    p = cliargs.Parser(
         prog="download_image",
         description="Cut source/target image pairs (z, z-1) from a CloudVolume into h5 files, "
         "one per MIP.",
@@ -500,8 +492,8 @@ def _image_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _field_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def build_field_parser() -> argparse.ArgumentParser:
+    p = cliargs.Parser(
         prog="download_field",
         description="Cut a field volume into an h5 field dataset at --dst_mip, with each pair's "
         "average translation removed and recorded.",
@@ -527,7 +519,7 @@ def _field_parser() -> argparse.ArgumentParser:
 @cli_errors
 def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
     """``metroem-download-image`` / ``python download_image.py``."""
-    a = _image_parser().parse_args(None if argv is None else list(argv))
+    a = build_image_parser().parse_args(None if argv is None else list(argv))
     logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     paths = download_image(
@@ -544,7 +536,7 @@ def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
 @cli_errors
 def download_field_main(argv: Iterable[str] | None = None) -> str:
     """``metroem-download-field`` / ``python download_field.py``."""
-    a = _field_parser().parse_args(None if argv is None else list(argv))
+    a = build_field_parser().parse_args(None if argv is None else list(argv))
     logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     path = download_field(

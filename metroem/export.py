@@ -1,4 +1,4 @@
-"""``metroem export PYRAMID OUT.pt``: the whole pyramid as one TorchScript file.
+"""``metroem export --pyramid_path PYRAMID OUT.pt``: the whole pyramid as one TorchScript file.
 
 The file holds one module, ``field = model(src, tgt)`` (optionally ``model(src, tgt,
 src_agg_field)``): images ``(N, 1, H, W)`` of any size and dtype (raw values, 0 = no data) at
@@ -11,11 +11,11 @@ code as :class:`metroem.aligner.PyramidAligner` at every size: its field equals
 Each stage is rebuilt from its module's spec and weights, and the export refuses to write a
 file that disagrees with the loaded pyramid on a test pair. Memory
 grows with the image; cut large images into overlapping tiles as for any aligner (``metroem
-align`` does). Online finetuning is not exported.
+align`` does). Online refinement is not exported.
 
 Example::
 
-    metroem export models/isbi isbi_aligner.pt
+    metroem export --pyramid_path isbi isbi_aligner.pt
     python -c "import torch; m = torch.jit.load('isbi_aligner.pt'); print(m.input_mip)"
 """
 
@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import nn
 
-from metroem import logs, nets, threads
+from metroem import cliargs, logs, nets, threads
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError, cli_errors
@@ -145,21 +145,18 @@ def export_pyramid(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cliargs.Parser(
         prog="metroem export",
         description="Export a pyramid as one TorchScript file: field = model(src, tgt).",
-        epilog="example: metroem export models/isbi isbi_aligner.pt",
+        epilog="example: metroem export --pyramid_path isbi isbi_aligner.pt",
     )
-    p.add_argument("pyramid", help="pyramid folder")
+    cliargs.add_pyramid(p)
     p.add_argument("out", help="output .pt file")
-    p.add_argument("--checkpoint_name",
-                   help="checkpoint of every stage, or one per stage: a,b,c (default: the "
-                   "stages' shared default; differing or unfinished defaults are refused)")
+    cliargs.add_checkpoint(p)
     p.add_argument("--stages", type=int, nargs="+", help="stage numbers (default: all)")
     p.add_argument("--mip", type=int, help="input MIP (default: finest stage's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logs.setup_logging(a.verbosity)
     threads.apply(a.threads, announce=True)
-    diff = export_pyramid(a.pyramid, a.out, a.checkpoint_name, a.stages, a.mip, a.overwrite)
+    diff = export_pyramid(a.pyramid_path, a.out, a.checkpoint_name, a.stages, a.mip, a.overwrite)
     log.info("wrote %s (equals the loaded pyramid within %.1g px on a test pair)", a.out, diff)
     return 0
 

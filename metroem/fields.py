@@ -279,15 +279,16 @@ def jacobian_determinant(field: Tensor) -> Tensor:
     return (1 + dudx) * (1 + dvdy) - dudy * dvdx
 
 
-def invert(field: Tensor, iterations: int = 50, tol: float = 1e-4) -> Tensor:
+def invert(field: Tensor, steps: int = 50, tol: float = 1e-4) -> Tensor:
     """Approximate inverse ``g`` of a smooth pull field ``f`` so that ``compose(f, g) ~ 0``.
 
-    Fixed-point iteration of ``g(p) = -f(p + g(p))``; exact enough for fold-free smooth
-    fields with small gradients (|grad f| < 1), which is what synthetic deformations are.
+    Fixed-point iteration of ``g(p) = -f(p + g(p))`` for at most ``steps`` steps (stops once
+    no pixel moves by ``tol``); exact enough for fold-free smooth fields with small gradients
+    (|grad f| < 1), which is what synthetic deformations are.
     """
     check_field(field)
     inv = -field
-    for _ in range(iterations):
+    for _ in range(steps):
         nxt = -warp_field(field, inv)
         delta = (nxt - inv).abs().max()
         inv = nxt

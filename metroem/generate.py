@@ -272,32 +272,34 @@ def _recut_images(data, summary, out: _Output, t_new, t_total, mip, record):
                                  overwrite=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``metroem generate``: write the fields (and re-cut images) after a trained stage."""
-    import argparse
+def build_parser():
+    from metroem import cliargs
 
-    from metroem.errors import cli_errors
-    from metroem.training.distributed import resolve_device
-
-    p = argparse.ArgumentParser(prog="metroem generate", description=__doc__.splitlines()[0])
-    p.add_argument("--pyramid_path", required=True)
-    p.add_argument("--dataset_path", required=True)
-    p.add_argument("--checkpoint_name", required=True)
+    p = cliargs.Parser(prog="metroem generate", description=__doc__.splitlines()[0])
+    cliargs.add_pyramid(p, help="pyramid folder (module folders <STAGE>_mip<MIP>in_<SUFFIX>)")
+    p.add_argument("--dataset_path", required=True, help="folder of h5 image/field datasets")
+    cliargs.add_checkpoint(p, required=True, help="the weights to run")
     p.add_argument("--stage", type=int, required=True, help="run stages up to this one")
-    p.add_argument("--device", default="cpu")
+    cliargs.add_device(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing generated files (kept by default; files already made "
                    "by this pyramid with these weights are always kept)")
+    cliargs.add_common(p)
+    return p
 
-    threads.add_argument(p)
-    logs.add_arguments(p)
+
+def main(argv: list[str] | None = None) -> int:
+    """``metroem generate``: write the fields (and re-cut images) after a trained stage."""
+    from metroem.devices import parse_device
+    from metroem.errors import cli_errors
 
     @cli_errors
-    def run(args) -> int:
+    def run(argv) -> int:
+        args = build_parser().parse_args(argv)
         logs.setup_logging(args.verbosity)
         threads.apply(args.threads, announce=True)
         generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name, args.stage,
-                        device=resolve_device(args.device), overwrite=args.overwrite)
+                        device=parse_device(args.device), overwrite=args.overwrite)
         return 0
 
-    return run(p.parse_args(argv))
+    return run(argv)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import logs, threads, volumes
+from metroem import cliargs, logs, threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 from metroem.images import read_grey, section_files
@@ -265,8 +265,8 @@ def mapping_lines(sections: dict, show: int = 3) -> list[str]:
     return ["  ..." if it is None else f"  z {it[0]:>4} <- {it[1]}" for it in items]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metroem ingest", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = cliargs.Parser(prog="metroem ingest", description=__doc__.splitlines()[0])
     p.add_argument("sections_dir",
                    help="folder of section images (PNG/TIFF/JPEG; z order = the number in "
                    "each name, compared as a number)")
@@ -283,14 +283,13 @@ def _parser() -> argparse.ArgumentParser:
                    metavar=("LOW", "HIGH"),
                    help="percentile range mapped to 1..max when rescaling (default 0.5 99.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing volume")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = build_parser().parse_args(argv)
     logs.setup_logging(a.verbosity)
     threads.apply(a.threads)
     m = ingest_images(a.sections_dir, a.out, a.num_mips, a.resolution,

@@ -1,4 +1,4 @@
-"""The shipped pyramids by name: ``load_aligner("isbi")``, ``metroem align isbi ...``.
+"""The shipped pyramids by name: ``load_aligner("isbi")``, ``metroem align --pyramid_path isbi``.
 
 Each entry says what a pyramid is for, which module folders and checkpoint it has, the
 SHA-256 of every weights file, the command that trains it (its config is the pyramid's own
@@ -183,12 +183,12 @@ def _describe(entry: Pretrained) -> str:
 
 
 def build_parser():
-    import argparse
+    from metroem import cliargs
 
-    p = argparse.ArgumentParser(
+    p = cliargs.Parser(
         prog="metroem pretrained",
-        description="List the shipped pyramids (usable by name: metroem align isbi ...), or "
-        "copy one to train or finetune it.",
+        description="List the shipped pyramids (usable by name: metroem align --pyramid_path "
+        "isbi ...), or copy one to train or finetune it.",
         epilog="example: metroem pretrained copy isbi ~/pyramids/mine --weights",
     )
     sub = p.add_subparsers(dest="action")
@@ -197,7 +197,7 @@ def build_parser():
     c.add_argument("name", choices=names())
     c.add_argument("dest", help="new folder")
     c.add_argument("--weights", action="store_true", help="copy the weights too (finetuning)")
-    logs.add_arguments(p)
+    cliargs.add_common(p, threads_flag=False)
     return p
 
 

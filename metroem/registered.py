@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["write_registered_datasets", "resample_slices"]
 
-GROUND_TRUTH_TAG = "groundtruth"  # = metroem.training.stage_data.GROUND_TRUTH_TAG
+GROUND_TRUTH_TAG = "groundtruth"  # = metroem.training.stage_inputs.GROUND_TRUTH_TAG
 
 
 def resample_slices(stack: Tensor, scale: float) -> Tensor:

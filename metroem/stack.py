@@ -13,7 +13,7 @@ it. Sections without data are skipped: their field is the previous one, their im
 empty, and later sections align to the last section with data.
 
 This module is the definition; :func:`align_stack` runs it on whole sections in memory, and
-:mod:`metroem.align` runs the same steps chunk by chunk over CloudVolume layers.
+:mod:`metroem.inference` runs the same steps chunk by chunk over CloudVolume layers.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def align_stack(
     """Align ``sections`` (each ``(1, 1, H, W)``, raw values, 0 = no data) serially; the first
     is the reference. Returns ``(aligned, fields)``: aligned images ``(1, 1, H, W)`` (rounded to
     ``dtype`` when it is an integer type, as an image layer stores them, so later sections see
-    the same targets as in :mod:`metroem.align`) and whole fields ``(1, 2, H, W)``."""
+    the same targets as in :mod:`metroem.inference`) and whole fields ``(1, 2, H, W)``."""
     if predecessors < 1:
         raise ValueError(f"predecessors must be >= 1, got {predecessors}")
     if not sections:

@@ -60,7 +60,6 @@ __all__ = [
     "upsample_region",
     "MemoryFieldStore",
     "NpyFieldStore",
-    "parse_devices",
     "run_chunks",
 ]
 
@@ -641,17 +640,17 @@ class StageTiler:
 
     def output_chunk(self, model, c: Chunk, src, tgt, prev) -> Tensor:
         """Field ``(1, 2, h, w)`` (CPU, pixels of the input MIP) of output chunk ``c``: the last
-        stage on its window, upsampled to the input MIP (and finetuned there if the aligner
-        finetunes)."""
+        stage on its window, upsampled to the input MIP (and refined there if the aligner
+        refines)."""
         k = len(self.plans) - 1
         lev = self.plans[k].levels
         r = 2**lev
         win = self._window(k, c.y0 // r, c.x0 // r, -(-c.h // r), -(-c.w // r))
         out = self._run_window(model, k, src, tgt, prev, win)
         read = _window_reader(out, win[0], win[1])
-        if not getattr(model, "finetune", False):
+        if not getattr(model, "refine", False):
             return upsample_region(read, c.y0, c.x0, c.h, c.w, lev).contiguous()
-        from metroem.finetune import finetune_field
+        from metroem.refine import refine_field
 
         fy0, fx0 = win[0] * r, win[1] * r
         fh = min(win[2] * r, self.height - fy0)
@@ -660,7 +659,7 @@ class StageTiler:
         dev = model.device
         s = read_resampled(src, 0, fy0, fx0, fh, fw).to(dev)
         t = read_resampled(tgt, 0, fy0, fx0, fh, fw).to(dev)
-        field = finetune_field(s, t, field.to(dev), **model.finetune_options)
+        field = refine_field(s, t, field.to(dev), **model.refine_options)
         oy, ox = c.y0 - fy0, c.x0 - fx0
         return field[..., oy : oy + c.h, ox : ox + c.w].float().cpu().contiguous()
 
@@ -761,36 +760,7 @@ def align_tiled(
     return store.field
 
 
-# --- devices and the chunk runner ---------------------------------------------------------------
-
-
-def parse_devices(spec: str) -> list[torch.device]:
-    """``cpu`` | ``gpu`` (first GPU) | ``all`` (every GPU, else the CPU) | ``0,2`` (GPU ids)."""
-    spec = str(spec).strip().lower()
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if spec == "cpu":
-        return [torch.device("cpu")]
-    if spec == "all":
-        return [torch.device(f"cuda:{i}") for i in range(n)] or [torch.device("cpu")]
-    if spec in ("gpu", "cuda"):
-        ids = [0]
-    else:
-        try:
-            ids = [int(p) for p in spec.replace("cuda:", "").split(",") if p.strip()]
-        except ValueError:
-            raise MetroemError(
-                f"bad --device {spec!r}: use cpu, gpu, all or GPU ids like 0,2"
-            ) from None
-        if not ids:
-            raise MetroemError("--device is empty: use cpu, gpu, all or GPU ids like 0,2")
-    missing = [i for i in ids if i >= n or i < 0]
-    if missing:
-        have = f"GPUs 0..{n - 1}" if n else "no GPU"
-        raise MetroemError(
-            f"--device {spec}: GPU {missing[0]} is not available (this machine has {have}); "
-            "use --device cpu"
-        )
-    return [torch.device(f"cuda:{i}") for i in ids]
+# --- the chunk runner -----------------------------------------------------------------------------
 
 
 class _Progress:

@@ -33,6 +33,7 @@ import torch
 
 from metroem import logs, tiling, volumes
 from metroem.atomic import atomic_write_bytes
+from metroem.devices import parse_devices
 from metroem.errors import MetroemError
 
 __all__ = ["StackJob", "enqueue", "run_local", "run_block", "stitch_block", "work", "main"]
@@ -96,23 +97,26 @@ class _Context:
     _cache: dict[str, _Context] = {}
 
     def __init__(self, job: StackJob):
-        from metroem import align
+        from metroem import inference
 
         self.job = job
         info = volumes.volume_info(job.src_path)
         self.info = info
-        self.devices = tiling.parse_devices(job.device)
+        self.devices = parse_devices(job.device)
         res = info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
         a = dict(job.aligner)
-        self.aligner = align._as_aligner(
+        if "finetune" in a:  # a job enqueued before refinement got its name
+            raise MetroemError(f"the stack job in {job.folder} was enqueued by an older metroem "
+                               "(aligner option finetune, now refine); enqueue it again")
+        self.aligner = inference._as_aligner(
             job.pyramid, a.get("checkpoint_name"), a.get("stages"), self.devices[0],
-            a.get("mip"), a.get("finetune", False), a.get("finetune_options"),
+            a.get("mip"), a.get("refine", False), a.get("refine_options"),
             a.get("smoothing_nm"), res, False)
         self.mip = self.aligner.input_mip
         h, w = info.size[self.mip][1], info.size[self.mip][0]
         self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)
-        self.out = align._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
-                                       job.image_path)
+        self.out = inference._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
+                                           job.image_path)
 
     @classmethod
     def of(cls, folder: str) -> _Context:
@@ -124,28 +128,28 @@ class _Context:
 
 def _job_markers(job: StackJob):
     """Markers of whole tasks: ``b<k>`` (block aligned), ``b<k>_stitched``."""
-    from metroem.align import _Markers
+    from metroem.inference import _Markers
 
     return _Markers(os.path.join(job.folder, "blocks"))
 
 
 def run_block(folder: str, b: int, progress: bool = False) -> None:
     """Task: align block ``b`` as a stack onto its raw reference, into the block's layers."""
-    from metroem import align
+    from metroem import inference
 
     ctx = _Context.of(folder)
     job = ctx.job
     done = _job_markers(job)
     if not done.done(f"b{b}"):
         ref, secs = job.blocks()[b]
-        cxy = align._chunk_xy(job.src_path)
+        cxy = inference._chunk_xy(job.src_path)
         fpath, ipath = job.block_layer(b, "field"), job.block_layer(b, "image")
-        align._prepare_layer(fpath, ctx.info, cxy, "float32", 2, False, True)
-        align._prepare_layer(ipath, ctx.info, cxy, ctx.info.dtype, 1, False, True)
-        out = align._VolumeWriter(ctx.info, ctx.mip, ctx.mip, fpath, ipath)
-        markers = align._Markers(os.path.join(job.block_dir(b), "markers"))
-        run = align._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress)
-        align._align_stack(run, job.src_path, ref, secs, job.predecessors)
+        inference._prepare_layer(fpath, ctx.info, cxy, "float32", 2, False, True)
+        inference._prepare_layer(ipath, ctx.info, cxy, ctx.info.dtype, 1, False, True)
+        out = inference._VolumeWriter(ctx.info, ctx.mip, ctx.mip, fpath, ipath)
+        markers = inference._Markers(os.path.join(job.block_dir(b), "markers"))
+        run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress)
+        inference._align_stack(run, job.src_path, ref, secs, job.predecessors)
         for p in (fpath, ipath):
             volumes.forget(p)
         done.mark(f"b{b}")
@@ -159,7 +163,7 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
 def stitch_block(folder: str, b: int, progress: bool = False) -> None:
     """Task: whole fields of block ``b``'s sections (block field after the chain of block
     references' fields), rendered once from raw into the output layers."""
-    from metroem import align
+    from metroem import inference
 
     ctx = _Context.of(folder)
     job, mip, t = ctx.job, ctx.mip, ctx.tiler
@@ -174,7 +178,7 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
     chain = [tiling.VolumeFieldStore(job.block_layer(k - 1, "field"), mip, blocks[k][0]).read
              for k in range(1, b + 1)]
     ref, secs = blocks[b]
-    markers = align._Markers(os.path.join(job.block_dir(b), "stitched"))
+    markers = inference._Markers(os.path.join(job.block_dir(b), "stitched"))
 
     def work(model, c: tiling.Chunk) -> None:
         g = torch.zeros(1, 2, c.h, c.w)
@@ -268,14 +272,14 @@ def work(url: str, lease_seconds: int = 600) -> int:
     return q.poll(lease_seconds=lease_seconds, stop_fn=q.is_empty, verbose=False)
 
 
-def _parser():
-    import argparse
+def build_parser():
+    from metroem import cliargs
 
-    p = argparse.ArgumentParser(
+    p = cliargs.Parser(
         prog="metroem worker",
         description="run stack-alignment tasks from a queue until it is empty",
-        epilog="example: metroem align models/demo --src_path file:///v/image --z_start 1 "
-        "--z_end 200 --field_path file:///v/field --image_path file:///v/aligned "
+        epilog="example: metroem align --pyramid_path models/demo --src_path file:///v/image "
+        "--z_start 1 --z_end 200 --field_path file:///v/field --image_path file:///v/aligned "
         "--block_size 16 --queue fq:///tmp/q   then, on each machine:   metroem worker "
         "fq:///tmp/q",
     )
@@ -283,10 +287,7 @@ def _parser():
     p.add_argument("--lease_seconds", type=int, default=600,
                    help="seconds a task is leased before another worker may take it "
                    "(default 600; longer than one block takes)")
-    from metroem import threads
-
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(argv):
         from metroem import threads
 
-        a = _parser().parse_args(argv)
+        a = build_parser().parse_args(argv)
         logs.setup_logging(a.verbosity)
         threads.apply(a.threads, announce=True)
         url = a.queue

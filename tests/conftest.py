@@ -28,7 +28,7 @@ from helpers import (
     tiny_pyramid,
 )
 
-from metroem import demo, demo_pipeline, modules, nets
+from metroem import demo_pipeline, demo_volume, modules, nets
 
 # The package reads the shared data's location from the environment only; the checkout's
 # default (../shared/data) is set here, for the library calls and subprocesses of the tests.
@@ -81,7 +81,7 @@ def tiny_spec() -> dict:
 @dataclass(frozen=True)
 class TinyWorld:
     root: Path
-    volume: demo.DemoVolume
+    volume: demo_volume.DemoVolume
     data: Path  # datasets at MIP 1 and 0 (+ ground truth), never written by tests
     pyramid: Path  # pyramid definition without weights, never written by tests
 
@@ -93,7 +93,7 @@ class TinyRun:
     root: Path
     data: Path
     pyramid: Path
-    volume: demo.DemoVolume
+    volume: demo_volume.DemoVolume
 
     def argv(self, checkpoint: str = "tiny", *extra: str, tiny: bool = True) -> list[str]:
         """train.py arguments for this run (scratch mode with the tiny overrides)."""
@@ -118,7 +118,7 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        vol = demo.build_demo_volume(
+        vol = demo_volume.build_demo_volume(
             root / "volume", num_sections=5, size=256, num_mips=3, seed=0, chunk_xy=128,
             sections_dir=shared_data("isbi") if have_shared("isbi") else None, drift=8.0,
             elastic=2.0,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 # What costs most of a fresh interpreter's start.
 PRELOAD = ["torch", "cloudvolume", "h5py", "torch.utils.tensorboard", "metroem.cli",
-           "metroem.training.cli", "metroem.align", "metroem.download", "metroem.eval.cli",
+           "metroem.training.cli", "metroem.inference", "metroem.download", "metroem.eval.cli",
            "metroem.generate"]
 
 

@@ -681,18 +681,20 @@ def _al_float_png(world, work):
     a = np.random.default_rng(0).random((64, 64), dtype=np.float32) + 0.5
     for name in ("s.tif", "t.tif"):
         tifffile.imwrite(work / name, a)
-    return Prepared(["align", str(world.pyramid), "--src", str(work / "s.tif"), "--tgt",
-                     str(work / "t.tif"), "--image_out", str(work / "out.png"), "--no_progress"])
+    return Prepared(["align", "--pyramid_path", str(world.pyramid), "--src", str(work / "s.tif"),
+                     "--tgt", str(work / "t.tif"), "--image_out", str(work / "out.png"),
+                     "--no_progress"])
 
 
 def _al_z_end_past(world, work):
-    return Prepared(["align", str(world.pyramid), "--src_path", world.image, "--z_start", "1",
-                     "--z_end", "9", "--field_path", str(work / "field"), "--pairwise"])
+    return Prepared(["align", "--pyramid_path", str(world.pyramid), "--src_path", world.image,
+                     "--z_start", "1", "--z_end", "9", "--field_path", str(work / "field"),
+                     "--pairwise"])
 
 
 def _st_args(world, work, *extra):
-    return ["align", str(world.pyramid), "--src_path", world.image, "--z_start", "1",
-            "--z_end", "3", "--field_path", str(work / "field"), "--image_path",
+    return ["align", "--pyramid_path", str(world.pyramid), "--src_path", world.image,
+            "--z_start", "1", "--z_end", "3", "--field_path", str(work / "field"), "--image_path",
             str(work / "aligned"), "--no_progress", *extra]
 
 
@@ -717,7 +719,7 @@ def _st_missing_queue(world, work):
 
 
 def _ev_bbox_outside(world, work):
-    return Prepared(["eval", "--cv_path", world.image, "--z_start", "1", "--z_end", "2",
+    return Prepared(["eval", "--image_path", world.image, "--z_start", "1", "--z_end", "2",
                      "--bbox", str(SIZE - 32), "0", "64", "64"])
 
 
@@ -736,8 +738,9 @@ def _al_mixed_defaults(world, work):
     shutil.copytree(world.pyramid, pyramid)
     _tiny_weights(pyramid, "0_mip1in_t", "a")
     _tiny_weights(pyramid, "1_mip0in_t", "b")
-    return Prepared(["align", str(pyramid), "--src_path", world.image, "--z_start", "1",
-                     "--z_end", "2", "--field_path", str(work / "field"), "--pairwise"])
+    return Prepared(["align", "--pyramid_path", str(pyramid), "--src_path", world.image,
+                     "--z_start", "1", "--z_end", "2", "--field_path", str(work / "field"),
+                     "--pairwise"])
 
 
 def _al_unfinished_default(world, work):
@@ -752,8 +755,9 @@ def _al_unfinished_default(world, work):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt.save_training_state(ckpt.training_state_path(pyramid / "0_mip1in_t", "a"), model, opt,
                              None, 3, None, None, {"train": {"steps": 40}}, {"final": False})
-    return Prepared(["align", str(pyramid), "--src_path", world.image, "--z_start", "1",
-                     "--z_end", "2", "--field_path", str(work / "field"), "--pairwise"])
+    return Prepared(["align", "--pyramid_path", str(pyramid), "--src_path", world.image,
+                     "--z_start", "1", "--z_end", "2", "--field_path", str(work / "field"),
+                     "--pairwise"])
 
 
 def _edit_existing_checkpoint(world, work, data, pyramid):

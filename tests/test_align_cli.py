@@ -16,7 +16,7 @@ import torch
 from helpers import isbi_section, tiny_pyramid
 from PIL import Image
 
-from metroem import align, cli, fields, nets, tiling, volumes
+from metroem import cli, fields, inference, nets, tiling, volumes
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
 
@@ -54,7 +54,8 @@ def test_help_documents_an_example(capsys):
     with pytest.raises(SystemExit):
         cli.main(["align", "--help"])
     out = capsys.readouterr().out
-    assert "example" in out and "metroem align models/demo --src" in out and "--resume" in out
+    assert "example" in out and "--resume" in out
+    assert "metroem align --pyramid_path models/demo --src" in out
 
 
 def test_align_files_png_and_npy(pyramid, tmp_path):
@@ -62,10 +63,10 @@ def test_align_files_png_and_npy(pyramid, tmp_path):
     Image.fromarray(a).save(tmp_path / "s.png")
     np.save(tmp_path / "t.npy", b)
     field_out, image_out = tmp_path / "f.npy", tmp_path / "out.png"
-    args = [str(pyramid), "--src", str(tmp_path / "s.png"), "--tgt", str(tmp_path / "t.npy"),
-            "--field_out", str(field_out), "--image_out", str(image_out), "--chunk", str(CHUNK),
-            "--pad", str(PAD), "--no_progress"]
-    assert align.main(args) == 0
+    args = ["--pyramid_path", str(pyramid), "--src", str(tmp_path / "s.png"), "--tgt",
+            str(tmp_path / "t.npy"), "--field_out", str(field_out), "--image_out", str(image_out),
+            "--chunk", str(CHUNK), "--pad", str(PAD), "--no_progress"]
+    assert inference.main(args) == 0
     field = np.load(field_out)
     expected = expected_field(pyramid, a, b)
     assert field.shape == (2, 96, 96) and np.abs(field - expected[0].numpy()).max() < 1e-5
@@ -75,12 +76,12 @@ def test_align_files_png_and_npy(pyramid, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "out.png", "s.png", "t.npy"]
     # an existing output is never replaced without --overwrite; --resume sees it complete
     with pytest.raises(SystemExit) as e:
-        align.main(args)
+        inference.main(args)
     assert e.value.code == 2
-    assert align.align_files(str(pyramid), str(tmp_path / "s.png"), str(tmp_path / "t.npy"),
-                             str(field_out), chunk=CHUNK, pad=PAD, resume=True)["skipped"]
+    assert inference.align_files(str(pyramid), str(tmp_path / "s.png"), str(tmp_path / "t.npy"),
+                                 str(field_out), chunk=CHUNK, pad=PAD, resume=True)["skipped"]
     np.save(tmp_path / "t.npy", np.zeros_like(b))
-    assert align.main([*args, "--overwrite"]) == 0
+    assert inference.main([*args, "--overwrite"]) == 0
     assert np.abs(np.load(field_out)).max() == 0  # no target data: identity field
 
 
@@ -88,14 +89,14 @@ def test_bad_inputs_are_one_line_errors(pyramid, tmp_path):
     np.save(tmp_path / "a.npy", section(0, 64))
     np.save(tmp_path / "b.npy", section(1, 48))
     with pytest.raises(MetroemError, match="one size"):
-        align.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
-                          str(tmp_path / "f.npy"), chunk=CHUNK, pad=PAD)
+        inference.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
+                              str(tmp_path / "f.npy"), chunk=CHUNK, pad=PAD)
     with pytest.raises(MetroemError, match="multiple of 16"):
-        align.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "a.npy"),
-                          str(tmp_path / "f.npy"), chunk=40, pad=PAD)
+        inference.align_files(str(pyramid), str(tmp_path / "a.npy"), str(tmp_path / "a.npy"),
+                              str(tmp_path / "f.npy"), chunk=40, pad=PAD)
     with pytest.raises(MetroemError, match="does not exist"):
-        align.align_files(str(pyramid), str(tmp_path / "nope.png"), str(tmp_path / "a.npy"),
-                          str(tmp_path / "f.npy"))
+        inference.align_files(str(pyramid), str(tmp_path / "nope.png"), str(tmp_path / "a.npy"),
+                              str(tmp_path / "f.npy"))
 
 
 def test_resume_reuses_the_coarse_stage_cache(pyramid, tmp_path, monkeypatch):
@@ -111,14 +112,14 @@ def test_resume_reuses_the_coarse_stage_cache(pyramid, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(tiling.StageTiler, "output_chunk", crash)
         with pytest.raises(RuntimeError, match="killed"):
-            align.align_files(*run, str(out), chunk=CHUNK, pad=PAD, progress=False)
+            inference.align_files(*run, str(out), chunk=CHUNK, pad=PAD, progress=False)
     work = tmp_path / ".f.npy.partial"
     # stage 0 (MIP 1): 64 x 64 px in 2 x 2 chunks, all done and cached
     assert len(os.listdir(work / "stage0_done")) == 4 and (work / "stage0.npy").exists()
     with monkeypatch.context() as m:  # resuming must not run the coarse stage again
         m.setattr(tiling.StageTiler, "run_stage_chunk", crash)
-        res = align.align_files(*run, str(out), chunk=CHUNK, pad=PAD, resume=True,
-                                progress=False)
+        res = inference.align_files(*run, str(out), chunk=CHUNK, pad=PAD, resume=True,
+                                    progress=False)
     assert res["chunks_run"] == 16 and not work.exists()
     assert np.abs(np.load(out) - expected_field(pyramid, a, b)[0].numpy()).max() < 1e-5
 
@@ -128,9 +129,9 @@ def test_killed_run_resumes_to_the_same_result(pyramid, tmp_path):
     a, b = section(2, 384), section(3, 384)
     np.save(tmp_path / "s.npy", a)
     np.save(tmp_path / "t.npy", b)
-    base = [sys.executable, "-m", "metroem.align", str(pyramid), "--src", str(tmp_path / "s.npy"),
-            "--tgt", str(tmp_path / "t.npy"), "--chunk", str(CHUNK), "--pad", str(PAD),
-            "--no_progress"]
+    base = [sys.executable, "-m", "metroem.inference", "--pyramid_path", str(pyramid), "--src",
+            str(tmp_path / "s.npy"), "--tgt", str(tmp_path / "t.npy"), "--chunk", str(CHUNK),
+            "--pad", str(PAD), "--no_progress"]
     out = tmp_path / "killed.npy"
     markers = tmp_path / ".killed.npy.partial" / "done"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -146,14 +147,14 @@ def test_killed_run_resumes_to_the_same_result(pyramid, tmp_path):
     partial = len([n for n in os.listdir(markers) if n.endswith(".done")])
     assert 10 <= partial < 144 and not out.exists()
     with pytest.raises(MetroemError, match="--resume"):
-        align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
-                          str(out), chunk=CHUNK, pad=PAD)
-    res = align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
-                            str(out), chunk=CHUNK, pad=PAD, resume=True, progress=False)
+        inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
+                              str(out), chunk=CHUNK, pad=PAD)
+    res = inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
+                                str(out), chunk=CHUNK, pad=PAD, resume=True, progress=False)
     assert res["chunks_run"] == 144 - partial
     once = tmp_path / "once.npy"
-    align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"), str(once),
-                      chunk=CHUNK, pad=PAD, progress=False)
+    inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"), str(once),
+                          chunk=CHUNK, pad=PAD, progress=False)
     assert np.array_equal(np.load(out), np.load(once))
 
 
@@ -168,11 +169,11 @@ def make_volume(path: Path, n: int = 3, size: int = 64) -> str:
 def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
     src = make_volume(tmp_path / "img")
     fpath, ipath = str(tmp_path / "field"), str(tmp_path / "aligned")
-    args = [str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "3", "--field_path",
-            fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--pad", str(PAD),
+    args = ["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "3",
+            "--field_path", fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--pad", str(PAD),
             "--no_progress", "--pairwise"]
-    assert align.main(args) == 0
-    stage_caches = tmp_path / "field" / align.MARKER_DIR / "stages"
+    assert inference.main(args) == 0
+    stage_caches = tmp_path / "field" / inference.MARKER_DIR / "stages"
     assert stage_caches.is_dir() and not os.listdir(stage_caches)  # dropped per finished z
     info = volumes.volume_info(fpath)
     assert info.size == volumes.volume_info(src).size and info.offset[0] == (64, 32, 0)
@@ -189,16 +190,16 @@ def test_align_volume_writes_field_and_image_at_every_mip(pyramid, tmp_path):
         assert volumes.read(ipath, 1, 32, 16, z, 32).float().mean() > 0
     assert volumes.read(fpath, 0, 64, 32, 0, 64).abs().max() == 0  # z=0 was not a source
     with pytest.raises(SystemExit):
-        align.main(args)  # exists: no silent overwrite
-    assert align.align_volume(str(pyramid), src, 1, 3, fpath, ipath, chunk=CHUNK, pad=PAD,
-                              pairwise=True, resume=True, progress=False)["chunks_run"] == 0
-    assert align.align_volume(str(pyramid), src, 2, 3, fpath, None, tgt_z=0, chunk=CHUNK,
-                              pad=PAD, overwrite=True, progress=False)["chunks_run"] == 4
+        inference.main(args)  # exists: no silent overwrite
+    assert inference.align_volume(str(pyramid), src, 1, 3, fpath, ipath, chunk=CHUNK, pad=PAD,
+                                  pairwise=True, resume=True, progress=False)["chunks_run"] == 0
+    assert inference.align_volume(str(pyramid), src, 2, 3, fpath, None, tgt_z=0, chunk=CHUNK,
+                                  pad=PAD, overwrite=True, progress=False)["chunks_run"] == 4
     expected = expected_field(pyramid, section(6, 64), section(4, 64))
     assert torch.allclose(volumes.read(fpath, 0, 64, 32, 2, 64), expected, atol=1e-5)
     with pytest.raises(MetroemError, match="z_start 1"):
-        align.align_volume(str(pyramid), src, 0, 2, str(tmp_path / "f2"), chunk=CHUNK, pad=PAD,
-                           pairwise=True)
+        inference.align_volume(str(pyramid), src, 0, 2, str(tmp_path / "f2"), chunk=CHUNK, pad=PAD,
+                               pairwise=True)
 
 
 def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyramid, tmp_path):
@@ -219,24 +220,24 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
     tiled = tiling.align_tiled(whole, a, b, 64)
     assert (tiled - expected).abs().max() < 1e-3
     out = tmp_path / "f.npy"
-    assert align.main([str(pyramid), "--src", str(tmp_path / "s.npy"), "--tgt",
-                       str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk", "64",
-                       "--smoothing_nm", "32", "--resolution_nm", "4", "--translation_init",
-                       "--no_progress"]) == 0
+    assert inference.main(["--pyramid_path", str(pyramid), "--src", str(tmp_path / "s.npy"),
+                           "--tgt", str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk",
+                           "64", "--smoothing_nm", "32", "--resolution_nm", "4",
+                           "--translation_init", "--no_progress"]) == 0
     assert np.abs(np.load(out) - expected[0].numpy()).max() < 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "s.npy", "t.npy"]
     with pytest.raises(MetroemError, match="--resolution_nm"):
-        align.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
-                          str(tmp_path / "g.npy"), chunk=64, smoothing_nm=32)
+        inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
+                              str(tmp_path / "g.npy"), chunk=64, smoothing_nm=32)
 
 
 def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     src = make_volume(tmp_path / "img", size=128)
     res = volumes.volume_info(src).resolution[0][0]
     fpath = str(tmp_path / "field")
-    assert align.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
-                       "--field_path", fpath, "--chunk", "64", "--smoothing_nm", str(8 * res),
-                       "--translation_init", "--no_progress", "--pairwise"]) == 0
+    assert inference.main(["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1",
+                           "--z_end", "2", "--field_path", fpath, "--chunk", "64", "--smoothing_nm",
+                           str(8 * res), "--translation_init", "--no_progress", "--pairwise"]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         al = load_aligner(pyramid, translation_init=True, smoothing_nm=8 * res,
@@ -244,10 +245,11 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     expected = tiling.align_tiled(al, section(5, 128), section(4, 128), 64)
     got = volumes.read(fpath, 0, 64, 32, 1, 128)
     assert torch.allclose(got, expected, atol=1e-4)
-    assert not os.listdir(tmp_path / "field" / align.MARKER_DIR / "stages")
+    assert not os.listdir(tmp_path / "field" / inference.MARKER_DIR / "stages")
     with pytest.raises(SystemExit):
-        align.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "2",
-                    "--field_path", str(tmp_path / "f2"), "--resolution_nm", "4"])
+        inference.main(["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1",
+                        "--z_end", "2", "--field_path", str(tmp_path / "f2"), "--resolution_nm",
+                        "4"])
 
 
 def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_path, capsys):
@@ -258,10 +260,11 @@ def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_pat
 
     src = make_volume(tmp_path / "img", n=5)
     fpath, ipath = str(tmp_path / "field"), str(tmp_path / "aligned")
-    args = [str(pyramid), "--src_path", src, "--z_start", "2", "--z_end", "5", "--field_path",
-            fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--predecessors", "2"]
+    args = ["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "2", "--z_end", "5",
+            "--field_path", fpath, "--image_path", ipath, "--chunk", str(CHUNK), "--predecessors",
+            "2"]
     # (the default pads, from the nets, cover the whole 64 px region: tiled = whole image)
-    assert align.main(args) == 0
+    assert inference.main(args) == 0
     err = capsys.readouterr().err
     assert "section 1/3 (z 2) done" in err and "section 3/3 (z 4) done" in err and "ETA" in err
     with warnings.catch_warnings():
@@ -279,12 +282,12 @@ def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_pat
         img = volumes.read(ipath, 0, 64, 32, z, 64).float()
         assert (img - aligned[i]).abs().max() <= 1.0
         assert volumes.read(ipath, 1, 32, 16, z, 32).float().mean() > 0  # coarser MIP too
-    assert not os.listdir(tmp_path / "field" / align.MARKER_DIR / "stages")
+    assert not os.listdir(tmp_path / "field" / inference.MARKER_DIR / "stages")
     with pytest.raises(SystemExit):
-        align.main(args)  # exists: no silent overwrite
+        inference.main(args)  # exists: no silent overwrite
     with pytest.raises(MetroemError, match="resume"):
-        align.align_volume(str(pyramid), src, 2, 5, fpath, ipath, chunk=CHUNK, resume=True,
-                           progress=False)  # other settings (predecessors 1)
+        inference.align_volume(str(pyramid), src, 2, 5, fpath, ipath, chunk=CHUNK, resume=True,
+                               progress=False)  # other settings (predecessors 1)
 
 
 def test_an_interrupted_stack_resumes_to_the_same_stack(pyramid, tmp_path, monkeypatch):
@@ -293,7 +296,7 @@ def test_an_interrupted_stack_resumes_to_the_same_stack(pyramid, tmp_path, monke
     src = make_volume(tmp_path / "img", n=4)
     kw = dict(chunk=CHUNK, pad=PAD, progress=True)
     once = [str(tmp_path / "f1"), str(tmp_path / "i1")]
-    align.align_volume(str(pyramid), src, 1, 4, *once, **kw)
+    inference.align_volume(str(pyramid), src, 1, 4, *once, **kw)
     calls = [0]
     real = stack.SectionProgress.step
 
@@ -306,11 +309,11 @@ def test_an_interrupted_stack_resumes_to_the_same_stack(pyramid, tmp_path, monke
     monkeypatch.setattr(stack.SectionProgress, "step", stop_after_one)
     again = [str(tmp_path / "f2"), str(tmp_path / "i2")]
     with pytest.raises(KeyboardInterrupt):
-        align.align_volume(str(pyramid), src, 1, 4, *again, **kw)
+        inference.align_volume(str(pyramid), src, 1, 4, *again, **kw)
     with pytest.raises(MetroemError, match="--resume"):
-        align.align_volume(str(pyramid), src, 1, 4, *again, **kw)
+        inference.align_volume(str(pyramid), src, 1, 4, *again, **kw)
     monkeypatch.setattr(stack.SectionProgress, "step", real)
-    out = align.align_volume(str(pyramid), src, 1, 4, *again, resume=True, **kw)
+    out = inference.align_volume(str(pyramid), src, 1, 4, *again, resume=True, **kw)
     assert out["chunks_run"] == 4  # only the last section was left
     for a, b in zip(once, again, strict=True):
         assert torch.equal(volumes.read(a, 0, 64, 32, 0, 64, nz=4),
@@ -327,8 +330,8 @@ def test_stack_bad_inputs_are_one_line_errors(pyramid, tmp_path):
     ]
     for args, hint in cases:
         with pytest.raises(MetroemError, match=hint):
-            align.align_volume(str(pyramid), *args, chunk=CHUNK, pad=PAD, progress=False)
+            inference.align_volume(str(pyramid), *args, chunk=CHUNK, pad=PAD, progress=False)
     with pytest.raises(MetroemError, match="predecessors"):
-        align.align_volume(str(pyramid), src, 1, 3, f, i, pairwise=True, predecessors=2,
-                           chunk=CHUNK, pad=PAD)
+        inference.align_volume(str(pyramid), src, 1, 3, f, i, pairwise=True, predecessors=2,
+                               chunk=CHUNK, pad=PAD)
     assert not (tmp_path / "f").exists() and not (tmp_path / "i").exists()

@@ -27,7 +27,7 @@ import torch
 pytest.importorskip("corgie", reason="corgie is not installed (make corgie-check)")
 
 from metroem import modules, volumes  # noqa: E402
-from metroem.demo import procedural_stack  # noqa: E402
+from metroem.demo_volume import procedural_stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 512  # MIP0 pixels; the finest demo stage runs at MIP 1 (256 x 256)

@@ -417,7 +417,7 @@ def build_stage_folder(tmp_path, rng, n_files=3, n=5, s=64, mip=2):
 
 
 def test_stage_dataset_ground_truth_follows_the_moved_source(tmp_path, rng):
-    from metroem.training.stage_data import StageDataset
+    from metroem.training.stage_inputs import StageDataset
 
     truth = build_stage_folder(tmp_path, rng)
     ds = StageDataset(str(tmp_path), 2, None, "c", cache_mb=0)
@@ -447,7 +447,7 @@ def test_stage_dataset_memory_stays_within_the_cache_budget(tmp_path, rng):
     import gc
     import tracemalloc
 
-    from metroem.training.stage_data import StageDataset
+    from metroem.training.stage_inputs import StageDataset
 
     build_stage_folder(tmp_path, rng)  # 3 files x 5 pairs; ground truth 160 KiB per file
     item_bytes = 4 * 64 * 64 * 4  # src + tgt + 2-channel truth, float32

@@ -1,4 +1,4 @@
-"""Demo volume builder (metroem/demo.py): layers, exact ground truth, EM-like stack, CLI."""
+"""Demo volume builder (metroem/demo_volume.py): layers, exact ground truth, EM-like stack, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import isbi_section
 
-from metroem import demo, fields, images, volumes
+from metroem import demo_volume, fields, images, volumes
 from metroem.errors import MetroemError
 
 SIZE, NZ, MIPS, MARGIN = 256, 4, 3, 24
@@ -29,9 +29,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> demo.DemoVolume:
+def tiny(tmp_path_factory) -> demo_volume.DemoVolume:
     out = tmp_path_factory.mktemp("demo") / "vol"
-    return demo.build_demo_volume(
+    return demo_volume.build_demo_volume(
         out, num_sections=NZ, size=SIZE, num_mips=MIPS, seed=3, drift=10.0, chunk_xy=128
     )
 
@@ -94,19 +94,19 @@ def test_ground_truth_field_realigns_each_section(tiny, mip):
 
 
 def test_procedural_sections_correlate_with_neighbours_only():
-    stack = demo.procedural_stack(8, 256, 256, seed=1)
+    stack = demo_volume.procedural_stack(8, 256, 256, seed=1)
     assert stack.dtype == torch.uint8 and stack.shape == (8, 1, 256, 256) and stack.min() >= 1
     near = [pearson(stack[z], stack[z + 1]) for z in range(7)]
     far = [pearson(stack[z], stack[z + 6]) for z in range(2)]
     assert all(0.2 < r < 0.8 for r in near), near
     assert max(far) < 0.5 * min(near), (near, far)
-    assert torch.equal(demo.procedural_stack(8, 256, 256, seed=1), stack)  # seeded
-    assert not torch.equal(demo.procedural_stack(8, 256, 256, seed=2), stack)
+    assert torch.equal(demo_volume.procedural_stack(8, 256, 256, seed=1), stack)  # seeded
+    assert not torch.equal(demo_volume.procedural_stack(8, 256, 256, seed=2), stack)
 
 
 def test_pair_ground_truth_on_procedural_stack(tiny):
     z = 2
-    pair = demo.pair_ground_truth(tiny.field_path, 0, 0, 0, z, SIZE, SIZE)
+    pair = demo_volume.pair_ground_truth(tiny.field_path, 0, 0, 0, z, SIZE, SIZE)
     obs = read_all(tiny.image_path, 0)
     aligned = read_all(tiny.aligned_path, 0)
     warped = fields.warp_image(obs[z : z + 1].float(), pair)
@@ -119,11 +119,11 @@ def test_pair_ground_truth_on_procedural_stack(tiny):
         (inner(obs[z], m) - inner(expect, m)) ** 2
     ).mean()
     # A cutout gives the same field as the full-size computation.
-    cut = demo.pair_ground_truth(tiny.field_path, 0, 64, 32, z, 96, 128)
+    cut = demo_volume.pair_ground_truth(tiny.field_path, 0, 64, 32, z, 96, 128)
     assert cut.shape == (1, 2, 128, 96)
     assert (cut - pair[..., 32:160, 64:160]).abs().max() < 0.05
     with pytest.raises(MetroemError, match="no previous section"):
-        demo.pair_ground_truth(tiny.field_path, 0, 0, 0, 0, 32)
+        demo_volume.pair_ground_truth(tiny.field_path, 0, 0, 0, 0, 32)
 
 
 def test_pair_ground_truth_aligns_identical_real_sections(tmp_path):
@@ -133,14 +133,14 @@ def test_pair_ground_truth_aligns_identical_real_sections(tmp_path):
     src_dir.mkdir()
     for name in ("a.png", "b.png", "c.png"):
         shutil.copy(isbi_section(7), src_dir / name)
-    vol = demo.build_demo_volume(
+    vol = demo_volume.build_demo_volume(
         tmp_path / "vol", num_sections=3, num_mips=2, sections_dir=src_dir, seed=5, drift=12.0
     )
     assert vol.size == (512, 512) and vol.num_sections == 3
     obs = read_all(vol.image_path, 0, nz=3, size=512).float()
     m = 48
     for mip in (0, 1):
-        pair = demo.pair_ground_truth(vol.field_path, mip, 0, 0, 2, 512 >> mip)
+        pair = demo_volume.pair_ground_truth(vol.field_path, mip, 0, 0, 2, 512 >> mip)
         o = read_all(vol.image_path, mip, nz=3, size=512).float()
         warped = fields.warp_image(o[2:3], pair)
         mm = m >> mip
@@ -156,7 +156,7 @@ def test_sections_dir_mode_with_real_images(tmp_path):
     src_dir.mkdir()
     for i in (3, 4, 5):
         shutil.copy(isbi_section(i), src_dir / f"{i:02d}.png")
-    vol = demo.build_demo_volume(
+    vol = demo_volume.build_demo_volume(
         tmp_path / "vol", num_sections=10, size=(256, 192), num_mips=3, sections_dir=src_dir
     )
     assert vol.num_sections == 3 and vol.size == (256, 192) and vol.source == str(src_dir)
@@ -174,12 +174,12 @@ def test_sections_dir_mode_with_real_images(tmp_path):
 
 def test_refuses_to_overwrite_and_bad_input(tmp_path):
     out = tmp_path / "vol"
-    demo.build_demo_volume(out, num_sections=1, size=64, num_mips=2, drift=2.0)
+    demo_volume.build_demo_volume(out, num_sections=1, size=64, num_mips=2, drift=2.0)
     with pytest.raises(MetroemError, match="already exists.*--overwrite"):
-        demo.build_demo_volume(out, num_sections=1, size=64, num_mips=2)
+        demo_volume.build_demo_volume(out, num_sections=1, size=64, num_mips=2)
     before = volumes.read(str(out / "image"), 0, 0, 0, 0, 64)
     assert volumes.volume_info(str(out / "image")).size[0] == (64, 64, 1)
-    demo.build_demo_volume(out, num_sections=2, size=64, num_mips=2, seed=9, overwrite=True)
+    demo_volume.build_demo_volume(out, num_sections=2, size=64, num_mips=2, seed=9, overwrite=True)
     assert volumes.volume_info(str(out / "image")).size[0] == (64, 64, 2)
     assert not torch.equal(volumes.read(str(out / "image"), 0, 0, 0, 0, 64), before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"]
@@ -188,18 +188,18 @@ def test_refuses_to_overwrite_and_bad_input(tmp_path):
     other.mkdir()
     (other / "keep.txt").write_text("not a demo")
     with pytest.raises(MetroemError, match="not empty"):
-        demo.build_demo_volume(other, num_sections=1, size=64, num_mips=2, overwrite=True)
+        demo_volume.build_demo_volume(other, num_sections=1, size=64, num_mips=2, overwrite=True)
     assert (other / "keep.txt").exists()
     with pytest.raises(MetroemError, match="multiple of 4"):
-        demo.build_demo_volume(tmp_path / "odd", num_sections=1, size=66, num_mips=3)
+        demo_volume.build_demo_volume(tmp_path / "odd", num_sections=1, size=66, num_mips=3)
     with pytest.raises(MetroemError, match="no images"):
-        demo.build_demo_volume(tmp_path / "x", sections_dir=other)
+        demo_volume.build_demo_volume(tmp_path / "x", sections_dir=other)
 
 
 def test_cli_builds_and_refuses_existing_output(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "metroem.demo", str(out), "--num_sections", "2", "--size", "64"]
-    cmd += ["--num_mips", "2", "--drift", "3"]
+    cmd = [sys.executable, "-m", "metroem.demo_volume", str(out), "--num_sections", "2"]
+    cmd += ["--size", "64", "--num_mips", "2", "--drift", "3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "field_gt" in done.stdout and (out / "demo.json").exists()

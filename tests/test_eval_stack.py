@@ -99,7 +99,7 @@ def test_reslices_and_residuals_before_after(tmp_path, capsys):
 def test_reslice_shows_the_chosen_row_and_column(tmp_path, capsys):
     _, aligned, sections = _stacks(tmp_path)
     rep = tmp_path / "rep"
-    assert cli.main(["--cv_path", aligned, "--z_start", "0", "--z_end", str(NZ), "--report",
+    assert cli.main(["--image_path", aligned, "--z_start", "0", "--z_end", str(NZ), "--report",
                      str(rep), "--reslice_y", "10", "--reslice_x", "50",
                      "--reslice_z_scale", "3"]) == 0
     out = capsys.readouterr().out
@@ -129,7 +129,7 @@ def test_trend_slope_follows_a_drift(tmp_path, capsys, direction):
     offsets = np.cumsum(steps)
     sections = [_stripes(0, dx=o, dy=0.3 * o) for o in offsets]
     path = _layer(f"file://{tmp_path}/drift", sections, z0=3)
-    assert cli.main(["--cv_path", path, "--z_start", "3", "--z_end", str(3 + NZ), "--json",
+    assert cli.main(["--image_path", path, "--z_start", "3", "--z_end", str(3 + NZ), "--json",
                      "--report", str(tmp_path / "rep")]) == 0
     stack = _json(capsys.readouterr().out)["stack"]
     after = stack["consecutive"]["after"]
@@ -148,7 +148,7 @@ def test_one_section_at_the_layer_start(tmp_path, capsys):
     """A range of only the layer's first section: nothing to compare, a one-section reslice."""
     path = _layer(f"file://{tmp_path}/one", [_stripes(z) for z in range(3)], z0=5)
     rep = tmp_path / "rep"
-    assert cli.main(["--cv_path", path, "--z_start", "5", "--z_end", "6", "--json",
+    assert cli.main(["--image_path", path, "--z_start", "5", "--z_end", "6", "--json",
                      "--report", str(rep)]) == 0
     stack = _json(capsys.readouterr().out)["stack"]
     assert stack["consecutive"] == {} and stack["z_range"] == [5, 6]
@@ -158,7 +158,7 @@ def test_one_section_at_the_layer_start(tmp_path, capsys):
 
 
 def test_field_path_gives_before_and_after_of_one_layer(tmp_path, capsys):
-    """With --field_path the raw layer is --cv_path itself, before warping."""
+    """With --field_path the raw layer is --image_path itself, before warping."""
     raw = [_stripes(z, *(RNG_SHIFTS[z] if z else (0, 0))) for z in range(NZ)]
     img = _layer(f"file://{tmp_path}/raw", raw)
     fld = f"file://{tmp_path}/field"
@@ -169,7 +169,7 @@ def test_field_path_gives_before_and_after_of_one_layer(tmp_path, capsys):
         # raw(p) = aligned(p + shift), so warping by -shift aligns it
         f[:, 0], f[:, 1] = (-float(v) for v in (RNG_SHIFTS[z] if z else (0, 0)))
         volumes.write(fld, 0, 0, 0, z, f)
-    assert cli.main(["--cv_path", img, "--field_path", fld, "--z_start", "1", "--z_end",
+    assert cli.main(["--image_path", img, "--field_path", fld, "--z_start", "1", "--z_end",
                      str(NZ), "--json"]) == 0
     stack = _json(capsys.readouterr().out)["stack"]
     assert stack["layers"] == {"before": img, "after": img}
@@ -202,13 +202,13 @@ def test_section_residual_and_trend_units():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--image_path", "{aligned}", "--z_start", "1", "--z_end", "20"], "outside --cv_path"),
+        (["--image_path", "{aligned}", "--z_start", "1", "--z_end", "20"], "outside --image_path"),
         (["--image_path", "{aligned}", "--src_path", "{off}", "--z_start", "1", "--z_end", "4"],
          "outside --src_path"),
         (["--image_path", "{aligned}", "--src_path", "file://{tmp}/none", "--z_start", "1",
           "--z_end", "4"], "--src_path: no CloudVolume"),
         (["--image_path", "file://{tmp}/none", "--z_start", "1", "--z_end", "4"],
-         "--cv_path: no CloudVolume"),
+         "--image_path: no CloudVolume"),
         (["--image_path", "{aligned}", "--src_path", "{small}", "--z_start", "1", "--z_end", "4"],
          "one section size"),
         (["--image_path", "{aligned}", "--z_start", "1", "--z_end", "4", "--reslice_y", "64"],
@@ -216,9 +216,9 @@ def test_section_residual_and_trend_units():
         (["--image_path", "{aligned}", "--z_start", "1", "--z_end", "4", "--reslice_z_scale",
           "0"], "--reslice_z_scale"),
         (["--image_path", "{aligned}", "--src_path", "{raw}", "--z_start", "1", "--z_end", "4",
-          "--method", "phasecorr"], "do not go with --pyramid/--method"),
+          "--method", "phasecorr"], "do not go with --pyramid_path/--method"),
         (["--image_path", "{aligned}", "--z_start", "1", "--z_end", "4", "--reslice_x", "3",
-          "--method", "phasecorr"], "do not go with --pyramid/--method"),
+          "--method", "phasecorr"], "do not go with --pyramid_path/--method"),
         (["--src_path", "{raw}", "--z_start", "1", "--z_end", "4"], "pass the aligned layer"),
     ],
 )

@@ -43,7 +43,7 @@ def exported(pyramid, tmp_path_factory) -> Path:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert export.main([str(pyramid), str(out)]) == 0
+        assert export.main(["--pyramid_path", str(pyramid), str(out)]) == 0
     finally:
         torch.set_num_threads(n)
     return out
@@ -138,7 +138,7 @@ def test_export_that_disagrees_with_the_pyramid_is_never_written(pyramid, tmp_pa
 @pytest.mark.slow
 def test_shipped_isbi_pyramid_exports_exactly(tmp_path):
     out = tmp_path / "isbi.pt"
-    assert export.main([str(REPO / "models" / "isbi"), str(out)]) == 0
+    assert export.main(["--pyramid_path", str(REPO / "models" / "isbi"), str(out)]) == 0
     model = torch.jit.load(str(out))
     (s, t), = real_inputs([(384, 352)])
     with torch.no_grad():

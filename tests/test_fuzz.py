@@ -70,7 +70,7 @@ def test_down_then_up_keeps_a_smooth_field(f):
 @FUZZ
 @given(smooth_fields(amplitude=1.0))
 def test_warping_by_f_composed_with_its_inverse_is_identity(f):
-    inv = fields.invert(f, iterations=100, tol=1e-6)
+    inv = fields.invert(f, steps=100, tol=1e-6)
     h = fields.compose(f, inv)
     assert interior(h).abs().max() < 0.02
     img = torch.rand(1, 1, H, W, generator=torch.Generator().manual_seed(0)).double()

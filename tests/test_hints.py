@@ -27,8 +27,8 @@ def error_line(r: subprocess.CompletedProcess) -> str:
 
 
 def test_missing_volume_suggests_ingest_and_names_no_foreign_flag(tmp_path):
-    line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "nope",
-                              "--z_start", 1, "--z_end", 2, "--pairwise",
+    line = error_line(metroem("align", "--pyramid_path", "models/demo", "--src_path",
+                              tmp_path / "nope", "--z_start", 1, "--z_end", 2, "--pairwise",
                               "--field_path", tmp_path / "f"))
     assert "metroem ingest" in line
     assert "--cv_path" not in line and "metroem-demo-volume" not in line
@@ -40,12 +40,12 @@ def test_z_end_past_the_volume_names_z_end(tmp_path):
     for i in range(3):
         Image.fromarray(np.full((64, 64), 50 + i, np.uint8)).save(folder / f"{i}.png")
     assert metroem("ingest", folder, tmp_path / "vol", "--num_mips", 4).returncode == 0
-    line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "vol",
-                              "--z_start", 1, "--z_end", 9, "--pairwise",
+    line = error_line(metroem("align", "--pyramid_path", "models/demo", "--src_path",
+                              tmp_path / "vol", "--z_start", 1, "--z_end", 9, "--pairwise",
                               "--field_path", tmp_path / "f"))
     assert "pass --z_end 3 or less" in line and "--z_start" not in line
-    line = error_line(metroem("align", "models/demo", "--src_path", tmp_path / "vol",
-                              "--z_start", 0, "--z_end", 2, "--pairwise",
+    line = error_line(metroem("align", "--pyramid_path", "models/demo", "--src_path",
+                              tmp_path / "vol", "--z_start", 0, "--z_end", 2, "--pairwise",
                               "--field_path", tmp_path / "f"))
     assert "start at --z_start 1" in line
     assert not (tmp_path / "f").exists()
@@ -108,7 +108,8 @@ def test_threads_are_used_and_shown_in_the_header(tmp_path):
     for name in ("s", "t"):
         img = rng.integers(1, 255, (64, 64), dtype=np.uint8)
         Image.fromarray(img).save(tmp_path / f"{name}.png")
-    r = metroem("align", "models/demo", "--src", tmp_path / "s.png", "--tgt", tmp_path / "t.png",
-                "--field_out", tmp_path / "f.npy", "--no_progress", "--threads", 2, "--mip", 1)
+    r = metroem("align", "--pyramid_path", "models/demo", "--src", tmp_path / "s.png", "--tgt",
+                tmp_path / "t.png", "--field_out", tmp_path / "f.npy", "--no_progress",
+                "--threads", 2, "--mip", 1)
     assert r.returncode == 0, r.stderr  # the tests run with OMP_NUM_THREADS=1: 2 is the flag's
     assert r.stderr.splitlines()[0] == "2 CPU threads (--threads)"

@@ -187,10 +187,10 @@ def test_ingest_and_align_agree_on_colour(tmp_path):
     got = volumes.read("file://" + str(tmp_path / "vol"), 0, 0, 0, 0, 64, 64)[0, 0].numpy()
     assert np.array_equal(got, grey)
     _one_error(_ingest(bad, tmp_path / "vol2"), "1.png is a colour image")
-    r = subprocess.run([sys.executable, "-m", "metroem.cli", "align", "models/demo", "--src",
-                        str(bad / "1.png"), "--tgt", str(bad / "0.png"), "--field_out",
-                        str(tmp_path / "f.npy"), "--no_progress"], capture_output=True,
-                       text=True, cwd=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "metroem.cli", "align", "--pyramid_path",
+                        "models/demo", "--src", str(bad / "1.png"), "--tgt", str(bad / "0.png"),
+                        "--field_out", str(tmp_path / "f.npy"), "--no_progress"],
+                       capture_output=True, text=True, cwd=str(REPO))
     _one_error(r, "1.png is a colour image", header_lines=1)
 
 
@@ -215,10 +215,10 @@ def test_align_refuses_a_float_source_as_png_before_writing(tmp_path):
     a = np.random.default_rng(3).random((64, 64), dtype=np.float32) + 0.5
     tifffile.imwrite(tmp_path / "s.tif", a)
     tifffile.imwrite(tmp_path / "t.tif", a)
-    r = subprocess.run([sys.executable, "-m", "metroem.cli", "align", "models/demo",
-                        "--src", str(tmp_path / "s.tif"), "--tgt", str(tmp_path / "t.tif"),
-                        "--image_out", str(tmp_path / "x.png"), "--no_progress"],
-                       capture_output=True, text=True, cwd=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "metroem.cli", "align", "--pyramid_path",
+                        "models/demo", "--src", str(tmp_path / "s.tif"), "--tgt",
+                        str(tmp_path / "t.tif"), "--image_out", str(tmp_path / "x.png"),
+                        "--no_progress"], capture_output=True, text=True, cwd=str(REPO))
     _one_error(r, "PNG holds 8/16-bit images", header_lines=1)
     assert ".tif or .npy" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif", "t.tif"]  # no .partial

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from metroem import __version__, demo, modules, nets
+from metroem import __version__, demo_volume, modules, nets
 from metroem.errors import MetroemError
 
 
 def em_pair(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Two neighbouring EM-like sections as uint8 (1, 1, size, size) tensors."""
-    stack = demo.procedural_stack(2, 256, 256, seed=3)[..., :size, :size].contiguous()
+    stack = demo_volume.procedural_stack(2, 256, 256, seed=3)[..., :size, :size].contiguous()
     return stack[0:1], stack[1:2]
 
 

@@ -15,7 +15,7 @@ from conftest import snapshot
 from PIL import Image
 from test_training import train
 
-from metroem import align, datasets, generate, modules, nets
+from metroem import datasets, generate, inference, modules, nets
 from metroem.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def run_align(argv: list[str]) -> int:
     try:
-        return align.main(argv)
+        return inference.main(argv)
     except SystemExit as e:
         return int(e.code)
 
@@ -93,7 +93,7 @@ def test_stopped_run_exits_nonzero_and_never_becomes_the_default(tiny_run, capsy
     assert ckpt.checkpoint_status(tiny_run.module(0), "b").describe() == \
         "UNFINISHED: stopped at step 3 of 6"
     src, tgt = sections(tmp_path)
-    base = [str(tiny_run.pyramid), "--src", src, "--tgt", tgt, "--no_progress"]
+    base = ["--pyramid_path", str(tiny_run.pyramid), "--src", src, "--tgt", tgt, "--no_progress"]
     assert run_align([*base, "--field_out", str(tmp_path / "f1.npy")]) == 0
     err = capsys.readouterr().err
     assert "stage 0 (0_mip1in_tiny): checkpoint 'a' (finished, 6 steps)" in err
@@ -123,8 +123,8 @@ def test_unfinished_default_is_refused(tiny_run, capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("METROEM_FAULT")
     capsys.readouterr()
     src, tgt = sections(tmp_path)
-    assert run_align([str(tiny_run.pyramid), "--stages", "0", "--src", src, "--tgt", tgt,
-                      "--field_out", str(tmp_path / "f.npy"), "--no_progress"]) == 2
+    assert run_align(["--pyramid_path", str(tiny_run.pyramid), "--stages", "0", "--src", src,
+                      "--tgt", tgt, "--field_out", str(tmp_path / "f.npy"), "--no_progress"]) == 2
     line = error_line(capsys.readouterr().err)
     assert "did not finish" in line and "--resume" in line and "--checkpoint_name a" in line
     doc = json.loads((tiny_run.module(0) / "model" / "model_spec.json").read_text())
@@ -280,8 +280,8 @@ def test_export_prints_each_stages_checkpoint_and_refuses_a_silent_mix(tmp_path)
     modules.save_weights(stage0_dir, "mine", state)  # now stage 0's default, 1-2 keep "demo"
 
     def export(*extra):
-        return subprocess.run([sys.executable, "-m", "metroem.cli", "export", str(pyramid),
-                               str(tmp_path / "out.pt"), *extra], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "metroem.cli", "export", "--pyramid_path",
+                               str(pyramid), str(tmp_path / "out.pt"), *extra], capture_output=True,
                               text=True, env=subprocess_env(), cwd=str(REPO))
 
     r = export()

@@ -8,7 +8,7 @@ import torch
 
 from metroem import datasets, registered
 from metroem.errors import MetroemError
-from metroem.training.stage_data import GROUND_TRUTH_TAG, StageDataset
+from metroem.training.stage_inputs import GROUND_TRUTH_TAG, StageDataset
 
 
 def _block(n: int = 12, size: int = 40, seed: int = 0) -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_pairs_with_and_without_truth_train_side_by_side(tmp_path):
     field and a ``field_known`` flag; crops keep it; the supervised term counts known items
     only; a same-section pair made from an unknown item becomes known."""
     from metroem import augment, losses
-    from metroem.training.data import CropDataset
+    from metroem.training.batches import CropDataset
 
     registered.write_registered_datasets({"a": _block()}, str(tmp_path), 10, 10, [0],
                                          gaps=(1,), z_step=6)

@@ -194,8 +194,8 @@ def test_cli_pair_with_baseline_method(tmp_path, capsys):
         (["--src", "{src}", "--tgt", "{small}", "--field", "{f}"], "crop them"),
         (["--src", "{src}", "--tgt", "{tgt}", "--field", "{small_f}"], "at this resolution"),
         (["--src", "{tgt}", "--tgt", "{tgt}", "--field", "{f}", "--method", "dis"], "not both"),
-        (["--src", "{src}", "--tgt", "{tgt}", "--cv_path", "file://{tmp}/v"], "not both"),
-        (["--cv_path", "file://{tmp}/v", "--z_start", "2", "--z_end", "1"], "greater than"),
+        (["--src", "{src}", "--tgt", "{tgt}", "--image_path", "file://{tmp}/v"], "not both"),
+        (["--image_path", "file://{tmp}/v", "--z_start", "2", "--z_end", "1"], "greater than"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
@@ -230,7 +230,7 @@ def test_cli_volume_pearson_layer_and_pngs(tmp_path, capsys):
     img, fld = _volume(tmp_path)
     dst = f"file://{tmp_path}/pearson"
     rep = tmp_path / "rep"
-    assert cli.main(["--cv_path", img, "--z_start", "1", "--z_end", "3", "--field_path", fld,
+    assert cli.main(["--image_path", img, "--z_start", "1", "--z_end", "3", "--field_path", fld,
                      "--pearson_dst", dst, "--report", str(rep), "--json", "--chunk", "32"]) == 0
     out = capsys.readouterr().out
     with_field = json.loads(out[out.index("{") : out.rindex("}") + 1])
@@ -245,7 +245,8 @@ def test_cli_volume_pearson_layer_and_pngs(tmp_path, capsys):
     assert sorted(p.name for p in rep.iterdir()) == [
         "index.md", "pearson_z1.png", "pearson_z2.png", "stack_xz.png", "stack_yz.png",
         "summary.json"]
-    # Without the field the misaligned neighbours correlate worse.
+    # Without the field the misaligned neighbours correlate worse (--cv_path: download's name
+    # for the volume, an alias of --image_path).
     assert cli.main(["--cv_path", img, "--z_start", "1", "--z_end", "3", "--json"]) == 0
     out = capsys.readouterr().out
     raw = json.loads(out[out.index("{") : out.rindex("}") + 1])
@@ -255,7 +256,7 @@ def test_cli_volume_pearson_layer_and_pngs(tmp_path, capsys):
 def test_cli_volume_bbox_must_match_chunks(tmp_path, capsys):
     img, _ = _volume(tmp_path)
     with pytest.raises(SystemExit):
-        cli.main(["--cv_path", img, "--z_start", "1", "--z_end", "2", "--bbox", "8", "0", "64",
+        cli.main(["--image_path", img, "--z_start", "1", "--z_end", "2", "--bbox", "8", "0", "64",
                   "64", "--pearson_dst", f"file://{tmp_path}/p"])
     assert "multiple of --chunk" in capsys.readouterr().err
 
@@ -264,7 +265,7 @@ def test_cli_volume_bbox_partly_outside_is_refused(tmp_path, capsys):
     img, _ = _volume(tmp_path)
     size = volumes.volume_info(img).size[0][0]
     with pytest.raises(SystemExit) as e:
-        cli.main(["--cv_path", img, "--z_start", "1", "--z_end", "2", "--bbox", str(size - 32),
+        cli.main(["--image_path", img, "--z_start", "1", "--z_end", "2", "--bbox", str(size - 32),
                   "0", "64", "64"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "is not inside the layer" in err[-1]

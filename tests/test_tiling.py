@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import metroem
-from metroem import demo, fields, synth, tiling
+from metroem import demo_volume, fields, synth, tiling
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
 
@@ -112,7 +112,7 @@ def test_tiled_field_equals_whole_field_for_local_random_pyramid():
 
 def demo_pair(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """A procedural section (cells ~40 px) deformed (shift ~6 px, elastic) and its neighbour."""
-    stack = demo.procedural_stack(2, h, w, seed=0, cell_px=40.0)
+    stack = demo_volume.procedural_stack(2, h, w, seed=0, cell_px=40.0)
     g = torch.Generator().manual_seed(0)
     spec = synth.DeformationSpec(translation=6.0, rotation_deg=0.5, elastic=3.0,
                                  elastic_scale=128.0)
@@ -196,22 +196,6 @@ def test_warp_chunk_matches_whole_warp():
         got = tiling.warp_chunk(tiling.ArraySource(a), part, c)
         ref = whole[..., c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w]
         assert torch.allclose(got, ref, atol=1e-3)
-
-
-def test_parse_devices():
-    assert tiling.parse_devices("cpu") == [torch.device("cpu")]
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert len(tiling.parse_devices("all")) == max(1, n)
-    with pytest.raises(MetroemError) as e:
-        tiling.parse_devices(f"{n},{n + 2}")
-    assert "\n" not in str(e.value) and "not available" in str(e.value)
-    with pytest.raises(MetroemError):
-        tiling.parse_devices("fast")
-    if n == 0:
-        with pytest.raises(MetroemError, match="no GPU"):
-            tiling.parse_devices("gpu")
-    else:
-        assert tiling.parse_devices("gpu") == [torch.device("cuda:0")]
 
 
 def test_run_chunks_skips_done_and_reraises():

@@ -27,7 +27,7 @@ from metroem.generate import generate_fields
 from metroem.training import checkpoint as ckpt
 from metroem.training import cli
 from metroem.training.faults import FaultHooks, parse_faults
-from metroem.training.stage_data import StageDataset
+from metroem.training.stage_inputs import StageDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

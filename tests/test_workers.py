@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from metroem import align, fields, tiling, volumes, workers
+from metroem import fields, inference, tiling, volumes, workers
 from metroem.errors import MetroemError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -40,9 +40,9 @@ def test_one_block_is_the_serial_stack(pyramid, tmp_path):  # noqa: F811
     src = make_volume(tmp_path / "img", n=4)
     kw = dict(chunk=CHUNK, progress=False)
     serial = [str(tmp_path / "f1"), str(tmp_path / "i1")]
-    align.align_volume(str(pyramid), src, 1, 4, *serial, **kw)
+    inference.align_volume(str(pyramid), src, 1, 4, *serial, **kw)
     blocked = [str(tmp_path / "f2"), str(tmp_path / "i2")]
-    out = align.align_volume(str(pyramid), src, 1, 4, *blocked, block_size=8, **kw)
+    out = inference.align_volume(str(pyramid), src, 1, 4, *blocked, block_size=8, **kw)
     assert out["blocks"] == 1
     assert (read_all(serial[0], 4) - read_all(blocked[0], 4)).abs().max() < 1e-4
     assert (read_all(serial[1], 4) - read_all(blocked[1], 4)).abs().max() <= 1
@@ -58,13 +58,14 @@ def test_two_queue_workers_give_the_single_process_stack(pyramid, tmp_path):  # 
     src = make_volume(tmp_path / "img", n=6)
     kw = dict(chunk=CHUNK, block_size=2, progress=False)
     single = [str(tmp_path / "f1"), str(tmp_path / "i1")]
-    out = align.align_volume(str(pyramid), src, 1, 6, *single, **kw)
+    out = inference.align_volume(str(pyramid), src, 1, 6, *single, **kw)
     assert out["blocks"] == 3
     queue = f"fq://{tmp_path / 'queue'}"
     multi = [str(tmp_path / "f2"), str(tmp_path / "i2")]
-    rc = align.main([str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "6",
-                     "--field_path", multi[0], "--image_path", multi[1], "--chunk", str(CHUNK),
-                     "--block_size", "2", "--queue", queue, "--no_progress"])
+    rc = inference.main(["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1",
+                         "--z_end", "6", "--field_path", multi[0], "--image_path", multi[1],
+                         "--chunk", str(CHUNK), "--block_size", "2", "--queue", queue,
+                         "--no_progress"])
     assert rc == 0
     assert volumes.read(multi[0], 0, 64, 32, 0, 64, nz=6).abs().max() == 0  # only enqueued
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -87,13 +88,13 @@ def test_queue_bad_inputs_are_one_line_errors(pyramid, tmp_path, capsys):  # noq
     (tmp_path / "plain").write_text("x")
     f, i = str(tmp_path / "f"), str(tmp_path / "i")
     with pytest.raises(MetroemError, match="cannot open the task queue"):
-        align.align_volume(str(pyramid), src, 1, 3, f, i, chunk=CHUNK, block_size=1,
-                           queue=f"fq://{tmp_path / 'plain' / 'q'}")
+        inference.align_volume(str(pyramid), src, 1, 3, f, i, chunk=CHUNK, block_size=1,
+                               queue=f"fq://{tmp_path / 'plain' / 'q'}")
     with pytest.raises(MetroemError, match="--block_size"):
-        align.align_volume(str(pyramid), src, 1, 3, f, i, chunk=CHUNK, queue="fq:///tmp/q")
+        inference.align_volume(str(pyramid), src, 1, 3, f, i, chunk=CHUNK, queue="fq:///tmp/q")
     with pytest.raises(MetroemError, match="for stacks"):
-        align.align_volume(str(pyramid), src, 1, 3, f, None, chunk=CHUNK, pairwise=True,
-                           block_size=2)
+        inference.align_volume(str(pyramid), src, 1, 3, f, None, chunk=CHUNK, pairwise=True,
+                               block_size=2)
     assert not os.path.exists(f) and not os.path.exists(i)
     with pytest.raises(SystemExit) as e:
         workers.main([f"fq://{tmp_path / 'missing'}"])

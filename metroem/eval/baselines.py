@@ -263,7 +263,7 @@ def metroem_method(
     pyramid_path: str,
     checkpoint_name: str | None = None,
     device: str = "cpu",
-    finetune: bool = False,
+    refine: bool = False,
     input_mip: int = 0,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
@@ -274,14 +274,14 @@ def metroem_method(
     ``input_mip`` is the MIP of the images it is given (benchmark sections are MIP0); every
     stage sees them resampled to its own MIP and the field comes back at ``input_mip``.
 
-    ``finetune=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair fine-tuning
-    variant (an error if this metroem's aligner has none). ``smoothing_nm`` /
-    ``resolution_nm`` regularise the field and ``translation_init`` starts it from a phase
-    correlation (:func:`metroem.aligner.load_aligner`).
+    ``refine=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair online
+    refinement (:mod:`metroem.refine`; an error if this metroem's aligner has none).
+    ``smoothing_nm`` / ``resolution_nm`` regularise the field and ``translation_init`` starts
+    it from a phase correlation (:func:`metroem.aligner.load_aligner`).
     """
     from metroem.aligner import load_aligner
 
-    extra: dict = {"finetune": True} if finetune else {}
+    extra: dict = {"refine": True} if refine else {}
     if smoothing_nm:
         extra.update(smoothing_nm=smoothing_nm, resolution_nm=resolution_nm)
     if translation_init:
@@ -292,19 +292,19 @@ def metroem_method(
             input_mip=input_mip, **extra
         )
     except TypeError as e:
-        if finetune and "finetune" in str(e):
+        if refine and "refine" in str(e):
             raise MetroemError(
-                "this metroem's aligner has no fine-tuning option; drop --finetune"
+                "this metroem's aligner has no online refinement option; drop --refine"
             ) from e
         raise
 
     def run(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
-        with torch.no_grad() if not finetune else torch.enable_grad():
+        with torch.no_grad() if not refine else torch.enable_grad():
             s = torch.from_numpy(np.asarray(src, np.float32))[None, None]
             t = torch.from_numpy(np.asarray(tgt, np.float32))[None, None]
             return aligner(s, t)[0].detach().float().cpu().numpy()
 
-    run.__name__ = "metroem-finetune" if finetune else "metroem"
+    run.__name__ = "metroem-refine" if refine else "metroem"
     return run
 
 

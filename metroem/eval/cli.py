@@ -6,23 +6,23 @@ Two inputs:
 
       metroem eval --src 01.png --tgt 00.png --method dis+pc --report eval_out
       metroem eval --src s.png --tgt t.png --field f.npy --gt gt.npy
-      metroem eval --src s.png --tgt t.png --pyramid models/isbi
+      metroem eval --src s.png --tgt t.png --pyramid_path isbi
 
   prints residual similarity, chunked Pearson, folds and roughness before/after (and EPE when a
   ground-truth field is given); ``--report DIR`` writes the pictures (docs/evaluation.md).
 
 * a CloudVolume z range: each section z is compared with z-1 inside ``--bbox`` at ``--mip``::
 
-      metroem eval --cv_path file://vol/image --z_start 1 --z_end 8 --bbox 0 0 512 512 \\
+      metroem eval --image_path file://vol/image --z_start 1 --z_end 8 --bbox 0 0 512 512 \\
           --field_path file://vol/field --pearson_dst file://vol/pearson --report eval_cv
 
   with ``--field_path`` both sections are first warped by their field in that layer (fields that
-  align every section into one frame); with ``--pyramid``/``--method`` section z is aligned to
+  align every section into one frame); with ``--pyramid_path``/``--method`` section z is aligned to
   z-1; with neither the stack is taken as already aligned. The chunked-Pearson map is written
   as a float32 layer with one voxel per ``--chunk`` block (resolution x chunk) and as PNGs.
 
-  Looking at the stack (not with ``--pyramid``/``--method``): xz and yz reslices of the raw
-  layer (``--src_path``) above the aligned one (``--cv_path``, alias ``--image_path``) and the
+  Looking at the stack (not with ``--pyramid_path``/``--method``): xz and yz reslices of the
+  raw layer (``--src_path``) above the aligned one (``--image_path``, alias ``--cv_path``) and the
   residual between consecutive sections (1 - r, median absolute difference) with its trend
   along z; ``--report`` writes stack_xz.png, stack_yz.png, index.md and summary.json::
 
@@ -42,7 +42,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metroem import fields, logs, viz
+from metroem import cliargs, fields, logs, threads, viz
+from metroem.devices import parse_device
 from metroem.errors import MetroemError, cli_errors
 from metroem.eval import baselines, metrics, report, stackview
 
@@ -51,8 +52,8 @@ Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = cliargs.Parser(
         prog="metroem eval",
         description="Measure alignment quality (EPE, chunked Pearson, folds, residuals).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -67,11 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="the right field is zero (slices of a registered block, e.g. "
                      "FIB-SEM): report the end-point error against 0 and the morph")
     vol = p.add_argument_group("CloudVolume z range")
-    vol.add_argument("--cv_path", "--image_path", dest="cv_path",
-                     help="image layer to evaluate, e.g. the aligned layer of metroem align "
-                     "(file://, gs://, ...)")
+    vol.add_argument("--image_path", "--cv_path", dest="image_path",
+                     help="image layer to evaluate, e.g. the aligned layer (--image_path) of "
+                     "metroem align (file://, gs://, ...; --cv_path is download's name)")
     vol.add_argument("--src_path", help="the raw layer before alignment, for the reslices and "
-                     "residuals 'before' (default with --field_path: --cv_path unwarped)")
+                     "residuals 'before' (default with --field_path: --image_path unwarped)")
     vol.add_argument("--z_start", type=int, help="first section compared with its z-1")
     vol.add_argument("--z_end", type=int, help="one past the last section")
     vol.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "W", "H"),
@@ -87,21 +88,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="pixels per section in the reslice pictures (default: the layer's "
                      "z/xy resolution ratio times the x magnification, capped)")
     src = p.add_argument_group("where the field comes from (pair or z range)")
-    src.add_argument("--pyramid", help="align with this trained metroem pyramid")
-    src.add_argument("--checkpoint", default=None, help="checkpoint name inside --pyramid")
+    cliargs.add_pyramid(src, "--pyramid", required=False,
+                        help="align with this trained metroem pyramid (a folder or a shipped "
+                        "pyramid's name)")
+    cliargs.add_checkpoint(src, "--checkpoint", help="checkpoint name inside --pyramid_path")
+    cliargs.add_device(src)
     src.add_argument("--method", help=f"align with a baseline: {', '.join(baselines.METHODS)}")
     src.add_argument("--smoothing_nm", type=float, default=None,
-                     help="keep only the part of the --pyramid field that is affine over about "
-                     "this length (metroem.regularize; needs --resolution_nm)")
+                     help="keep only the part of the --pyramid_path field that is affine over "
+                     "about this length (metroem.regularize; needs --resolution_nm)")
     src.add_argument("--resolution_nm", type=float, default=None,
                      help="size of a pixel of the images in nm (for --smoothing_nm)")
     p.add_argument("--chunk", type=int, default=32, help="Pearson block side in pixels")
     p.add_argument("--report", metavar="DIR", help="write PNG pictures into DIR")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    from metroem import threads
-
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -120,16 +121,20 @@ def read_image(path: str) -> Tensor:
 
 
 def _aligner(args):
-    if args.pyramid and args.method:
-        raise MetroemError("give --pyramid or --method, not both")
-    if args.pyramid:
-        if not os.path.isdir(args.pyramid):
-            raise MetroemError(f"pyramid {args.pyramid} is not a folder; pass a trained pyramid")
-        return baselines.metroem_method(args.pyramid, args.checkpoint,
+    if args.pyramid_path and args.method:
+        raise MetroemError("give --pyramid_path or --method, not both")
+    if args.pyramid_path:
+        from metroem import pretrained
+
+        if not pretrained.resolve(args.pyramid_path).is_dir():
+            raise MetroemError(f"pyramid {args.pyramid_path} is not a folder; pass a trained "
+                               "pyramid or a shipped pyramid's name")
+        return baselines.metroem_method(args.pyramid_path, args.checkpoint_name,
+                                        device=str(parse_device(args.device)),
                                         smoothing_nm=args.smoothing_nm,
                                         resolution_nm=args.resolution_nm)
     if args.smoothing_nm:
-        raise MetroemError("--smoothing_nm applies to a --pyramid; pass one, or drop it")
+        raise MetroemError("--smoothing_nm applies to a --pyramid_path; pass one, or drop it")
     if args.method:
         if args.method not in baselines.METHODS:
             raise MetroemError(
@@ -201,13 +206,14 @@ def _run_pair(args) -> dict:
         )
     method = _aligner(args)
     if args.field and method is not None:
-        raise MetroemError("give --field or --pyramid/--method, not both")
+        raise MetroemError("give --field or --pyramid_path/--method, not both")
     if args.field:
         field = report.field_from_file(args.field)
     elif method is not None:
         field = baselines.align(method, src, tgt)
     else:
-        raise MetroemError("no field to evaluate; pass --field F.npy, --pyramid DIR or --method")
+        raise MetroemError("no field to evaluate; pass --field F.npy, --pyramid_path DIR or "
+                           "--method")
     if tuple(field.shape[-2:]) != tuple(src.shape):
         raise MetroemError(
             f"field is {field.shape[-1]}x{field.shape[-2]} but the images are "
@@ -291,7 +297,7 @@ def _check_same_xy(info, src_info, mip: int) -> None:
     (sx, sy, _), (sw, sh, _) = src_info.offset[mip], src_info.size[mip]
     if (x, y, w, h) != (sx, sy, sw, sh):
         raise MetroemError(
-            f"--src_path is {sw}x{sh} voxels at ({sx}, {sy}) but --cv_path is {w}x{h} at "
+            f"--src_path is {sw}x{sh} voxels at ({sx}, {sy}) but --image_path is {w}x{h} at "
             f"({x}, {y}) at MIP {mip}; compare a raw and an aligned layer of one section size"
         )
 
@@ -333,16 +339,17 @@ def _volume_inputs(args):
     if args.z_end <= args.z_start:
         raise MetroemError(f"--z_end ({args.z_end}) must be greater than --z_start")
     if args.field or args.gt or args.src or args.tgt:
-        raise MetroemError("--src/--tgt/--field/--gt are for image pairs, not with --cv_path")
+        raise MetroemError("--src/--tgt/--field/--gt are for image pairs, not with --image_path")
     method = _aligner(args)
     if args.field_path and method is not None:
-        raise MetroemError("give --field_path or --pyramid/--method, not both")
+        raise MetroemError("give --field_path or --pyramid_path/--method, not both")
     reslice = (args.reslice_x, args.reslice_y, args.reslice_z_scale)
     if method is not None and (args.src_path or any(v is not None for v in reslice)):
         raise MetroemError("--src_path and --reslice_* look at a raw and an aligned stack; they "
-                           "do not go with --pyramid/--method (sections aligned pair by pair)")
-    info = _layer_info("--cv_path", args.cv_path, args.mip)
-    _check_z_range("--cv_path", info, args.mip, args.z_start, args.z_end)
+                           "do not go with --pyramid_path/--method (sections aligned pair by "
+                           "pair)")
+    info = _layer_info("--image_path", args.image_path, args.mip)
+    _check_z_range("--image_path", info, args.mip, args.z_start, args.z_end)
     z_lo = info.offset[args.mip][2]
     if args.src_path:
         src_info = _layer_info("--src_path", args.src_path, args.mip)
@@ -368,7 +375,7 @@ def _run_volume(args) -> dict:
         (x0, y0, _), (w, h, _) = info.offset[args.mip], info.size[args.mip]
     if w < args.chunk or h < args.chunk:
         raise MetroemError(f"--bbox {w}x{h} is smaller than one --chunk {args.chunk} block")
-    # Pairwise alignment (--pyramid/--method) leaves no stack in one frame to reslice.
+    # Pairwise alignment (--pyramid_path/--method) leaves no stack in one frame to reslice.
     stack = _stack_view(args, info, (x0, y0, w, h)) if method is None else None
     dst = _pearson_layer(args, info, x0, y0, w, h) if args.pearson_dst else None
 
@@ -377,7 +384,7 @@ def _run_volume(args) -> dict:
 
     def section(z: int) -> Tensor:
         """Section z as evaluated; the stack view also gets it "before" and "after"."""
-        raw = img = read(args.cv_path, z)
+        raw = img = read(args.image_path, z)
         if args.field_path:
             img = fields.warp_image(raw, read(args.field_path, z))
         if stack is not None:
@@ -432,9 +439,9 @@ def _run_volume(args) -> dict:
 
 def _finish_stack(args, stack: _Stack, pictures: list[str]) -> dict:
     """Summarise (and with --report draw) the stack view; print one line per layer."""
-    layers = {"after": args.cv_path}
+    layers = {"after": args.image_path}
     if args.src_path or args.field_path:
-        layers = {"before": args.src_path or args.cv_path, **layers}
+        layers = {"before": args.src_path or args.image_path, **layers}
     summary = stackview.stack_summary(stack.view, layers, stack.box, stack.where, stack.scale)
     if args.report:
         summary = stackview.write_stack_report(args.report, stack.view, summary, pictures)
@@ -448,27 +455,26 @@ def _finish_stack(args, stack: _Stack, pictures: list[str]) -> dict:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from metroem import threads
-
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logs.setup_logging(args.verbosity)
     threads.apply(args.threads)
     if args.chunk < 2:
         raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
-    if args.cv_path and (args.src or args.tgt):
-        raise MetroemError("give either --src/--tgt (image pair) or --cv_path (volume), not both")
+    if args.image_path and (args.src or args.tgt):
+        raise MetroemError("give either --src/--tgt (image pair) or --image_path (volume), not "
+                           "both")
     stack_flags = (args.src_path, args.reslice_x, args.reslice_y, args.reslice_z_scale)
-    if not args.cv_path and any(v is not None for v in stack_flags):
+    if not args.image_path and any(v is not None for v in stack_flags):
         raise MetroemError("--src_path and --reslice_* look at a CloudVolume z range; pass the "
-                           "aligned layer as --cv_path/--image_path with --z_start/--z_end")
-    if args.cv_path:
+                           "aligned layer as --image_path with --z_start/--z_end")
+    if args.image_path:
         result = _run_volume(args)
     elif args.src or args.tgt:
         result = _run_pair(args)
         if not args.json:
             _print_pair(result, args.registered)
     else:
-        raise MetroemError("nothing to evaluate; pass --src/--tgt or --cv_path (see --help)")
+        raise MetroemError("nothing to evaluate; pass --src/--tgt or --image_path (see --help)")
     if args.json:
         print(json.dumps(stackview.json_safe(result), indent=1))
     if args.report:

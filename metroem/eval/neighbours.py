@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from metroem import sample_data, synth
+from metroem import shared_data, synth
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -77,7 +77,7 @@ class NeighbourPair:
 def default_data_dir() -> Path:
     """``$METROEM_FIBSEM_DATA`` if set, else ``$METROEM_SHARED_DATA/fibsem`` (one-line error if
     neither is set)."""
-    return sample_data.shared_dir("fibsem", "METROEM_FIBSEM_DATA")
+    return shared_data.shared_dir("fibsem", "METROEM_FIBSEM_DATA")
 
 
 def load_blocks(data_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:

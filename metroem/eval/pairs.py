@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from metroem import sample_data, synth
+from metroem import shared_data, synth
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
@@ -86,7 +86,7 @@ class BenchmarkPair:
 def default_data_dir() -> Path:
     """``$METROEM_BENCH_DATA`` if set, else ``$METROEM_SHARED_DATA/isbi`` (one-line error if
     neither is set)."""
-    return sample_data.shared_dir("isbi", "METROEM_BENCH_DATA")
+    return shared_data.shared_dir("isbi", "METROEM_BENCH_DATA")
 
 
 def load_stack(

@@ -112,7 +112,7 @@ def write_pair_report(
     ]
 
 
-HIGHLIGHT = {"metroem": (200, 0, 40), "metroem-finetune": (235, 120, 140)}
+HIGHLIGHT = {"metroem": (200, 0, 40), "metroem-refine": (235, 120, 140)}
 
 
 def write_epe_chart(

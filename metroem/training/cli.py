@@ -26,8 +26,8 @@ import signal
 import sys
 import time
 
+from metroem import cliargs, logs, modules, threads
 from metroem import config as config_mod
-from metroem import logs, modules, threads
 from metroem.atomic import FileLock
 from metroem.errors import MetroemError, cli_errors
 from metroem.generate import check_outputs, generate_fields
@@ -44,27 +44,20 @@ from metroem.training.engine import (
 )
 from metroem.training.faults import FaultHooks, TrainingHooks
 from metroem.training.logger import RunLogger
-from metroem.training.stage_data import GROUND_TRUTH_TAG, check_images
+from metroem.training.stage_inputs import GROUND_TRUTH_TAG, check_images
 
 # Extra ``KEY=VALUE`` config overrides, separated by ';', applied before --set: for launchers
 # whose command line is fixed (upstream scripts, job templates).
 OVERRIDES_ENV = "METROEM_TRAIN_SET"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line MetroemErrors (``error: ...``, exit 2)."""
-
-    def error(self, message: str):
-        raise MetroemError(f"{message}; see {self.prog} --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cliargs.Parser(
         prog="train.py", description="Train a multi-stage pyramid aligner, stage by stage."
     )
-    p.add_argument("--pyramid_path", required=True, help="folder of <STAGE>_mip<MIP>in_<SUFFIX>")
+    cliargs.add_pyramid(p, help="pyramid folder (module folders <STAGE>_mip<MIP>in_<SUFFIX>)")
     p.add_argument("--dataset_path", required=True, help="folder of h5 image/field datasets")
-    p.add_argument("--checkpoint_name", required=True, help="name of the weights to write")
+    cliargs.add_checkpoint(p, required=True, help="name of the weights to write")
     p.add_argument("--train_mode", default=None, choices=config_mod.MODES,
                    help="default: the pyramid's own recipe PYRAMID/train.yaml (custom) when it "
                    "has one and no --train_params_path is given, else scratch")
@@ -74,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate_field_stages", type=int, nargs="*", default=None,
                    help="stages after which to generate fields (default: every trained stage "
                         "that has a next stage)")
-    p.add_argument("--device", default=None, help="cpu, gpu, cuda:N or N (default: cpu)")
-    p.add_argument("--gpu", default=None, help="alias of --device N (upstream name)")
+    cliargs.add_device(p, "--gpu", default=None,
+                       help="cpu, gpu, cuda:N or N (default: cpu; --gpu is upstream's name)")
     p.add_argument("--no_redirect_stdout", action="store_true",
                    help="do not copy terminal output into the run's train.log")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
@@ -88,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run logs + tensorboard (default: <pyramid_path>/_runs/<checkpoint_name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -160,8 +152,7 @@ def run(args: argparse.Namespace, hooks: TrainingHooks | None = None) -> list[St
     """Train and generate as the arguments say; returns the per-stage results. ``hooks`` go to
     the training loop (:mod:`metroem.training.faults`; default: none)."""
     _check_checkpoint_name(args.checkpoint_name)
-    device_name = args.device if args.device is not None else args.gpu
-    info, device = dist.init(device_name)
+    info, device = dist.init(args.device)
     try:
         return _run(args, info, device, hooks if hooks is not None else TrainingHooks())
     finally:

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from metroem.errors import MetroemError
+from metroem.devices import parse_device
 
 
 @dataclass(frozen=True)
@@ -31,38 +31,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``cpu``, ``gpu``/``cuda`` (this process's GPU), ``cuda:N`` or ``N`` -> a torch.device.
-
-    Naming a GPU that is not there is a MetroemError, never a silent CPU fallback.
-    """
-    name = (device or "cpu").strip().lower()
-    if name == "cpu":
-        return torch.device("cpu")
-    if name in ("gpu", "cuda"):
-        index = local_rank
-    elif name.startswith("cuda:") and name[5:].isdigit():
-        index = int(name[5:])
-    elif name.isdigit():
-        index = int(name)
-    else:
-        raise MetroemError(f"unknown device {device!r}; use cpu, gpu, cuda:N or a GPU index N")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if index >= count:
-        raise MetroemError(
-            f"device {device!r} asks for GPU {index} but {count} GPU(s) are visible; "
-            "use --device cpu or a visible GPU index"
-        )
-    return torch.device("cuda", index)
-
-
 def init(device: str | None = None) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group if launched by torchrun; pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     info = DistInfo(rank=rank, world_size=world, local_rank=local)
-    dev = resolve_device(device, local)
+    dev = parse_device(device, local)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":

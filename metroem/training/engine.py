@@ -35,8 +35,8 @@ from metroem.atomic import remove_stale_temps_in
 from metroem.errors import MetroemError
 from metroem.training import checkpoint as ckpt
 from metroem.training import distributed as dist
-from metroem.training import stage_data
-from metroem.training.data import BatchStream, CropDataset, split_indices
+from metroem.training import stage_inputs
+from metroem.training.batches import BatchStream, CropDataset, split_indices
 from metroem.training.equivariance import forward_with_equivariance
 from metroem.training.faults import TrainingHooks
 from metroem.training.logger import RunLogger
@@ -242,10 +242,10 @@ def check_stage(
     generated earlier in this run), so the whole stage dataset is checked.
     """
     if inputs_ready:
-        ds = stage_data.stage_dataset(dataset_path, module.mip, prev, checkpoint_name)
+        ds = stage_inputs.stage_dataset(dataset_path, module.mip, prev, checkpoint_name)
         sizes = ds.patch_sizes()
     else:
-        sizes = stage_data.check_images(dataset_path, module.mip)
+        sizes = stage_inputs.check_images(dataset_path, module.mip)
     crop = int(cfg["data"]["crop_size"])
     if len(set(sizes)) > 1 and crop > min(sizes):
         raise MetroemError(
@@ -269,7 +269,7 @@ def _check_tissue_size(module: modules.ModuleInfo, dataset_path: str, crop: int,
     crops that are nearly all "no data" and learn nonsense. The tissue is measured on the
     first pair of every image dataset; tissue-free data (all 0) is left to the losses.
     """
-    extent, where = stage_data.tissue_extent(dataset_path, module.mip)
+    extent, where = stage_inputs.tissue_extent(dataset_path, module.mip)
     need = max(min(crop, patch), int(getattr(model, "stride", 1)))
     if 0 < extent < need:
         what = (f"data.crop_size {crop}" if crop <= patch else f"the {patch} px patches")
@@ -310,7 +310,7 @@ def train_stage(
     torch.manual_seed(seed + info.rank)
 
     # --- data ------------------------------------------------------------------------------
-    base = stage_data.stage_dataset(
+    base = stage_inputs.stage_dataset(
         dataset_path, module.mip, prev, checkpoint_name, float(dcfg["cache_mb"])
     )
     train_idx, val_idx = split_indices(len(base), float(dcfg["val_fraction"]), seed)

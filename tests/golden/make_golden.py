@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import aligner, demo, fields, synth
+from metroem import aligner, demo_volume, fields, synth
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parents[1] / "models"
@@ -25,7 +25,7 @@ SIZE = 192
 
 def golden_pairs(seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """Two pairs ``(2, 1, SIZE, SIZE)`` uint8: a deformed copy of a section, and neighbours."""
-    stack = demo.procedural_stack(3, SIZE, SIZE, seed=seed)
+    stack = demo_volume.procedural_stack(3, SIZE, SIZE, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     spec = synth.DeformationSpec(translation=3.0, rotation_deg=1.0, scale=0.01, shear=0.01,
                                  elastic=1.0, elastic_scale=32.0)

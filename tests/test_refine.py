@@ -1,4 +1,5 @@
-"""Online finetuning: improves end-point error on the demo volume, never folds, respects masks."""
+"""Online refinement (metroem.refine): improves end-point error on the demo volume, never
+folds, respects masks."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 from helpers import tiny_pyramid
 
-from metroem import align, demo, fields, finetune, losses, nets, volumes
+from metroem import demo_volume, fields, inference, losses, nets, refine, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.errors import MetroemError
-from metroem.finetune import finetune_field
+from metroem.refine import refine_field
 
 
 @pytest.fixture(autouse=True)
@@ -26,11 +27,11 @@ def one_thread():
 def demo_pair(tmp_path_factory):
     """A demo pair (observed section 1 onto 0) at MIP0 with its ground-truth field."""
     out = tmp_path_factory.mktemp("demo") / "vol"
-    vol = demo.build_demo_volume(out, num_sections=2, size=128, num_mips=1, drift=6.0,
-                                 elastic=2.0, rotation_deg=0.5, seed=3)
+    vol = demo_volume.build_demo_volume(out, num_sections=2, size=128, num_mips=1, drift=6.0,
+                                        elastic=2.0, rotation_deg=0.5, seed=3)
     src = volumes.read(vol.image_path, 0, 0, 0, 1, 128)
     tgt = volumes.read(vol.image_path, 0, 0, 0, 0, 128)
-    gt = demo.pair_ground_truth(vol.field_path, 0, 0, 0, 1, 128)
+    gt = demo_volume.pair_ground_truth(vol.field_path, 0, 0, 0, 1, 128)
     return src, tgt, gt
 
 
@@ -44,14 +45,14 @@ def untrained(tmp_path_factory):
     return tiny_pyramid(root, nets.default_spec(levels=4, channels=[4, 8, 8]))
 
 
-def test_finetuning_improves_epe_without_folds(demo_pair, untrained):
+def test_refinement_improves_epe_without_folds(demo_pair, untrained):
     src, tgt, gt = demo_pair
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained modules warn
         al = load_aligner(untrained)
     w = tissue(src, tgt, gt)
     net = al(src, tgt)
-    tuned = load_aligner(untrained, finetune=True)(src, tgt)
+    tuned = load_aligner(untrained, refine=True)(src, tgt)
     before = losses.epe(net, gt, w)[0].item()
     after = losses.epe(tuned, gt, w)[0].item()
     assert losses.epe(torch.zeros_like(gt), gt, w)[0] > 3.0  # the pair really is misaligned
@@ -60,13 +61,13 @@ def test_finetuning_improves_epe_without_folds(demo_pair, untrained):
     assert not tuned.requires_grad and tuned.shape == net.shape
     # starting from nothing (identity) it improves too
     zero = torch.zeros_like(gt)
-    assert losses.epe(finetune_field(src, tgt, zero), gt, w)[0] < losses.epe(zero, gt, w)[0]
+    assert losses.epe(refine_field(src, tgt, zero), gt, w)[0] < losses.epe(zero, gt, w)[0]
 
 
 def test_no_folds_even_with_aggressive_settings(demo_pair):
     src, tgt, _ = demo_pair
-    out = finetune_field(src, tgt, torch.zeros(1, 2, 128, 128), lr=3.0, smoothness=0.0,
-                         fold_weight=0.0, iterations=40)
+    out = refine_field(src, tgt, torch.zeros(1, 2, 128, 128), lr=3.0, smoothness_weight=0.0,
+                       fold_weight=0.0, steps=40)
     assert fields.jacobian_determinant(out).min() > 0
 
 
@@ -81,13 +82,13 @@ def test_masked_target_pixels_do_not_matter(demo_pair):
     other = tgt.clone()
     other[..., 32:64, 48:96] = shuffled
     assert not torch.equal(other, tgt)
-    # the objective (and its gradient) finetuning follows ignores the masked target pixels
-    cfg = finetune._check({})
+    # the objective (and its gradient) refinement follows ignores the masked target pixels
+    cfg = refine._check({})
     field = (0.3 * torch.randn(1, 2, 128, 128)).requires_grad_()
 
     def value_and_grad(target, m):
         field.grad = None
-        loss = finetune._level_loss(cfg, src, target, field, None, m, {})
+        loss = refine._level_loss(cfg, src, target, field, None, m, {})
         loss.backward()
         return loss.item(), field.grad.clone()
 
@@ -97,32 +98,38 @@ def test_masked_target_pixels_do_not_matter(demo_pair):
     assert abs(la - lb) < 1e-5 and torch.allclose(ga, gb, atol=1e-7)
     assert abs(la - lc) > 1e-4  # without the mask those pixels count
     # and the whole run respects a source defect mask as well
-    out = finetune_field(src, tgt, torch.zeros(1, 2, 128, 128), src_mask=mask, iterations=5)
+    out = refine_field(src, tgt, torch.zeros(1, 2, 128, 128), src_mask=mask, steps=5)
     assert torch.isfinite(out).all()
 
 
 def test_empty_input_and_bad_options(demo_pair):
     src, tgt, gt = demo_pair
-    assert torch.equal(finetune_field(torch.zeros_like(src), tgt, gt), gt)
-    with pytest.raises(MetroemError, match="unknown finetune option"):
-        finetune_field(src, tgt, gt, iterationz=3)
+    assert torch.equal(refine_field(torch.zeros_like(src), tgt, gt), gt)
+    with pytest.raises(MetroemError, match="unknown refine option"):
+        refine_field(src, tgt, gt, stepz=3)
     with pytest.raises(MetroemError, match="similarity"):
-        finetune_field(src, tgt, gt, similarity="ssim")
+        refine_field(src, tgt, gt, similarity="ssim")
+    for old, new in (("iterations", "steps"), ("smoothness_kind", "smoothness"),
+                     ("nodata_smoothness", "smoothness_nodata_weight")):
+        with pytest.raises(MetroemError, match=f"refine option {old} is now {new}$"):
+            refine_field(src, tgt, gt, **{old: 1})
+    with pytest.raises(MetroemError, match="its weight is smoothness_weight"):
+        refine_field(src, tgt, gt, smoothness=3.0)  # the weight's old name
 
 
-def test_align_cli_finetune_flag(demo_pair, untrained, tmp_path):
+def test_align_cli_refine_flag(demo_pair, untrained, tmp_path):
     import numpy as np
 
     src, tgt, gt = demo_pair
     np.save(tmp_path / "s.npy", src[0, 0].numpy())
     np.save(tmp_path / "t.npy", tgt[0, 0].numpy())
-    base = [str(untrained), "--src", str(tmp_path / "s.npy"), "--tgt", str(tmp_path / "t.npy"),
-            "--chunk", "128", "--pad", "0", "--no_progress"]
+    base = ["--pyramid_path", str(untrained), "--src", str(tmp_path / "s.npy"), "--tgt",
+            str(tmp_path / "t.npy"), "--chunk", "128", "--pad", "0", "--no_progress"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert align.main([*base, "--field_out", str(tmp_path / "plain.npy")]) == 0
-        assert align.main([*base, "--field_out", str(tmp_path / "ft.npy"), "--finetune",
-                           "--finetune_iterations", "30"]) == 0
+        assert inference.main([*base, "--field_out", str(tmp_path / "plain.npy")]) == 0
+        assert inference.main([*base, "--field_out", str(tmp_path / "ft.npy"), "--refine",
+                               "--refine_steps", "30"]) == 0
     w = tissue(src, tgt, gt)
     plain = torch.from_numpy(np.load(tmp_path / "plain.npy"))[None]
     tuned = torch.from_numpy(np.load(tmp_path / "ft.npy"))[None]

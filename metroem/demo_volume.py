@@ -17,7 +17,7 @@ Each section z is misaligned by a known smooth deformation d_z (random-walk drif
 Example::
 
     metroem-demo-volume demo_volume                      # 12 sections of 1024 x 1024, 4 MIPs
-    python -m metroem.demo demo_isbi --sections_dir ../shared/data/isbi --num_mips 3
+    python -m metroem.demo_volume demo_isbi --sections_dir ../shared/data/isbi --num_mips 3
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from metroem import fields, logs, synth, threads, volumes
+from metroem import cliargs, fields, logs, synth, threads, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 from metroem.images import load_sections
@@ -493,7 +493,7 @@ def build_demo_volume(
             aligned = aligned_all[z : z + 1]
             d = d_all[z : z + 1]
             observed = fields.warp_image(aligned, d)
-            g = fields.invert(d, iterations=100, tol=1e-3)
+            g = fields.invert(d, steps=100, tol=1e-3)
             volumes.write_all_mips(paths["aligned"], 0, 0, z, aligned[crop])
             volumes.write_all_mips(paths["image"], 0, 0, z, observed[crop])
             volumes.write_all_mips(paths["field"], 0, 0, z, g[crop].contiguous(), is_field=True)
@@ -527,7 +527,8 @@ def build_demo_volume(
             },
             "field_gt": "g_z aligns observed section z onto the aligned frame: "
             "warp_image(image[z], field_gt[z]) ~ image_aligned[z]; the field aligning source z "
-            "onto target z-1 is compose(g_z, invert(g_{z-1})) (metroem.demo.pair_ground_truth)",
+            "onto target z-1 is compose(g_z, invert(g_{z-1})) "
+            "(metroem.demo_volume.pair_ground_truth)",
         }
         (tmp / "demo.json").write_text(json.dumps(meta, indent=2) + "\n")
         replace_dir(tmp, out)
@@ -583,7 +584,7 @@ def pair_ground_truth(
     rx1, ry1 = max(rx1, rx0 + 1), max(ry1, ry0 + 1)
     both = volumes.read(field_path, mip, rx0, ry0, z - 1, rx1 - rx0, ry1 - ry0, nz=2)
     g_prev, g_cur = both[0:1], both[1:2]
-    pair = fields.compose(g_cur, fields.invert(g_prev, iterations=100, tol=1e-3))
+    pair = fields.compose(g_cur, fields.invert(g_prev, steps=100, tol=1e-3))
     # Pad (border) where the wanted window sticks out of the volume, then cut it out.
     pad = (max(0, rx0 - x0), max(0, x0 + width - rx1), max(0, ry0 - y0), max(0, y0 + height - ry1))
     if any(pad):
@@ -595,15 +596,8 @@ def pair_ground_truth(
 # --- command line -------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line MetroemErrors (``error: ...``, exit 2)."""
-
-    def error(self, message: str):
-        raise MetroemError(f"{message}; see {self.prog} --help")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def build_parser() -> argparse.ArgumentParser:
+    p = cliargs.Parser(
         prog="metroem-demo-volume",
         description="Build a local misaligned EM-like demo volume with ground-truth fields.",
         epilog="example: metroem-demo-volume demo_volume --num_sections 12 --size 1024",
@@ -632,15 +626,14 @@ def _parser() -> argparse.ArgumentParser:
         help="nm per voxel at MIP0 (default 4 4 40)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo volume")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``metroem-demo-volume``."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logs.setup_logging(args.verbosity)
     threads.apply(args.threads)
     if args.size is not None and len(args.size) not in (1, 2):

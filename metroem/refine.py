@@ -1,4 +1,4 @@
-"""Online finetuning: refine one pair's field by optimising the field itself.
+"""Online refinement: improve one pair's field by optimising the field itself.
 
 Starting from the network's field, a displacement update is optimised with Adam on the pair's
 similarity (masked MSE or local NCC of the normalised images) plus smoothness (rigidity or
@@ -8,10 +8,15 @@ updates smooth. The learning rate (pixels of the level per step) follows a cosin
 every level.
 
 Masks: pixels without data (0) in either image, and pixels under the defect masks, take no part
-in the similarity; the smoothness there is weighted by ``nodata_smoothness`` (a small weight
-keeps the field tame where nothing can be matched); the fold penalty applies everywhere. A
-result that folds (Jacobian determinant <= 0 where the starting field had none) is pulled back
-towards the starting field until it does not, so finetuning never introduces folds.
+in the similarity; the smoothness there is weighted by ``smoothness_nodata_weight`` (a small
+weight keeps the field tame where nothing can be matched); the fold penalty applies everywhere.
+A result that folds (Jacobian determinant <= 0 where the starting field had none) is pulled back
+towards the starting field until it does not, so refinement never introduces folds.
+
+Option names follow the training loss config (:data:`metroem.losses.DEFAULTS`,
+:data:`metroem.masks.DEFAULTS`): ``similarity`` and ``smoothness`` name the kind of term,
+``*_weight`` its weight. (Refinement is per-pair and online; continuing to train a network's
+weights is ``train.py --train_mode finetune``.)
 """
 
 from __future__ import annotations
@@ -26,39 +31,52 @@ from metroem.nets import normalize_image
 
 Tensor = torch.Tensor
 
-__all__ = ["finetune_field", "DEFAULTS"]
+__all__ = ["refine_field", "DEFAULTS"]
 
 DEFAULTS: dict = {
-    "iterations": 60,  # optimisation steps per level
+    "steps": 60,  # optimisation steps per level
     "levels": 3,  # coarse-to-fine levels: images downsampled 2^(levels-1) ... 1 times
     "lr": 0.3,  # Adam learning rate, pixels of the level per step, cosine-decayed to lr / 20
     "similarity": "mse",  # mse | ncc
-    "smoothness": 3.0,  # weight of the smoothness term (the data term alone overfits noise)
-    "smoothness_kind": "rigidity",  # rigidity | laplacian
+    "smoothness": "rigidity",  # rigidity | laplacian
+    "smoothness_weight": 3.0,  # weight of the smoothness term (the data term alone overfits noise)
     "fold_weight": 10.0,  # weight of relu(0.1 - det J)^2
-    "nodata_smoothness": 0.1,  # smoothness weight where there is no data or a defect
+    "smoothness_nodata_weight": 0.1,  # smoothness weight where there is no data or a defect
+}
+
+# Option names of earlier versions -> the name now (a number for ``smoothness`` was its weight).
+RENAMED = {
+    "iterations": "steps",
+    "smoothness_kind": "smoothness",
+    "nodata_smoothness": "smoothness_nodata_weight",
 }
 
 
 def _check(options: dict) -> dict:
+    for old, new in RENAMED.items():
+        if old in options:
+            raise MetroemError(f"refine option {old} is now {new}")
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise MetroemError(
-            f"unknown finetune option(s) {', '.join(sorted(unknown))}; known: "
+            f"unknown refine option(s) {', '.join(sorted(unknown))}; known: "
             f"{', '.join(sorted(DEFAULTS))}"
         )
     cfg = {**DEFAULTS, **options}
-    if not (isinstance(cfg["iterations"], int) and cfg["iterations"] >= 0):
-        raise MetroemError(f"finetune iterations must be an int >= 0, got {cfg['iterations']!r}")
+    if isinstance(cfg["smoothness"], (int, float)) and not isinstance(cfg["smoothness"], bool):
+        raise MetroemError("refine option smoothness is the kind (rigidity or laplacian); its "
+                           "weight is smoothness_weight")
+    if not (isinstance(cfg["steps"], int) and cfg["steps"] >= 0):
+        raise MetroemError(f"refine steps must be an int >= 0, got {cfg['steps']!r}")
     if not (isinstance(cfg["levels"], int) and cfg["levels"] >= 1):
-        raise MetroemError(f"finetune levels must be an int >= 1, got {cfg['levels']!r}")
+        raise MetroemError(f"refine levels must be an int >= 1, got {cfg['levels']!r}")
     if cfg["similarity"] not in ("mse", "ncc"):
-        raise MetroemError(f"finetune similarity must be mse or ncc, got {cfg['similarity']!r}")
-    if cfg["smoothness_kind"] not in ("rigidity", "laplacian"):
-        raise MetroemError("finetune smoothness_kind must be rigidity or laplacian")
-    for key in ("lr", "smoothness", "fold_weight", "nodata_smoothness"):
+        raise MetroemError(f"refine similarity must be mse or ncc, got {cfg['similarity']!r}")
+    if cfg["smoothness"] not in ("rigidity", "laplacian"):
+        raise MetroemError("refine smoothness must be rigidity or laplacian")
+    for key in ("lr", "smoothness_weight", "fold_weight", "smoothness_nodata_weight"):
         if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
-            raise MetroemError(f"finetune {key} must be a number >= 0, got {cfg[key]!r}")
+            raise MetroemError(f"refine {key} must be a number >= 0, got {cfg[key]!r}")
     return cfg
 
 
@@ -76,9 +94,9 @@ def _level_loss(cfg, src, tgt, field, src_mask, tgt_mask, mask_cfg) -> Tensor:
         sim = losses.mse(warped, t, w["sim_weight"])
     else:
         sim = losses.local_ncc(warped, t, w["sim_weight"])
-    smooth = losses.SMOOTHNESS_FNS[cfg["smoothness_kind"]](field, w["smooth_weight"])
+    smooth = losses.SMOOTHNESS_FNS[cfg["smoothness"]](field, w["smooth_weight"])
     fold = losses.fold_penalty(field, None)
-    return sim + cfg["smoothness"] * smooth + cfg["fold_weight"] * fold
+    return sim + cfg["smoothness_weight"] * smooth + cfg["fold_weight"] * fold
 
 
 def _min_det(field: Tensor) -> Tensor:
@@ -108,7 +126,7 @@ def _unfold(start: Tensor, result: Tensor) -> Tensor:
     return out
 
 
-def finetune_field(
+def refine_field(
     src_img: Tensor,
     tgt_img: Tensor,
     field: Tensor,
@@ -119,18 +137,18 @@ def finetune_field(
     """Refine ``field`` (pixels, pull, ``(N, 2, H, W)``) aligning ``src_img`` to ``tgt_img``.
 
     Images are ``(N, 1, H, W)`` raw values (0 = no data); masks ``(N, 1, H, W)``, nonzero marks
-    a defect to ignore. Options (see ``DEFAULTS``): ``iterations`` per level, ``levels``,
-    ``lr``, ``similarity``, ``smoothness``, ``smoothness_kind``, ``fold_weight``,
-    ``nodata_smoothness``. Returns a new field on the same device, without gradient.
+    a defect to ignore. Options (see ``DEFAULTS``): ``steps`` per level, ``levels``, ``lr``,
+    ``similarity``, ``smoothness`` (the kind), ``smoothness_weight``, ``fold_weight``,
+    ``smoothness_nodata_weight``. Returns a new field on the same device, without gradient.
     """
     cfg = _check(options)
     fields.check_field(field)
     start = field.detach().float()
     src = src_img.detach().float()
     tgt = tgt_img.detach().float()
-    if cfg["iterations"] == 0 or not (src.ne(0).any() and tgt.ne(0).any()):
+    if cfg["steps"] == 0 or not (src.ne(0).any() and tgt.ne(0).any()):
         return start.clone()
-    mask_cfg = {"smoothness_nodata_weight": float(cfg["nodata_smoothness"])}
+    mask_cfg = {"smoothness_nodata_weight": float(cfg["smoothness_nodata_weight"])}
     h, w = start.shape[-2:]
     current = start.clone()
     with torch.enable_grad():
@@ -151,7 +169,7 @@ def finetune_field(
                 tgt_mask.float(), pad), level)
             delta = torch.zeros_like(base, requires_grad=True)
             opt = torch.optim.Adam([delta], lr=cfg["lr"])
-            n_it = cfg["iterations"]
+            n_it = cfg["steps"]
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda i, n=n_it: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / n))
             )

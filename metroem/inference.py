@@ -2,15 +2,16 @@
 
 Files (PNG/TIF/npy, any size; ``.npy`` is read window by window, PNG/TIF are loaded whole)::
 
-    metroem align models/demo --src s.png --tgt t.png --field_out field.npy --image_out out.png
+    metroem align --pyramid_path models/demo --src s.png --tgt t.png --field_out field.npy \\
+        --image_out out.png
 
 A CloudVolume z range as an aligned stack: section ``--z_start - 1`` is the fixed reference
 (copied to the outputs), each later section is aligned onto the aligned sections before it and
 rendered once from its raw pixels (:mod:`metroem.stack`; ``--predecessors 3`` outvotes a bad
 pair); progress is one line per section with an ETA::
 
-    metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
-        --field_path file:///data/vol/field --image_path file:///data/vol/aligned
+    metroem align --pyramid_path models/demo --src_path file:///data/vol/image --z_start 1 \\
+        --z_end 10 --field_path file:///data/vol/field --image_path file:///data/vol/aligned
 
 ``--pairwise`` (each section onto raw z-1), ``--tgt_z`` or ``--tgt_path`` give fields between
 pairs instead.
@@ -40,9 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import fields, images, logs, regularize, stack, threads, tiling, volumes
+from metroem import cliargs, fields, images, logs, regularize, stack, threads, tiling, volumes
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
+from metroem.devices import parse_devices
 from metroem.errors import MetroemError, cli_errors
 
 __all__ = ["align_files", "align_volume", "read_image", "main"]
@@ -71,14 +73,14 @@ def read_image(path: str):
     return tiling.ArraySource(images.read_grey(path))  # the same reading as metroem ingest
 
 
-def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetune_options,
+def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_options,
                 smoothing_nm=None, resolution_nm=None, translation_init=False):
     if isinstance(pyramid, PyramidAligner):
         aligner = pyramid
         if mip is not None:
             aligner.input_mip = int(mip)
-        if finetune:
-            aligner.finetune, aligner.finetune_options = True, dict(finetune_options or {})
+        if refine:
+            aligner.refine, aligner.refine_options = True, dict(refine_options or {})
         if smoothing_nm:
             aligner.smoothing_px = _smoothing_px(smoothing_nm, resolution_nm, aligner.input_mip)
         if translation_init:
@@ -86,8 +88,8 @@ def _as_aligner(pyramid, checkpoint_name, stages, device, mip, finetune, finetun
         return aligner
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained stages warn once per module; fine here
-        return load_aligner(pyramid, checkpoint_name, stages, device, mip, finetune,
-                            finetune_options, smoothing_nm=smoothing_nm,
+        return load_aligner(pyramid, checkpoint_name, stages, device, mip, refine,
+                            refine_options, smoothing_nm=smoothing_nm,
                             resolution_nm=resolution_nm, translation_init=translation_init)
 
 
@@ -225,8 +227,8 @@ def align_files(
     chunk: int = 1024,
     pad: int | None = None,
     device: str = "cpu",
-    finetune: bool = False,
-    finetune_options: dict | None = None,
+    refine: bool = False,
+    refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
     translation_init: bool = False,
@@ -268,9 +270,9 @@ def align_files(
     if s.shape != t.shape:
         raise MetroemError(f"{src} is {s.shape[1]}x{s.shape[0]} but {tgt} is "
                            f"{t.shape[1]}x{t.shape[0]}; give sections of one size")
-    devices = tiling.parse_devices(device)
-    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
-                          finetune_options, smoothing_nm, resolution_nm, translation_init)
+    devices = parse_devices(device)
+    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
+                          refine_options, smoothing_nm, resolution_nm, translation_init)
     h, w = s.shape
     tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
     os.makedirs(work, exist_ok=True)
@@ -278,8 +280,8 @@ def align_files(
         src=os.path.abspath(src), tgt=os.path.abspath(tgt), size=f"{w}x{h}", chunk=chunk,
         pad=_pad_signature(tiler), tiling=TILING,
         pyramid=pyramid if isinstance(pyramid, (str, os.PathLike)) else "object",
-        checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, finetune=finetune,
-        finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
+        checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, refine=refine,
+        refine_options=json.dumps(refine_options or {}, sort_keys=True),
         field_out=bool(field_out), image_out=bool(image_out), work=FILES_WORK,
         **_option_signature(aligner)))
     markers = _Markers(os.path.join(work, "done"))
@@ -398,8 +400,8 @@ def align_volume(
     chunk: int = 1024,
     pad: int | None = None,
     device: str = "cpu",
-    finetune: bool = False,
-    finetune_options: dict | None = None,
+    refine: bool = False,
+    refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     translation_init: bool = False,
     overwrite: bool = False,
@@ -458,9 +460,9 @@ def align_volume(
     tgt_path = tgt_path or src_path
     pairs = _z_ranges(info, volumes.volume_info(tgt_path), z_start, z_end, tgt_z, same_layer,
                       stack_mode)
-    devices = tiling.parse_devices(device)
-    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, finetune,
-                          finetune_options, smoothing_nm, info.resolution[min(info.mips)][0]
+    devices = parse_devices(device)
+    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
+                          refine_options, smoothing_nm, info.resolution[min(info.mips)][0]
                           / 2 ** min(info.mips), translation_init)
     mip = aligner.input_mip
     if mip not in info.mips:
@@ -483,8 +485,8 @@ def align_volume(
         block_size=block_size,
         reference=z_start - 1 if stack_mode else None,
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
-        checkpoint=checkpoint_name, stages=stages, finetune=finetune,
-        finetune_options=json.dumps(finetune_options or {}, sort_keys=True),
+        checkpoint=checkpoint_name, stages=stages, refine=refine,
+        refine_options=json.dumps(refine_options or {}, sort_keys=True),
         **_option_signature(aligner)))
     out = _VolumeWriter(info, mip, top, field_path, image_path)
     run = _Run(aligner, tiler, devices, markers, out, progress)
@@ -493,7 +495,7 @@ def align_volume(
                              field_path, image_path, block_size, predecessors, queue, chunk,
                              pad, device, progress,
                              dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
-                                  finetune=finetune, finetune_options=finetune_options,
+                                  refine=refine, refine_options=refine_options,
                                   smoothing_nm=smoothing_nm))
     try:
         if stack_mode:
@@ -676,20 +678,21 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
 # --- command line -------------------------------------------------------------------------------
 
 EPILOG = """examples:
-  metroem align models/demo --src s.png --tgt t.png --field_out f.npy --image_out aligned.png
-  metroem align models/demo --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
+  metroem align --pyramid_path models/demo --src s.png --tgt t.png --field_out f.npy \\
+      --image_out aligned.png
+  metroem align --pyramid_path isbi --src_path file:///data/vol/image --z_start 1 --z_end 10 \\
       --field_path file:///data/vol/field --image_path file:///data/vol/aligned \\
       --chunk 2048 --device all          # a stack: z 0 is the fixed reference
-  (add --resume to continue an interrupted run, --finetune to refine each field online)
+  (add --resume to continue an interrupted run, --refine to refine each field online)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cliargs.Parser(
         prog="metroem align", description=__doc__.splitlines()[0].split(": ", 1)[1], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("pyramid", help="pyramid folder (module folders <STAGE>_mip<MIP>in_<SUFFIX>)")
+    cliargs.add_pyramid(p)
     f = p.add_argument_group("image files")
     f.add_argument("--src", help="source image (.png, .tif, .npy)")
     f.add_argument("--tgt", help="target image, same size")
@@ -717,16 +720,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--image_path", help="output aligned image layer")
     v.add_argument("--work_dir", help="folder for chunk markers (default: in the output layer)")
     m = p.add_argument_group("model and tiling")
-    m.add_argument("--checkpoint_name",
-                   help="checkpoint of every stage, or one per stage: a,b,c (default: the "
-                   "stages' shared default; differing or unfinished defaults are refused)")
+    cliargs.add_checkpoint(m)
     m.add_argument("--stages", type=int, nargs="+", help="stage numbers to run (default: all)")
     m.add_argument("--mip", type=int, help="MIP of the images (default: finest stage's MIP)")
     m.add_argument("--chunk", type=int, default=1024, help="chunk side in pixels (default 1024)")
     m.add_argument("--pad", type=int, default=None,
                    help="context per side in pixels of each stage's MIP (default: per stage, "
                    "from its network; 320 for the demo nets)")
-    m.add_argument("--device", default="cpu", help="cpu | gpu | all | GPU ids like 0,2")
+    cliargs.add_device(m, help="cpu | gpu | all | GPU ids like 0,2: chunks are spread over "
+                       "the devices (default cpu)")
     m.add_argument("--smoothing_nm", type=float, default=None,
                    help="keep only the part of the field that is affine over about this length "
                    "(nm): sections' smooth distortion stays, tissue is not bent onto its "
@@ -738,16 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--translation_init", action="store_true",
                    help="start from one global translation found by phase correlation (drift "
                    "larger than the coarse stage's search window)")
-    m.add_argument("--finetune", action="store_true", help="refine each field online")
-    m.add_argument("--finetune_iterations", type=int, default=60, help="steps per level")
-    m.add_argument("--finetune_lr", type=float, default=0.3, help="px per step (cosine decay)")
-    m.add_argument("--finetune_smoothness", type=float, default=3.0, help="smoothness weight")
+    m.add_argument("--refine", action="store_true",
+                   help="refine each field online on its pair (metroem.refine)")
+    m.add_argument("--refine_steps", type=int, default=60, help="steps per level")
+    m.add_argument("--refine_lr", type=float, default=0.3, help="px per step (cosine decay)")
+    m.add_argument("--refine_smoothness_weight", type=float, default=3.0,
+                   help="weight of the smoothness term")
     o = p.add_argument_group("outputs")
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
     o.add_argument("--no_progress", action="store_true", help="no progress bar")
-    threads.add_argument(p)
-    logs.add_arguments(p)
+    cliargs.add_common(p)
     return p
 
 
@@ -758,23 +761,23 @@ def main(argv: list[str] | None = None) -> int:
     threads.apply(a.threads, announce=True)
     common = dict(
         checkpoint_name=a.checkpoint_name, stages=a.stages, mip=a.mip, chunk=a.chunk,
-        pad=a.pad, device=a.device, finetune=a.finetune,
-        finetune_options={"iterations": a.finetune_iterations, "lr": a.finetune_lr,
-                          "smoothness": a.finetune_smoothness} if a.finetune else None,
+        pad=a.pad, device=a.device, refine=a.refine,
+        refine_options={"steps": a.refine_steps, "lr": a.refine_lr,
+                        "smoothness_weight": a.refine_smoothness_weight} if a.refine else None,
         overwrite=a.overwrite, resume=a.resume, progress=not a.no_progress,
         smoothing_nm=a.smoothing_nm, translation_init=a.translation_init,
     )
     if a.src or a.tgt:
         if not (a.src and a.tgt):
             raise MetroemError("pass both --src and --tgt")
-        out = align_files(a.pyramid, a.src, a.tgt, a.field_out, a.image_out,
+        out = align_files(a.pyramid_path, a.src, a.tgt, a.field_out, a.image_out,
                           resolution_nm=a.resolution_nm, **common)
     elif a.src_path:
         if a.z_start is None or a.z_end is None:
             raise MetroemError("pass --z_start and --z_end with --src_path")
         if a.resolution_nm is not None:
             raise MetroemError("--resolution_nm is for image files; a layer has its own")
-        out = align_volume(a.pyramid, a.src_path, a.z_start, a.z_end, a.field_path,
+        out = align_volume(a.pyramid_path, a.src_path, a.z_start, a.z_end, a.field_path,
                            a.image_path, tgt_path=a.tgt_path, tgt_z=a.tgt_z,
                            pairwise=a.pairwise, predecessors=a.predecessors,
                            block_size=a.block_size, queue=a.queue,
