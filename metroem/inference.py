@@ -41,7 +41,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metroem import cliargs, fields, images, logs, regularize, stack, threads, tiling, volumes
+from metroem import (
+    cliargs,
+    fields,
+    images,
+    logs,
+    pretrained,
+    regularize,
+    stack,
+    threads,
+    tiling,
+    volumes,
+)
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.devices import parse_devices
@@ -511,6 +522,14 @@ def align_volume(
             "reference": z_start - 1 if stack_mode else None}
 
 
+def _job_pyramid(pyramid) -> str:
+    """How a stack job names its pyramid: a shipped pyramid's name as it is (each worker finds
+    its own installed copy), a folder as an absolute path."""
+    if not os.path.exists(str(pyramid)) and str(pyramid) in pretrained.REGISTRY:
+        return str(pyramid)
+    return os.path.abspath(str(pyramid))
+
+
 def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_path,
                   block_size, predecessors, queue, chunk, pad, device, progress,
                   aligner_options) -> dict:
@@ -518,7 +537,7 @@ def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_p
     from metroem import workers
 
     job = workers.StackJob(
-        folder=folder, pyramid=os.path.abspath(str(pyramid)), src_path=src_path,
+        folder=folder, pyramid=_job_pyramid(pyramid), src_path=src_path,
         z_start=z_start, z_end=z_end, field_path=field_path, image_path=image_path,
         block_size=block_size, predecessors=predecessors, aligner=aligner_options,
         chunk=chunk, pad=pad, device=device, queue=queue)

@@ -80,3 +80,12 @@ def test_list_names_every_pyramid(capsys):
     out = capsys.readouterr().out
     for name, entry in pretrained.REGISTRY.items():
         assert f"{name}: {entry.summary}" in out and "weights verified" in out
+
+
+def test_stack_jobs_keep_a_shipped_name_for_the_workers_to_resolve(tmp_path, monkeypatch):
+    from metroem import inference
+
+    monkeypatch.chdir(tmp_path)
+    assert inference._job_pyramid("demo") == "demo"  # each worker finds its installed copy
+    (tmp_path / "mine").mkdir()
+    assert inference._job_pyramid("mine") == str(tmp_path / "mine")
