@@ -16,9 +16,10 @@ Two kinds per gap:
 and, for comparison, ``same`` pairs (:func:`make_same_pairs`): a slice deformed the same way
 plus noise against itself, no change of content (``gap`` 0).
 
-Blocks come from a folder of blocks (default ``<repo>/../shared/data/fibsem``, one sub-folder
-of slice images per block). The last :data:`HELD_OUT` slices of every block are held out for
-benchmarks; :func:`split` gives the training range.
+Blocks come from a folder of blocks, one sub-folder of slice images per block (default
+:func:`default_data_dir`: ``$METROEM_FIBSEM_DATA``, else ``$METROEM_SHARED_DATA/fibsem``). The
+last :data:`HELD_OUT` slices of every block are held out for benchmarks; :func:`split` gives the
+training range.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ Two kinds of pair, at several difficulties (:data:`DIFFICULTIES`):
   ``compose(h, f0)`` where ``f0`` is its field on the undeformed pair and ``h = invert(d)``
   (:func:`metroem.eval.metrics.equivariance_target`). That gap is the equivariance EPE.
 
-Sections come from a folder of images (default: the ISBI ssTEM stack at
-``<repo>/../shared/data/isbi``); everything else is drawn from seeds, so a pair list is the same
-on every machine.
+Sections come from a folder of images (default :func:`default_data_dir`:
+``$METROEM_BENCH_DATA``, else the ISBI ssTEM stack in ``$METROEM_SHARED_DATA/isbi``); everything
+else is drawn from seeds, so a pair list is the same on every machine.
 """
 
 from __future__ import annotations
