@@ -19,14 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What costs most of a fresh interpreter's start.
-PRELOAD = ["torch", "cloudvolume", "h5py", "torch.utils.tensorboard", "metroem.cli",
+PRELOAD = ["torch", "torch._dynamo", "cloudvolume", "h5py", "torch.utils.tensorboard",
+           "metroem.cli",
            "metroem.training.cli", "metroem.inference", "metroem.download", "metroem.eval.cli",
            "metroem.generate"]
 
 
 def forkserver():
     """A multiprocessing context whose children start with :data:`PRELOAD` imported (started
-    here, so the first tool does not pay for the server's own imports)."""
+    here, so the first tool does not pay for the server's own imports). There is one
+    forkserver per test process: every caller gets the same preloaded server."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([m for m in PRELOAD if _importable(m)])
     warm = ctx.Process(target=os.getpid)

@@ -2,8 +2,9 @@
 the library-level guarantees behind it (atomic writes on a full disk, HDF5 surviving it, tissue-
 free pairs, weights_only loading).
 
-The catalogue runs every case in a fresh interpreter (about 50 commands; minutes on 2 busy CPU
-cores), so it is marked slow; the other tests are fast.
+The catalogue runs every case (70 commands) in a fresh process forked from a preloaded
+interpreter (tests/forked.py; benchmarks/bad_inputs.py runs real `python` subprocesses), so it
+is marked slow; the other tests are fast.
 """
 
 from __future__ import annotations

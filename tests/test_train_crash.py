@@ -9,7 +9,6 @@ and is really killed with SIGKILL); that saves ~5 s of imports per run.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import shutil
@@ -19,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import forked
 import pytest
 import torch
 from conftest import REPO, TinyRun, run_train_py, subprocess_env
@@ -53,10 +53,8 @@ def _forked_main(argv: list[str], fault: str | None, log_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def forker():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "cloudvolume", "h5py",
-                                "torch.utils.tensorboard", "metroem.training.cli"])
-    return ctx
+    """Warm before the reference run is timed: its duration sets the random kill moments."""
+    return forked.forkserver()
 
 
 def start(forker, argv: list[str], log: Path, fault: str | None = None):
