@@ -93,6 +93,8 @@ def _child(tool: list[str], argv: list[str], cwd: str, env: dict, fsize_limit: i
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    with open(err + ".code", "w") as f:  # the exit code, whatever the forkserver reports
+        f.write(str(code))
     os._exit(code)
 
 
@@ -124,7 +126,12 @@ class Tool:
         for f in (self._out, self._err):
             texts.append(f.read_text(errors="replace") if f.exists() else "")
             f.unlink(missing_ok=True)
-        return Completed(self.process.exitcode, *texts)
+        # The child records its own exit code: the forkserver reports 255 when it cannot tell
+        # (seen when another thread forks at the same moment). Killed: no record, the signal.
+        record = Path(str(self._err) + ".code")
+        code = int(record.read_text()) if record.exists() else self.process.exitcode
+        record.unlink(missing_ok=True)
+        return Completed(code, *texts)
 
 
 def run(ctx, tool: list[str], argv: list[str], cwd: Path, env: dict, timeout: float,
