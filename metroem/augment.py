@@ -25,8 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from metroem import fields
-from metroem.errors import MetroemError
+from metroem import config, fields
 from metroem.synth import DeformationSpec, elastic_field, random_field
 
 Tensor = torch.Tensor
@@ -453,52 +452,11 @@ DEFAULTS: dict = {
     "intensity": {"p": 0.5, "brightness": 0.1, "contrast": 0.2, "gamma": 0.2, "noise": 0.02},
 }
 
-_SIDES = ("src", "tgt", "both")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_value(group: str, key: str, value) -> None:
-    name = f"augment.{group}.{key}"
-    if key == "on":
-        if value not in _SIDES:
-            raise MetroemError(f"{name} = {value!r} is not one of {', '.join(_SIDES)}; pick one")
-        return
-    if not _is_number(value):
-        raise MetroemError(f"{name} = {value!r} is not a number; give a finite number")
-    if key == "p" and not 0 <= value <= 1:
-        raise MetroemError(f"{name} = {value} is not a probability; use a value in [0, 1]")
-    if value < 0:
-        raise MetroemError(f"{name} = {value} is negative; magnitudes must be >= 0")
-    if key == "count" and int(value) != value:
-        raise MetroemError(f"{name} = {value} is not a whole number; give an integer >= 0")
-    if key == "contrast" and value >= 1:
-        raise MetroemError(f"{name} = {value} would invert contrast; use a value in [0, 1)")
-    if key == "elastic_scale" and value == 0:
-        raise MetroemError(f"{name} = 0 is not a length; use a positive number of pixels")
-
-
 def validate(section: dict | None) -> dict:
-    """Merge ``section`` over :data:`DEFAULTS` and check it; returns the full config."""
-    section = {} if section is None else section
-    if not isinstance(section, dict):
-        raise MetroemError(f"augment must be a mapping of groups, got {type(section).__name__}")
-    merged = {g: dict(v) for g, v in DEFAULTS.items()}
-    for group, values in section.items():
-        if group not in DEFAULTS:
-            raise MetroemError(f"unknown key augment.{group}; known groups: {', '.join(DEFAULTS)}")
-        if not isinstance(values, dict):
-            raise MetroemError(f"augment.{group} must be a mapping like {{p: 0.5}}, got {values!r}")
-        for key, value in values.items():
-            if key not in DEFAULTS[group]:
-                raise MetroemError(
-                    f"unknown key augment.{group}.{key}; known: {', '.join(DEFAULTS[group])}"
-                )
-            _check_value(group, key, value)
-            merged[group][key] = value
-    return merged
+    """Merge ``section`` over :data:`DEFAULTS` and check it with
+    :func:`metroem.config.check_section` (the rules live in config.py); returns the full
+    config or raises a one-line MetroemError naming ``augment.<group>.<key>``."""
+    return config.check_section("augment", section)
 
 
 def deformation_spec(group: dict) -> DeformationSpec:

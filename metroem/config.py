@@ -5,6 +5,9 @@ schema: a user file (YAML or JSON) and ``--set key=value`` overrides are deep-me
 preset and may only use keys the preset has, with the same value types. The ``loss``, ``masks``
 and ``augment`` sections take their keys from ``metroem.losses.DEFAULTS``,
 ``metroem.masks.DEFAULTS`` and ``metroem.augment.DEFAULTS`` (free-form while a module is absent).
+Every value rule, those three sections' included, is a row of the tables ENUMS, RANGES,
+INTEGERS, ODD and STRUCTURES below: this module is the one place that validates the config
+(:func:`check_section` applies the same rules to one section given as a dict).
 ``per_mip`` maps a MIP to partial overrides of any section; :func:`resolve` applies them for one
 stage. Every key is documented in docs/config.md.
 
@@ -43,6 +46,7 @@ __all__ = [
     "PRESETS",
     "MODES",
     "load_config",
+    "check_section",
     "differences",
     "load_preset",
     "resolve",
@@ -62,9 +66,18 @@ SECTION_MODULES = {"loss": "metroem.losses", "masks": "metroem.masks", "augment"
 # Mappings whose keys are not fixed by the schema (an empty mapping in the defaults is free too).
 FREE = {"optimizer.params", "per_mip", "model.train_spec"}
 
+# Every value rule of the training config lives in the tables below (the presets and the
+# section modules' DEFAULTS give the key sets and value types); keys are globs over the dotted
+# key, matched with fnmatch ("*" also spans dots). The loss, masks and augment modules check a
+# section given to them as a dict through :func:`check_section`, i.e. these same tables.
+
 ENUMS = {
     "preset": PRESETS,
     "schedule.name": ("none", "cosine", "step", "onecycle"),
+    "loss.similarity": ("mse", "ncc", "none"),
+    "loss.smoothness": ("rigidity", "laplacian", "tv", "none"),
+    "loss.embedding_field": ("auto", "truth", "predicted"),
+    "augment.*.on": ("src", "tgt", "both"),
 }
 
 # (glob over the dotted key, low, high, low inclusive, high inclusive); all matching rules apply.
@@ -87,7 +100,28 @@ RANGES = [
     ("*prob*", 0, 1, True, True),
     ("*.p", 0, 1, True, True),
     ("*weight*", 0, math.inf, True, False),
+    ("loss.ncc_window", 3, math.inf, True, False),
+    ("loss.fold_margin", 0, 1, True, False),
+    ("loss.embedding_margin", 0, 2, False, True),
+    ("loss.embedding_radius", 1, 4, True, True),
+    ("masks.mask_threshold", 0, math.inf, True, False),
+    ("augment.*.*", 0, math.inf, True, False),  # probabilities, counts and magnitudes
+    ("augment.intensity.contrast", 0, 1, True, False),
+    ("augment.*.elastic_scale", 0, math.inf, False, False),
 ]
+
+# Why a RANGES row is what it is, added to its error message (the row's glob -> short reason).
+NOTES = {
+    "loss.embedding_margin": "a distance between unit vectors",
+    "loss.embedding_radius": "level pixels",
+    "augment.intensity.contrast": "1 or more would invert contrast",
+    "augment.*.elastic_scale": "a correlation length in px",
+}
+
+# Numbers that must be whole (the schema's int defaults already refuse floats; this says so
+# for any key whose default may change type) and those that must also be odd.
+INTEGERS = ("loss.ncc_window", "loss.embedding_radius", "augment.*.count")
+ODD = ("loss.ncc_window",)
 
 # Optimizers in torch.optim the training loop cannot drive: LBFGS needs a closure, SparseAdam
 # sparse gradients, Muon takes only 2-D parameters (convolution weights are 4-D).
@@ -241,6 +275,7 @@ def _merge(base: Mapping, over: Mapping) -> dict:
 
 
 def _walk(node: Mapping, prefix: str = ""):
+    """``(dotted key, value)`` of every leaf (lists and free mappings are leaves)."""
     for key, value in node.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and path not in FREE:
@@ -249,34 +284,125 @@ def _walk(node: Mapping, prefix: str = ""):
             yield path, value
 
 
-def _check_values(config: Mapping) -> None:
-    """Enumerations, ranges and the optimizer of one (per-MIP resolved) config."""
-    for path, value in _walk({k: v for k, v in config.items() if k != "per_mip"}):
-        choices = ENUMS.get(path)
-        if choices is not None and value not in choices:
-            hint = difflib.get_close_matches(str(value), choices, n=1)
-            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+def _glob_get(table: Mapping, path: str):
+    """The value of ``table``'s first key (a glob) matching ``path``, else None."""
+    if path in table:
+        return table[path]
+    return next((v for k, v in table.items() if fnmatch.fnmatchcase(path, k)), None)
+
+
+def _matches(patterns: Iterable[str], path: str) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
+# --- structural checks of list-valued and optional keys (one line per failure) ---
+
+
+def _null_or_number(path: str, value) -> None:
+    if value is not None and not _is_finite_number(value):
+        raise MetroemError(f"{path}: must be a finite number or null, got {_short(value)}")
+
+
+def _rings(path: str, value) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise MetroemError(
+            f"{path}: must be a list of [radius_px, weight] pairs, got {_short(value)}"
+        )
+    for ring in value:
+        ok = isinstance(ring, (list, tuple)) and len(ring) == 2
+        ok = ok and _is_int(ring[0]) and ring[0] >= 1
+        ok = ok and _is_finite_number(ring[1]) and ring[1] >= 0
+        if not ok:
             raise MetroemError(
-                f"{path}: {_short(value)} is not one of {', '.join(choices)}{did_you_mean}"
+                f"{path}: each ring must be [radius_px >= 1 (int), weight >= 0], "
+                f"got {_short(ring)}"
             )
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+
+
+def _encoder_levels(path: str, value) -> None:
+    if not isinstance(value, (list, tuple)) or not all(_is_int(i) and i >= 1 for i in value):
+        raise MetroemError(
+            f"{path}: must be a list of encoder levels >= 1 (level 0 is the image and has no "
+            f"weights) or [] for all, got {_short(value)}"
+        )
+
+
+# glob -> check(path, value); for keys whose value is a list or may be null.
+STRUCTURES = {
+    "masks.valid_min": _null_or_number,
+    "masks.valid_max": _null_or_number,
+    "masks.*_rings": _rings,
+    "loss.embedding_levels": _encoder_levels,
+}
+
+
+def _check_leaf(path: str, value) -> None:
+    """Every rule of the tables above that applies to the value at dotted key ``path``."""
+    choices = _glob_get(ENUMS, path)
+    if choices is not None and value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise MetroemError(
+            f"{path}: {_short(value)} is not one of {', '.join(choices)}{did_you_mean}"
+        )
+    structure = _glob_get(STRUCTURES, path)
+    if structure is not None:
+        structure(path, value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not math.isfinite(value):
+        raise MetroemError(f"{path}: must be a finite number, got {value}")
+    if _matches(INTEGERS, path) and not _is_int(value):
+        raise MetroemError(f"{path}: must be an integer, got {value}")
+    if _matches(ODD, path) and value % 2 == 0:
+        raise MetroemError(f"{path}: must be an odd integer, got {value}")
+    for pattern, lo, hi, lo_in, hi_in in RANGES:
+        if not fnmatch.fnmatchcase(path, pattern):
             continue
-        if not math.isfinite(value):
-            raise MetroemError(f"{path}: must be a finite number, got {value}")
-        for pattern, lo, hi, lo_in, hi_in in RANGES:
-            if not fnmatch.fnmatchcase(path, pattern):
-                continue
-            if (value < lo or (value == lo and not lo_in)) or (
-                value > hi or (value == hi and not hi_in)
-            ):
-                limits = _interval(lo, hi, lo_in, hi_in)
-                raise MetroemError(f"{path}: must be {limits}, got {value}")
+        if (value < lo or (value == lo and not lo_in)) or (
+            value > hi or (value == hi and not hi_in)
+        ):
+            limits = _interval(lo, hi, lo_in, hi_in)
+            note = f" ({NOTES[pattern]})" if pattern in NOTES else ""
+            raise MetroemError(f"{path}: must be {limits}{note}, got {value}")
+
+
+def _check_leaves(node: Mapping, prefix: str = "") -> None:
+    for path, value in _walk(node, prefix):
+        _check_leaf(path, value)
+
+
+def _check_values(config: Mapping) -> None:
+    """Enumerations, ranges, structures and the optimizer of one (per-MIP resolved) config."""
+    _check_leaves({k: v for k, v in config.items() if k != "per_mip"})
     _check_optimizer(config["optimizer"])
-    for section in SECTION_MODULES:  # the section owner's own checks (validate or resolve)
-        module = _section_module(section)
-        check = getattr(module, "validate", None) or getattr(module, "resolve", None)
-        if callable(check) and section in config:
-            check(config[section])
+
+
+def check_section(section: str, values: Mapping | None) -> dict:
+    """``values`` (a partial ``loss`` / ``masks`` / ``augment`` section, or None) merged over
+    the section module's ``DEFAULTS`` and checked by the same rules as :func:`load_config`:
+    known keys, the defaults' value types, then the tables above. Returns the merged, coerced
+    section; raises a one-line MetroemError naming the dotted key otherwise."""
+    values = {} if values is None else values
+    if not isinstance(values, Mapping):
+        raise MetroemError(
+            f"{section}: expected dict, got {_type_name(values)} {_short(values)}"
+        )
+    module = _section_module(section)
+    defaults = getattr(module, "DEFAULTS", None) or {}
+    merged = _merge(defaults, _validate(defaults, dict(values), f"{section}."))
+    _check_leaves(merged, f"{section}.")
+    return merged
 
 
 def _interval(lo, hi, lo_in, hi_in) -> str:

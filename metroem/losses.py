@@ -17,14 +17,13 @@ the target grid (see :mod:`metroem.masks`). Fields follow :mod:`metroem.fields` 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from metroem import fields, masks
+from metroem import config, fields, masks
 from metroem.errors import MetroemError
 from metroem.nets import normalize_image
 
@@ -54,9 +53,10 @@ DEFAULTS: dict = {
     "equivariance_weight": 0.0,
 }
 
-SIMILARITIES = ("mse", "ncc", "none")
-SMOOTHNESS = ("rigidity", "laplacian", "tv", "none")
-EMBEDDING_FIELDS = ("auto", "truth", "predicted")
+# The choices of the enumerated keys (their rules are config.ENUMS).
+SIMILARITIES = config.ENUMS["loss.similarity"]
+SMOOTHNESS = config.ENUMS["loss.smoothness"]
+EMBEDDING_FIELDS = config.ENUMS["loss.embedding_field"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,52 +313,10 @@ def _err(key: str, msg: str) -> MetroemError:
 
 
 def resolve(section: dict | None) -> dict:
-    """Defaults merged with ``section``, checked; raises MetroemError naming a bad key."""
-    section = {} if section is None else section
-    if not isinstance(section, dict):
-        raise MetroemError(f"loss: must be a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in DEFAULTS:
-            raise _err(key, f"unknown key; known keys: {', '.join(sorted(DEFAULTS))}")
-    cfg = copy.deepcopy(DEFAULTS)
-    cfg.update(section)
-    if cfg["similarity"] not in SIMILARITIES:
-        raise _err("similarity", f"must be one of {', '.join(SIMILARITIES)}")
-    if cfg["smoothness"] not in SMOOTHNESS:
-        raise _err("smoothness", f"must be one of {', '.join(SMOOTHNESS)}")
-    win = cfg["ncc_window"]
-    if not isinstance(win, int) or isinstance(win, bool) or win < 3 or win % 2 == 0:
-        raise _err("ncc_window", f"must be an odd integer >= 3, got {win!r}")
-    if not isinstance(cfg["normalize"], bool):
-        raise _err("normalize", f"must be true or false, got {cfg['normalize']!r}")
-    for key in ("similarity_weight", "smoothness_weight", "fold_weight", "supervised_weight",
-                "equivariance_weight"):
-        v = cfg[key]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-            raise _err(key, f"must be a number >= 0, got {v!r}")
-    m = cfg["fold_margin"]
-    if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
-        raise _err("fold_margin", f"must be a number in [0, 1), got {m!r}")
-    v = cfg["embedding_weight"]
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-        raise _err("embedding_weight", f"must be a number >= 0, got {v!r}")
-    m = cfg["embedding_margin"]
-    if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 < m <= 2:
-        raise _err("embedding_margin", f"must be a number in (0, 2] (unit-vector distance), "
-                   f"got {m!r}")
-    r = cfg["embedding_radius"]
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 4:
-        raise _err("embedding_radius", f"must be an integer in 1..4 (level pixels), got {r!r}")
-    lv = cfg["embedding_levels"]
-    if not isinstance(lv, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in lv
-    ):
-        raise _err("embedding_levels", f"must be a list of encoder levels >= 1 (level 0 is the "
-                   f"image and has no weights) or [] for all, got {lv!r}")
-    cfg["embedding_levels"] = sorted(set(lv))
-    if cfg["embedding_field"] not in EMBEDDING_FIELDS:
-        raise _err("embedding_field", f"must be one of {', '.join(EMBEDDING_FIELDS)}, got "
-                   f"{cfg['embedding_field']!r}")
+    """Defaults merged with ``section`` and checked by :func:`metroem.config.check_section`
+    (the rules live in config.py); raises a one-line MetroemError naming a bad key."""
+    cfg = config.check_section("loss", section)
+    cfg["embedding_levels"] = sorted(set(cfg["embedding_levels"]))
     return cfg
 
 

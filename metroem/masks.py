@@ -15,13 +15,10 @@ Masks carry no gradient.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
-from metroem import fields
-from metroem.errors import MetroemError
+from metroem import config, fields
 
 Tensor = torch.Tensor
 
@@ -35,45 +32,12 @@ DEFAULTS: dict = {
 }
 
 
-def _err(key: str, msg: str) -> MetroemError:
-    return MetroemError(f"masks.{key}: {msg}")
-
-
-def _check_rings(key: str, rings) -> list[list]:
-    if not isinstance(rings, (list, tuple)):
-        raise _err(key, f"must be a list of [radius_px, weight] pairs, got {rings!r}")
-    out = []
-    for ring in rings:
-        ok = isinstance(ring, (list, tuple)) and len(ring) == 2
-        ok = ok and isinstance(ring[0], int) and not isinstance(ring[0], bool) and ring[0] >= 1
-        ok = ok and isinstance(ring[1], (int, float)) and not isinstance(ring[1], bool)
-        ok = ok and ring[1] >= 0
-        if not ok:
-            raise _err(key, f"each ring must be [radius_px >= 1 (int), weight >= 0], got {ring!r}")
-        out.append([int(ring[0]), float(ring[1])])
-    return out
-
-
 def resolve(section: dict | None) -> dict:
-    """Defaults merged with ``section``, checked; raises MetroemError naming a bad key."""
-    section = {} if section is None else section
-    if not isinstance(section, dict):
-        raise MetroemError(f"masks: must be a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in DEFAULTS:
-            raise _err(key, f"unknown key; known keys: {', '.join(sorted(DEFAULTS))}")
-    out = copy.deepcopy(DEFAULTS)
-    out.update(copy.deepcopy(section))
-    for key in ("valid_min", "valid_max"):
-        v = out[key]
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            raise _err(key, f"must be a number or null, got {v!r}")
-    for key in ("mask_threshold", "smoothness_nodata_weight"):
-        v = out[key]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise _err(key, f"must be a number >= 0, got {v!r}")
+    """Defaults merged with ``section`` and checked by :func:`metroem.config.check_section`
+    (the rules live in config.py); raises a one-line MetroemError naming a bad key."""
+    out = config.check_section("masks", section)
     for key in ("similarity_rings", "smoothness_rings"):
-        out[key] = _check_rings(key, out[key])
+        out[key] = [[int(r), float(w)] for r, w in out[key]]
     return out
 
 

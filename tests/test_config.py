@@ -227,3 +227,61 @@ def test_scheduler_state_loads_with_weights_only(tmp_path):
         opt = cfg.build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
         torch.save(cfg.build_scheduler(opt, config).state_dict(), tmp_path / "s.pt")
         assert torch.load(tmp_path / "s.pt", weights_only=True)["last_epoch"] == 0
+
+
+# Rules of the loss / masks / augment sections live in config.py's tables; load_config and the
+# section modules' own resolve/validate (library callers building from a dict) apply the same.
+MOVED_RULES = [
+    ("augment", "intensity.contrast", 1.0, "augment.intensity.contrast: must be in [0, 1)"),
+    ("augment", "warp.elastic_scale", 0.0, "augment.warp.elastic_scale: must be > 0"),
+    ("augment", "holes.radius", -1.0, "augment.holes.radius: must be >= 0, got -1.0"),
+    ("augment", "folds.on", "left", "augment.folds.on: 'left' is not one of src, tgt, both"),
+    ("masks", "similarity_rings", [[0, 1]], "masks.similarity_rings: each ring must be"),
+    ("masks", "smoothness_rings", [[2, -1.0]], "masks.smoothness_rings: each ring must be"),
+    ("masks", "mask_threshold", -0.5, "masks.mask_threshold: must be >= 0, got -0.5"),
+    ("masks", "valid_min", "low", "masks.valid_min: must be a finite number or null"),
+    ("loss", "ncc_window", 4, "loss.ncc_window: must be an odd integer, got 4"),
+    ("loss", "ncc_window", 1, "loss.ncc_window: must be >= 3, got 1"),
+    ("loss", "fold_margin", 1.0, "loss.fold_margin: must be in [0, 1), got 1.0"),
+    ("loss", "embedding_margin", 2.5, "loss.embedding_margin: must be in (0, 2]"),
+    ("loss", "embedding_radius", 5, "loss.embedding_radius: must be in [1, 4]"),
+    ("loss", "embedding_levels", [0, 2], "loss.embedding_levels: must be a list of encoder"),
+    ("loss", "similarity", "l1", "loss.similarity: 'l1' is not one of mse, ncc, none"),
+]
+
+
+def _nested(key: str, value):
+    head, _, rest = key.partition(".")
+    return {head: _nested(rest, value)} if rest else {head: value}
+
+
+@pytest.mark.parametrize("section, key, value, expected", MOVED_RULES)
+def test_section_rules_refused_by_load_config_in_one_line(section, key, value, expected):
+    assert expected in error(overrides={f"{section}.{key}": value})
+
+
+@pytest.mark.parametrize("section, key, value, expected", MOVED_RULES)
+def test_section_modules_refuse_the_same_values(section, key, value, expected):
+    from metroem import augment, losses, masks
+
+    check = {"loss": losses.resolve, "masks": masks.resolve, "augment": augment.validate}[section]
+    with pytest.raises(MetroemError) as e:
+        check(_nested(key, value))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_section_rules_apply_to_per_mip_entries():
+    text = error(overrides={"per_mip.6.loss.ncc_window": 6})
+    assert "per_mip.6 (effective config of MIP 6): loss.ncc_window: must be an odd" in text
+
+
+def test_check_section_merges_defaults_and_returns_a_copy():
+    from metroem import masks
+
+    out = cfg.check_section("masks", {"similarity_rings": [[2, 1]]})
+    assert out["similarity_rings"] == [[2, 1]] and out["mask_threshold"] == 0.5
+    out["similarity_rings"].append([3, 1])
+    assert masks.DEFAULTS["similarity_rings"] == []
+    assert masks.resolve({"similarity_rings": [(2, 1)]})["similarity_rings"] == [[2, 1.0]]
+    with pytest.raises(MetroemError, match=r"^masks: expected dict, got list"):
+        cfg.check_section("masks", [1])
