@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality as q  # noqa: E402  (shared helpers: results files, threads)
+import quality as q  # noqa: E402  (shared helpers: strict-JSON results files, threads)
 
 from metroem import augment as augment_mod  # noqa: E402
 from metroem import config as config_mod  # noqa: E402
@@ -318,6 +318,19 @@ def training(setup: dict, cfg: dict, precision: str, steps: int,
 # --- the run ---------------------------------------------------------------------------------
 
 
+def pyramid_folder(name: str) -> Path:
+    """A shipped pyramid's folder (:func:`metroem.pretrained.resolve`); where metroem is not
+    installed (a bare copy of the checkout with ``PYTHONPATH=.``), the checkout's
+    ``models/<name>``, checked against the same registered weights."""
+    try:
+        return pretrained.resolve(name)
+    except MetroemError:
+        local = REPO / "models" / name
+        if name in pretrained.names() and local.is_dir():
+            return pretrained.verify(name, local)
+        raise
+
+
 class Results:
     """The results document, rewritten whole after every measurement."""
 
@@ -479,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(Path(args.out), device_header(device, args.threads), config, budget)
     results.write()
     print(f"device: {results.doc['header']['device']}", flush=True)
-    paths = {name: pretrained.resolve(name) for name in args.pyramids}
+    paths = {name: pyramid_folder(name) for name in args.pyramids}
     config["pyramid_paths"] = {name: str(path) for name, path in paths.items()}
     aligners = {name: load_aligner(path, device=device) for name, path in paths.items()}
     print("whole-image inference", flush=True)
