@@ -207,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.resume:
         train_args.append("--resume")
     results = train_cli.run(train_cli.build_parser().parse_args(train_args))
-    # the results table is the command's output: stdout (the progress lines are on stderr)
+    # the results table is the command's output: stdout (the progress lines are on stderr);
+    # measured first, so the loading log lines do not land inside the table
+    rows = dict(pyramid_epe_by_stage(pyr, data_dir, "demo", _val_fraction(pyr), a.seed))
     print("[4/4] results on held-out pairs: end-point error vs ground truth (median over tissue)")
     header = ("stage", "MIP", "val before", "val after", "pyramid through stage (MIP0 px)")
     print("  {:>5} {:>3} {:>10} {:>9}   {}".format(*header))
-    rows = dict(pyramid_epe_by_stage(pyr, data_dir, "demo", _val_fraction(pyr), a.seed))
     for r in results:
         epe = r.val.get("epe_median", float("nan"))
         print(f"  {r.stage:>5} {r.mip:>3} {base[r.mip]:>10.3f} {epe:>9.3f}   "
