@@ -33,6 +33,18 @@ def add_common(parser: argparse.ArgumentParser, threads_flag: bool = True) -> No
     logs.add_arguments(parser)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv=None,
+               announce_threads: bool = False) -> argparse.Namespace:
+    """Parse a command's arguments and apply the common flags :func:`add_common` adds: the log
+    level, then ``--threads`` (``announce_threads`` logs the count, the run header of long
+    commands)."""
+    args = parser.parse_args(None if argv is None else list(argv))
+    logs.setup_logging(args.verbosity)
+    if hasattr(args, "threads"):
+        threads.apply(args.threads, announce=announce_threads)
+    return args
+
+
 def add_pyramid(parser, *aliases: str, required: bool = True, default=None,
                 help: str | None = None) -> argparse.Action:
     """``--pyramid_path DIR`` (dest ``pyramid_path``): a pyramid folder or a shipped pyramid's

@@ -30,10 +30,8 @@ from metroem import (
     demo_volume,
     download,
     geometry,
-    logs,
     modules,
     pretrained,
-    threads,
 )
 from metroem.errors import MetroemError, cli_errors
 from metroem.training import cli as train_cli
@@ -170,15 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    logs.setup_logging(a.verbosity)
-    if a.pyramid_path is None:
-        a.pyramid_path = str(pretrained.pyramid_path("demo"))
-    elif not pretrained.resolve(a.pyramid_path).is_dir():
+    a = cliargs.parse_args(build_parser(), argv, announce_threads=True)
+    pyramid = (pretrained.pyramid_path("demo") if a.pyramid_path is None
+               else pretrained.resolve(a.pyramid_path))  # resolved (and verified) once
+    if not pyramid.is_dir():
         raise MetroemError(f"no pyramid definition at {a.pyramid_path}; pass --pyramid_path DIR")
-    else:
-        a.pyramid_path = str(pretrained.resolve(a.pyramid_path))
-    threads.apply(a.threads, announce=True)
+    a.pyramid_path = str(pyramid)
     t0 = time.time()
     out = os.path.abspath(a.out)
     _fresh_dir(out, a.resume)

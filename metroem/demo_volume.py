@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from metroem import cliargs, fields, logs, synth, threads, volumes
+from metroem import cliargs, fields, synth, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 from metroem.images import load_sections
@@ -633,9 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``metroem-demo-volume``."""
-    args = build_parser().parse_args(argv)
-    logs.setup_logging(args.verbosity)
-    threads.apply(args.threads)
+    args = cliargs.parse_args(build_parser(), argv)
     if args.size is not None and len(args.size) not in (1, 2):
         raise MetroemError("--size takes one value (square) or two (WIDTH HEIGHT)")
     size = None if args.size is None else (args.size * 2)[:2]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metroem import cliargs, datasets, fields, logs, threads, volumes
+from metroem import cliargs, datasets, fields, volumes
 from metroem.errors import MetroemError, cli_errors
 from metroem.geometry import patch_origin, remove_translation, snap_centre, snap_to_multiple
 
@@ -519,9 +519,7 @@ def build_field_parser() -> argparse.ArgumentParser:
 @cli_errors
 def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
     """``metroem-download-image`` / ``python download_image.py``."""
-    a = build_image_parser().parse_args(None if argv is None else list(argv))
-    logs.setup_logging(a.verbosity)
-    threads.apply(a.threads)
+    a = cliargs.parse_args(build_image_parser(), argv)
     paths = download_image(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.mips,
         a.patch_sizes, field_dset=a.field_dset, suffix=a.suffix, parallel=a.parallel,
@@ -536,9 +534,7 @@ def download_image_main(argv: Iterable[str] | None = None) -> list[str]:
 @cli_errors
 def download_field_main(argv: Iterable[str] | None = None) -> str:
     """``metroem-download-field`` / ``python download_field.py``."""
-    a = build_field_parser().parse_args(None if argv is None else list(argv))
-    logs.setup_logging(a.verbosity)
-    threads.apply(a.threads)
+    a = cliargs.parse_args(build_field_parser(), argv)
     path = download_field(
         a.cv_path, a.dst_folder, a.z_start, a.z_end, a.x_offset, a.y_offset, a.src_mip,
         a.dst_mip, a.patch_size, a.suffix, stage=a.stage, field_units=a.field_units,

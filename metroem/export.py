@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import nn
 
-from metroem import cliargs, logs, nets, threads
+from metroem import cliargs, nets
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError, cli_errors
@@ -162,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    logs.setup_logging(a.verbosity)
-    threads.apply(a.threads, announce=True)
+    a = cliargs.parse_args(build_parser(), argv, announce_threads=True)
     diff = export_pyramid(a.pyramid_path, a.out, a.checkpoint_name, a.stages, a.mip, a.overwrite)
     log.info("wrote %s (equals the loaded pyramid within %.1g px on a test pair)", a.out, diff)
     return 0

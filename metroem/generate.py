@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import datasets, geometry, logs, modules, threads, volumes
+from metroem import datasets, geometry, modules, volumes
 from metroem.aligner import PyramidAligner
 from metroem.errors import MetroemError
 
@@ -290,14 +290,13 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """``metroem generate``: write the fields (and re-cut images) after a trained stage."""
+    from metroem import cliargs
     from metroem.devices import parse_device
     from metroem.errors import cli_errors
 
     @cli_errors
     def run(argv) -> int:
-        args = build_parser().parse_args(argv)
-        logs.setup_logging(args.verbosity)
-        threads.apply(args.threads, announce=True)
+        args = cliargs.parse_args(build_parser(), argv, announce_threads=True)
         generate_fields(args.pyramid_path, args.dataset_path, args.checkpoint_name, args.stage,
                         device=parse_device(args.device), overwrite=args.overwrite)
         return 0

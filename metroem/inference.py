@@ -45,11 +45,9 @@ from metroem import (
     cliargs,
     fields,
     images,
-    logs,
     pretrained,
     regularize,
     stack,
-    threads,
     tiling,
     volumes,
 )
@@ -775,9 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    logs.setup_logging(a.verbosity)
-    threads.apply(a.threads, announce=True)
+    a = cliargs.parse_args(build_parser(), argv, announce_threads=True)
     common = dict(
         checkpoint_name=a.checkpoint_name, stages=a.stages, mip=a.mip, chunk=a.chunk,
         pad=a.pad, device=a.device, refine=a.refine,

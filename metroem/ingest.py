@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metroem import cliargs, logs, threads, volumes
+from metroem import cliargs, volumes
 from metroem.atomic import replace_dir, temp_name
 from metroem.errors import MetroemError, cli_errors
 from metroem.images import read_grey, section_files
@@ -289,9 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    logs.setup_logging(a.verbosity)
-    threads.apply(a.threads)
+    a = cliargs.parse_args(build_parser(), argv)
     m = ingest_images(a.sections_dir, a.out, a.num_mips, a.resolution,
                       parse_index_list(a.exclude), overwrite=a.overwrite, dtype=a.dtype,
                       percentiles=a.percentiles)

@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metroem import logs, modules
+from metroem import modules
 from metroem.errors import MetroemError, cli_errors
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,9 @@ def build_parser():
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    logs.setup_logging(a.verbosity)
+    from metroem import cliargs
+
+    a = cliargs.parse_args(build_parser(), argv)
     if a.action == "copy":
         dst = copy_pyramid(a.name, a.dest, weights=a.weights)
         what = "with" if a.weights else "without"

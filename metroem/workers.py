@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from metroem import logs, tiling, volumes
+from metroem import tiling, volumes
 from metroem.atomic import atomic_write_bytes
 from metroem.devices import parse_devices
 from metroem.errors import MetroemError
@@ -296,11 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
     @cli_errors
     def run(argv):
-        from metroem import threads
+        from metroem import cliargs
 
-        a = build_parser().parse_args(argv)
-        logs.setup_logging(a.verbosity)
-        threads.apply(a.threads, announce=True)
+        a = cliargs.parse_args(build_parser(), argv, announce_threads=True)
         url = a.queue
         if url.startswith("fq://") and not os.path.isdir(url[len("fq://"):]):
             raise MetroemError(f"queue {url} does not exist; enqueue a stack first (metroem "

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metroem import cliargs, fields, logs, threads, viz
+from metroem import cliargs, fields, viz
 from metroem.devices import parse_device
 from metroem.errors import MetroemError, cli_errors
 from metroem.eval import baselines, metrics, report, stackview
@@ -455,9 +455,7 @@ def _finish_stack(args, stack: _Stack, pictures: list[str]) -> dict:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logs.setup_logging(args.verbosity)
-    threads.apply(args.threads)
+    args = cliargs.parse_args(build_parser(), argv)
     if args.chunk < 2:
         raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
     if args.image_path and (args.src or args.tgt):

@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 
-from metroem import cliargs, logs, modules, threads
+from metroem import cliargs, modules
 from metroem import config as config_mod
 from metroem.atomic import FileLock
 from metroem.errors import MetroemError, cli_errors
@@ -266,10 +266,8 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfg
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cliargs.parse_args(build_parser(), argv)  # the run header says how many threads
     hooks = FaultHooks.from_env()  # METROEM_FAULT: fault injection for tests and drills
-    logs.setup_logging(args.verbosity)
-    threads.apply(args.threads)  # the run header says how many
     try:
         run(args, hooks)
     except StopRequested as e:  # already reported by the run's logger, as its last line
