@@ -286,15 +286,6 @@ def load_aligner(
     return aligner.to(device).eval()
 
 
-def _default_checkpoint(module: modules.ModuleInfo) -> str | None:
-    """What loading a module without a name picks: the spec's default, else the latest."""
-    _, default = modules.read_spec(module.path)
-    if default and modules.weights_path(module.path, default).exists():
-        return default
-    names = modules.checkpoint_names(module.path)
-    return names[-1] if names else None
-
-
 def _split_names(checkpoint_name: str | Sequence[str] | None, count: int) -> list[str | None]:
     if checkpoint_name is None:
         return [None] * count
@@ -323,7 +314,7 @@ def resolve_checkpoints(mods: Sequence[modules.ModuleInfo],
     from metroem.training.checkpoint import checkpoint_status
 
     given = _split_names(checkpoint_name, len(mods))
-    names = [g if g is not None else _default_checkpoint(m) for m, g in zip(mods, given,
+    names = [g if g is not None else modules.default_checkpoint(m.path) for m, g in zip(mods, given,
                                                                             strict=True)]
     statuses = [checkpoint_status(m.path, n) if n else None for m, n in zip(mods, names,
                                                                             strict=True)]

@@ -51,6 +51,7 @@ __all__ = [
     "load_module",
     "build_stage",
     "choose_checkpoint",
+    "default_checkpoint",
     "read_spec",
     "save_weights",
     "set_default_checkpoint",
@@ -422,18 +423,25 @@ def checkpoint_names(module_path: str | os.PathLike) -> list[str]:
     return [os.path.basename(p)[: -len(WEIGHTS_SUFFIX)] for p in paths]
 
 
+def default_checkpoint(module_path: str | os.PathLike) -> str | None:
+    """What loading without a name picks: the spec's ``default_checkpoint`` when its weights
+    exist, else the most recent checkpoint; None when the module has none."""
+    module = _module_dir(module_path)
+    names = checkpoint_names(module)
+    _, default = _read_document(module)
+    if default in names:
+        return default
+    return names[-1] if names else None
+
+
 def choose_checkpoint(module_path: str | os.PathLike, checkpoint_name: str | None) -> Path | None:
-    """Path of the named checkpoint; without a name the spec's default, else the most recent
-    one; None when the module has none."""
+    """Path of the named checkpoint, or of :func:`default_checkpoint` without a name; None when
+    the module has none."""
     module = _module_dir(module_path)
     names = checkpoint_names(module)
     if checkpoint_name is None:
-        _, default = _read_document(module)
-        if default in names:
-            checkpoint_name = default
-        elif names:
-            checkpoint_name = names[-1]
-        else:
+        checkpoint_name = default_checkpoint(module)
+        if checkpoint_name is None:
             return None
     if checkpoint_name.endswith(WEIGHTS_SUFFIX):
         checkpoint_name = checkpoint_name[: -len(WEIGHTS_SUFFIX)]

@@ -176,15 +176,7 @@ def _every(step: int, every: int) -> bool:
 def _finetune_source(module_path, checkpoint_name: str):
     """Weights to start a finetune from: the named checkpoint if present, else the default."""
     path = modules.weights_path(module_path, checkpoint_name)
-    if path.exists():
-        return path
-    _, default = modules.read_spec(module_path)
-    if default:
-        p = modules.weights_path(module_path, default)
-        if p.exists():
-            return p
-    names = modules.checkpoint_names(module_path)
-    return modules.weights_path(module_path, names[-1]) if names else None
+    return path if path.exists() else modules.choose_checkpoint(module_path, None)
 
 
 def training_spec(module: modules.ModuleInfo, cfg: dict) -> dict:
