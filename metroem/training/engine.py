@@ -188,6 +188,8 @@ def training_spec(module: modules.ModuleInfo, cfg: dict) -> dict:
         nets.build_model(spec)
     except (ValueError, TypeError) as e:
         raise MetroemError(f"{module.path}: cannot build the model spec ({e}); fix it") from e
+    if not changes:
+        return spec
     try:
         nets.check_same_parameters(spec, {**spec, **changes})
     except (ValueError, TypeError) as e:
