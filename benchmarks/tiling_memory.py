@@ -1,6 +1,6 @@
 """Peak memory of tiled alignment vs image size: bounded by the chunk size, not the image.
 
-For each size (2k^2 ... 16k^2 pixels) a fresh subprocess aligns two ``.npy`` images with
+For each size (2k^2 ... 32k^2 pixels) a fresh subprocess aligns two ``.npy`` images with
 :func:`metroem.inference.align_files` (field ``.npy`` + aligned image ``.npy`` outputs) and reports
 its peak resident memory (``ru_maxrss``) and the peak of Python/numpy allocations
 (``tracemalloc``). ``align_files`` tiles stage by stage (:class:`metroem.tiling.StageTiler`):
@@ -14,7 +14,7 @@ reads and resampling, the coarse stage's cache, warps, writes) and stays within 
 CPU cores. ``--pyramid_path models/demo --mip 1`` runs a real trained pyramid with its default
 per-stage pads instead (much slower: hours at 16k^2 on 2 cores).
 
-    .venv/bin/python benchmarks/tiling_memory.py            # ~8 min on 2 cores
+    .venv/bin/python benchmarks/tiling_memory.py            # ~15 min on 2 cores, ~20 GB scratch
     .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 4096
     .venv/bin/python benchmarks/tiling_memory.py --sizes 2048 --pyramid_path models/demo --mip 1
 
@@ -108,7 +108,7 @@ def run_size(size: int, work: str, cfg: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--pad", type=int, default=None,
