@@ -27,6 +27,7 @@ from torch import nn
 
 from metroem import devices, fields, modules, pretrained, regularize, translation
 from metroem.errors import MetroemError
+from metroem.nets import NORM_FACTOR
 
 Tensor = torch.Tensor
 
@@ -106,6 +107,17 @@ class PyramidAligner(nn.Module):
         for mip, model in zip(self.mips, self.stages, strict=True):
             stride = int(getattr(model, "stride", 1))
             best = max(best, 2 ** max(0, mip - mip_in) * stride)
+        return best
+
+    def pad_multiple(self, input_mip: int | None = None) -> int:
+        """:meth:`run` pads images to a multiple (at least twice) of this: a multiple of every
+        stage's stride and of its normalisation grid (:data:`metroem.nets.NORM_FACTOR`) at the
+        stage's MIP, so no stage pads again and no coarse grid is a single pixel."""
+        mip_in = self.input_mip if input_mip is None else int(input_mip)
+        best = 1
+        for mip, model in zip(self.mips, self.stages, strict=True):
+            own = math.lcm(int(getattr(model, "stride", 1)), NORM_FACTOR)
+            best = max(best, 2 ** max(0, mip - mip_in) * own)
         return best
 
     @torch.jit.ignore
@@ -198,16 +210,24 @@ class PyramidAligner(nn.Module):
         """The pyramid on float32 images on the aligner's device, no checks (TorchScript's
         entry point; :meth:`forward` checks and moves the inputs first)."""
         n, h, w = src.shape[0], src.shape[-2], src.shape[-1]
-        if h == 0 or w == 0 or not (bool(src.ne(0).any()) and bool(tgt.ne(0).any())):
+        exporting = torch.compiler.is_exporting()
+        if not exporting and (
+            h == 0 or w == 0 or not (bool(src.ne(0).any()) and bool(tgt.ne(0).any()))
+        ):
             if agg is not None:
                 return agg.clone()
             return fields.identity(n, h, w, device=src.device)
-        k = 1 << max(0, max(self.mips) - mip_in)
-        ph, pw = (-h) % k, (-w) % k
-        if ph > 0 or pw > 0:
-            src, tgt = F.pad(src, (0, pw, 0, ph)), F.pad(tgt, (0, pw, 0, ph))
-            if agg is not None:
-                agg = F.pad(agg, (0, pw, 0, ph), mode="replicate")
+        incoming = agg
+        # Padding and the no-data answer are written without branches on sizes or values, so
+        # that an exported program (metroem.export, torch.export) holds for every size.
+        k = self.pad_multiple(mip_in)
+        ph = torch.sym_max((h + k - 1) // k, 2) * k - h
+        pw = torch.sym_max((w + k - 1) // k, 2) * k - w
+        torch._check(ph >= 0)  # true by construction; tells torch.export so
+        torch._check(pw >= 0)
+        src, tgt = F.pad(src, (0, pw, 0, ph)), F.pad(tgt, (0, pw, 0, ph))
+        if agg is not None:
+            agg = F.pad(agg, (0, pw, 0, ph), mode="replicate")
         size = (src.shape[-2], src.shape[-1])
         for i, model in enumerate(self.stages):
             mip = self.mips[i]
@@ -216,7 +236,7 @@ class PyramidAligner(nn.Module):
             a: Tensor | None = None
             if agg is not None:
                 a = fields.resample_field(agg, mip_in, mip)
-            if torch.jit.is_scripting():
+            if torch.jit.is_scripting() or exporting:
                 out = model.align(s, t, a)
             else:  # any stage module with a corgie-style forward
                 out = plain_tensor(model(s, t, src_agg_field=a))
@@ -225,7 +245,17 @@ class PyramidAligner(nn.Module):
             else:
                 agg = fields.downsample_field(out, mip_in - mip)
         assert agg is not None
-        return agg[..., :h, :w].contiguous()
+        if not exporting:
+            return agg[..., :h, :w].contiguous()
+        # Exported: crop by gathering rows and columns (a slice's contiguity depends on whether
+        # there was padding, which would tie the program to that case), and per pair keep a
+        # field only where both images have data.
+        rows = torch.arange(h, device=agg.device)
+        cols = torch.arange(w, device=agg.device)
+        field = agg.index_select(-2, rows).index_select(-1, cols)
+        has_data = (src.flatten(1).ne(0).any(1) & tgt.flatten(1).ne(0).any(1)).view(-1, 1, 1, 1)
+        keep = incoming if incoming is not None else torch.zeros_like(field)
+        return torch.where(has_data, field, keep)
 
 
 def load_aligner(

@@ -1,27 +1,32 @@
-"""``metroem export --pyramid_path PYRAMID OUT.pt``: the whole pyramid as one TorchScript file.
+"""``metroem export --pyramid_path PYRAMID OUT.pt2``: a whole pyramid as one torch.export program.
 
-The file holds one module, ``field = model(src, tgt)`` (optionally ``model(src, tgt,
-src_agg_field)``): images ``(N, 1, H, W)`` of any size and dtype (raw values, 0 = no data) at
-the pyramid's input MIP, field ``(N, 2, H, W)`` float32 in pixels (channel 0 = x, pull). It
-loads with ``torch.jit.load`` and needs only torch.
+The file holds one program, ``field = program.module()(src, tgt, src_agg_field)``: float32
+images ``(N, 1, H, W)`` of any size (raw values, 0 = no data) at the pyramid's input MIP, an
+incoming field ``(N, 2, H, W)`` (zeros when there is none), and the field ``(N, 2, H, W)``
+float32 in pixels (channel 0 = x, pull). It loads with ``torch.export.load`` and needs only
+torch; the pyramid's MIPs ride along as ``metroem.json`` (:data:`INFO_FILE`,
+``torch.export.load(path, extra_files={"metroem.json": ""})``).
 
-How: the pyramid is compiled with ``torch.jit.script`` (not traced), so the file runs the same
-code as :class:`metroem.aligner.PyramidAligner` at every size: its field equals
-``load_aligner(pyramid)(src, tgt)`` on the whole image (to float rounding, checked on export).
-Each stage is rebuilt from its module's spec and weights, and the export refuses to write a
-file that disagrees with the loaded pyramid on a test pair. Memory
-grows with the image; cut large images into overlapping tiles as for any aligner (``metroem
-align`` does). Online refinement is not exported.
+How: :class:`metroem.aligner.PyramidAligner` is written without branches on image sizes or
+values (each input is padded to a multiple of the pyramid's size multiple; a pair without data
+gets its incoming field back through ``torch.where``), so ``torch.export`` captures one graph
+with symbolic height, width and batch that holds for every size. Each stage is rebuilt from
+its module's spec and weights, and the export refuses to write a program that disagrees with
+the loaded pyramid by more than :data:`CHECK_TOLERANCE` px on test pairs of other sizes than
+the one it was captured on. Memory grows with the image; cut large images into overlapping
+tiles as for any aligner (``metroem align`` does). Online refinement, smoothing and the
+phase-correlation start are not exported. Capturing a pyramid takes a few minutes on CPU.
 
 Example::
 
-    metroem export --pyramid_path isbi isbi_aligner.pt
-    python -c "import torch; m = torch.jit.load('isbi_aligner.pt'); print(m.input_mip)"
+    metroem export --pyramid_path isbi isbi_aligner.pt2
+    python -c "import torch; p = torch.export.load('isbi_aligner.pt2'); print(p.module())"
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -30,7 +35,7 @@ import warnings
 import torch
 from torch import nn
 
-from metroem import cliargs, nets
+from metroem import __version__, cliargs, nets
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError, cli_errors
@@ -38,33 +43,24 @@ from metroem.errors import MetroemError, cli_errors
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-__all__ = ["export_pyramid", "ExportedAligner", "main"]
+__all__ = ["export_pyramid", "ExportedAligner", "load_exported", "INFO_FILE", "main"]
 
-# px: an export that differs more from the loaded pyramid is refused (scripting agrees with the
-# eager network to ~1e-6 px; a scripting bug that changes behaviour differs by far more).
+# px: an export that differs more from the loaded pyramid is refused (the exported graph agrees
+# with the eager network to ~1e-3 px; a capture that went wrong differs by far more).
 CHECK_TOLERANCE = 0.01
+INFO_FILE = "metroem.json"  # saved beside the program: input MIP, stage MIPs, metroem version
 
 
 class ExportedAligner(nn.Module):
-    """``forward(src, tgt, src_agg_field=None) -> field`` over a scripted pyramid."""
+    """``forward(src, tgt, src_agg_field) -> field``: what :func:`torch.export.export` captures."""
 
     def __init__(self, aligner: PyramidAligner):
         super().__init__()
         self.aligner = aligner
         self.input_mip = int(aligner.input_mip)
-        self.mips = list(aligner.mips)
 
-    def forward(self, src: Tensor, tgt: Tensor, src_agg_field: Tensor | None = None) -> Tensor:
-        if src.dim() != 4 or src.shape[1] != 1 or src.shape != tgt.shape:
-            raise ValueError("src and tgt must both be (N, 1, H, W) images of the same shape")
-        agg: Tensor | None = None
-        if src_agg_field is not None:
-            if (src_agg_field.dim() != 4 or src_agg_field.shape[1] != 2
-                    or src_agg_field.shape[0] != src.shape[0]
-                    or src_agg_field.shape[-2:] != src.shape[-2:]):
-                raise ValueError("src_agg_field must be (N, 2, H, W) matching the images")
-            agg = src_agg_field.float()
-        return self.aligner.run(src.float(), tgt.float(), agg, self.input_mip)
+    def forward(self, src: Tensor, tgt: Tensor, src_agg_field: Tensor) -> Tensor:
+        return self.aligner.run(src, tgt, src_agg_field, self.input_mip)
 
 
 def _rebuild(aligner: PyramidAligner) -> PyramidAligner:
@@ -88,18 +84,46 @@ def _rebuild(aligner: PyramidAligner) -> PyramidAligner:
     return PyramidAligner(stages, input_mip=aligner.input_mip).eval()
 
 
-def _check(scripted: nn.Module, aligner: PyramidAligner) -> float:
-    """Max difference (px) between the scripted and the loaded pyramid on a textured pair of an
-    awkward size (not a multiple of any stride)."""
-    m = aligner.size_multiple()
-    h, w = 3 * m + 5, 2 * m + 11
-    g = torch.Generator().manual_seed(0)
+def _textured_pair(n: int, h: int, w: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A smooth textured pair offset by a few pixels, with noise (float32, values 1..255)."""
+    g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     base = 120 + 60 * torch.sin(xx / 5.0) * torch.cos(yy / 7.0)
-    src = (base + 20 * torch.rand(h, w, generator=g)).clamp(1, 255)[None, None]
-    tgt = (base.roll((1, 2), (0, 1)) + 20 * torch.rand(h, w, generator=g)).clamp(1, 255)[None, None]
+    src = (base + 20 * torch.rand(n, 1, h, w, generator=g)).clamp(1, 255)
+    tgt = (base.roll((1, 2), (0, 1)) + 20 * torch.rand(n, 1, h, w, generator=g)).clamp(1, 255)
+    return src.float(), tgt.float()
+
+
+def _capture(module: ExportedAligner, multiple: int) -> torch.export.ExportedProgram:
+    """The program, captured on a batch of 2 at an awkward size (no multiple of any stride),
+    with batch, height and width symbolic."""
+    h, w = 3 * multiple + 5, 2 * multiple + 11
+    src, tgt = _textured_pair(2, h, w, seed=0)
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     with torch.no_grad():
-        return float((scripted(src, tgt) - aligner(src, tgt)).abs().max())
+        return torch.export.export(
+            module, (src, tgt, torch.zeros(2, 2, h, w)),
+            dynamic_shapes={"src": dims, "tgt": dims, "src_agg_field": dims},
+        )
+
+
+def _check(program: nn.Module, aligner: PyramidAligner) -> float:
+    """Max difference (px) between the program and the loaded pyramid's own field (no
+    smoothing or refinement) on pairs of other sizes
+    than the captured one: a multiple of the size multiple, a size below it, another awkward
+    one, and an incoming field."""
+    m = aligner.pad_multiple()
+    worst = 0.0
+    with torch.no_grad():
+        for i, (h, w) in enumerate([(2 * m, 3 * m), (m // 2 + 3, m + 1), (2 * m + 7, m + 13)]):
+            src, tgt = _textured_pair(1, h, w, seed=i + 1)
+            agg = torch.zeros(1, 2, h, w)
+            expected = aligner._run(src, tgt, None, aligner.input_mip)
+            worst = max(worst, float((program(src, tgt, agg) - expected).abs().max()))
+        agg[:, 0], agg[:, 1] = 1.5, -0.75
+        expected = aligner._run(src, tgt, agg, aligner.input_mip)
+        worst = max(worst, float((program(src, tgt, agg) - expected).abs().max()))
+    return worst
 
 
 def export_pyramid(
@@ -110,7 +134,7 @@ def export_pyramid(
     input_mip: int | None = None,
     overwrite: bool = False,
 ) -> float:
-    """Write the TorchScript file; ``pyramid`` is a folder or a :class:`PyramidAligner`.
+    """Write the ``torch.export`` program; ``pyramid`` is a folder or a :class:`PyramidAligner`.
 
     Returns the largest difference (px) between the exported and the loaded pyramid on a test
     pair, measured before writing.
@@ -130,28 +154,46 @@ def export_pyramid(
         raise MetroemError(
             f"input MIP {aligner.input_mip} is coarser than every stage (MIPs {aligner.mips})"
         )
-    scripted = torch.jit.script(ExportedAligner(_rebuild(aligner)))
-    diff = _check(scripted, aligner)
+    if aligner.smoothing_px > 0 or aligner.translation_init or aligner.refine:
+        log.warning("smoothing, the phase-correlation start and refinement are not exported: "
+                    "the program returns the pyramid's own field")
+    log.info("capturing the pyramid with torch.export (MIPs %s, input MIP %d; a few minutes)",
+             aligner.mips, aligner.input_mip)
+    program = _capture(ExportedAligner(_rebuild(aligner)), aligner.pad_multiple())
+    diff = _check(program.module(), aligner)
     if not diff <= CHECK_TOLERANCE:
         raise MetroemError(
             f"the exported pyramid differs from the loaded one by {diff:.3g} px (tolerance "
             f"{CHECK_TOLERANCE}); nothing was written: please report this as a metroem bug"
         )
+    info = {"input_mip": int(aligner.input_mip), "mips": [int(m) for m in aligner.mips],
+            "metroem_version": __version__,
+            "call": "program.module()(src, tgt, src_agg_field): float32 (N,1,H,W) images, "
+                    "(N,2,H,W) incoming field (zeros for none) -> (N,2,H,W) field in pixels"}
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
     with atomic_path(out_path) as tmp:
-        torch.jit.save(scripted, tmp)
+        torch.export.save(program, tmp, extra_files={INFO_FILE: json.dumps(info)})
     return diff
+
+
+def load_exported(path: str) -> tuple[nn.Module, dict]:
+    """``(module, info)`` of an exported file: ``module(src, tgt, src_agg_field)`` and the
+    :data:`INFO_FILE` dictionary (``input_mip``, ``mips``, ``metroem_version``)."""
+    extra = {INFO_FILE: ""}
+    program = torch.export.load(path, extra_files=extra)
+    return program.module(), json.loads(extra[INFO_FILE])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = cliargs.Parser(
         prog="metroem export",
-        description="Export a pyramid as one TorchScript file: field = model(src, tgt).",
-        epilog="example: metroem export --pyramid_path isbi isbi_aligner.pt",
+        description="Export a pyramid as one torch.export program (.pt2): "
+                    "field = model(src, tgt, agg).",
+        epilog="example: metroem export --pyramid_path isbi isbi_aligner.pt2",
     )
     cliargs.add_pyramid(p)
-    p.add_argument("out", help="output .pt file")
+    p.add_argument("out", help="output file (.pt2)")
     cliargs.add_checkpoint(p)
     p.add_argument("--stages", type=int, nargs="+", help="stage numbers (default: all)")
     p.add_argument("--mip", type=int, help="input MIP (default: finest stage's)")

@@ -244,7 +244,13 @@ def normalize_image(img: Tensor) -> tuple[Tensor, Tensor]:
     return out, valid
 
 
-def normalize_image_local(img: Tensor, sigma: float, factor: int = 8) -> tuple[Tensor, Tensor]:
+# Local normalisation takes its statistics on a grid this many times coarser than the image.
+NORM_FACTOR = 8
+
+
+def normalize_image_local(
+    img: Tensor, sigma: float, factor: int = NORM_FACTOR
+) -> tuple[Tensor, Tensor]:
     """``(normalised, valid)`` with the mean and variance of a Gaussian window over valid pixels.
 
     The statistics are computed on a ``factor``-times coarser grid (box sums, Gaussian blur with
@@ -590,9 +596,11 @@ class StageAligner(nn.Module):
         return out
 
     def _pad(self, x: Tensor) -> Tensor:
+        # Always pad (by 0 when already a multiple): no branch on the size, so an exported
+        # program (torch.export) holds for every size, not only the size class it saw.
         ph = (-x.shape[-2]) % self.stride
         pw = (-x.shape[-1]) % self.stride
-        return F.pad(x, (0, pw, 0, ph)) if ph > 0 or pw > 0 else x
+        return F.pad(x, (0, pw, 0, ph))
 
     def _lucas_kanade(self, src: Tensor, tgt: Tensor, field: Tensor) -> Tensor:
         """``lk_iterations`` Gauss-Newton refinements of a full-resolution field.

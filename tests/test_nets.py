@@ -307,10 +307,8 @@ def test_level_smooth_sigma_overrides_the_blur_of_chosen_levels_only():
     assert set(wide.state_dict()) == set(base.state_dict())
     with torch.no_grad():
         a, b, c = base(src, img), same(src, img), wide(src, img)
-        scripted = torch.jit.script(wide).align(src, img, None)
     assert torch.equal(a, b)  # smooth_sigma at every level == no override
     assert (a - c).abs().max() > 1e-3  # the coarsest level's blur changed the field
-    assert torch.allclose(scripted, c, atol=1e-5)  # and TorchScript runs it the same
     # the blur is applied where it should be: an override of an unrefined level does nothing
     fine = nets.build_model(nets.default_spec(levels=4, finest_level=1,
                                               level_smooth_sigma=[9.0, 1, 1, 1]))
