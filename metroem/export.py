@@ -1,15 +1,16 @@
 """``metroem export --pyramid_path PYRAMID OUT.pt2``: a whole pyramid as one torch.export program.
 
-The file holds one program, ``field = program.module()(src, tgt, src_agg_field)``: float32
-images ``(N, 1, H, W)`` of any size (raw values, 0 = no data) at the pyramid's input MIP, an
-incoming field ``(N, 2, H, W)`` (zeros when there is none), and the field ``(N, 2, H, W)``
-float32 in pixels (channel 0 = x, pull). It loads with ``torch.export.load`` and needs only
-torch; the pyramid's MIPs ride along as ``metroem.json`` (:data:`INFO_FILE`,
-``torch.export.load(path, extra_files={"metroem.json": ""})``).
+The file holds one program, ``field = program.module()(src, tgt)``: float32 images
+``(N, 1, H, W)`` of any size (raw values, 0 = no data) at the pyramid's input MIP, and the
+field ``(N, 2, H, W)`` float32 in pixels (channel 0 = x, pull). An incoming field is not an
+input (the program starts from none, as ``metroem align`` does): warp the source by it first
+and compose. It loads with ``torch.export.load`` and needs only
+torch; the pyramid's MIPs ride along as ``metroem_info.json`` (:data:`INFO_FILE`,
+``torch.export.load(path, extra_files={"metroem_info.json": ""})``).
 
 How: :class:`metroem.aligner.PyramidAligner` is written without branches on image sizes or
 values (each input is padded to a multiple of the pyramid's size multiple; a pair without data
-gets its incoming field back through ``torch.where``), so ``torch.export`` captures one graph
+gets a zero field through ``torch.where``), so ``torch.export`` captures one graph
 with symbolic height, width and batch that holds for every size. Each stage is rebuilt from
 its module's spec and weights, and the export refuses to write a program that disagrees with
 the loaded pyramid by more than :data:`CHECK_TOLERANCE` px on test pairs of other sizes than
@@ -48,19 +49,19 @@ __all__ = ["export_pyramid", "ExportedAligner", "load_exported", "INFO_FILE", "m
 # px: an export that differs more from the loaded pyramid is refused (the exported graph agrees
 # with the eager network to ~1e-3 px; a capture that went wrong differs by far more).
 CHECK_TOLERANCE = 0.01
-INFO_FILE = "metroem.json"  # saved beside the program: input MIP, stage MIPs, metroem version
+INFO_FILE = "metroem_info.json"  # in the archive: input MIP, stage MIPs, metroem version
 
 
 class ExportedAligner(nn.Module):
-    """``forward(src, tgt, src_agg_field) -> field``: what :func:`torch.export.export` captures."""
+    """``forward(src, tgt) -> field``: what :func:`torch.export.export` captures."""
 
     def __init__(self, aligner: PyramidAligner):
         super().__init__()
         self.aligner = aligner
         self.input_mip = int(aligner.input_mip)
 
-    def forward(self, src: Tensor, tgt: Tensor, src_agg_field: Tensor) -> Tensor:
-        return self.aligner.run(src, tgt, src_agg_field, self.input_mip)
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        return self.aligner.run(src, tgt, None, self.input_mip)
 
 
 def _rebuild(aligner: PyramidAligner) -> PyramidAligner:
@@ -101,28 +102,20 @@ def _capture(module: ExportedAligner, multiple: int) -> torch.export.ExportedPro
     src, tgt = _textured_pair(2, h, w, seed=0)
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     with torch.no_grad():
-        return torch.export.export(
-            module, (src, tgt, torch.zeros(2, 2, h, w)),
-            dynamic_shapes={"src": dims, "tgt": dims, "src_agg_field": dims},
-        )
+        return torch.export.export(module, (src, tgt), dynamic_shapes={"src": dims, "tgt": dims})
 
 
 def _check(program: nn.Module, aligner: PyramidAligner) -> float:
     """Max difference (px) between the program and the loaded pyramid's own field (no
-    smoothing or refinement) on pairs of other sizes
-    than the captured one: a multiple of the size multiple, a size below it, another awkward
-    one, and an incoming field."""
+    smoothing or refinement) on pairs of other sizes than the captured one: a multiple of the
+    pad multiple, a size below it, and another awkward one."""
     m = aligner.pad_multiple()
     worst = 0.0
     with torch.no_grad():
         for i, (h, w) in enumerate([(2 * m, 3 * m), (m // 2 + 3, m + 1), (2 * m + 7, m + 13)]):
             src, tgt = _textured_pair(1, h, w, seed=i + 1)
-            agg = torch.zeros(1, 2, h, w)
             expected = aligner._run(src, tgt, None, aligner.input_mip)
-            worst = max(worst, float((program(src, tgt, agg) - expected).abs().max()))
-        agg[:, 0], agg[:, 1] = 1.5, -0.75
-        expected = aligner._run(src, tgt, agg, aligner.input_mip)
-        worst = max(worst, float((program(src, tgt, agg) - expected).abs().max()))
+            worst = max(worst, float((program(src, tgt) - expected).abs().max()))
     return worst
 
 
@@ -168,8 +161,8 @@ def export_pyramid(
         )
     info = {"input_mip": int(aligner.input_mip), "mips": [int(m) for m in aligner.mips],
             "metroem_version": __version__,
-            "call": "program.module()(src, tgt, src_agg_field): float32 (N,1,H,W) images, "
-                    "(N,2,H,W) incoming field (zeros for none) -> (N,2,H,W) field in pixels"}
+            "call": "program.module()(src, tgt): float32 (N,1,H,W) images -> (N,2,H,W) field "
+                    "in pixels at input_mip"}
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
     with atomic_path(out_path) as tmp:
@@ -178,7 +171,7 @@ def export_pyramid(
 
 
 def load_exported(path: str) -> tuple[nn.Module, dict]:
-    """``(module, info)`` of an exported file: ``module(src, tgt, src_agg_field)`` and the
+    """``(module, info)`` of an exported file: ``module(src, tgt)`` and the
     :data:`INFO_FILE` dictionary (``input_mip``, ``mips``, ``metroem_version``)."""
     extra = {INFO_FILE: ""}
     program = torch.export.load(path, extra_files=extra)
@@ -189,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cliargs.Parser(
         prog="metroem export",
         description="Export a pyramid as one torch.export program (.pt2): "
-                    "field = model(src, tgt, agg).",
+                    "field = model(src, tgt).",
         epilog="example: metroem export --pyramid_path isbi isbi_aligner.pt2",
     )
     cliargs.add_pyramid(p)

@@ -79,19 +79,16 @@ ISOLATED = textwrap.dedent(
         raise SystemExit("metroem is still importable")
     import torch
     model = torch.export.load({model!r}).module()
-    outs = [model(s.float(), t.float(), torch.zeros(s.shape[0], 2, *s.shape[-2:]))
-            for s, t in torch.load({inputs!r})]
+    outs = [model(s.float(), t.float()) for s, t in torch.load({inputs!r})]
     torch.save(outs, {out!r})
     assert not any(k.startswith("metroem") or k.startswith("_metroem") for k in sys.modules)
     """
 )
 
 
-def run(model, s, t, agg=None):
-    if agg is None:
-        agg = torch.zeros(s.shape[0], 2, *s.shape[-2:])
+def run(model, s, t):
     with torch.no_grad():
-        return model(s.float(), t.float(), agg)
+        return model(s.float(), t.float())
 
 
 def test_export_matches_whole_image_aligner_for_any_size(pyramid, exported):
@@ -109,15 +106,7 @@ def test_export_matches_whole_image_aligner_for_any_size(pyramid, exported):
             assert got.dtype == torch.float32
             assert (got - expected).abs().max() < export.CHECK_TOLERANCE
     assert max(float(o.abs().max()) for o in outs) > 0.01  # the exported net does something
-    # an incoming field is composed like the aligner does
-    s, t = inputs[1]
-    agg = torch.zeros(1, 2, *s.shape[-2:])
-    agg[:, 0] = 1.5
-    agg[:, 1] = -0.75
-    with torch.no_grad():
-        expected = al(s, t, src_agg_field=agg)
-    assert (run(model, s, t, agg) - expected).abs().max() < export.CHECK_TOLERANCE
-    # batches (one pair without data keeps its incoming field), attributes, bad shapes
+    # batches (a pair without data gets a zero field), attributes, bad shapes
     (s, t), = real_inputs([(64, 64)])
     pair = run(model, torch.cat([s, t, torch.zeros_like(s)]), torch.cat([t, s, t]))
     with torch.no_grad():
