@@ -85,8 +85,6 @@ class PyramidAligner(nn.Module):
         if not (self.smoothing_px >= 0 and math.isfinite(self.smoothing_px)):
             raise ValueError(f"smoothing_px must be a number >= 0, got {smoothing_px}")
 
-    __jit_unused_properties__ = ["device"]  # TorchScript (metroem export) runs :meth:`run`
-
     @property
     def device(self) -> torch.device:
         for p in self.parameters():
@@ -102,25 +100,23 @@ class PyramidAligner(nn.Module):
         its ``stride``; cutting a large image at multiples of the product gives each tile the
         same coarse pixels the whole image has.
         """
-        mip_in = self.input_mip if input_mip is None else int(input_mip)
-        best = 1
-        for mip, model in zip(self.mips, self.stages, strict=True):
-            stride = int(getattr(model, "stride", 1))
-            best = max(best, 2 ** max(0, mip - mip_in) * stride)
-        return best
+        return self._multiple(input_mip, grid=1)
 
     def pad_multiple(self, input_mip: int | None = None) -> int:
         """:meth:`run` pads images to a multiple (at least twice) of this: a multiple of every
         stage's stride and of its normalisation grid (:data:`metroem.nets.NORM_FACTOR`) at the
         stage's MIP, so no stage pads again and no coarse grid is a single pixel."""
+        return self._multiple(input_mip, grid=NORM_FACTOR)
+
+    def _multiple(self, input_mip: int | None, grid: int) -> int:
+        """Largest over stages of ``2^(mip - input_mip) * lcm(stride, grid)``."""
         mip_in = self.input_mip if input_mip is None else int(input_mip)
         best = 1
         for mip, model in zip(self.mips, self.stages, strict=True):
-            own = math.lcm(int(getattr(model, "stride", 1)), NORM_FACTOR)
+            own = math.lcm(int(getattr(model, "stride", 1)), grid)
             best = max(best, 2 ** max(0, mip - mip_in) * own)
         return best
 
-    @torch.jit.ignore
     def forward(
         self,
         src_img: Tensor,
@@ -205,10 +201,9 @@ class PyramidAligner(nn.Module):
             )
         return self.run(src, tgt, agg, mip_in)
 
-    @torch.jit.export
     def run(self, src: Tensor, tgt: Tensor, agg: Tensor | None, mip_in: int) -> Tensor:
-        """The pyramid on float32 images on the aligner's device, no checks (TorchScript's
-        entry point; :meth:`forward` checks and moves the inputs first)."""
+        """The pyramid on float32 images on the aligner's device, no checks (what
+        :mod:`metroem.export` captures; :meth:`forward` checks and moves the inputs first)."""
         n, h, w = src.shape[0], src.shape[-2], src.shape[-1]
         exporting = torch.compiler.is_exporting()
         if not exporting and (
@@ -236,7 +231,7 @@ class PyramidAligner(nn.Module):
             a: Tensor | None = None
             if agg is not None:
                 a = fields.resample_field(agg, mip_in, mip)
-            if torch.jit.is_scripting() or exporting:
+            if exporting:
                 out = model.align(s, t, a)
             else:  # any stage module with a corgie-style forward
                 out = plain_tensor(model(s, t, src_agg_field=a))

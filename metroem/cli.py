@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("metroem.generate:main", "generate the fields that feed the next stage"),
     "align": ("metroem.inference:main", "align images or a CloudVolume z range, tile by tile"),
     "worker": ("metroem.workers:main", "run stack-alignment tasks from a task queue"),
-    "export": ("metroem.export:main", "export a pyramid as one TorchScript file"),
+    "export": ("metroem.export:main", "export a pyramid as one torch.export program (.pt2)"),
     "eval": ("metroem.eval.cli:main", "measure alignment quality, compare baselines, report"),
     "pretrained": ("metroem.pretrained:main", "list the shipped pyramids, or copy one to train"),
 }

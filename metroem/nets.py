@@ -558,11 +558,6 @@ class StageAligner(nn.Module):
                     for level in range(self.finest_level, self.num_levels)
                 }
             )
-            # filled by __prepare_scriptable__ (NaN = not prepared)
-            self.register_buffer(
-                "script_prior_temperatures", torch.full((self.num_levels,), math.nan),
-                persistent=False,
-            )
         else:
             self.prior_kernel = None
         # Both parameter-free refinements blur on a coarser grid where that changes little:
@@ -654,28 +649,12 @@ class StageAligner(nn.Module):
     def _prior_temperatures(self) -> list[Tensor]:
         """Softmax temperature of the block-matching prior per level 0..L (1 below the finest
         refined level)."""
-        if torch.jit.is_scripting():
-            # The ParameterDict cannot be indexed in TorchScript; __prepare_scriptable__ copied
-            # its values into this buffer.
-            t = self.script_prior_temperatures
-            if bool(torch.isnan(t).any()):
-                raise RuntimeError("prior temperatures were not prepared for TorchScript")
-            return t.unbind(0)
-        else:
-            one = torch.ones((), device=self.prior_kernel.device)
-            return [
-                self.prior_log_temperature[str(level)].exp() if level >= self.finest_level
-                else one
-                for level in range(self.num_levels)
-            ]
-
-    def __prepare_scriptable__(self) -> StageAligner:
-        """Called by ``torch.jit.script``: copy what TorchScript cannot index into a buffer."""
-        if self.prior_kernel is not None:
-            with torch.no_grad():
-                temps = torch.stack([t.detach() for t in self._prior_temperatures()])
-                self.script_prior_temperatures.copy_(temps)
-        return self
+        one = torch.ones((), device=self.prior_kernel.device)
+        return [
+            self.prior_log_temperature[str(level)].exp() if level >= self.finest_level
+            else one
+            for level in range(self.num_levels)
+        ]
 
     def _head(self, level: int, inp: Tensor) -> Tensor:
         """The residual head of ``level`` applied to ``inp``."""
@@ -740,7 +719,6 @@ class StageAligner(nn.Module):
         field = field[..., :h, :w] * has_data.view(n, 1, 1, 1).to(field.dtype)
         return field
 
-    @torch.jit.ignore
     def forward(
         self, src_img: Tensor, tgt_img: Tensor, src_agg_field: Tensor | None = None, **kwargs
     ) -> Tensor:
@@ -766,11 +744,10 @@ class StageAligner(nn.Module):
                 )
         return self.align(src, tgt, agg)
 
-    @torch.jit.export
     def align(self, src: Tensor, tgt: Tensor, src_agg_field: Tensor | None = None) -> Tensor:
         """:meth:`forward` without checks or moves: float32 images on the model's device.
 
-        The TorchScript entry point (``forward`` takes ``**kwargs``, which TorchScript cannot).
+        What an exported pyramid calls (``forward`` takes corgie's ``**kwargs`` and moves inputs).
         """
         agg = src_agg_field
         for _ in range(self.iterations):
