@@ -61,17 +61,13 @@ def identity(
 
 
 def check_field(field: Tensor, name: str = "field") -> None:
-    """Raise ``ValueError`` unless ``field`` is a floating ``(N, 2, H, W)`` tensor.
-
-    Skipped inside TorchScript (an exported aligner): its inputs were checked by the caller.
-    """
-    if not torch.jit.is_scripting():
-        if not isinstance(field, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(field).__name__}")
-        if field.dim() != 4 or field.shape[1] != 2:
-            raise ValueError(f"{name} must have shape (N, 2, H, W), got {tuple(field.shape)}")
-        if not field.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {field.dtype}")
+    """Raise ``ValueError`` unless ``field`` is a floating ``(N, 2, H, W)`` tensor."""
+    if not isinstance(field, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(field).__name__}")
+    if field.dim() != 4 or field.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (N, 2, H, W), got {tuple(field.shape)}")
+    if not field.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {field.dtype}")
 
 
 def _scale(h: int, w: int, field: Tensor) -> Tensor:
@@ -117,22 +113,21 @@ def warp(
     ``field`` must have the same H and W as ``src`` and N equal to it (or 1, broadcast).
     """
     check_field(field)
-    if not torch.jit.is_scripting():
-        if src.dim() != 4:
-            raise ValueError(f"src must have shape (N, C, H, W), got {tuple(src.shape)}")
-        if src.shape[-2:] != field.shape[-2:]:
-            raise ValueError(
-                f"src spatial size {tuple(src.shape[-2:])} != field spatial size "
-                f"{tuple(field.shape[-2:])}; resample one of them first"
-            )
-        if field.shape[0] != src.shape[0] and field.shape[0] != 1:
-            raise ValueError(f"batch sizes differ: src {src.shape[0]}, field {field.shape[0]}")
-        if not src.is_floating_point():
-            grid = sampling_grid(field.expand(src.shape[0], -1, -1, -1))
-            out = F.grid_sample(
-                src.to(grid.dtype), grid, mode=mode, padding_mode=padding, align_corners=False
-            )
-            return out.round().clamp(0, torch.iinfo(src.dtype).max).to(src.dtype)
+    if src.dim() != 4:
+        raise ValueError(f"src must have shape (N, C, H, W), got {tuple(src.shape)}")
+    if src.shape[-2:] != field.shape[-2:]:
+        raise ValueError(
+            f"src spatial size {tuple(src.shape[-2:])} != field spatial size "
+            f"{tuple(field.shape[-2:])}; resample one of them first"
+        )
+    if field.shape[0] != src.shape[0] and field.shape[0] != 1:
+        raise ValueError(f"batch sizes differ: src {src.shape[0]}, field {field.shape[0]}")
+    if not src.is_floating_point():
+        grid = sampling_grid(field.expand(src.shape[0], -1, -1, -1))
+        out = F.grid_sample(
+            src.to(grid.dtype), grid, mode=mode, padding_mode=padding, align_corners=False
+        )
+        return out.round().clamp(0, torch.iinfo(src.dtype).max).to(src.dtype)
     if field.shape[0] != src.shape[0]:
         field = field.expand(src.shape[0], -1, -1, -1)
     grid = sampling_grid(field.to(src.dtype))
@@ -173,10 +168,9 @@ def compose_many(fields: list[Tensor]) -> Tensor:
 
 
 def _check_levels(levels: int) -> int:
-    if not torch.jit.is_scripting():
-        if int(levels) != levels or levels < 0:
-            raise ValueError(f"MIP difference must be a non-negative integer, got {levels}")
-        levels = int(levels)
+    if int(levels) != levels or levels < 0:
+        raise ValueError(f"MIP difference must be a non-negative integer, got {levels}")
+    levels = int(levels)
     return levels
 
 

@@ -514,8 +514,7 @@ class StageAligner(nn.Module):
         self.num_levels = len(ch) + 1
         self.finest_level = s["finest_level"]
         self.stride = 2 ** (self.num_levels - 1)
-        # Plain typed copies of the spec values the forward pass reads (TorchScript cannot read
-        # the mixed-type spec dict).
+        # Plain typed copies of the spec values the forward pass reads.
         self.local_normalization = s["normalization"] == "local"
         self.norm_sigma = float(s["norm_sigma"])
         self.concat_features = bool(s["concat_features"])
@@ -581,7 +580,7 @@ class StageAligner(nn.Module):
         """The residual blur of ``level`` (replicate padding keeps a constant field constant)."""
         out = field
         overridden = False
-        for key, blur in self.level_blurs.items():  # TorchScript: no ModuleDict[level]
+        for key, blur in self.level_blurs.items():
             if int(key) == level:
                 out = blur(field)
                 overridden = True
@@ -659,7 +658,7 @@ class StageAligner(nn.Module):
     def _head(self, level: int, inp: Tensor) -> Tensor:
         """The residual head of ``level`` applied to ``inp``."""
         out = inp
-        for key, head in self.heads.items():  # TorchScript indexes a ModuleDict by literal only
+        for key, head in self.heads.items():
             if int(key) == level:
                 out = head(inp)
         return out
