@@ -179,6 +179,44 @@ class FieldCache:
         return field, dt + time.perf_counter() - t0, err
 
 
+def fibsem_pairs(blocks, gaps, per_block: int, seed: int) -> list[nb.NeighbourPair]:
+    """The FIB-SEM pairs: deformed and undeformed neighbours per gap, and same-section ones."""
+    out = nb.make_neighbour_pairs(blocks, tuple(gaps), per_block, seed=seed)
+    return out + nb.make_same_pairs(blocks, per_block, seed=seed)
+
+
+def isbi_benchmark_pairs(folder: str | None, seed: int) -> list[pairs.BenchmarkPair]:
+    """The held-out ISBI neighbours, each undeformed and three times deformed (``mixed48``)."""
+    stack = pairs.load_stack(folder)
+    out = list(pairs.make_pairs(stack, ["mixed48"], 3, kinds=("neighbour",), draws=3,
+                                seed=seed))
+    if sorted({p.z for p in out}) != list(ISBI_PAIRS):
+        raise MetroemError(f"the ISBI folder must hold 30 sections (held out {ISBI_PAIRS})")
+    return out
+
+
+def summary(fns: dict[str, baselines.FieldFn | dict], gaps=(1, 4), per_block: int = 5,
+            seed: int = 0, isbi: bool = True) -> dict[str, dict]:
+    """This benchmark's aggregates for plain methods (name -> field function, or a dict of them
+    per pixel size in nm like :func:`base_functions` makes), on the default data: what
+    ``speed.py`` puts beside each option's time. ``{name: {"fibsem": {gap: ...},
+    "isbi": ...}}``; gap "0" is the same-section pairs."""
+    blocks = nb.load_blocks(None)
+    fib_pairs = fibsem_pairs(blocks, gaps, per_block, seed)
+    isbi_pairs = isbi_benchmark_pairs(None, seed) if isbi else []
+    cache = FieldCache(fns)
+    out = {}
+    for name in fns:
+        fib = [score_fibsem(cache, (name, None), p) for p in fib_pairs]
+        out[name] = {
+            "fibsem": {str(g): aggregate_fibsem([r for r in fib if r["gap"] == g])
+                       for g in [0, *gaps]},
+            "isbi": aggregate_isbi([score_isbi(cache, (name, None), p) for p in isbi_pairs])
+            if isbi_pairs else {},
+        }
+    return out
+
+
 # --- measurements --------------------------------------------------------------------------------
 
 
@@ -385,20 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     variants = methods(args)
     cache = FieldCache(base_functions({b for b, _ in variants.values()}, args))
-    blocks = nb.load_blocks(args.fibsem)
     gaps = [1, 4] if args.quick else args.gaps
     per_block = 1 if args.quick else args.per_block
-    fib_pairs = nb.make_neighbour_pairs(blocks, tuple(gaps), per_block, seed=args.seed)
-    fib_pairs += nb.make_same_pairs(blocks, per_block, seed=args.seed)
-    isbi_pairs: list[pairs.BenchmarkPair] = []
-    if not args.quick and args.isbi != "none":
-        stack = pairs.load_stack(args.isbi)
-        isbi_pairs = [
-            p for p in pairs.make_pairs(stack, ["mixed48"], 3, kinds=("neighbour",), draws=3,
-                                        seed=args.seed)
-        ]
-        if sorted({p.z for p in isbi_pairs}) != list(ISBI_PAIRS):
-            raise MetroemError(f"the ISBI folder must hold 30 sections (held out {ISBI_PAIRS})")
+    blocks = nb.load_blocks(args.fibsem)
+    fib_pairs = fibsem_pairs(blocks, gaps, per_block, args.seed)
+    skip_isbi = args.quick or args.isbi == "none"
+    isbi_pairs = [] if skip_isbi else isbi_benchmark_pairs(args.isbi, args.seed)
     rows: dict[str, dict[str, list[dict]]] = {}
     for name, method in variants.items():
         t0 = time.perf_counter()

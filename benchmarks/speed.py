@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError, cli_errors
 from metroem.eval import baselines, pairs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import neighbours  # noqa: E402  (the neighbour benchmark's pairs and measures)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PYRAMID = REPO / "models" / "isbi"
@@ -63,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-crop", type=int, default=256, help="training crop side at each MIP")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--no-options", action="store_true",
+                   help="skip the options table (time and neighbour quality of each way to run "
+                   "the pyramid; needs the shared data)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     return p
 
@@ -193,6 +200,146 @@ def scaling_sections(aligner: PyramidAligner, stack, counts: list[int], size: in
     return out
 
 
+class Option:
+    """A way to run the pyramid: parameter-free spec changes on its finest stage (``last``) and
+    on every stage (``every``), optionally with NCHW convolutions (the layout before
+    channels-last)."""
+
+    def __init__(self, label: str, every: dict | None = None, last: dict | None = None,
+                 nchw: bool = False):
+        self.label, self.nchw = label, nchw
+        self.every, self.last = dict(every or {}), dict(last or {})
+
+    def changes(self, stages: int) -> list[dict]:
+        return [dict(self.every)] * (stages - 1) + [{**self.every, **self.last}]
+
+
+# Relative to the shipped models/isbi specs (docs/inference.md explains each setting).
+OPTIONS = [
+    Option("shipped"),
+    Option("NCHW convolutions", nchw=True),
+    Option("4 nm stage learned", last={"learned_levels": True}),
+    Option("4 nm stage learned, finest level 2", last={"learned_levels": True,
+                                                       "finest_level": 2}),
+    Option("NCC sums on the level grid", every={"prior_factor": 1}),
+    Option("2 passes per stage", every={"iterations": 2}),
+    Option("shipped before (2 passes, level-grid NCC, 4 nm learned, NCHW)",
+           every={"iterations": 2, "prior_factor": 1}, last={"learned_levels": True}, nchw=True),
+]
+QUALITY_BASELINES = ["farneback", "farneback+pc"]
+
+
+@contextmanager
+def _conv_format(nchw: bool):
+    """Networks built inside run their convolutions NCHW when ``nchw``."""
+    old = nets.CONV_FORMAT
+    nets.CONV_FORMAT = torch.contiguous_format if nchw else old
+    try:
+        yield
+    finally:
+        nets.CONV_FORMAT = old
+
+
+def options_table(pyramid: str, options: list[Option], src, tgt, repeats: int,
+                  quality_args: dict) -> dict:
+    """Per option (and the Farneback baselines): seconds per pair on ``src``/``tgt`` and the
+    neighbour benchmark's aggregates (``neighbours.summary``) from this run."""
+    from metroem.modules import discover, pyramid_settings
+
+    stages = len(discover(pyramid))
+    nm = pyramid_settings(pyramid).get("resolution_nm", neighbours.PYRAMID_NM)
+    fib_mip = max(0, round(math.log2(neighbours.FIBSEM_NM / nm)))
+    out: dict = {}
+    for opt in options:
+        with _conv_format(opt.nchw):
+            changes = opt.changes(stages)
+            fns = {px: baselines.metroem_method(pyramid, input_mip=mip, spec_changes=changes)
+                   for px, mip in ((neighbours.ISBI_NM, 0), (neighbours.FIBSEM_NM, fib_mip))}
+            sec = _time(lambda f=fns[neighbours.ISBI_NM]: baselines.align(f, src, tgt), repeats)
+            quality = neighbours.summary({opt.label: fns}, **quality_args)[opt.label]
+        out[opt.label] = {"seconds": sec, "changes": changes, "nchw": opt.nchw, **quality}
+        print(f"  {opt.label:40s} {sec:.3f} s", flush=True)
+    for name in QUALITY_BASELINES:
+        if name not in baselines.available_methods():
+            continue
+        fn = baselines.METHODS[name]
+        sec = _time(lambda fn=fn: baselines.align(fn, src, tgt), repeats)
+        out[name] = {"seconds": sec, "baseline": True,
+                     **neighbours.summary({name: fn}, **quality_args)[name]}
+        print(f"  {name:40s} {sec:.3f} s", flush=True)
+    return out
+
+
+def thread_scaling(methods: dict, src, tgt, repeats: int, threads: list[int]) -> dict:
+    """Seconds per pair of each method with torch and OpenCV pinned to each thread count."""
+    out: dict = {}
+    before = torch.get_num_threads()
+    try:
+        for n in threads:
+            _set_threads(n)
+            for name, fn in methods.items():
+                sec = _time(lambda fn=fn: baselines.align(fn, src, tgt), repeats)
+                out.setdefault(name, {})[str(n)] = sec
+                print(f"  {name:12s} {n} thread(s): {sec:.3f} s", flush=True)
+    finally:
+        _set_threads(before)
+    return out
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+
+
+def _options_markdown(r: dict) -> list[str]:
+    opts = r.get("options")
+    if not opts:
+        return []
+    c = r["config"]
+    fb = opts.get("farneback", {}).get("seconds")
+    gaps = [g for g in next(iter(opts.values()))["fibsem"] if g != "0"]
+    lines = [
+        "", f"## Options: time per {c['size']}² pair and neighbour-benchmark quality", "",
+        "One run: each way of running the shipped pyramid (parameter-free spec changes, "
+        "`load_aligner(spec_changes=...)`) timed on the pair above and scored by "
+        "`benchmarks/neighbours.py`'s measures on its held-out pairs "
+        f"({c['quality']}): FIB-SEM EPE against the known answer (px, 10 nm; median over "
+        "pairs of each pair's median / p95) on same-section pairs and on neighbours per gap, "
+        "morph on the undeformed neighbours of the widest gap (non-affine part of a field "
+        "whose truth is 0), and the ISBI equivariance EPE (4 nm px, held-out sections "
+        "deformed by `mixed48`). Lower is better everywhere.", "",
+        "| option | s / pair | x farneback | same | "
+        + " | ".join(f"gap {g} ({10 * int(g)} nm)" for g in gaps)
+        + f" | morph gap {gaps[-1]} | ISBI equiv. |",
+        "|---|---:|---:|---:|" + "---:|" * len(gaps) + "---:|---:|",
+    ]
+    for name, v in opts.items():
+        f = v["fibsem"]
+        ratio = f"{v['seconds'] / fb:.2f}" if fb else "—"
+        cells = [f"{f[g]['epe_median']:.2f} / {f[g]['epe_p95']:.2f}" for g in gaps]
+        isbi = v.get("isbi") or {}
+        eq = f"{isbi['equivariance_median']:.2f}" if isbi else "—"
+        label = f"**{name}**" if name == "shipped" else name
+        lines.append(f"| {label} | {v['seconds']:.3f} | {ratio} | "
+                     f"{f['0']['epe_median']:.2f} | " + " | ".join(cells) +
+                     f" | {f[gaps[-1]]['morph_median']:.2f} | {eq} |")
+    th = r.get("threads")
+    if th:
+        counts = next(iter(th.values())).keys()
+        lines += ["", f"## Threads: s / {c['size']}² pair, one process", "",
+                  "| method | " + " | ".join(f"{n} thread{'s' if n != '1' else ''}"
+                                             for n in counts) + " |",
+                  "|---|" + "---:|" * len(counts)]
+        for m, v in th.items():
+            lines.append(f"| {m} | " + " | ".join(f"{v[n]:.3f}" for n in counts) + " |")
+    return lines
+
+
 def markdown(r: dict) -> str:
     c = r["config"]
     lines = [
@@ -226,6 +373,7 @@ def markdown(r: dict) -> str:
     for n, v in r["scaling_sections"].items():
         lines.append(f"| {n} | {v['sequential_s']:.3f} | {v['batched_s']:.3f} | "
                      f"{v['per_section_s']:.3f} |")
+    lines += _options_markdown(r)
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +406,20 @@ def main(argv: list[str] | None = None) -> int:
     src, tgt = _pair(stack, args.size)
     print("inference throughput", flush=True)
     thr = throughput(methods, src, tgt, args.repeats)
+    threads = sorted({1, args.threads})
+    print(f"threads {threads}", flush=True)
+    thread_methods = {"metroem": run_metroem}
+    if "farneback" in baselines.available_methods():
+        thread_methods["farneback"] = baselines.METHODS["farneback"]
+    by_threads = thread_scaling(thread_methods, src, tgt, args.repeats, threads)
+    options = None
+    if not args.no_options and Path(desc.removeprefix("pyramid ")).is_dir():
+        print("options", flush=True)
+        quality_args = (dict(gaps=(1,), per_block=1, isbi=False) if args.quick
+                        else dict(gaps=(1, 4), per_block=5, isbi=True))
+        options = options_table(desc.removeprefix("pyramid "),
+                                OPTIONS[:2] if args.quick else OPTIONS, src, tgt,
+                                args.repeats, quality_args)
     print("training steps", flush=True)
     train = train_steps(aligner, args.train_crop, args.train_batch, args.repeats, stack)
     sizes = [64, 128] if args.quick else [256, 512, 1024]
@@ -276,9 +438,12 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()} ({os.cpu_count()} CPUs)",
             "threads": args.threads, "torch": torch.__version__, "metroem": desc,
             "repeats": args.repeats, "size": args.size,
+            "quality": ("quick: FIB-SEM gap 1, 2 pairs per kind, no ISBI" if args.quick else
+                        "FIB-SEM gaps 1 and 4, 10 pairs per gap and kind; ISBI 9 pairs"),
             "total_seconds": time.perf_counter() - t0,
         },
         "throughput": thr, "train": train, "scaling_size": by_size, "scaling_sections": by_n,
+        "threads": by_threads, "options": options,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -264,6 +264,7 @@ def load_aligner(
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
     translation_init: bool = False,
+    spec_changes: Mapping | Sequence[Mapping] | None = None,
 ) -> PyramidAligner:
     """Load a trained pyramid (all stages or the given stage numbers) as one aligner.
 
@@ -280,6 +281,10 @@ def load_aligner(
     ``smoothing_nm`` (with ``resolution_nm``, the size of a MIP0 pixel in nm) keeps only the
     part of the field that is affine over about that length; ``translation_init`` starts from
     a phase-correlation translation (see :class:`PyramidAligner`).
+
+    ``spec_changes`` overrides parameter-free spec keys at load time (``iterations``,
+    ``prior_factor``, ``learned_levels``, ...; :mod:`metroem.nets`): one mapping for every
+    stage, or one per loaded stage, coarse to fine.
     """
     device = devices.parse_device(device)  # a GPU that is not there is an error
     pyramid_path = pretrained.resolve(pyramid_path)  # a folder, or a shipped pyramid's name
@@ -300,15 +305,31 @@ def load_aligner(
         mip_in = min(m.mip for m in mods) if input_mip is None else int(input_mip)
         smoothing_px = regularize.sigma_px(smoothing_nm, resolution_nm, mip_in)
     names = resolve_checkpoints(mods, checkpoint_name)
+    changes = _per_stage_changes(spec_changes, len(mods))
     loaded = [
-        (m.mip, modules.load_module(m.path, checkpoint_name=name, device=str(device)))
-        for m, name in zip(mods, names, strict=True)
+        (m.mip, modules.load_module(m.path, checkpoint_name=name, device=str(device),
+                                    spec_changes=change))
+        for m, name, change in zip(mods, names, changes, strict=True)
     ]
     aligner = PyramidAligner(
         loaded, input_mip=input_mip, refine=refine, refine_options=refine_options,
         smoothing_px=smoothing_px, translation_init=translation_init,
     )
     return aligner.to(device).eval()
+
+
+def _per_stage_changes(
+    spec_changes: Mapping | Sequence[Mapping] | None, count: int
+) -> list[Mapping | None]:
+    if spec_changes is None or isinstance(spec_changes, Mapping):
+        return [spec_changes] * count
+    changes = list(spec_changes)
+    if len(changes) != count or not all(isinstance(c, Mapping) for c in changes):
+        raise MetroemError(
+            f"spec_changes must be one mapping or one per loaded stage ({count}), got "
+            f"{spec_changes!r}"
+        )
+    return changes
 
 
 def _split_names(checkpoint_name: str | Sequence[str] | None, count: int) -> list[str | None]:

@@ -69,6 +69,12 @@ _DEFAULTS: dict = {
     "local_prior": True,
     "prior_sigma": 5.0,  # NCC window (Gaussian std), level pixels
     "prior_temperature": 4.0,  # initial softmax temperature on standardised scores (learned)
+    # The NCC window sums on a grid this many times coarser than the level (a power of two),
+    # interpolated back: for a window of several pixels nearly the same cost volume for a
+    # fraction of the CPU time. Used at the levels fine enough that the coarse grid stays on
+    # the stage's tiling grid (``StageAligner.grid``). Parameter-free: trained weights run with
+    # any value.
+    "prior_factor": 1,
     "global_gain_init": 1.0,  # initial gain of the global translation head (0 = identity)
     # Sub-pixel refinement: after the learned levels, this many parameter-free Lucas-Kanade
     # (Gauss-Newton) steps on the full-resolution normalised images, each solving a 2x2 system
@@ -86,6 +92,12 @@ _DEFAULTS: dict = {
     # the pyramid more consistent (docs/nets_and_losses.md). Parameter-free: trained weights
     # can be run with any value.
     "iterations": 1,
+    # false: the stage runs only its Lucas-Kanade steps (lk_iterations >= 1), from zero or the
+    # incoming field, and not its encoder or learned levels (their weights stay in the module,
+    # unused): a fine stage that only sharpens what the coarser stages found, for a fraction of
+    # the time (benchmarks/results/speed.md). Parameter-free: switch it either way by editing
+    # the spec.
+    "learned_levels": True,
 }
 
 # The parameter-free refinements above switched off: the recipes train with these and switch
@@ -95,6 +107,7 @@ REFINEMENTS_OFF: dict = {
     "residual_sigma": 0.0,
     "iterations": 1,
     "level_smooth_sigma": None,
+    "learned_levels": True,
 }
 
 
@@ -145,6 +158,9 @@ def validate_spec(spec: dict) -> dict:
     levels = len(ch) + 1
     if not isinstance(out["finest_level"], int) or not 0 <= out["finest_level"] < levels:
         raise ValueError(f"finest_level must be an int in 0..{levels - 1}")
+    if not out["learned_levels"] and out["lk_iterations"] == 0:
+        raise ValueError("learned_levels: false leaves only the Lucas-Kanade steps: set "
+                         "lk_iterations >= 1")
     if not isinstance(out["global_radius"], int) or out["global_radius"] < 1:
         raise ValueError(f"global_radius must be an int >= 1, got {out['global_radius']!r}")
     for key in _PER_LEVEL:
@@ -184,13 +200,17 @@ def validate_spec(spec: dict) -> dict:
     it = out["lk_iterations"]
     if not isinstance(it, int) or isinstance(it, bool) or it < 0:
         raise ValueError(f"lk_iterations must be an int >= 0, got {it!r}")
+    pf = out["prior_factor"]
+    if not isinstance(pf, int) or isinstance(pf, bool) or pf < 1 or pf & (pf - 1):
+        raise ValueError(f"prior_factor must be a power of two >= 1, got {pf!r}")
     it = out["iterations"]
     if not isinstance(it, int) or isinstance(it, bool) or it < 1:
         raise ValueError(f"iterations must be an int >= 1, got {it!r}")
     g = out["global_gain_init"]
     if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
         raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
-    for key in ("global_translation", "concat_features", "smooth_output", "local_prior"):
+    for key in ("global_translation", "concat_features", "smooth_output", "local_prior",
+                "learned_levels"):
         if not isinstance(out[key], bool):
             raise ValueError(f"{key} must be true or false, got {out[key]!r}")
     return out
@@ -227,6 +247,12 @@ def count_parameters(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------------------------
 # building blocks
+
+
+# The convolutions run channels-last (weights and inputs): with a handful of channels per pixel
+# oneDNN's channels-last kernels take about half the CPU time of NCHW ones (docs/inference.md,
+# benchmarks/results/speed.md), for the same values up to float rounding.
+CONV_FORMAT = torch.channels_last
 
 
 def _act() -> nn.Module:
@@ -354,9 +380,10 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """``x`` is ``(B, 2, H, W)`` (image, validity); returns features of levels 0..L-1."""
         feats = [x[:, :1]]
+        x = x.contiguous(memory_format=CONV_FORMAT)
         for block in self.blocks:
             x = block(x)
-            feats.append(x)
+            feats.append(x.contiguous())
         return feats
 
 
@@ -404,12 +431,17 @@ def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor) -> Tensor:
     return torch.stack((sx, sy), dim=1)
 
 
-def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Tensor:
+def local_ncc_cost(
+    tgt: Tensor, src: Tensor, radius: int, kernel: Tensor, factor: int = 1,
+    coarse_kernel: Tensor | None = None,
+) -> Tensor:
     """Local normalised cross-correlation ``(N, (2r+1)^2, H, W)`` of one-channel images.
 
     Both images are high-passed (minus their Gaussian-blurred selves); for each shift ``d`` the
     score is ``<t, s_d> / sqrt(<t, t> <s_d, s_d>)`` with ``<a, b>`` a Gaussian-weighted local sum.
-    Ordered like :func:`local_correlation`.
+    Ordered like :func:`local_correlation`. With ``factor > 1`` the local sums and the score are
+    taken on a ``factor``-times coarser grid (box-averaged products blurred by
+    ``coarse_kernel``, the window in coarse pixels) and the score is interpolated back.
     """
     n = tgt.shape[0]
     both = torch.cat((tgt, src), 0)
@@ -417,10 +449,21 @@ def local_ncc_cost(tgt: Tensor, src: Tensor, radius: int, kernel: Tensor) -> Ten
     t, s = hp[:n], hp[n:]
     shifted = torch.cat(_shifted(s, radius), 1)  # (N, S, H, W)
     # One blur call for every local sum (a per-channel blur, so batching changes nothing).
-    sums = gaussian_blur(torch.cat((t * t, t * shifted, shifted * shifted), 1), kernel)
+    prods = torch.cat((t * t, t * shifted, shifted * shifted), 1)
+    if factor > 1:
+        assert coarse_kernel is not None
+        sums = gaussian_blur(F.avg_pool2d(prods, factor, ceil_mode=True), coarse_kernel)
+    else:
+        sums = gaussian_blur(prods, kernel)
     k = shifted.shape[1]
     tt, num, ss = sums[:, :1], sums[:, 1 : 1 + k], sums[:, 1 + k :]
-    return num / torch.sqrt(tt * ss + 1e-4)
+    ncc = num / torch.sqrt(tt * ss + 1e-4)
+    if factor > 1:
+        # a fixed scale (not a target size) keeps every fine pixel's place on the coarse grid
+        # the same in a tile as in the whole image
+        ncc = F.interpolate(ncc, scale_factor=float(factor), mode="bilinear",
+                            align_corners=False)[..., : tgt.shape[-2], : tgt.shape[-1]]
+    return ncc
 
 
 def gaussian_blur(x: Tensor, kernel: Tensor, padding: str = "replicate") -> Tensor:
@@ -496,7 +539,7 @@ class ResidualHead(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=CONV_FORMAT)).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,6 +557,10 @@ class StageAligner(nn.Module):
         self.num_levels = len(ch) + 1
         self.finest_level = s["finest_level"]
         self.stride = 2 ** (self.num_levels - 1)
+        # Tiles cut at multiples of this (stage pixels) see the grids the whole image has: the
+        # encoder's stride and, with local normalisation, its statistics grid.
+        self.grid = math.lcm(self.stride, NORM_FACTOR) if s["normalization"] == "local" else (
+            self.stride)
         # Plain typed copies of the spec values the forward pass reads.
         self.local_normalization = s["normalization"] == "local"
         self.norm_sigma = float(s["norm_sigma"])
@@ -536,6 +583,8 @@ class StageAligner(nn.Module):
             extra = 2 * ([1] + ch)[level] if s["concat_features"] else 0
             extra += corr if s["local_prior"] else 0
             self.heads[str(level)] = ResidualHead(corr + extra, hidden[level])
+        self.encoder.to(memory_format=CONV_FORMAT)
+        self.heads.to(memory_format=CONV_FORMAT)
         if s["smooth_output"]:
             self.register_buffer("smooth_kernel", _gaussian_kernel(float(s["smooth_sigma"])))
         else:
@@ -551,6 +600,16 @@ class StageAligner(nn.Module):
                     )
         if s["local_prior"]:
             self.register_buffer("prior_kernel", _gaussian_kernel(float(s["prior_sigma"])))
+            # per level: the coarse grid of the NCC sums (1 = the level's own grid)
+            self.prior_factors = [
+                s["prior_factor"] if 2**level * s["prior_factor"] <= self.grid else 1
+                for level in range(self.num_levels)
+            ]
+            pf = max(self.prior_factors)
+            self.register_buffer(
+                "prior_coarse_kernel", _gaussian_kernel(float(s["prior_sigma"]) / pf),
+                persistent=False,
+            )
             self.prior_log_temperature = nn.ParameterDict(
                 {
                     str(level): nn.Parameter(torch.tensor(math.log(s["prior_temperature"])))
@@ -559,9 +618,12 @@ class StageAligner(nn.Module):
             )
         else:
             self.prior_kernel = None
+            self.prior_factors = [1] * self.num_levels
+            self.prior_coarse_kernel = None
         # Both parameter-free refinements blur on a coarser grid where that changes little:
         # the residual at the finest refined level, the LK sums at half resolution for wide
         # windows.
+        self.learned = bool(s["learned_levels"])
         if s["residual_sigma"] > 0:
             sigma = float(s["residual_sigma"]) / 2**self.finest_level
             self.register_buffer("residual_kernel", _gaussian_kernel(sigma), persistent=False)
@@ -613,16 +675,20 @@ class StageAligner(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _encode(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-        """``(src_valid, tgt_valid, x, feats)``: the padded encoder input ``x`` (sources first,
-        then targets, channels (image, validity)) and the encoder's features of levels 0..L."""
+    def _inputs(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(src_valid, tgt_valid, x)``: ``x`` is the padded encoder input, sources first,
+        then targets, channels (normalised image, validity)."""
+        both = torch.cat((src, tgt))  # normalised per item: one call for both
         if self.local_normalization:
-            src_n, src_v = normalize_image_local(src, self.norm_sigma)
-            tgt_n, tgt_v = normalize_image_local(tgt, self.norm_sigma)
+            norm, valid = normalize_image_local(both, self.norm_sigma)
         else:
-            src_n, src_v = normalize_image(src)
-            tgt_n, tgt_v = normalize_image(tgt)
-        x = self._pad(torch.cat((torch.cat((src_n, src_v), 1), torch.cat((tgt_n, tgt_v), 1))))
+            norm, valid = normalize_image(both)
+        n = src.shape[0]
+        return valid[:n], valid[n:], self._pad(torch.cat((norm, valid), 1))
+
+    def _encode(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """:meth:`_inputs` and the encoder's features of levels 0..L."""
+        src_v, tgt_v, x = self._inputs(src, tgt)
         return src_v, tgt_v, x, self.encoder(x)
 
     def pair_features(self, src_img: Tensor, tgt_img: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -663,11 +729,10 @@ class StageAligner(nn.Module):
                 out = head(inp)
         return out
 
-    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Residual field aligning an (already warped) float source to the target, same size."""
-        h, w = tgt.shape[-2], tgt.shape[-1]
-        n = src.shape[0]
-        src_v, tgt_v, x, feats = self._encode(src, tgt)
+    def _learned_field(self, x: Tensor, n: int) -> Tensor:
+        """The learned coarse-to-fine levels on the padded input ``x`` (:meth:`_inputs`): the
+        field of the ``n`` pairs at ``x``'s size, before the Lucas-Kanade steps."""
+        feats = self.encoder(x)
         top = self.num_levels - 1
         # image pyramid for the block-matching prior (level 0 = the normalised image)
         pyr = [x[:, :1]]
@@ -697,7 +762,8 @@ class StageAligner(nn.Module):
             prior: Tensor | None = None
             if prior_kernel is not None:
                 img_s = fields.warp(pyr[level][:n], field)
-                ncc = local_ncc_cost(pyr[level][n:], img_s, r, prior_kernel)
+                ncc = local_ncc_cost(pyr[level][n:], img_s, r, prior_kernel,
+                                     self.prior_factors[level], self.prior_coarse_kernel)
                 prior = local_soft_argmax(ncc, r, temperatures[level])
                 inp = torch.cat((inp, ncc), 1)
             res = self._head(level, inp)
@@ -712,6 +778,17 @@ class StageAligner(nn.Module):
             field = fields.upsample_field(
                 field, self.finest_level, size=(x.shape[-2], x.shape[-1])
             )
+        return field
+
+    def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Residual field aligning an (already warped) float source to the target, same size."""
+        h, w = tgt.shape[-2], tgt.shape[-1]
+        n = src.shape[0]
+        src_v, tgt_v, x = self._inputs(src, tgt)
+        if self.learned:
+            field = self._learned_field(x, n)
+        else:
+            field = fields.identity(n, x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype)
         if self.lk_kernel is not None:
             field = self._lucas_kanade(x[:n, :2], x[n:, :2], field)
         has_data = (src_v.flatten(1).amax(1) > 0) & (tgt_v.flatten(1).amax(1) > 0)

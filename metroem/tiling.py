@@ -269,8 +269,10 @@ def stage_quantum(model) -> int:
     """Window origins of a stage (its own pixels) must be multiples of this.
 
     The network pools by its ``stride``; a locally normalised :class:`metroem.nets.StageAligner`
-    also takes its statistics on an 8-pixel grid.
+    also takes its statistics on an 8-pixel grid (its ``grid`` attribute names the result).
     """
+    if hasattr(model, "grid"):
+        return int(model.grid)
     q = int(getattr(model, "stride", 1))
     spec = getattr(model, "spec", None)
     if isinstance(spec, dict) and spec.get("normalization") == "local":

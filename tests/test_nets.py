@@ -323,3 +323,98 @@ def test_level_smooth_sigma_overrides_the_blur_of_chosen_levels_only():
         nets.default_spec(levels=4, level_smooth_sigma=[1.0, 2.0])
     with pytest.raises(ValueError, match="level_smooth_sigma"):
         nets.default_spec(levels=4, level_smooth_sigma=[1.0, 1.0, 1.0, -1.0])
+
+
+def test_prior_factor_gives_nearly_the_same_cost_volume_on_a_coarser_grid():
+    # The NCC sums of a real section and its shifted copy, taken on a 2x coarser grid, pick the
+    # same best shift almost everywhere and correlate closely with the full-resolution ones.
+    img = _isbi(4)[..., :128, :128]
+    img = (img - img.mean()) / img.std()
+    src = fields.warp_image(img, torch.tensor([1.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, 128, 128))
+    k = nets._gaussian_kernel(5.0)
+    fine = nets.local_ncc_cost(img, src, 2, k)
+    coarse = nets.local_ncc_cost(img, src, 2, k, factor=2, coarse_kernel=nets._gaussian_kernel(2.5))
+    assert coarse.shape == fine.shape
+    inner = (slice(None), slice(None), slice(16, -16), slice(16, -16))
+    agree = (fine.argmax(1) == coarse.argmax(1))[..., 16:-16, 16:-16].float().mean()
+    assert agree > 0.95, float(agree)
+    r = torch.corrcoef(torch.stack((fine[inner].flatten(), coarse[inner].flatten())))[0, 1]
+    assert r > 0.95, float(r)
+    # odd sizes: the coarse grid is cut from the same place, the answer cropped back
+    odd = nets.local_ncc_cost(img[..., :77, :91], src[..., :77, :91], 1, k, 2,
+                              nets._gaussian_kernel(2.5))
+    assert odd.shape == (1, 9, 77, 91)
+
+
+def test_prior_factor_is_checked_and_kept_on_the_tiling_grid():
+    for bad in (0, 3, True, 2.0):
+        with pytest.raises(ValueError, match="prior_factor"):
+            nets.default_spec(prior_factor=bad)
+    model = nets.build_model(nets.default_spec(prior_factor=2))  # 5 levels, stride 16, grid 16
+    assert model.grid == 16
+    assert model.prior_factors == [2, 2, 2, 2, 1]  # level 4 at factor 2 would need a 32 grid
+    small = nets.build_model(nets.default_spec(channels=[8, 16], prior_factor=4))  # stride 4
+    assert small.grid == 8 and small.prior_factors == [4, 4, 1]
+    plain = nets.build_model(nets.default_spec())
+    assert set(plain.state_dict()) == set(model.state_dict())  # parameter-free
+
+
+def test_prior_factor_changes_the_field_of_an_untrained_stage_little():
+    img = _isbi(3)[..., :256, :256]
+    true = torch.tensor([2.3, -1.6]).view(1, 2, 1, 1).expand(1, 2, 256, 256)
+    src = fields.warp_image(img, -true)
+    plain = nets.build_model(nets.default_spec())
+    fast = nets.build_model(nets.default_spec(prior_factor=2))
+    fast.load_state_dict(plain.state_dict())
+    inner = (slice(None), slice(None), slice(48, -48), slice(48, -48))
+    with torch.no_grad():
+        e0 = (plain(src, img) - true)[inner].norm(dim=1).median()
+        e1 = (fast(src, img) - true)[inner].norm(dim=1).median()
+    assert e1 < max(2 * e0, 0.3), (float(e0), float(e1))
+
+
+def test_a_stage_without_learned_levels_is_its_lucas_kanade_steps_alone(monkeypatch):
+    # learned_levels: false runs no encoder and no head; the field is the LK steps from zero on
+    # the normalised images, which recovers a sub-pixel shift. The weights stay loadable.
+    img = _isbi(6)[..., :128, :128]
+    true = torch.tensor([0.6, -0.4]).view(1, 2, 1, 1).expand(1, 2, 128, 128)
+    src = fields.warp_image(img, -true)
+    learned = nets.build_model(nets.default_spec(channels=[8, 16], lk_iterations=2))
+    model = nets.build_model(
+        nets.default_spec(channels=[8, 16], lk_iterations=2, learned_levels=False)
+    )
+    model.load_state_dict(learned.state_dict())  # same keys: switch either way in the spec
+    assert not model.learned
+
+    def no_encoder(x):
+        raise AssertionError("the encoder ran")
+
+    monkeypatch.setattr(model.encoder, "forward", no_encoder)
+    with torch.no_grad():
+        field = model(src, img)
+        _, _, x = model._inputs(src, img)
+        direct = model._lucas_kanade(x[:1], x[1:], fields.identity(1, 128, 128))
+    assert torch.allclose(field, direct, atol=1e-6)
+    assert (field - true)[..., 24:-24, 24:-24].norm(dim=1).median() < 0.1
+    with pytest.raises(ValueError, match="lk_iterations"):
+        nets.default_spec(learned_levels=False)
+    with pytest.raises(ValueError, match="learned_levels"):
+        nets.default_spec(learned_levels="no", lk_iterations=1)
+
+
+def test_channels_last_convolutions_give_the_same_field(monkeypatch):
+    img = _isbi(2)[..., :128, :128]
+    src = fields.warp_image(img, torch.full((1, 2, 128, 128), 1.5))
+    torch.manual_seed(3)
+    fast = nets.build_model(nets.default_spec(channels=[8, 16, 24]))
+    assert fast.heads["1"].net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(nets, "CONV_FORMAT", torch.contiguous_format)
+    plain = nets.build_model(nets.default_spec(channels=[8, 16, 24]))
+    plain.load_state_dict(fast.state_dict())
+    assert plain.heads["1"].net[0].weight.is_contiguous()
+    with torch.no_grad():
+        a = plain(src, img)
+        monkeypatch.setattr(nets, "CONV_FORMAT", torch.channels_last)
+        b = fast(src, img)
+    assert a.abs().max() > 0.5  # a real field
+    assert (a - b).abs().max() < 1e-3, float((a - b).abs().max())

@@ -301,7 +301,7 @@ def test_quality_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.needs_shared("isbi")
+@pytest.mark.needs_shared("isbi", "fibsem")
 def test_speed_benchmark_quick(tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -311,4 +311,14 @@ def test_speed_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "speed.json").read_text())
     assert result["throughput"]["metroem"]["ratio_to_metroem"] == pytest.approx(1.0)
     assert set(result["train"]) == {"mip2", "mip1", "mip0"}
-    assert (tmp_path / "speed.md").is_file()
+    # the options table: each way to run the pyramid timed and scored against a known answer
+    opts = result["options"]
+    assert {"shipped", "NCHW convolutions"} <= set(opts)
+    for v in opts.values():
+        assert v["seconds"] > 0 and v["fibsem"]["1"]["epe_median"] >= 0
+        if not v.get("baseline"):  # plain Farneback may miss the +-48 px drift
+            assert v["fibsem"]["1"]["epe_median"] < 5
+    assert opts["NCHW convolutions"]["nchw"] and not opts["shipped"]["nchw"]
+    assert set(result["threads"]["metroem"]) == {"1"}
+    md = (tmp_path / "speed.md").read_text()
+    assert "## Options" in md and "| **shipped** |" in md

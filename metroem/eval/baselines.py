@@ -268,6 +268,7 @@ def metroem_method(
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
     translation_init: bool = False,
+    spec_changes=None,
 ) -> FieldFn:
     """A trained metroem pyramid as a baseline-style method (raw images in, field out).
 
@@ -277,7 +278,8 @@ def metroem_method(
     ``refine=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair online
     refinement (:mod:`metroem.refine`; an error if this metroem's aligner has none).
     ``smoothing_nm`` / ``resolution_nm`` regularise the field and ``translation_init`` starts
-    it from a phase correlation (:func:`metroem.aligner.load_aligner`).
+    it from a phase correlation, and ``spec_changes`` overrides parameter-free spec keys
+    (:func:`metroem.aligner.load_aligner`).
     """
     from metroem.aligner import load_aligner
 
@@ -286,6 +288,8 @@ def metroem_method(
         extra.update(smoothing_nm=smoothing_nm, resolution_nm=resolution_nm)
     if translation_init:
         extra["translation_init"] = True
+    if spec_changes is not None:
+        extra["spec_changes"] = spec_changes
     try:
         aligner = load_aligner(
             pyramid_path, checkpoint_name=checkpoint_name, device=device,
