@@ -52,6 +52,25 @@ def test_load_aligner_is_lazy_export_and_eval_module(pyramid):
     assert len(metroem.load_aligner(pyramid, stages=[1]).stages) == 1
 
 
+def test_spec_changes_apply_per_stage_at_load_time_and_leave_the_folder_alone(pyramid):
+    before = {p: p.read_bytes() for p in pyramid.rglob("model_spec.json")}
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand", spec_changes={"iterations": 2})
+    assert [s.iterations for s in al.stages] == [2, 2]
+    al = metroem.load_aligner(pyramid, checkpoint_name="rand",
+                              spec_changes=[{}, {"lk_iterations": 1, "learned_levels": False}])
+    assert [s.learned for s in al.stages] == [True, False]
+    src, tgt = isbi_pair(64)
+    with torch.no_grad():
+        changed = al(src, tgt)
+        plain = metroem.load_aligner(pyramid, checkpoint_name="rand")(src, tgt)
+    assert (changed - plain).abs().max() > 1e-3  # the finest stage really ran differently
+    assert {p: p.read_bytes() for p in pyramid.rglob("model_spec.json")} == before
+    with pytest.raises(metroem.MetroemError, match="one per loaded stage"):
+        metroem.load_aligner(pyramid, checkpoint_name="rand", spec_changes=[{}])
+    with pytest.raises(metroem.MetroemError, match="channels"):  # would need other weights
+        metroem.load_aligner(pyramid, checkpoint_name="rand", spec_changes={"channels": [2]})
+
+
 def test_stages_run_coarse_to_fine_and_compose(pyramid):
     al = metroem.load_aligner(pyramid, checkpoint_name="rand")
     src, tgt = isbi_pair(64)

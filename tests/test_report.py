@@ -322,3 +322,19 @@ def test_speed_benchmark_quick(tmp_path):
     assert set(result["threads"]["metroem"]) == {"1"}
     md = (tmp_path / "speed.md").read_text()
     assert "## Options" in md and "| **shipped** |" in md
+
+
+@pytest.mark.slow
+def test_training_loop_benchmark_quick(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert _script("training_loop.py").main(
+            ["--quick", "--out", str(tmp_path), "--threads", "1", "--workers", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "training_loop.json").read_text())
+    rows = result["runs"]["0"]
+    assert [r["mip"] for r in rows] == [3, 2, 1]  # every demo stage trained
+    for r in rows:
+        assert r["steps"] == 3 and r["steps_per_s"] > 0 and 0 < r["data_share"] < 1
+    assert "| 0 | 0 | 3 |" in (tmp_path / "training_loop.md").read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def test_run_folder_has_resolved_config_log_and_tensorboard(trained):
     assert saved["train"]["steps"] == 6 and saved["data"]["crop_size"] == 64
     log = (run_dir / "train.log").read_text()
     assert "stage 0 done: 6 steps" in log and "stage 1 done: 6 steps" in log
+    assert re.search(r"stage 0 done: .*\(\d+\.\d\d steps/s, \d+ % of it on data\)", log)
     assert "generated field_0_" in log
     for stage, mip in enumerate(MIPS):
         acc = EventAccumulator(str(run_dir / f"stage{stage}_mip{mip}"),
@@ -107,6 +109,10 @@ def test_run_folder_has_resolved_config_log_and_tensorboard(trained):
         assert [e.step for e in loss] == [2, 4, 6]
         assert all(np.isfinite(e.value) for e in loss)
         assert acc.Scalars("train/lr")[0].value > 0
+        # loop speed and the share of it spent on data, per log line
+        assert [e.step for e in acc.Scalars("train/steps_per_s")] == [2, 4, 6]
+        assert all(e.value > 0 for e in acc.Scalars("train/steps_per_s"))
+        assert all(0 < e.value < 1 for e in acc.Scalars("train/data_share"))
         images = set(acc.Tags()["images"])
         assert {"train/pair", "val/pair"} <= images
         panel = acc.Images("val/pair")[-1]

@@ -243,7 +243,8 @@ def _stages(args, info, device, mods, train_numbers, gen_numbers, cfg, stage_cfg
             epe = res.val.get("epe_median")
             logger.message(
                 f"stage {m.stage} done: {res.steps} steps ({res.skipped} skipped) in "
-                f"{res.seconds:.0f} s"
+                f"{res.seconds:.0f} s ({res.steps_per_s:.2f} steps/s, "
+                f"{100 * res.data_share:.0f} % of it on data)"
                 + (f", validation EPE median {epe:.3f} px" if epe is not None else "")
             )
         if m.stage in gen_numbers:

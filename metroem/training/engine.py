@@ -56,6 +56,8 @@ class StageResult:
     skipped: int
     val: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    steps_per_s: float = 0.0  # of the training loop (batches, forward, backward, step)
+    data_share: float = 0.0  # the part of the loop's time spent getting and augmenting batches
 
 
 class StopFlag:
@@ -389,12 +391,19 @@ def train_stage(
     name = f"stage{module.stage}_mip{module.mip}"
     logger.start_stage(name, steps, step)
     t_last, samples = time.time(), 0
+    # seconds spent since the last log line: getting and augmenting batches, and whole steps
+    data_s, busy_s, timed_steps = 0.0, 0.0, 0
+    total_data_s, total_busy_s, total_steps = 0.0, 0.0, 0
     while step < steps:
         # One step: data -> augment -> forward -> loss -> backward -> agree -> step.
         hooks.on_step(module.stage, step + 1, info.rank)
+        t_step = time.perf_counter()
         batch = _to(next(stream), device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 97 + info.rank)
         batch = aug(batch, gen)
+        dt_data = time.perf_counter() - t_step
+        data_s += dt_data
+        total_data_s += dt_data
         if eq_weight > 0:
             pred, eq_term = forward_with_equivariance(net, batch, eq_spec, gen)
         else:
@@ -437,6 +446,11 @@ def train_stage(
         scheduler.step()
         samples += batch["src"].shape[0] * info.world_size
         logger.step(1)
+        dt_step = time.perf_counter() - t_step
+        busy_s += dt_step
+        total_busy_s += dt_step
+        timed_steps += 1
+        total_steps += 1
 
         if all_finite and (_every(step, log_every) or step == steps):
             dt = time.time() - t_last
@@ -448,10 +462,15 @@ def train_stage(
                 lr=optimizer.param_groups[0]["lr"],
                 grad_norm=float(gnorm),
                 samples_per_s=samples / max(dt, 1e-9),
+                # steps/s of the training loop itself, and the share of it spent getting and
+                # augmenting batches (data-bound when it is large: add loader workers)
+                steps_per_s=dist.mean_scalar(info, timed_steps / max(busy_s, 1e-9), device),
+                data_share=dist.mean_scalar(info, data_s / max(busy_s, 1e-9), device),
             )
             logger.scalars(step, values, prefix="train/")
             logger.postfix(loss=values["loss"])
             t_last, samples = time.time(), 0
+            data_s, busy_s, timed_steps = 0.0, 0.0, 0
         if info.is_main and _every(step, image_every):
             logger.panel(step, "train/pair", batch["src"][0, 0], batch["tgt"][0, 0],
                          pred[0].detach())
@@ -481,7 +500,8 @@ def train_stage(
     if val_metrics and not all(math.isfinite(v) for v in val_metrics.values()):
         logger.message(f"{name}: validation produced non-finite metrics {val_metrics}")
     return StageResult(module.stage, module.mip, step, skipped, val_metrics,
-                       time.time() - t_start)
+                       time.time() - t_start, total_steps / max(total_busy_s, 1e-9),
+                       total_data_s / max(total_busy_s, 1e-9))
 
 
 def env_summary(device: torch.device, info: dist.DistInfo) -> str:
