@@ -67,8 +67,8 @@ def test_spec_changes_apply_per_stage_at_load_time_and_leave_the_folder_alone(py
     assert {p: p.read_bytes() for p in pyramid.rglob("model_spec.json")} == before
     with pytest.raises(metroem.MetroemError, match="one per loaded stage"):
         metroem.load_aligner(pyramid, checkpoint_name="rand", spec_changes=[{}])
-    with pytest.raises(metroem.MetroemError, match="channels"):  # would need other weights
-        metroem.load_aligner(pyramid, checkpoint_name="rand", spec_changes={"channels": [2]})
+    with pytest.raises(metroem.MetroemError, match="heads"):  # would need other weights
+        metroem.load_aligner(pyramid, checkpoint_name="rand", spec_changes={"head_channels": 3})
 
 
 def test_stages_run_coarse_to_fine_and_compose(pyramid):
