@@ -66,7 +66,7 @@ def train_runs(root: str, steps: int, workers: list[int], sections: int, size: i
             demo_pipeline.cut_datasets(vol, data_dir, sorted({m.mip for m in mods},
                                                              reverse=True))
         args = train_cli.build_parser().parse_args([
-            "--pyramid_path", pyr, "--dataset_path", data_dir, "--checkpoint_name", "bench",
+            "--pyramid_path", pyr, "--dataset_path", data_dir, "--checkpoint_name", f"bench_w{w}",
             "--train_mode", "custom", "--train_params_path", os.path.join(pyr, "train.yaml"),
             "--seed", "0", "--no_redirect_stdout",
             "--set", f"train.steps={steps}", "--set", f"data.num_workers={w}",

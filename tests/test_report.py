@@ -329,7 +329,7 @@ def test_training_loop_benchmark_quick(tmp_path):
     threads = torch.get_num_threads()
     try:
         assert _script("training_loop.py").main(
-            ["--quick", "--out", str(tmp_path), "--threads", "1", "--workers", "0"]) == 0
+            ["--quick", "--out", str(tmp_path), "--threads", "1", "--workers", "0", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "training_loop.json").read_text())
@@ -337,4 +337,5 @@ def test_training_loop_benchmark_quick(tmp_path):
     assert [r["mip"] for r in rows] == [3, 2, 1]  # every demo stage trained
     for r in rows:
         assert r["steps"] == 3 and r["steps_per_s"] > 0 and 0 < r["data_share"] < 1
+    assert [r["mip"] for r in result["runs"]["1"]] == [3, 2, 1]  # a second run beside it
     assert "| 0 | 0 | 3 |" in (tmp_path / "training_loop.md").read_text()
