@@ -220,11 +220,13 @@ class Option:
 OPTIONS = [
     Option("shipped"),
     Option("NCHW convolutions", nchw=True),
+    Option("no-data not treated as the image border", every={"nodata_aware": False}),
     Option("4 nm stage learned", last={"learned_levels": True}),
     Option("NCC sums on the level grid", every={"prior_factor": 1}),
     Option("2 passes per stage", every={"iterations": 2}),
-    Option("shipped before (2 passes, level-grid NCC, 4 nm learned, NCHW)",
-           every={"iterations": 2, "prior_factor": 1}, last={"learned_levels": True}, nchw=True),
+    Option("shipped before (2 passes, level-grid NCC, 4 nm learned, NCHW, no-data as data)",
+           every={"iterations": 2, "prior_factor": 1, "nodata_aware": False},
+           last={"learned_levels": True}, nchw=True),
 ]
 QUALITY_BASELINES = ["farneback", "farneback+pc"]
 

@@ -35,6 +35,7 @@ __all__ = [
     "warp_field",
     "compose",
     "compose_many",
+    "fill_nodata",
     "downsample_image",
     "downsample_field",
     "upsample_field",
@@ -165,6 +166,39 @@ def compose_many(fields: list[Tensor]) -> Tensor:
     for f in fields[1:]:
         out = compose(out, f)
     return out
+
+
+def fill_nodata(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` ``(N, C, H, W)`` with every pixel where ``mask`` ``(N, 1, H, W)`` is 0 set to the
+    nearest pixel with data in its row, and in rows without data to the nearest filled row in
+    its column; unchanged where an item has no data at all.
+
+    Around a rectangle of data this is exactly replicate padding, so a field extended into
+    surrounding no-data behaves at the data's edge as a field at the image's edge does (bilinear
+    upsampling, ``border`` warps).
+    """
+    valid = mask > 0.5
+    if not torch.compiler.is_exporting() and bool(valid.all()):
+        return x  # nothing to fill (an exported program always runs the fill: same result)
+    x = _fill_along(x, valid, -1)
+    rows = valid.any(-1, keepdim=True).expand_as(mask)
+    return _fill_along(x, rows, -2)
+
+
+def _fill_along(x: Tensor, valid: Tensor, dim: int) -> Tensor:
+    """Fill ``x`` where ``valid`` (bool, one channel) is false from the nearest valid entry
+    along ``dim`` (the earlier one on ties); lines without a valid entry stay as they are."""
+    n = x.shape[dim]
+    shape = [1, 1, 1, 1]
+    shape[dim] = n
+    idx = torch.arange(n, device=x.device).view(shape).expand_as(valid)
+    before = torch.where(valid, idx, -1).cummax(dim).values  # last valid index <= i
+    after = torch.where(valid, idx, n).flip(dim).cummin(dim).values.flip(dim)  # first >= i
+    use_before = (before >= 0) & ((after >= n) | (idx - before <= after - idx))
+    source = torch.where(use_before, before, after).clamp(0, n - 1)
+    filled = torch.gather(x, dim, source.expand_as(x))
+    keep = valid | ~valid.any(dim, keepdim=True)
+    return torch.where(keep.expand_as(x), x, filled)
 
 
 def _check_levels(levels: int) -> int:

@@ -98,6 +98,12 @@ _DEFAULTS: dict = {
     # the time (benchmarks/results/speed.md). Parameter-free: switch it either way by editing
     # the spec.
     "learned_levels": True,
+    # Treat no-data like the outside of the image everywhere: encoder and head activations are
+    # zeroed where a level has no data (as the convolutions' zero padding is outside), the NCC
+    # sums, residual blurs and Lucas-Kanade sums are normalised over data with zero padding,
+    # and the LK weight is eroded by a pixel. A section padded with no-data then gives nearly
+    # the field it gives alone (docs/nets_and_losses.md, step 12). Parameter-free.
+    "nodata_aware": False,
 }
 
 # The parameter-free refinements above switched off: the recipes train with these and switch
@@ -108,6 +114,12 @@ REFINEMENTS_OFF: dict = {
     "iterations": 1,
     "level_smooth_sigma": None,
     "learned_levels": True,
+    # Treat no-data like the outside of the image everywhere: encoder and head activations are
+    # zeroed where a level has no data (as the convolutions' zero padding is outside), the NCC
+    # sums, residual blurs and Lucas-Kanade sums are normalised over data with zero padding,
+    # and the LK weight is eroded by a pixel. A section padded with no-data then gives nearly
+    # the field it gives alone (docs/nets_and_losses.md, step 12). Parameter-free.
+    "nodata_aware": False,
 }
 
 
@@ -210,7 +222,7 @@ def validate_spec(spec: dict) -> dict:
     if not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0:
         raise ValueError(f"global_gain_init must be a number >= 0, got {g!r}")
     for key in ("global_translation", "concat_features", "smooth_output", "local_prior",
-                "learned_levels"):
+                "learned_levels", "nodata_aware"):
         if not isinstance(out[key], bool):
             raise ValueError(f"{key} must be true or false, got {out[key]!r}")
     return out
@@ -275,7 +287,7 @@ NORM_FACTOR = 8
 
 
 def normalize_image_local(
-    img: Tensor, sigma: float, factor: int = NORM_FACTOR
+    img: Tensor, sigma: float, factor: int = NORM_FACTOR, nodata_aware: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``(normalised, valid)`` with the mean and variance of a Gaussian window over valid pixels.
 
@@ -283,6 +295,9 @@ def normalize_image_local(
     zero padding divided by the blurred validity) and interpolated back, which keeps the cost low
     and the result local: a pixel depends only on its neighbourhood, so tiles agree with the
     whole image away from their borders (tile origins on multiples of ``factor``).
+    ``nodata_aware`` extends the statistics from the coarse cells with data into those without
+    (:func:`metroem.fields.fill_nodata`) before interpolating, so that pixels next to no-data
+    are normalised as pixels at the image border are.
     """
     x = img.float()
     valid = (x != 0).float()
@@ -296,7 +311,10 @@ def normalize_image_local(
     b0 = gaussian_blur(s0, k, "constant").clamp_min(1e-6)
     mean = gaussian_blur(s1, k, "constant") / b0
     var = (gaussian_blur(s2, k, "constant") / b0 - mean**2).clamp_min(0)
-    stats = F.interpolate(torch.cat((mean, var), 1), scale_factor=float(factor), mode="bilinear",
+    stats = torch.cat((mean, var), 1)
+    if nodata_aware:
+        stats = fields.fill_nodata(stats, s0)
+    stats = F.interpolate(stats, scale_factor=float(factor), mode="bilinear",
                           align_corners=False)[..., :h, :w]
     std = stats[:, 1:2].sqrt().clamp_min(1e-3 * (stats[:, :1].abs() + 1))
     return (x - stats[:, :1]) / std * valid, valid
@@ -377,12 +395,22 @@ class Encoder(nn.Module):
             )
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """``x`` is ``(B, 2, H, W)`` (image, validity); returns features of levels 0..L-1."""
+    def forward(self, x: Tensor, masks: list[Tensor] | None = None) -> list[Tensor]:
+        """``x`` is ``(B, 2, H, W)`` (image, validity); returns features of levels 0..L-1.
+
+        ``masks`` (one ``(B, 1, h, w)`` 0/1 tensor per level 0..L) zero every activation where
+        its level has no data, as the next convolution's padding is zero outside the image.
+        """
         feats = [x[:, :1]]
         x = x.contiguous(memory_format=CONV_FORMAT)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            if masks is None:
+                x = block(x)
+            else:
+                for layer in block:
+                    x = layer(x)
+                    if not isinstance(layer, nn.Conv2d):
+                        x = x * masks[i + 1]
             feats.append(x.contiguous())
         return feats
 
@@ -433,7 +461,7 @@ def local_soft_argmax(cost: Tensor, radius: int, temperature: Tensor) -> Tensor:
 
 def local_ncc_cost(
     tgt: Tensor, src: Tensor, radius: int, kernel: Tensor, factor: int = 1,
-    coarse_kernel: Tensor | None = None,
+    coarse_kernel: Tensor | None = None, valid: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Local normalised cross-correlation ``(N, (2r+1)^2, H, W)`` of one-channel images.
 
@@ -442,23 +470,38 @@ def local_ncc_cost(
     Ordered like :func:`local_correlation`. With ``factor > 1`` the local sums and the score are
     taken on a ``factor``-times coarser grid (box-averaged products blurred by
     ``coarse_kernel``, the window in coarse pixels) and the score is interpolated back.
+
+    ``valid`` (0/1 masks of ``tgt`` and ``src``) treats pixels without data like the outside of
+    the image: the high-pass subtracts the mean over data, is 0 without data, and every blur
+    pads with zeros (otherwise the image border is replicated).
     """
     n = tgt.shape[0]
     both = torch.cat((tgt, src), 0)
-    hp = both - gaussian_blur(both, kernel)
+    pad = "replicate"
+    if valid is None:
+        hp = both - gaussian_blur(both, kernel)
+    else:
+        pad = "constant"
+        v = torch.cat(valid, 0)
+        mean = gaussian_blur(both * v, kernel, pad) / gaussian_blur(v, kernel, pad).clamp_min(1e-6)
+        hp = (both - mean) * v
     t, s = hp[:n], hp[n:]
     shifted = torch.cat(_shifted(s, radius), 1)  # (N, S, H, W)
     # One blur call for every local sum (a per-channel blur, so batching changes nothing).
     prods = torch.cat((t * t, t * shifted, shifted * shifted), 1)
+    if valid is not None:  # windows sum over the target's data only, as inside the image
+        prods = prods * valid[0]
     if factor > 1:
         assert coarse_kernel is not None
-        sums = gaussian_blur(F.avg_pool2d(prods, factor, ceil_mode=True), coarse_kernel)
+        sums = gaussian_blur(F.avg_pool2d(prods, factor, ceil_mode=True), coarse_kernel, pad)
     else:
-        sums = gaussian_blur(prods, kernel)
+        sums = gaussian_blur(prods, kernel, pad)
     k = shifted.shape[1]
     tt, num, ss = sums[:, :1], sums[:, 1 : 1 + k], sums[:, 1 + k :]
     ncc = num / torch.sqrt(tt * ss + 1e-4)
     if factor > 1:
+        if valid is not None:  # next to no data, interpolate as at the image border
+            ncc = fields.fill_nodata(ncc, F.avg_pool2d(valid[0], factor, ceil_mode=True))
         # a fixed scale (not a target size) keeps every fine pixel's place on the coarse grid
         # the same in a tile as in the whole image
         ncc = F.interpolate(ncc, scale_factor=float(factor), mode="bilinear",
@@ -477,6 +520,20 @@ def gaussian_blur(x: Tensor, kernel: Tensor, padding: str = "replicate") -> Tens
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+def masked_blur(x: Tensor, kernel: Tensor, mask: Tensor) -> Tensor:
+    """:func:`gaussian_blur` normalised over ``mask`` (0/1) with zero padding: the weighted mean
+    of the pixels with data, the same whether the rest is no-data or outside the image; 0 where
+    no data is within reach."""
+    num = gaussian_blur(x * mask, kernel, "constant")
+    den = gaussian_blur(mask, kernel, "constant")
+    return torch.where(den > 1e-3, num / den.clamp_min(1e-3), torch.zeros_like(num))
+
+
+def _erode(mask: Tensor) -> Tensor:
+    """0/1 ``mask`` without the pixels next to (8-neighbourhood) a 0 or the image border."""
+    return (F.avg_pool2d(F.pad(mask, (1, 1, 1, 1)), 3, stride=1) > 1 - 1e-4).to(mask.dtype)
+
+
 def _central_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
     """``(d/dx, d/dy)`` by central differences (one-sided at the borders via replication)."""
     px = F.pad(img, (1, 1, 0, 0), mode="replicate")
@@ -486,7 +543,7 @@ def _central_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
 
 def lucas_kanade_step(
     warped: Tensor, tgt: Tensor, weight: Tensor, kernel: Tensor, eps: float = 1e-2,
-    factor: int = 1,
+    factor: int = 1, padding: str = "replicate",
 ) -> Tensor:
     """Field update ``(N, 2, H, W)`` that moves ``warped`` (the source pulled by the current
     field) onto ``tgt`` to first order: per pixel, least squares over a Gaussian window of
@@ -495,18 +552,21 @@ def lucas_kanade_step(
     one pixel. In the pull convention the new field is ``field + update``. With ``factor > 1``
     the windowed sums are taken on a ``factor``-times coarser grid (``kernel`` is then in coarse
     pixels) and the update is interpolated back: for wide windows, the same answer for less.
+    ``padding`` is the sums' padding at the image border (``constant``: like no data).
     """
     gx, gy = _central_gradient(0.5 * (warped + tgt))
     it = tgt - warped
     prods = torch.cat((gx * gx, gx * gy, gy * gy, gx * it, gy * it), 1) * weight
     if factor > 1:
         prods = F.avg_pool2d(prods, factor, ceil_mode=True)
-    sums = gaussian_blur(prods, kernel)
+    sums = gaussian_blur(prods, kernel, padding)
     a, b, c = sums[:, 0:1] + eps, sums[:, 1:2], sums[:, 2:3] + eps
     d, e = sums[:, 3:4], sums[:, 4:5]
     det = a * c - b * b
     step = torch.cat(((c * d - b * e) / det, (a * e - b * d) / det), 1)
     if factor > 1:
+        if padding == "constant":  # no data is the outside: interpolate as at the border
+            step = fields.fill_nodata(step, F.avg_pool2d(weight, factor, ceil_mode=True) > 0)
         step = F.interpolate(step, size=[tgt.shape[-2], tgt.shape[-1]], mode="bilinear",
                              align_corners=False)
     return step.clamp(-1.0, 1.0)
@@ -538,8 +598,18 @@ class ResidualHead(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.contiguous(memory_format=CONV_FORMAT)).contiguous()
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (0/1, ``(N, 1, H, W)``) zeroes the input and every activation where there is
+        no data (see :class:`Encoder`)."""
+        x = x.contiguous(memory_format=CONV_FORMAT)
+        if mask is None:
+            return self.net(x).contiguous()
+        x = x * mask
+        for layer in self.net:
+            x = layer(x)
+            if not isinstance(layer, nn.Conv2d):
+                x = x * mask
+        return (x * mask).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,6 +637,7 @@ class StageAligner(nn.Module):
         self.concat_features = bool(s["concat_features"])
         self.lk_iterations = int(s["lk_iterations"])
         self.iterations = int(s["iterations"])
+        self.nodata_aware = bool(s["nodata_aware"])
         self.encoder = Encoder(ch)
         self.global_head = (
             GlobalTranslation(
@@ -638,17 +709,22 @@ class StageAligner(nn.Module):
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _smooth(self, field: Tensor, level: int) -> Tensor:
-        """The residual blur of ``level`` (replicate padding keeps a constant field constant)."""
+    def _smooth(self, field: Tensor, level: int, mask: Tensor | None = None) -> Tensor:
+        """The residual blur of ``level`` (replicate padding keeps a constant field constant;
+        with a no-data ``mask``, normalised over data: :func:`masked_blur`)."""
         out = field
         overridden = False
         for key, blur in self.level_blurs.items():
             if int(key) == level:
-                out = blur(field)
                 overridden = True
+                if mask is not None and isinstance(blur, GaussianBlur):
+                    out = masked_blur(field, blur.kernel, mask)
+                else:
+                    out = blur(field)
         kernel = self.smooth_kernel
         if not overridden and kernel is not None:
-            out = gaussian_blur(field, kernel)
+            out = gaussian_blur(field, kernel) if mask is None else (
+                masked_blur(field, kernel, mask))
         return out
 
     def _pad(self, x: Tensor) -> Tensor:
@@ -668,8 +744,12 @@ class StageAligner(nn.Module):
         for _ in range(self.lk_iterations):
             warped = fields.warp(src, field)
             weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
+            padding = "replicate"
+            if self.nodata_aware:  # gradients next to no data or the border are not used
+                weight, padding = _erode(weight), "constant"
             field = field + lucas_kanade_step(
-                warped[:, :1], tgt[:, :1], weight, kernel, factor=self.lk_factor
+                warped[:, :1], tgt[:, :1], weight, kernel, factor=self.lk_factor,
+                padding=padding,
             )
         return field
 
@@ -680,7 +760,8 @@ class StageAligner(nn.Module):
         then targets, channels (normalised image, validity)."""
         both = torch.cat((src, tgt))  # normalised per item: one call for both
         if self.local_normalization:
-            norm, valid = normalize_image_local(both, self.norm_sigma)
+            norm, valid = normalize_image_local(both, self.norm_sigma,
+                                                nodata_aware=self.nodata_aware)
         else:
             norm, valid = normalize_image(both)
         n = src.shape[0]
@@ -721,18 +802,27 @@ class StageAligner(nn.Module):
             for level in range(self.num_levels)
         ]
 
-    def _head(self, level: int, inp: Tensor) -> Tensor:
-        """The residual head of ``level`` applied to ``inp``."""
+    def _head(self, level: int, inp: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The residual head of ``level`` applied to ``inp`` (``mask``: see ResidualHead)."""
         out = inp
         for key, head in self.heads.items():
             if int(key) == level:
-                out = head(inp)
+                out = head(inp, mask)
         return out
+
+    def _level_masks(self, x: Tensor) -> list[Tensor] | None:
+        """Per level 0..L, 1 where the padded input ``x`` has any data (``nodata_aware``)."""
+        if not self.nodata_aware:
+            return None
+        v = x[:, 1:2]
+        return [v] + [(F.avg_pool2d(v, 2**level) > 0).to(x.dtype)
+                      for level in range(1, self.num_levels)]
 
     def _learned_field(self, x: Tensor, n: int) -> Tensor:
         """The learned coarse-to-fine levels on the padded input ``x`` (:meth:`_inputs`): the
         field of the ``n`` pairs at ``x``'s size, before the Lucas-Kanade steps."""
-        feats = self.encoder(x)
+        masks = self._level_masks(x)
+        feats = self.encoder(x, masks)
         top = self.num_levels - 1
         # image pyramid for the block-matching prior (level 0 = the normalised image)
         pyr = [x[:, :1]]
@@ -756,28 +846,44 @@ class StageAligner(nn.Module):
             if field.shape[-2:] != fs.shape[-2:]:
                 field = fields.upsample_field(field, 1, size=(fs.shape[-2], fs.shape[-1]))
             ws = fields.warp(fs, field)
+            mask = None if masks is None else masks[level][n:]
+            if mask is not None:  # where the target has no data is outside the image
+                ws = ws * mask
             r = self.radii[level]
             cost = local_correlation(ft, ws, r)
             inp = torch.cat((cost, ft, ws), 1) if self.concat_features else cost
             prior: Tensor | None = None
             if prior_kernel is not None:
                 img_s = fields.warp(pyr[level][:n], field)
+                valid = None
+                if masks is not None and mask is not None:
+                    moved = fields.warp(masks[level][:n], field) > 0.5
+                    valid = (mask, moved.to(mask.dtype) * mask)
                 ncc = local_ncc_cost(pyr[level][n:], img_s, r, prior_kernel,
-                                     self.prior_factors[level], self.prior_coarse_kernel)
+                                     self.prior_factors[level], self.prior_coarse_kernel,
+                                     valid)
                 prior = local_soft_argmax(ncc, r, temperatures[level])
                 inp = torch.cat((inp, ncc), 1)
-            res = self._head(level, inp)
+            res = self._head(level, inp, mask)
             if prior is not None:
                 res = res + prior
-            res = self._smooth(res, level)
+            res = self._smooth(res, level, mask)
             field = fields.compose(field, res)
+            if mask is not None:  # beyond the data the field continues as at an image border
+                field = fields.fill_nodata(field, mask)
         residual_kernel = self.residual_kernel
         if residual_kernel is not None:
-            field = gaussian_blur(field, residual_kernel)
+            if masks is None:
+                field = gaussian_blur(field, residual_kernel)
+            else:
+                mask = masks[self.finest_level][n:]
+                field = fields.fill_nodata(masked_blur(field, residual_kernel, mask), mask)
         if self.finest_level > 0:
             field = fields.upsample_field(
                 field, self.finest_level, size=(x.shape[-2], x.shape[-1])
             )
+        if masks is not None:
+            field = fields.fill_nodata(field, masks[0][n:])
         return field
 
     def residual(self, src: Tensor, tgt: Tensor) -> Tensor:
@@ -791,6 +897,8 @@ class StageAligner(nn.Module):
             field = fields.identity(n, x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype)
         if self.lk_kernel is not None:
             field = self._lucas_kanade(x[:n, :2], x[n:, :2], field)
+            if self.nodata_aware:
+                field = fields.fill_nodata(field, x[n:, 1:2])
         has_data = (src_v.flatten(1).amax(1) > 0) & (tgt_v.flatten(1).amax(1) > 0)
         field = field[..., :h, :w] * has_data.view(n, 1, 1, 1).to(field.dtype)
         return field
@@ -831,9 +939,13 @@ class StageAligner(nn.Module):
                 agg = self.residual(src, tgt)
             else:
                 warped = fields.warp_image(src, agg)
+                if self.nodata_aware:  # source pulled beyond the target's data is outside
+                    warped = warped * (tgt != 0).to(warped.dtype)
                 res = self.residual(warped, tgt)
                 has_data = (warped.flatten(1).ne(0).any(1)) & (tgt.flatten(1).ne(0).any(1))
                 agg = torch.where(has_data.view(-1, 1, 1, 1), fields.compose(agg, res), agg)
+                if self.nodata_aware:
+                    agg = fields.fill_nodata(agg, (tgt != 0).to(agg.dtype))
         assert agg is not None
         return agg
 

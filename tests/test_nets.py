@@ -418,3 +418,69 @@ def test_channels_last_convolutions_give_the_same_field(monkeypatch):
         b = fast(src, img)
     assert a.abs().max() > 0.5  # a real field
     assert (a - b).abs().max() < 1e-3, float((a - b).abs().max())
+
+
+def test_nodata_aware_ncc_and_blur_treat_no_data_like_the_outside_of_the_image():
+    # With validity masks, the NCC cost volume and the masked blur of an image padded with
+    # no-data equal those of the unpadded image exactly, border included.
+    img = _isbi(8)[..., :96, :96]
+    img = (img - img.mean()) / img.std()
+    src = fields.warp_image(img, torch.full((1, 2, 96, 96), 0.7))
+    k = nets._gaussian_kernel(3.0)
+    ones = torch.ones(1, 1, 96, 96)
+    alone = nets.local_ncc_cost(img, src, 1, k, valid=(ones, ones))
+    p = 24
+    pad = lambda t: torch.nn.functional.pad(t, (p, p, p, p))  # noqa: E731
+    padded = nets.local_ncc_cost(pad(img), pad(src), 1, k, valid=(pad(ones), pad(ones)))
+    assert torch.allclose(padded[..., p:-p, p:-p], alone, atol=1e-4)
+    plain = nets.local_ncc_cost(pad(img), pad(src), 1, k)[..., p:-p, p:-p]
+    assert (plain - alone).abs().max() > 0.05  # without masks the border is not the same
+    field = torch.randn(1, 2, 96, 96)
+    blurred = nets.masked_blur(field, k, ones)
+    assert torch.allclose(nets.masked_blur(pad(field), k, pad(ones))[..., p:-p, p:-p], blurred,
+                          atol=1e-5)
+    const = nets.masked_blur(torch.full((1, 2, 96, 96), 2.5), k, ones)
+    assert torch.allclose(const, torch.full_like(const, 2.5))  # a constant field stays so
+    m = torch.ones(1, 1, 6, 6)
+    m[..., 2, 3] = 0
+    e = nets._erode(m)
+    assert e[..., 1:4, 2:5].sum() == 0 and e[..., 0, :].sum() == 0 and e[..., 3, 0] == 0
+    assert e.sum() == 4 * 4 - 9 + 0  # interior 4x4, minus the 3x3 around the hole
+
+
+def test_nodata_aware_encoder_and_heads_zero_what_has_no_data():
+    torch.manual_seed(1)
+    model = nets.build_model(nets.default_spec(channels=[4, 8], nodata_aware=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # non-zero biases: no-data would not be 0 alone
+    x = torch.randn(2, 2, 64, 64)
+    x[:, 1] = 1.0
+    x[..., :, 40:] = 0  # no data on the right
+    masks = model._level_masks(x)
+    feats = model.encoder(x, masks)
+    assert feats[1][..., :, 20:].abs().max() == 0 and feats[1][..., :, :20].abs().max() > 0
+    assert feats[2][..., :, 10:].abs().max() == 0
+    unmasked = model.encoder(x)
+    assert unmasked[2][..., :, 12:].abs().max() > 0  # biases leak into no-data without masks
+    head = model.heads["1"]
+    out = head(torch.randn(1, head.net[0].in_channels, 32, 32), masks[1][:1])
+    assert out[..., :, 20:].abs().max() == 0
+
+
+def test_nodata_aware_stage_changes_little_when_no_data_surrounds_the_tissue():
+    # A real 256^2 neighbour pair, once alone and once inside 32 px of no-data: with
+    # nodata_aware the field in the tissue barely moves; without, it moves far more.
+    s = _isbi(11)[..., :256, :256].clamp_min(1)
+    t = _isbi(10)[..., :256, :256].clamp_min(1)
+    p = 32
+    pad = lambda a: torch.nn.functional.pad(a, (p, p, p, p))  # noqa: E731
+    changes = {}
+    for aware in (False, True):
+        torch.manual_seed(0)
+        model = nets.build_model(nets.default_spec(nodata_aware=aware, lk_iterations=1))
+        with torch.no_grad():
+            d = (model(pad(s), pad(t))[..., p:-p, p:-p] - model(s, t)).norm(dim=1)
+        changes[aware] = (float(d.median()), float(d.max()))
+    assert changes[True][0] < 0.5 * changes[False][0], changes
+    assert changes[True][1] < changes[False][1], changes
