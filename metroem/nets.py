@@ -543,7 +543,7 @@ def _central_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
 
 def lucas_kanade_step(
     warped: Tensor, tgt: Tensor, weight: Tensor, kernel: Tensor, eps: float = 1e-2,
-    factor: int = 1, padding: str = "replicate",
+    factor: int = 1, padding: str = "replicate", tgt_valid: Tensor | None = None,
 ) -> Tensor:
     """Field update ``(N, 2, H, W)`` that moves ``warped`` (the source pulled by the current
     field) onto ``tgt`` to first order: per pixel, least squares over a Gaussian window of
@@ -552,7 +552,9 @@ def lucas_kanade_step(
     one pixel. In the pull convention the new field is ``field + update``. With ``factor > 1``
     the windowed sums are taken on a ``factor``-times coarser grid (``kernel`` is then in coarse
     pixels) and the update is interpolated back: for wide windows, the same answer for less.
-    ``padding`` is the sums' padding at the image border (``constant``: like no data).
+    ``padding`` is the sums' padding at the image border (``constant``: like no data); with
+    ``tgt_valid`` (0/1) the coarse update is extended beyond the target's data by replication
+    before it is interpolated, as at the image border.
     """
     gx, gy = _central_gradient(0.5 * (warped + tgt))
     it = tgt - warped
@@ -565,8 +567,8 @@ def lucas_kanade_step(
     det = a * c - b * b
     step = torch.cat(((c * d - b * e) / det, (a * e - b * d) / det), 1)
     if factor > 1:
-        if padding == "constant":  # no data is the outside: interpolate as at the border
-            step = fields.fill_nodata(step, F.avg_pool2d(weight, factor, ceil_mode=True) > 0)
+        if tgt_valid is not None:  # no data is the outside: interpolate as at the border
+            step = fields.fill_nodata(step, F.avg_pool2d(tgt_valid, factor, ceil_mode=True))
         step = F.interpolate(step, size=[tgt.shape[-2], tgt.shape[-1]], mode="bilinear",
                              align_corners=False)
     return step.clamp(-1.0, 1.0)
@@ -744,12 +746,12 @@ class StageAligner(nn.Module):
         for _ in range(self.lk_iterations):
             warped = fields.warp(src, field)
             weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
-            padding = "replicate"
+            padding, tgt_valid = "replicate", None
             if self.nodata_aware:  # gradients next to no data or the border are not used
-                weight, padding = _erode(weight), "constant"
+                weight, padding, tgt_valid = _erode(weight), "constant", tgt[:, 1:]
             field = field + lucas_kanade_step(
                 warped[:, :1], tgt[:, :1], weight, kernel, factor=self.lk_factor,
-                padding=padding,
+                padding=padding, tgt_valid=tgt_valid,
             )
         return field
 
