@@ -304,8 +304,8 @@ def normalize_image_local(
     h, w = x.shape[-2:]
     ph, pw = (-h) % factor, (-w) % factor
     xp, vp = (F.pad(t, (0, pw, 0, ph)) for t in (x, valid))
-    s1 = F.avg_pool2d(xp * vp, factor)
-    s2 = F.avg_pool2d(xp * xp * vp, factor)
+    s1 = F.avg_pool2d(xp, factor)  # x is 0 wherever it has no data: x * valid == x
+    s2 = F.avg_pool2d(xp * xp, factor)
     s0 = F.avg_pool2d(vp, factor)
     k = _gaussian_kernel(max(sigma / factor, 0.5)).to(x)
     b0 = gaussian_blur(s0, k, "constant").clamp_min(1e-6)
@@ -743,8 +743,9 @@ class StageAligner(nn.Module):
         """
         kernel = self.lk_kernel
         assert kernel is not None
-        for _ in range(self.lk_iterations):
-            warped = fields.warp(src, field)
+        for i in range(self.lk_iterations):
+            # without learned levels the first step starts from zero: no warp needed
+            warped = src if i == 0 and not self.learned else fields.warp(src, field)
             weight = ((warped[:, 1:] > 0.999) & (tgt[:, 1:] > 0.5)).to(field.dtype)
             padding, tgt_valid = "replicate", None
             if self.nodata_aware:  # gradients next to no data or the border are not used
