@@ -46,6 +46,7 @@ from metroem.eval import baselines, pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import neighbours  # noqa: E402  (the neighbour benchmark's pairs and measures)
+import quality as q  # noqa: E402  (thread pinning shared by the benchmarks)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PYRAMID = REPO / "models" / "isbi"
@@ -278,24 +279,14 @@ def thread_scaling(methods: dict, src, tgt, repeats: int, threads: list[int]) ->
     before = torch.get_num_threads()
     try:
         for n in threads:
-            _set_threads(n)
+            q.set_threads(n)
             for name, fn in methods.items():
                 sec = _time(lambda fn=fn: baselines.align(fn, src, tgt), repeats)
                 out.setdefault(name, {})[str(n)] = sec
                 print(f"  {name:12s} {n} thread(s): {sec:.3f} s", flush=True)
     finally:
-        _set_threads(before)
+        q.set_threads(before)
     return out
-
-
-def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
-    try:
-        import cv2
-
-        cv2.setNumThreads(n)
-    except ImportError:
-        pass
 
 
 def _options_markdown(r: dict) -> list[str]:
@@ -387,13 +378,7 @@ def _write(path: Path, text: str) -> None:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        import cv2
-
-        cv2.setNumThreads(args.threads)
-    except ImportError:
-        pass
+    q.set_threads(args.threads)
     if args.quick:
         args.size, args.repeats, args.train_crop, args.train_batch = 128, 1, 64, 1
     names = args.methods or (["identity", "dis"] if args.quick else baselines.available_methods())
