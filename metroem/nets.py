@@ -267,6 +267,15 @@ def count_parameters(model: nn.Module) -> int:
 CONV_FORMAT = torch.channels_last
 
 
+def _masked_sequential(layers: nn.Sequential, x: Tensor, mask: Tensor) -> Tensor:
+    """``layers(x)`` with every activation zeroed where ``mask`` (0/1) has no data."""
+    for layer in layers:
+        x = layer(x)
+        if not isinstance(layer, nn.Conv2d):
+            x = x * mask
+    return x
+
+
 def _act() -> nn.Module:
     return nn.LeakyReLU(0.1)
 
@@ -404,13 +413,7 @@ class Encoder(nn.Module):
         feats = [x[:, :1]]
         x = x.contiguous(memory_format=CONV_FORMAT)
         for i, block in enumerate(self.blocks):
-            if masks is None:
-                x = block(x)
-            else:
-                for layer in block:
-                    x = layer(x)
-                    if not isinstance(layer, nn.Conv2d):
-                        x = x * masks[i + 1]
+            x = block(x) if masks is None else _masked_sequential(block, x, masks[i + 1])
             feats.append(x.contiguous())
         return feats
 
@@ -606,12 +609,7 @@ class ResidualHead(nn.Module):
         x = x.contiguous(memory_format=CONV_FORMAT)
         if mask is None:
             return self.net(x).contiguous()
-        x = x * mask
-        for layer in self.net:
-            x = layer(x)
-            if not isinstance(layer, nn.Conv2d):
-                x = x * mask
-        return (x * mask).contiguous()
+        return (_masked_sequential(self.net, x * mask, mask) * mask).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
