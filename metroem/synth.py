@@ -109,3 +109,63 @@ def deformed_pair(img: Tensor, deformation: Tensor) -> tuple[Tensor, Tensor]:
     """
     src = fields.warp_image(img.float(), deformation)
     return src, fields.invert(deformation)
+
+
+# --- folds ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldSpec:
+    """A fold: a strip of tissue along a curve is lost (folded under) and the tissue on either
+    side closes the gap, each side moving ``width / 2`` pixels toward the curve.
+
+    width: pixels of tissue lost into the fold (the true field jumps by this across it).
+    line: width in pixels of the dark folded-over line in the folded section.
+    radius: the curve is an arc of this radius in pixels (larger = straighter), drawn through a
+    point within ``spread`` x the image size of the centre, in a random direction.
+    darkness: the line's intensity as a fraction of the tissue's (folded tissue is thicker).
+    """
+
+    width: float = 16.0
+    line: float = 3.0
+    radius: float = 600.0
+    spread: float = 0.2
+    darkness: float = 0.35
+
+
+def fold_curve(h: int, w: int, spec: FoldSpec, generator=None) -> tuple[Tensor, Tensor]:
+    """``(signed distance (1, 1, H, W), unit normal (1, 2, H, W) in (x, y))`` of a random arc:
+    the distance is positive on the convex side, in pixels."""
+    g = generator
+    ang = float(_uniform(1, 0, 2 * math.pi, g, None))
+    off = _uniform(2, -spec.spread, spec.spread, g, None)
+    px, py = (w - 1) / 2 + float(off[0]) * w, (h - 1) / 2 + float(off[1]) * h
+    cx, cy = px - math.cos(ang) * spec.radius, py - math.sin(ang) * spec.radius
+    ys = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
+    xs = torch.arange(w, dtype=torch.float32).view(1, w).expand(h, w)
+    dx, dy = xs - cx, ys - cy
+    r = torch.sqrt(dx * dx + dy * dy).clamp_min(1e-6)
+    normal = torch.stack((dx / r, dy / r), 0)[None]
+    return (r - spec.radius)[None, None], normal
+
+
+def fold_section(img: Tensor, spec: FoldSpec, generator=None) -> dict[str, Tensor]:
+    """Fold ``img`` ``(1, 1, H, W)`` (raw values, 0 = no data) along a random arc.
+
+    Returns ``folded`` (the folded section), ``field`` (the pull field that aligns ``folded``
+    back onto ``img``: ``-normal * sign(s) * width / 2`` at target pixels at signed distance
+    ``s`` from the arc), ``defect`` (the dark line in the folded section, 1.0 = defect) and
+    ``lost`` (target pixels whose tissue went into the fold: no answer there). The arc is the
+    same in both grids: both sides move along its normals, which do not change along a normal.
+    """
+    n_, _, h, w = img.shape
+    s, normal = fold_curve(h, w, spec, generator)
+    half = spec.width / 2
+    side = torch.where(s >= 0, 1.0, -1.0)
+    # The folded section at q shows the tissue at q + normal * side * half of the unfolded one.
+    folded = fields.warp_image(img.float(), normal * side * half)
+    defect = (s.abs() < spec.line / 2).float()
+    folded = torch.where(defect > 0, folded * spec.darkness, folded)
+    lost = (s.abs() <= half).float()
+    field = torch.where(lost > 0, torch.zeros_like(normal), -normal * side * half)
+    return {"folded": folded, "field": field, "defect": defect, "lost": lost}

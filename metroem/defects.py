@@ -1,0 +1,269 @@
+"""Aligning sections with defects (folds, cracks): masked pixels are no data, and a section the
+defects cut apart is aligned piece by piece, so the field may jump across a fold.
+
+A fold loses a strip of tissue and pulls the tissue on either side toward it: the right field
+is smooth on each side and discontinuous across the fold. Masking the fold (its pixels become
+no data, 0) keeps its dark line out of the matching, but one field over the whole section is
+still smooth across the fold, because every network and flow method mixes both sides near it.
+
+:func:`align_with_defects` therefore splits the source's data into its connected pieces
+(4-connected, after removing the masked pixels) and, when there are at least two large ones,
+aligns each piece on its own, in two passes:
+
+1. each piece (the rest of the source blank) onto the whole target; the target pixels a piece
+   covers after warping are that piece's *share* of the target;
+2. each piece again onto its share alone (the rest of the target blank), so neither side of the
+   fold sees the other's tissue.
+
+Every target pixel then takes the field of the piece that covers it. Pieces smaller than
+``min_fraction`` of the data stay with the largest one. Sections the masks do not cut apart
+take one pass, as without defects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from metroem.errors import MetroemError
+
+Tensor = torch.Tensor
+PairAlign = Callable[[Tensor, Tensor], Tensor]
+"""``(src, tgt) -> field``: raw images ``(1, 1, H, W)`` (0 = no data) to a pull field
+``(1, 2, H, W)`` in pixels."""
+
+__all__ = [
+    "MIN_PIECE_FRACTION",
+    "PairAlign",
+    "MaskedSource",
+    "PieceMap",
+    "PieceSource",
+    "ShareSource",
+    "align_with_defects",
+    "apply_mask",
+    "combine_by_coverage",
+    "combined_window",
+    "coverage",
+    "piece_map",
+    "share_mask",
+]
+
+log = logging.getLogger(__name__)
+
+MIN_PIECE_FRACTION = 0.02  # pieces below this share of the section's data are not split off
+MAX_LABEL_PIXELS = 4096**2  # pieces are found on a grid this small (a coarser MIP if needed)
+
+
+def apply_mask(img: Tensor, mask: Tensor | None, threshold: float = 0.0) -> Tensor:
+    """``img`` with pixels where ``mask > threshold`` set to 0 (no data); shapes must match."""
+    if mask is None:
+        return img
+    if tuple(mask.shape[-2:]) != tuple(img.shape[-2:]):
+        raise MetroemError(
+            f"defect mask is {tuple(mask.shape[-2:])} but the image is "
+            f"{tuple(img.shape[-2:])}; give a mask of the image's size"
+        )
+    return torch.where(mask.to(img.device) > threshold, torch.zeros_like(img), img)
+
+
+@dataclass
+class PieceMap:
+    """The pieces of a section's data: ``labels`` ``(h, w)`` int32 at ``level`` MIPs above the
+    section (0 = no piece, ``k`` = piece ``k``, largest first), ``count`` pieces."""
+
+    labels: np.ndarray
+    level: int
+    count: int
+
+    def mask(self, k: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Bool window ``[y0, y0 + h) x [x0, x0 + w)`` (section pixels) of piece ``k``; False
+        outside the section."""
+        f = 2**self.level
+        ys = np.arange(y0, y0 + h) // f
+        xs = np.arange(x0, x0 + w) // f
+        iy = (ys >= 0) & (ys < self.labels.shape[0])
+        ix = (xs >= 0) & (xs < self.labels.shape[1])
+        out = np.zeros((h, w), dtype=bool)
+        if iy.any() and ix.any():
+            block = self.labels[np.ix_(ys[iy], xs[ix])] == k
+            out[np.ix_(iy, ix)] = block
+        return out
+
+
+def piece_map(src, height: int, width: int, min_fraction: float = MIN_PIECE_FRACTION,
+              max_pixels: int | None = MAX_LABEL_PIXELS) -> PieceMap:
+    """The 4-connected pieces of the data of ``src`` (a source with ``read(y0, x0, h, w)``,
+    masked pixels already 0) over ``height x width``, labelled on a grid of at most
+    ``max_pixels`` (``None``: the section's own), where a cell has data only if all its pixels
+    do. Pieces under ``min_fraction`` of the data join the largest; ``count`` < 2 means the
+    section is in one piece."""
+    from scipy import ndimage
+
+    level = 0
+    while max_pixels is not None and -(-height // 2**level) * -(-width // 2**level) > max_pixels:
+        level += 1
+    f = 2**level
+    ch, cw = -(-height // f), -(-width // f)
+    valid = np.empty((ch, cw), dtype=bool)
+    rows = max(1, (2**24 // max(1, width)) // f) * f  # strips of about 16 M pixels
+    for y in range(0, height, rows):
+        n = min(rows, height - y)
+        strip = np.asarray(src.read(y, 0, n, width)) != 0
+        pad = np.ones((-(-n // f) * f, cw * f), dtype=bool)  # outside the section: no veto
+        pad[:n, :width] = strip
+        valid[y // f : y // f + pad.shape[0] // f] = pad.reshape(-1, f, cw, f).all(axis=(1, 3))
+    labels, n = ndimage.label(valid)
+    total = int(valid.sum())
+    out = np.zeros_like(labels, dtype=np.int32)
+    if n == 0 or total == 0:
+        return PieceMap(out, level, 0)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    order = np.argsort(-sizes, kind="stable") + 1
+    big = [int(k) for k in order if sizes[k - 1] >= min_fraction * total]
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[1:] = 1  # small pieces join the largest
+    for i, k in enumerate(big, start=1):
+        lut[k] = i
+    return PieceMap(lut[labels], level, len(big))
+
+
+class MaskedSource:
+    """A source read with the pixels where ``mask`` (a source of the same grid) is above
+    ``threshold`` set to 0 (no data)."""
+
+    def __init__(self, src, mask, threshold: float = 0.0):
+        self.src, self.mask, self.threshold = src, mask, threshold
+        self.shape, self.dtype = getattr(src, "shape", None), getattr(src, "dtype", None)
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        a = np.asarray(self.src.read(y0, x0, h, w))
+        m = np.asarray(self.mask.read(y0, x0, h, w))
+        return np.where(m > self.threshold, np.zeros((), a.dtype), a)
+
+
+class PieceSource:
+    """A source with everything outside piece ``k`` read as 0."""
+
+    def __init__(self, src, pieces: PieceMap, k: int):
+        self.src, self.pieces, self.k = src, pieces, k
+        self.shape, self.dtype = getattr(src, "shape", None), getattr(src, "dtype", None)
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        a = np.asarray(self.src.read(y0, x0, h, w))
+        return np.where(self.pieces.mask(self.k, y0, x0, h, w), a, np.zeros((), a.dtype))
+
+
+class _PieceMaskSource:
+    def __init__(self, pieces: PieceMap, k: int):
+        self.pieces, self.k = pieces, k
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        return self.pieces.mask(self.k, y0, x0, h, w).astype(np.float32)
+
+
+def coverage(pieces: PieceMap, k: int, field: Tensor, y0: int = 0, x0: int = 0) -> Tensor:
+    """``(1, 1, h, w)`` share in [0, 1] of each pixel of the target window at ``(y0, x0)`` that
+    piece ``k`` lands on when warped by the window's ``field`` ``(1, 2, h, w)``."""
+    from metroem import tiling
+
+    c = tiling.Chunk(0, y0, x0, field.shape[-2], field.shape[-1])
+    return tiling.warp_chunk(_PieceMaskSource(pieces, k), field.float().cpu(), c)
+
+
+def combine_by_coverage(candidates: list[Tensor], covers: list[Tensor]) -> Tensor:
+    """Per target pixel, the candidate field whose piece covers it most (the first on ties)."""
+    best = candidates[0]
+    score = covers[0]
+    for f, c in zip(candidates[1:], covers[1:], strict=True):
+        take = c > score
+        best = torch.where(take, f, best)
+        score = torch.maximum(score, c)
+    return best
+
+
+def share_mask(pieces: PieceMap, k: int, window_fields: list[Tensor], y0: int, x0: int) -> Tensor:
+    """Bool ``(1, 1, h, w)``: target pixels of the window that piece ``k`` covers most (and more
+    than half), from every piece's first-pass field on the window."""
+    covers = torch.cat([coverage(pieces, j + 1, f, y0, x0)
+                        for j, f in enumerate(window_fields)], 1)
+    owner = covers.argmax(1, keepdim=True)
+    return (owner == k - 1) & (covers.max(1, keepdim=True).values > 0.5)
+
+
+class ShareSource:
+    """The target read with everything outside piece ``k``'s share set to 0; the share comes
+    from the first-pass field stores of every piece (``stores[j]`` for piece ``j + 1``)."""
+
+    def __init__(self, tgt, pieces: PieceMap, k: int, stores: list):
+        self.tgt, self.pieces, self.k, self.stores = tgt, pieces, k, stores
+        self.shape, self.dtype = getattr(tgt, "shape", None), getattr(tgt, "dtype", None)
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        a = np.asarray(self.tgt.read(y0, x0, h, w))
+        fs = [s.read(y0, x0, h, w) for s in self.stores]
+        keep = share_mask(self.pieces, self.k, fs, y0, x0)[0, 0].numpy()
+        return np.where(keep, a, np.zeros((), a.dtype))
+
+
+def combined_window(pieces: PieceMap, stores: list, y0: int, x0: int, h: int, w: int) -> Tensor:
+    """The final field on a window: each pixel from the second-pass field (``stores[j]`` for
+    piece ``j + 1``) of the piece that covers it."""
+    fs = [s.read(y0, x0, h, w) for s in stores]
+    covers = [coverage(pieces, j + 1, f, y0, x0) for j, f in enumerate(fs)]
+    return combine_by_coverage(fs, covers)
+
+
+def align_with_defects(
+    align: PairAlign,
+    src: Tensor,
+    tgt: Tensor,
+    src_mask: Tensor | None = None,
+    tgt_mask: Tensor | None = None,
+    threshold: float = 0.0,
+    split: bool = True,
+    min_fraction: float = MIN_PIECE_FRACTION,
+) -> Tensor:
+    """Field ``(1, 2, H, W)`` aligning ``src`` onto ``tgt`` (``(1, 1, H, W)`` raw) with defect
+    masks (``> threshold`` = defect): masked pixels are no data, and with ``split`` a source
+    the masks cut into pieces is aligned piece by piece (module docstring)."""
+    if src.dim() != 4 or src.shape[:2] != (1, 1) or src.shape != tgt.shape:
+        raise ValueError(f"src and tgt must both be (1, 1, H, W), got {tuple(src.shape)} and "
+                         f"{tuple(tgt.shape)}")
+    from metroem import tiling
+
+    src = apply_mask(src, src_mask, threshold)
+    tgt = apply_mask(tgt, tgt_mask, threshold)
+    if not split or src_mask is None:
+        return align(src, tgt)
+    h, w = src.shape[-2:]
+    s_np, t_np = src[0, 0].cpu().numpy(), tgt[0, 0].cpu().numpy()
+    pieces = piece_map(tiling.ArraySource(s_np), h, w, min_fraction, max_pixels=None)
+    if pieces.count < 2:
+        return align(src, tgt)
+    log.info("source cut into %d pieces by its defects: aligning each", pieces.count)
+
+    def run(k: int, tgt_np: np.ndarray) -> Tensor:
+        s_k = PieceSource(tiling.ArraySource(s_np), pieces, k).read(0, 0, h, w)
+        as_t = lambda a: torch.from_numpy(a)[None, None].to(src)  # noqa: E731
+        return align(as_t(s_k), as_t(tgt_np)).float().cpu()
+
+    ks = range(1, pieces.count + 1)
+    first = [run(k, t_np) for k in ks]
+    second = [run(k, np.where(share_mask(pieces, k, first, 0, 0)[0, 0].numpy(), t_np, 0))
+              for k in ks]
+    stores = [_Fixed(f) for f in second]
+    return combined_window(pieces, stores, 0, 0, h, w).to(src.device)
+
+
+class _Fixed:
+    """A whole-image field read like a store (the in-memory path)."""
+
+    def __init__(self, field: Tensor):
+        self.field = field
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
+        return self.field[..., y0 : y0 + h, x0 : x0 + w]
