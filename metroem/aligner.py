@@ -134,8 +134,9 @@ class PyramidAligner(nn.Module):
         on the aligner's device; the field comes back on the device of ``src_img``. Without
         gradients unless the aligner is in training mode. ``refine`` (default: the
         aligner's setting) refines the field on the pair; ``src_mask`` / ``tgt_mask`` (defects,
-        nonzero = exclude) are respected by refinement. Other keyword arguments (corgie's
-        ``tgt_agg_field`` and the like) are ignored.
+        nonzero = exclude) are no data for the network and for refinement
+        (:func:`metroem.defects.align_with_defects` also splits a source they cut apart).
+        Other keyword arguments (corgie's ``tgt_agg_field`` and the like) are ignored.
         """
         mip_in = self.input_mip if input_mip is None else int(input_mip)
         if src_img.dim() != 4 or src_img.shape[1] != 1 or src_img.shape != tgt_img.shape:
@@ -144,6 +145,11 @@ class PyramidAligner(nn.Module):
                 f"and {tuple(tgt_img.shape)}"
             )
         out_device = src_img.device
+        if src_mask is not None or tgt_mask is not None:  # defects are no data
+            from metroem.defects import apply_mask
+
+            src_img = apply_mask(plain_tensor(src_img), plain_tensor(src_mask))
+            tgt_img = apply_mask(plain_tensor(tgt_img), plain_tensor(tgt_mask))
         agg = plain_tensor(src_agg_field)
         if agg is None and self.translation_init:
             agg = self.initial_translation(plain_tensor(src_img), plain_tensor(tgt_img), mip_in)
@@ -167,6 +173,12 @@ class PyramidAligner(nn.Module):
                 **self.refine_options,
             )
         return field.to(out_device)
+
+    @property
+    def nodata_aware(self) -> bool:
+        """Whether every stage keeps no data out of its field (spec ``nodata_aware``): what
+        aligning a section piece by piece (:mod:`metroem.defects`) relies on."""
+        return all(bool(getattr(m, "nodata_aware", False)) for m in self.stages)
 
     def initial_translation(self, src: Tensor, tgt: Tensor, mip_in: int) -> Tensor:
         """Constant field (pixels at ``mip_in``) of the phase-correlation shift between the

@@ -55,6 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIN_PIECE_FRACTION = 0.02  # pieces below this share of the section's data are not split off
+COVER_STEPS = 64  # coverage is compared in steps of 1/64
 MAX_LABEL_PIXELS = 4096**2  # pieces are found on a grid this small (a coarser MIP if needed)
 
 
@@ -174,11 +175,19 @@ def coverage(pieces: PieceMap, k: int, field: Tensor, y0: int = 0, x0: int = 0) 
     return tiling.warp_chunk(_PieceMaskSource(pieces, k), field.float().cpu(), c)
 
 
+def _levels(cover: Tensor) -> Tensor:
+    """Coverage in steps of 1/:data:`COVER_STEPS`: float noise (a tiled run against the whole
+    image) must not flip a choice between two pieces that cover a pixel equally."""
+    return torch.round(cover * COVER_STEPS)
+
+
 def combine_by_coverage(candidates: list[Tensor], covers: list[Tensor]) -> Tensor:
-    """Per target pixel, the candidate field whose piece covers it most (the first on ties)."""
+    """Per target pixel, the candidate field whose piece covers it most (the first on ties,
+    coverage compared in steps of 1/:data:`COVER_STEPS`)."""
     best = candidates[0]
-    score = covers[0]
+    score = _levels(covers[0])
     for f, c in zip(candidates[1:], covers[1:], strict=True):
+        c = _levels(c)
         take = c > score
         best = torch.where(take, f, best)
         score = torch.maximum(score, c)
@@ -188,10 +197,11 @@ def combine_by_coverage(candidates: list[Tensor], covers: list[Tensor]) -> Tenso
 def share_mask(pieces: PieceMap, k: int, window_fields: list[Tensor], y0: int, x0: int) -> Tensor:
     """Bool ``(1, 1, h, w)``: target pixels of the window that piece ``k`` covers most (and more
     than half), from every piece's first-pass field on the window."""
-    covers = torch.cat([coverage(pieces, j + 1, f, y0, x0)
-                        for j, f in enumerate(window_fields)], 1)
-    owner = covers.argmax(1, keepdim=True)
-    return (owner == k - 1) & (covers.max(1, keepdim=True).values > 0.5)
+    covers = _levels(torch.cat([coverage(pieces, j + 1, f, y0, x0)
+                                for j, f in enumerate(window_fields)], 1))
+    best = covers.max(1, keepdim=True).values
+    first = (covers == best).float().argmax(1, keepdim=True)  # the first piece on ties
+    return (first == k - 1) & (best > COVER_STEPS / 2)
 
 
 class ShareSource:
@@ -267,3 +277,87 @@ class _Fixed:
 
     def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
         return self.field[..., y0 : y0 + h, x0 : x0 + w]
+
+
+# --- mask layers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskLayer:
+    """A defect mask layer for the sections of an image layer: ``path`` read at its MIP
+    ``mip`` (the images' MIP or coarser), pixels above ``threshold`` are defects; ``split``
+    aligns a section the defects cut apart piece by piece."""
+
+    path: str
+    mip: int | None = None
+    threshold: float = 0.0
+    split: bool = True
+
+    def resolved(self, images, image_mip: int, zs) -> MaskLayer:
+        """This layer checked against the image layer ``images`` (a ``VolumeInfo``) at
+        ``image_mip`` for sections ``zs``, with its MIP filled in; a one-line MetroemError
+        saying what does not fit."""
+        from metroem import volumes
+
+        try:
+            info = volumes.volume_info(self.path)
+        except MetroemError as e:
+            raise MetroemError(f"mask layer {self.path} cannot be opened ({e}); pass an "
+                               "existing layer to --mask_path") from None
+        mip = image_mip if self.mip is None else int(self.mip)
+        if mip not in info.mips:
+            raise MetroemError(f"mask layer {self.path} has no MIP {mip}; it has MIPs "
+                               f"{list(info.mips)} (pick one with --mask_mip)")
+        if mip < image_mip:
+            raise MetroemError(f"--mask_mip {mip} is finer than the images' MIP {image_mip}; "
+                               f"pass --mask_mip {image_mip} or coarser")
+        f = 2 ** (mip - image_mip)
+        res_i, res_m = images.resolution[image_mip], info.resolution[mip]
+        if any(abs(res_m[a] - res_i[a] * f) > 1e-3 * res_i[a] for a in (0, 1)):
+            raise MetroemError(
+                f"mask layer {self.path} is {res_m[0]:g} x {res_m[1]:g} nm per pixel at MIP "
+                f"{mip}, the images {res_i[0]:g} x {res_i[1]:g} nm at MIP {image_mip}: expected "
+                f"{res_i[0] * f:g} x {res_i[1] * f:g}; give a mask of the image layer's grid")
+        ox, oy, oz = images.offset[image_mip]
+        sx, sy, sz = images.size[image_mip]
+        mx, my, mz = info.offset[mip]
+        nx, ny, nz = info.size[mip]
+        inside = (mx * f <= ox and my * f <= oy and (mx + nx) * f >= ox + sx
+                  and (my + ny) * f >= oy + sy)
+        if not inside:
+            raise MetroemError(
+                f"mask layer {self.path} covers x [{mx * f}, {(mx + nx) * f}) y [{my * f}, "
+                f"{(my + ny) * f}) but the images x [{ox}, {ox + sx}) y [{oy}, {oy + sy}) (pixels "
+                f"at MIP {image_mip}); give a mask of the image layer's size")
+        outside = [z for z in zs if not mz <= z < mz + nz]
+        if outside:
+            raise MetroemError(f"mask layer {self.path} has no section {outside[0]} (z range "
+                               f"[{mz}, {mz + nz})); give a mask for every section aligned")
+        return MaskLayer(volumes.normalize_path(self.path), mip, float(self.threshold),
+                         bool(self.split))
+
+    def source(self, section, image_mip: int, z: int):
+        """``section`` (a :class:`metroem.tiling.VolumeSource` of section ``z``) with this
+        layer's defects read as no data."""
+        from metroem import tiling
+
+        mask = tiling.VolumeMaskSource(self.path, self.mip, image_mip, z,
+                                       (section.x_off, section.y_off))
+        return MaskedSource(section, mask, self.threshold)
+
+    def has_defects(self, z: int) -> bool:
+        """Whether section ``z`` of the mask marks any pixel (read at the mask's MIP)."""
+        from metroem import tiling
+
+        m = tiling.VolumeSource(self.path, self.mip, z)
+        rows = max(1, 2**24 // max(1, m.shape[1]))
+        return any(np.any(m.read(y, 0, min(rows, m.shape[0] - y), m.shape[1]) > self.threshold)
+                   for y in range(0, m.shape[0], rows))
+
+    def pieces(self, masked_section, z: int, height: int, width: int) -> PieceMap | None:
+        """The pieces of a masked section when ``split`` is on and its defects cut it apart,
+        else ``None``."""
+        if not self.split or not self.has_defects(z):
+            return None
+        found = piece_map(masked_section, height, width)
+        return found if found.count >= 2 else None

@@ -29,6 +29,7 @@ without ``--overwrite``. See docs/inference.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ import torch
 
 from metroem import (
     cliargs,
+    defects,
     fields,
     images,
     pretrained,
@@ -204,6 +206,34 @@ def _pair_field(tiler: tiling.StageTiler, aligner, devices, src, tgt, folder: st
                               progress=progress, label=label)
 
 
+def _pieces_field(tiler: tiling.StageTiler, aligner, devices, src, tgt, folder: str,
+                  markers: _Markers, prefix: str, progress: bool, label: str, start,
+                  pieces: defects.PieceMap):
+    """:func:`_pair_field` of a source its defects cut into ``pieces``: each piece onto the
+    whole target, then onto its share of it, combined per pixel (:mod:`metroem.defects`)."""
+    ks = range(1, pieces.count + 1)
+
+    def one(k: int, target, step: str):
+        return _pair_field(tiler, aligner, devices, defects.PieceSource(src, pieces, k), target,
+                           os.path.join(folder, f"piece{k}{step}"), markers,
+                           f"{prefix}p{k}{step}_", progress, f"{label}piece {k}{step} ",
+                           start)[0]
+
+    first = [one(k, tgt, "a") for k in ks]
+    second = [one(k, defects.ShareSource(tgt, pieces, k, first), "b") for k in ks]
+    path = os.path.join(folder, "pieces.npy")
+    out = tiler.store("pieces", path, create=not os.path.exists(path))
+
+    def combine(model, c: tiling.Chunk) -> None:
+        out.write(c.y0, c.x0, defects.combined_window(pieces, second, c.y0, c.x0, c.h, c.w))
+        markers.mark(f"{prefix}pieces{c.index}")
+
+    ran = tiling.run_chunks(tiler.output_chunks(), combine, aligner, devices,
+                            is_done=lambda c: markers.done(f"{prefix}pieces{c.index}"),
+                            progress=progress, desc=f"{label}pieces combined")
+    return out, ran
+
+
 # --- files --------------------------------------------------------------------------------------
 
 
@@ -241,6 +271,10 @@ def align_files(
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
     translation_init: bool = False,
+    src_mask: str | None = None,
+    tgt_mask: str | None = None,
+    mask_threshold: float = 0.0,
+    split_defects: bool = True,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -249,7 +283,10 @@ def align_files(
 
     ``pyramid`` is a pyramid folder or a :class:`PyramidAligner`. ``smoothing_nm`` (with
     ``resolution_nm``, nm per MIP0 pixel) and ``translation_init`` are the aligner's options
-    (:func:`metroem.aligner.load_aligner`), run tile by tile. Returns a summary dict.
+    (:func:`metroem.aligner.load_aligner`), run tile by tile. ``src_mask`` / ``tgt_mask`` are
+    defect mask images of the same size (values above ``mask_threshold`` are defects: no data,
+    and with ``split_defects`` a source they cut apart is aligned piece by piece,
+    :mod:`metroem.defects`). Returns a summary dict.
     """
     outputs = [p for p in (field_out, image_out) if p]
     if not outputs:
@@ -279,6 +316,8 @@ def align_files(
     if s.shape != t.shape:
         raise MetroemError(f"{src} is {s.shape[1]}x{s.shape[0]} but {tgt} is "
                            f"{t.shape[1]}x{t.shape[0]}; give sections of one size")
+    s = _masked_file(s, src, src_mask, mask_threshold)
+    t = _masked_file(t, tgt, tgt_mask, mask_threshold)
     devices = parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
                           refine_options, smoothing_nm, resolution_nm, translation_init)
@@ -292,9 +331,18 @@ def align_files(
         checkpoint=checkpoint_name, stages=stages, mip=aligner.input_mip, refine=refine,
         refine_options=json.dumps(refine_options or {}, sort_keys=True),
         field_out=bool(field_out), image_out=bool(image_out), work=FILES_WORK,
+        src_mask=os.path.abspath(src_mask) if src_mask else None,
+        tgt_mask=os.path.abspath(tgt_mask) if tgt_mask else None,
+        mask_threshold=mask_threshold, split_defects=split_defects,
         **_option_signature(aligner)))
     markers = _Markers(os.path.join(work, "done"))
-    field, ran = _pair_field(tiler, aligner, devices, s, t, work, markers, "", progress)
+    split = src_mask and _can_split(aligner, split_defects)
+    pieces = defects.piece_map(s, h, w) if split else None
+    args = (tiler, aligner, devices, s, t, work, markers, "", progress, "", None)
+    if pieces is not None and pieces.count >= 2:
+        field, ran = _pieces_field(*args, pieces)
+    else:
+        field, ran = _pair_field(*args)
     chunks = tiler.output_chunks()
     if image_out:
         fresh = not os.path.exists(os.path.join(work, "image.npy"))
@@ -321,6 +369,32 @@ def align_files(
             _save_image(np.asarray(np.load(tmp, mmap_mode="r")), image_out)
     shutil.rmtree(work, ignore_errors=True)
     return {"skipped": False, "chunks_run": ran, "chunks": len(chunks), "outputs": outputs}
+
+
+def _can_split(aligner, split: bool) -> bool:
+    """``split``, unless the pyramid's stages are not no-data-aware: their fields where a piece
+    has no data are arbitrary, and so would be the pieces' shares (logged)."""
+    if split and not getattr(aligner, "nodata_aware", False):
+        log.warning("this pyramid's stages are not no-data-aware (spec nodata_aware), so "
+                    "sections its defects cut apart are aligned in one piece")
+        return False
+    return split
+
+
+def _masked_file(img, path: str, mask_path: str | None, threshold: float):
+    """Image source ``img`` of file ``path`` with the defects of mask file ``mask_path`` read
+    as no data (a one-line error for a mask of another size)."""
+    if not mask_path:
+        return img
+    if not os.path.exists(mask_path):
+        raise MetroemError(f"defect mask {mask_path} does not exist; pass an existing mask "
+                           "image (nonzero = defect)")
+    mask = read_image(mask_path)
+    if mask.shape != img.shape:
+        raise MetroemError(f"defect mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but "
+                           f"{path} is {img.shape[1]}x{img.shape[0]}; give a mask of the "
+                           "image's size")
+    return defects.MaskedSource(img, mask, threshold)
 
 
 # --- CloudVolume --------------------------------------------------------------------------------
@@ -413,6 +487,10 @@ def align_volume(
     refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     translation_init: bool = False,
+    mask_path: str | None = None,
+    mask_mip: int | None = None,
+    mask_threshold: float = 0.0,
+    split_defects: bool = True,
     overwrite: bool = False,
     resume: bool = False,
     work_dir: str | None = None,
@@ -435,6 +513,12 @@ def align_volume(
     ``tgt_path``. Output layers get the source layer's bounds, resolution and MIPs; MIP ``mip``
     and every coarser MIP are written (finer MIPs are left empty). ``smoothing_nm`` uses the
     layer's own MIP0 resolution.
+
+    ``mask_path`` is a defect mask layer of the source layer (folds, cracks; read at
+    ``mask_mip``, default ``mip``; values above ``mask_threshold`` are defects): its pixels are
+    no data, they stay empty in the aligned image, and with ``split_defects`` a section its
+    defects cut apart is aligned piece by piece, so the field may jump across a fold
+    (:mod:`metroem.defects`).
     """
     stack_mode = not pairwise and tgt_path is None and tgt_z is None
     if not (field_path or image_path):
@@ -476,6 +560,13 @@ def align_volume(
     mip = aligner.input_mip
     if mip not in info.mips:
         raise MetroemError(f"{src_path} has no MIP {mip}; it has MIPs {list(info.mips)}")
+    mask = None
+    if mask_path:
+        zs = sorted({z for pair in pairs for z in pair} if same_layer or stack_mode
+                    else {z for z, _ in pairs})
+        split_defects = _can_split(aligner, split_defects)
+        mask = defects.MaskLayer(mask_path, mask_mip, mask_threshold, split_defects).resolved(
+            info, mip, zs)
     top = max(info.mips)
     h, w = info.size[mip][1], info.size[mip][0]
     tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
@@ -496,16 +587,18 @@ def align_volume(
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
         checkpoint=checkpoint_name, stages=stages, refine=refine,
         refine_options=json.dumps(refine_options or {}, sort_keys=True),
+        mask=json.dumps(dataclasses.asdict(mask) if mask else None, sort_keys=True),
         **_option_signature(aligner)))
     out = _VolumeWriter(info, mip, top, field_path, image_path)
-    run = _Run(aligner, tiler, devices, markers, out, progress)
+    run = _Run(aligner, tiler, devices, markers, out, progress, _Sections(src_path, mip, mask))
     if block_size is not None:
         return _align_blocks(markers.folder, pyramid, src_path, z_start, z_end,
                              field_path, image_path, block_size, predecessors, queue, chunk,
                              pad, device, progress,
                              dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
                                   refine=refine, refine_options=refine_options,
-                                  smoothing_nm=smoothing_nm))
+                                  smoothing_nm=smoothing_nm),
+                             dataclasses.asdict(mask) if mask else None)
     try:
         if stack_mode:
             ran, total = _align_stack(run, src_path, z_start - 1, [z for z, _ in pairs],
@@ -530,7 +623,7 @@ def _job_pyramid(pyramid) -> str:
 
 def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_path,
                   block_size, predecessors, queue, chunk, pad, device, progress,
-                  aligner_options) -> dict:
+                  aligner_options, mask=None) -> dict:
     """A stack in blocks (:mod:`metroem.workers`): enqueued, or run here in task order."""
     from metroem import workers
 
@@ -538,7 +631,7 @@ def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_p
         folder=folder, pyramid=_job_pyramid(pyramid), src_path=src_path,
         z_start=z_start, z_end=z_end, field_path=field_path, image_path=image_path,
         block_size=block_size, predecessors=predecessors, aligner=aligner_options,
-        chunk=chunk, pad=pad, device=device, queue=queue)
+        chunk=chunk, pad=pad, device=device, queue=queue, mask=mask)
     job.save()
     n = len(job.blocks())
     if queue:
@@ -579,6 +672,29 @@ class _VolumeWriter:
 
 
 @dataclass
+class _Sections:
+    """How a volume run reads the sections of its source layer ``path`` at ``mip``: with the
+    defects of ``mask`` (a resolved :class:`metroem.defects.MaskLayer`) read as no data."""
+
+    path: str
+    mip: int
+    mask: defects.MaskLayer | None = None
+
+    def _masked(self, path: str) -> bool:
+        return self.mask is not None and volumes.normalize_path(path) == \
+            volumes.normalize_path(self.path)
+
+    def source(self, path: str, z: int):
+        """Section ``z`` of layer ``path``; masked when ``path`` is the source layer."""
+        sec = tiling.VolumeSource(path, self.mip, z)
+        return self.mask.source(sec, self.mip, z) if self._masked(path) else sec
+
+    def pieces(self, src, path: str, z: int, height: int, width: int):
+        """The pieces its defects cut source section ``z`` into, or ``None``."""
+        return self.mask.pieces(src, z, height, width) if self._masked(path) else None
+
+
+@dataclass
 class _Run:
     """What every section of a volume run shares."""
 
@@ -588,6 +704,18 @@ class _Run:
     markers: _Markers
     out: _VolumeWriter
     progress: bool
+    sections: _Sections | None = None
+
+    def section(self, path: str, z: int):
+        """Section ``z`` of ``path`` at the run's MIP (defects masked on the source layer)."""
+        if self.sections is None:
+            return tiling.VolumeSource(path, self.out.mip, z)
+        return self.sections.source(path, z)
+
+    def pieces(self, src, path: str, z: int):
+        if self.sections is None:
+            return None
+        return self.sections.pieces(src, path, z, self.tiler.height, self.tiler.width)
 
     def chunks(self, fn, jobs, key: str, desc: str) -> int:
         """Run ``fn(model, chunk)`` on every chunk not marked ``key + index``; mark each."""
@@ -604,27 +732,30 @@ class _Run:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def pair_field(self, src, tgt, folder: str, label: str, start=None):
+    def pair_field(self, src, tgt, folder: str, label: str, start=None, pieces=None):
         """The pyramid's field of one section pair into an ``.npy`` store in ``folder``
-        (smoothed when the aligner smooths); returns the store (resumable: chunk markers)."""
+        (smoothed when the aligner smooths; piece by piece when ``pieces`` is given); returns
+        the store (resumable: chunk markers)."""
         key = os.path.relpath(folder, self.markers.folder).replace(os.sep, "_")
-        store, _ = _pair_field(self.tiler, self.aligner, self.devices, src, tgt, folder,
-                               self.markers, key + "_", self.progress, label, start)
+        args = (self.tiler, self.aligner, self.devices, src, tgt, folder, self.markers,
+                key + "_", self.progress, label, start)
+        store, _ = _pieces_field(*args, pieces) if pieces is not None else _pair_field(*args)
         return store
 
 
 def _align_pairs(run: _Run, src_path: str, tgt_path: str, pairs) -> tuple[int, int]:
     """Each section onto its target section (raw): fields between pairs, no composition."""
-    t, mip = run.tiler, run.out.mip
+    t = run.tiler
     ran = total = 0
     for z, tz in pairs:
         chunks = t.output_chunks()
         total += len(chunks)
         if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
             continue
-        src = tiling.VolumeSource(src_path, mip, z)
-        tgt = tiling.VolumeSource(tgt_path, mip, tz)
-        store = run.pair_field(src, tgt, run.cache(z), f"z {z} ")
+        src = run.section(src_path, z)
+        tgt = run.section(tgt_path, tz)
+        store = run.pair_field(src, tgt, run.cache(z), f"z {z} ",
+                               pieces=run.pieces(src, src_path, z))
 
         def final(model, c, src=src, store=store, z=z) -> None:
             f = store.read(c.y0, c.x0, c.h, c.w)
@@ -636,9 +767,8 @@ def _align_pairs(run: _Run, src_path: str, tgt_path: str, pairs) -> tuple[int, i
     return ran, total
 
 
-def _section_has_data(path: str, mip: int, z: int, height: int, width: int) -> bool:
-    """Whether section ``z`` holds any data, read in strips (stops at the first data)."""
-    src = tiling.VolumeSource(path, mip, z)
+def _section_has_data(src, height: int, width: int) -> bool:
+    """Whether a section (a source) holds any data, read in strips (stops at the first data)."""
     rows = max(1, 2**24 // max(1, width))
     return any(np.any(src.read(y, 0, min(rows, height - y), width))
                for y in range(0, height, rows))
@@ -649,7 +779,7 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
     """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk."""
     t, mip = run.tiler, run.out.mip
     chunks = t.output_chunks()
-    ref_src = tiling.VolumeSource(src_path, mip, ref)
+    ref_src = run.section(src_path, ref)
     zero = torch.zeros(1, 2, t.chunk, t.chunk)
 
     def copy_ref(model, c) -> None:
@@ -658,23 +788,25 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
 
     ran = run.chunks(copy_ref, chunks, f"z{ref}_", f"z {ref} reference")
     order = [ref] + zs
-    has = {ref: _section_has_data(src_path, mip, ref, t.height, t.width)}
+    has = {ref: _section_has_data(ref_src, t.height, t.width)}
     done_before = sum(all(run.markers.done(f"z{z}_{c.index}") for c in chunks) for z in zs)
     bar = stack.SectionProgress(len(zs), done_before, run.progress)
     for i, z in enumerate(zs, start=1):
-        has[z] = _section_has_data(src_path, mip, z, t.height, t.width)
+        has[z] = _section_has_data(run.section(src_path, z), t.height, t.width)
         if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
             continue
-        src = tiling.VolumeSource(src_path, mip, z)
+        src = run.section(src_path, z)
         previous = tiling.VolumeFieldStore(run.out.field_path, mip, order[i - 1])
         before = order[:i]
         targets = [before[j] for j in stack.predecessor_indices(
             len(before), [has[b] for b in before], predecessors)]
         if has[z] and targets:
             start = t.field_store(previous)
+            pieces = run.pieces(src, src_path, z)
             stores = [run.pair_field(src, tiling.VolumeSource(run.out.image_path, mip, j),
                                      os.path.join(run.cache(z), f"onto{j}"),
-                                     f"z {z} onto {j} ", start=start) for j in targets]
+                                     f"z {z} onto {j} ", start=start, pieces=pieces)
+                      for j in targets]
         else:  # no data here or before: the previous field carries on
             stores = [previous]
 
@@ -763,6 +895,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--refine_lr", type=float, default=0.3, help="px per step (cosine decay)")
     m.add_argument("--refine_smoothness_weight", type=float, default=3.0,
                    help="weight of the smoothness term")
+    d = p.add_argument_group("defects (folds, cracks): masked pixels are no data")
+    d.add_argument("--src_mask", help="files: defect mask image of --src, same size")
+    d.add_argument("--tgt_mask", help="files: defect mask image of --tgt, same size")
+    d.add_argument("--mask_path", help="layers: defect mask layer of --src_path")
+    d.add_argument("--mask_mip", type=int, default=None,
+                   help="MIP to read --mask_path at (default: the images' MIP; coarser is "
+                   "repeated onto the images' pixels)")
+    d.add_argument("--mask_threshold", type=float, default=0.0,
+                   help="mask values above this are defects (default 0: any nonzero)")
+    d.add_argument("--no_defect_split", action="store_true",
+                   help="align a section its defects cut apart as one piece (default: piece "
+                   "by piece, so the field may jump across a fold)")
     o = p.add_argument_group("outputs")
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -781,22 +925,30 @@ def main(argv: list[str] | None = None) -> int:
                         "smoothness_weight": a.refine_smoothness_weight} if a.refine else None,
         overwrite=a.overwrite, resume=a.resume, progress=not a.no_progress,
         smoothing_nm=a.smoothing_nm, translation_init=a.translation_init,
+        mask_threshold=a.mask_threshold, split_defects=not a.no_defect_split,
     )
     if a.src or a.tgt:
         if not (a.src and a.tgt):
             raise MetroemError("pass both --src and --tgt")
+        if a.mask_path or a.mask_mip is not None:
+            raise MetroemError("--mask_path and --mask_mip are for layers; image files take "
+                               "--src_mask / --tgt_mask")
         out = align_files(a.pyramid_path, a.src, a.tgt, a.field_out, a.image_out,
-                          resolution_nm=a.resolution_nm, **common)
+                          resolution_nm=a.resolution_nm, src_mask=a.src_mask,
+                          tgt_mask=a.tgt_mask, **common)
     elif a.src_path:
         if a.z_start is None or a.z_end is None:
             raise MetroemError("pass --z_start and --z_end with --src_path")
         if a.resolution_nm is not None:
             raise MetroemError("--resolution_nm is for image files; a layer has its own")
+        if a.src_mask or a.tgt_mask:
+            raise MetroemError("--src_mask and --tgt_mask are for image files; a layer takes "
+                               "--mask_path")
         out = align_volume(a.pyramid_path, a.src_path, a.z_start, a.z_end, a.field_path,
                            a.image_path, tgt_path=a.tgt_path, tgt_z=a.tgt_z,
                            pairwise=a.pairwise, predecessors=a.predecessors,
-                           block_size=a.block_size, queue=a.queue,
-                           work_dir=a.work_dir, **common)
+                           block_size=a.block_size, queue=a.queue, mask_path=a.mask_path,
+                           mask_mip=a.mask_mip, work_dir=a.work_dir, **common)
     else:
         raise MetroemError("pass --src/--tgt image files or --src_path with a z range")
     if out.get("enqueued") is not None:

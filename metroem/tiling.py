@@ -59,6 +59,7 @@ __all__ = [
     "read_resampled",
     "upsample_region",
     "MemoryFieldStore",
+    "VolumeMaskSource",
     "NpyFieldStore",
     "run_chunks",
 ]
@@ -226,6 +227,35 @@ class VolumeSource:
 
         t = volumes.read(self.path, self.mip, self.x_off + x0, self.y_off + y0, self.z, w, h)
         return t[0, 0].numpy()
+
+
+class VolumeMaskSource:
+    """Section ``z`` of a mask layer read on an image layer's grid at ``mip``: the mask at its
+    own ``mask_mip`` (``>= mip``) with each pixel repeated ``2^(mask_mip - mip)`` times along
+    each axis (nearest), window coordinates relative to the image layer's voxel offset at
+    ``mip`` (``image_offset``, x and y); 0 outside the mask layer."""
+
+    def __init__(self, path: str, mask_mip: int, mip: int, z: int,
+                 image_offset: tuple[int, int]):
+        if mask_mip < mip:
+            raise MetroemError(f"mask MIP {mask_mip} is finer than the images' MIP {mip}")
+        self.path, self.mask_mip, self.z = path, mask_mip, z
+        self.factor = 2 ** (mask_mip - mip)
+        self.x_off, self.y_off = int(image_offset[0]), int(image_offset[1])
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        from metroem import volumes
+
+        f = self.factor
+        ay0, ax0 = self.y_off + y0, self.x_off + x0  # absolute pixels at the images' MIP
+        cy0, cx0 = ay0 // f, ax0 // f
+        cy1, cx1 = -(-(ay0 + h) // f), -(-(ax0 + w) // f)
+        t = volumes.read(self.path, self.mask_mip, cx0, cy0, self.z, cx1 - cx0, cy1 - cy0)
+        m = t[0, 0].numpy()
+        if f > 1:
+            m = m.repeat(f, axis=0).repeat(f, axis=1)
+        oy, ox = ay0 - cy0 * f, ax0 - cx0 * f
+        return m[oy : oy + h, ox : ox + w]
 
 
 # --- one chunk ----------------------------------------------------------------------------------

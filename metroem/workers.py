@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from metroem import tiling, volumes
+from metroem import defects, tiling, volumes
 from metroem.atomic import atomic_write_bytes
 from metroem.devices import parse_devices
 from metroem.errors import MetroemError
@@ -60,6 +60,7 @@ class StackJob:
     pad: int | None = None
     device: str = "cpu"
     queue: str | None = None
+    mask: dict | None = None  # a resolved metroem.defects.MaskLayer as a dict, or None
 
     def blocks(self) -> list[tuple[int, list[int]]]:
         """``(reference, sections)`` of every block, in z order."""
@@ -117,6 +118,8 @@ class _Context:
         self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)
         self.out = inference._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
                                            job.image_path)
+        mask = defects.MaskLayer(**job.mask) if job.mask else None
+        self.sections = inference._Sections(job.src_path, self.mip, mask)
 
     @classmethod
     def of(cls, folder: str) -> _Context:
@@ -148,7 +151,8 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
         inference._prepare_layer(ipath, ctx.info, cxy, ctx.info.dtype, 1, False, True)
         out = inference._VolumeWriter(ctx.info, ctx.mip, ctx.mip, fpath, ipath)
         markers = inference._Markers(os.path.join(job.block_dir(b), "markers"))
-        run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress)
+        run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress,
+                             ctx.sections)
         inference._align_stack(run, job.src_path, ref, secs, job.predecessors)
         for p in (fpath, ipath):
             volumes.forget(p)
@@ -185,12 +189,12 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
         for read in chain:
             g = tiling.compose_chunk(read, g, c)
         if b == 0:  # the fixed reference: copied, zero field
-            src = tiling.VolumeSource(job.src_path, mip, ref)
+            src = ctx.sections.source(job.src_path, ref)
             ctx.out.write(ref, c, g, tiling.read_resampled(src, 0, c.y0, c.x0, c.h, c.w))
         for z in secs:
             own = tiling.VolumeFieldStore(job.block_layer(b, "field"), mip, z).read
             f = tiling.compose_chunk(own, g, c)
-            src = tiling.VolumeSource(job.src_path, mip, z)
+            src = ctx.sections.source(job.src_path, z)
             ctx.out.write(z, c, f, tiling.warp_chunk(src, f, c))
         markers.mark(str(c.index))
 
