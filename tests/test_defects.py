@@ -36,10 +36,11 @@ def pyramid(tmp_path_factory) -> Path:
     return tiny_pyramid(root, SPEC, checkpoint="rand", noise=0.02, seed=0)
 
 
-def texture(size: int = 64, seed: int = 0) -> torch.Tensor:
-    """A random texture ``(1, 1, size, size)``, values in [20, 235] (no 0: all data)."""
+def texture(size: int = 64, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    """A random texture ``(1, 1, size, size)`` with features ``scale`` px apart, values in
+    [20, 235] (no 0: all data)."""
     g = torch.Generator().manual_seed(seed)
-    t = synth.elastic_field(1, size, size, 1.0, 3.0, generator=g)[:, :1]
+    t = synth.elastic_field(1, size, size, 1.0, scale, generator=g)[:, :1]
     return (20 + 215 * (t - t.min()) / (t.max() - t.min())).round()
 
 
@@ -260,3 +261,48 @@ def test_a_stack_with_a_mask_layer(pyramid, tmp_path):
             inference.align_volume(str(pyramid), src, 1, 3, *out, chunk=32, mask_path=path,
                                    mask_mip=mip, progress=False)
         assert not any(os.path.exists(p) for p in out), name
+
+
+# --- the fold benchmark --------------------------------------------------------------------------
+
+
+def test_fold_pairs_carry_their_answer():
+    """The truth of a fold pair undoes fold and deformation: the source sampled along it is the
+    unfolded section, away from the fold and the border; the zero field is far from it."""
+    from metroem.eval import folds
+
+    section = texture(128, 3, scale=12.0)  # smooth: resampling twice barely blurs it
+    pair = folds.fold_pair("t", section[0, 0], section[0, 0], gap=1)  # gap 1: no noise
+    back = fields.warp_image(pair.src, pair.gt)
+    near = torch.nn.functional.max_pool2d(pair.lost, 9, 1, 4) > 0
+    keep = ~near & (fields.warp_image(pair.src_defect, pair.gt) == 0)
+    keep[..., :16, :] = keep[..., -16:, :] = keep[..., :16] = keep[..., -16:] = False
+    assert float((back - section)[keep].abs().median()) < 1.0
+    assert folds.fold_errors(pair.gt, pair) == {"near": 0.0, "near_p95": 0.0, "far": 0.0}
+    zero = folds.fold_errors(torch.zeros_like(pair.gt), pair)
+    assert zero["near"] > 2 and zero["far"] > 0.5
+    again = folds.fold_pair("t", section[0, 0], section[0, 0], gap=1)
+    assert torch.equal(again.src, pair.src)  # seeded by name
+
+
+@pytest.mark.needs_shared("isbi")
+@pytest.mark.needs_shared("fibsem")
+@pytest.mark.slow
+def test_fold_benchmark_quick_run_writes_its_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "folds.py"), "--quick", "--threads", "1",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "METROEM_SHARED_DATA": str(Path(isbi_section(0)).parents[1])},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "folds.json").read_text())
+    isbi = result["tables"]["ISBI, same section (gap 0)"]
+    # split at the fold, the shipped pyramid gets the jump; one smooth field cannot
+    assert isbi["metroem masked split"]["near"] < 0.3 < isbi["metroem"]["near"]
+    assert isbi["identity"]["far"] > 2
+    assert "| metroem masked split |" in (tmp_path / "folds.md").read_text()
