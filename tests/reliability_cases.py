@@ -718,6 +718,26 @@ def _st_missing_queue(world, work):
     return Prepared(["worker", f"fq://{work / 'no_queue'}"])
 
 
+def _mask_layer(work: Path, size: int, nz: int) -> str:
+    from metroem import volumes
+
+    url = volumes.normalize_path(str(work / f"mask{size}x{nz}"))
+    volumes.create_volume(url, (size, size, nz), 3, chunk_xy=64)
+    return url
+
+
+def _st_missing_mask(world, work):
+    return Prepared(_st_args(world, work, "--mask_path", str(work / "no_mask")))
+
+
+def _st_mask_size(world, work):
+    return Prepared(_st_args(world, work, "--mask_path", _mask_layer(work, SIZE // 2, NZ)))
+
+
+def _st_mask_sections(world, work):
+    return Prepared(_st_args(world, work, "--mask_path", _mask_layer(work, SIZE, 1)))
+
+
 def _ev_bbox_outside(world, work):
     return Prepared(["eval", "--image_path", world.image, "--z_start", "1", "--z_end", "2",
                      "--bbox", str(SIZE - 32), "0", "64", "64"])
@@ -930,6 +950,12 @@ CASES: list[Case] = [
          "metroem", _st_bad_queue, r"cannot open the task queue"),
     Case("st_missing_queue", "worker on a queue that does not exist", "metroem",
          _st_missing_queue, r"queue fq://.*no_queue does not exist"),
+    Case("st_missing_mask", "defect mask layer that does not exist (align --mask_path)",
+         "metroem", _st_missing_mask, r"mask layer .*no_mask cannot be opened"),
+    Case("st_mask_size", "defect mask layer of another size (align --mask_path)", "metroem",
+         _st_mask_size, r"give a mask of the image layer's size"),
+    Case("st_mask_sections", "defect mask layer without the sections aligned (align)",
+         "metroem", _st_mask_sections, r"has no section 1 .*give a mask for every section"),
     Case("ev_bbox_outside", "--bbox partly outside the volume (eval)", "metroem",
          _ev_bbox_outside, r"--bbox .* is not inside the layer"),
     Case("al_mixed_checkpoints", "stages whose default checkpoints differ (align)", "metroem",
