@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MIN_PIECE_FRACTION = 0.02  # pieces below this share of the section's data are not split off
 COVER_STEPS = 64  # coverage is compared in steps of 1/64
+BRIDGE_PX = 32  # pixels no piece covers are bridged when pieces lie within this distance
 MAX_LABEL_PIXELS = 4096**2  # pieces are found on a grid this small (a coarser MIP if needed)
 
 
@@ -219,12 +220,49 @@ class ShareSource:
         return np.where(keep, a, np.zeros((), a.dtype))
 
 
+def _bridge(fs: list[Tensor], covers: list[Tensor]) -> Tensor:
+    """The combined field of a window, with pixels no piece covers (the tissue lost into a
+    fold) interpolated between the pieces around them: each piece's field at its nearest
+    covered pixel, weighted by inverse distance, for pixels within :data:`BRIDGE_PX` of at least
+    two pieces. Across a straight strip this is linear, so the strip maps onto the fold line
+    between the pieces: rendered, it is empty (the line is masked), and the field stays
+    continuous for whatever starts from it."""
+    from scipy import ndimage
+
+    out = combine_by_coverage(fs, covers)
+    levels = torch.cat([_levels(c) for c in covers], 1)[0]
+    best = levels.max(0).values
+    owned = [(levels[k] == best) & (best > COVER_STEPS / 2) for k in range(len(fs))]
+    uncovered = best <= COVER_STEPS / 2
+    if not bool(uncovered.any()):
+        return out
+    num = torch.zeros_like(out)
+    den = torch.zeros_like(best, dtype=torch.float32)
+    near = torch.zeros_like(best, dtype=torch.int32)
+    for f, own in zip(fs, owned, strict=True):
+        if not bool(own.any()):
+            continue
+        dist, (iy, ix) = ndimage.distance_transform_edt(~own.numpy(), return_indices=True)
+        dist = torch.from_numpy(dist).float()
+        reach = dist <= BRIDGE_PX
+        wgt = torch.where(reach, 1.0 / dist.clamp_min(0.5), torch.zeros_like(dist))
+        nearest = f[0][:, torch.from_numpy(iy), torch.from_numpy(ix)]
+        num += wgt * nearest
+        den += wgt
+        near += reach.int()
+    fill = uncovered & (near >= 2)
+    return torch.where(fill, num / den.clamp_min(1e-12), out)
+
+
 def combined_window(pieces: PieceMap, stores: list, y0: int, x0: int, h: int, w: int) -> Tensor:
     """The final field on a window: each pixel from the second-pass field (``stores[j]`` for
-    piece ``j + 1``) of the piece that covers it."""
-    fs = [s.read(y0, x0, h, w) for s in stores]
-    covers = [coverage(pieces, j + 1, f, y0, x0) for j, f in enumerate(fs)]
-    return combine_by_coverage(fs, covers)
+    piece ``j + 1``) of the piece that covers it, pixels no piece covers bridged between the
+    pieces (read with a margin of :data:`BRIDGE_PX`, so a tiled run equals a whole-image
+    one)."""
+    m = BRIDGE_PX + 1
+    fs = [s.read(y0 - m, x0 - m, h + 2 * m, w + 2 * m) for s in stores]
+    covers = [coverage(pieces, j + 1, f, y0 - m, x0 - m) for j, f in enumerate(fs)]
+    return _bridge(fs, covers)[..., m : m + h, m : m + w].contiguous()
 
 
 def align_with_defects(
@@ -265,18 +303,11 @@ def align_with_defects(
     first = [run(k, t_np) for k in ks]
     second = [run(k, np.where(share_mask(pieces, k, first, 0, 0)[0, 0].numpy(), t_np, 0))
               for k in ks]
-    stores = [_Fixed(f) for f in second]
+    stores = []
+    for f in second:  # whole-image fields read like a tiled run's stores (border repeated)
+        stores.append(tiling.MemoryFieldStore(h, w))
+        stores[-1].field = f
     return combined_window(pieces, stores, 0, 0, h, w).to(src.device)
-
-
-class _Fixed:
-    """A whole-image field read like a store (the in-memory path)."""
-
-    def __init__(self, field: Tensor):
-        self.field = field
-
-    def read(self, y0: int, x0: int, h: int, w: int) -> Tensor:
-        return self.field[..., y0 : y0 + h, x0 : x0 + w]
 
 
 # --- mask layers ---------------------------------------------------------------------------------
