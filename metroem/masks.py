@@ -6,7 +6,9 @@ defect mask (target mask, or source mask warped by the field) marks it. Then:
 
 * ``sim_weight`` is 0 on bad pixels, a ring weight near them and 1 elsewhere;
 * ``smooth_weight`` is ``smoothness_nodata_weight`` on bad pixels (the field is still kept
-  smooth where there is nothing to align), a ring weight near them and 1 elsewhere.
+  smooth where there is nothing to align), a ring weight near them and 1 elsewhere; on
+  pixels a defect mask marks it is ``smoothness_defect_weight`` (default 0: across a fold the
+  field may jump).
 
 Rings coarsen the bad region: ``[[2, 0.5], [4, 0.8]]`` gives weight 0.5 to pixels within 2 px
 (square neighbourhood) of a bad pixel and 0.8 to those within 4 px; the smallest ring wins.
@@ -28,7 +30,8 @@ DEFAULTS: dict = {
     "mask_threshold": 0.5,  # a defect mask marks a pixel when its value is above this
     "similarity_rings": [],  # [[radius_px, weight], ...] around bad pixels, similarity term
     "smoothness_rings": [],  # the same for the smoothness term
-    "smoothness_nodata_weight": 0.1,  # smoothness weight on bad (no-data / defect) pixels
+    "smoothness_nodata_weight": 0.1,  # smoothness weight on pixels without data
+    "smoothness_defect_weight": 0.0,  # smoothness weight on defect-mask pixels (folds may jump)
 }
 
 
@@ -93,11 +96,14 @@ def build_masks(
         # A warped pixel has data only if all its bilinear neighbours do.
         src_ok = fields.warp_image(valid_mask(src, cfg), f) > 0.999
         good = src_ok & (valid_mask(tgt, cfg) > 0)
+        defect = torch.zeros_like(good)
         if src_mask is not None:
-            good &= warp_mask(src_mask, f, cfg["mask_threshold"]) == 0
+            defect |= warp_mask(src_mask, f, cfg["mask_threshold"]) > 0
         if tgt_mask is not None:
-            good &= tgt_mask.detach().float() <= cfg["mask_threshold"]
-        bad = (~good).float()
+            defect |= tgt_mask.detach().float() > cfg["mask_threshold"]
+        bad = (~good | defect).float()
         sim = ring_weights(bad, cfg["similarity_rings"], 0.0)
         smooth = ring_weights(bad, cfg["smoothness_rings"], cfg["smoothness_nodata_weight"])
+        smooth = torch.where(defect, torch.full_like(smooth, cfg["smoothness_defect_weight"]),
+                             smooth)
     return {"sim_weight": sim, "smooth_weight": smooth}

@@ -77,6 +77,22 @@ def test_target_mask_and_threshold():
     assert out["sim_weight"][0, 0, 3, 3] == 1 and out["sim_weight"][0, 0, 4, 4] == 0
 
 
+def test_defects_free_the_smoothness_no_data_keeps_a_little():
+    """Issue 14: across a fold the field may jump, so a defect mask takes the smoothness term
+    off its pixels (``smoothness_defect_weight``, default 0); no data keeps its small weight."""
+    src, tgt = _images()
+    tgt[..., 2, 2] = 0
+    tgt_mask = torch.zeros(1, 1, 20, 20)
+    tgt_mask[..., 8, :] = 1  # a fold line across the target
+    out = masks.build_masks(None, src, tgt, fields.identity(1, 20, 20), None, tgt_mask)
+    assert torch.all(out["smooth_weight"][0, 0, 8] == 0)
+    assert out["smooth_weight"][0, 0, 2, 2] == masks.DEFAULTS["smoothness_nodata_weight"] > 0
+    assert torch.all(out["sim_weight"][0, 0, 8] == 0)
+    kept = masks.build_masks({"smoothness_defect_weight": 0.5}, src, tgt,
+                             fields.identity(1, 20, 20), None, tgt_mask)
+    assert torch.all(kept["smooth_weight"][0, 0, 8] == 0.5)
+
+
 def test_masks_carry_no_gradient():
     src, tgt = _images()
     field = torch.zeros(1, 2, 20, 20, requires_grad=True)
