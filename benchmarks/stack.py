@@ -46,7 +46,7 @@ import quality as q  # noqa: E402  (shared helpers: results files, threads)
 
 from metroem import regularize, stack  # noqa: E402
 from metroem.errors import MetroemError, cli_errors  # noqa: E402
-from metroem.eval import baselines, metrics, stacks  # noqa: E402
+from metroem.eval import baselines, folds, metrics, stacks  # noqa: E402
 from metroem.eval import neighbours as nb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,9 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 FIBSEM_NM = 10.0
 START, SECTIONS, GAP = 193, 15, 4  # slices 193, 197, ..., 249: 40 nm apart
 TARGETS = {"median": 0.5, "worst_section": 1.0, "worst_block": 3.0}  # issue 14, px
+KINDS = {"neighbours": "Consecutive slices (tissue changes, a real stack)",
+         "same": "One slice repeated with noise (no change of content)",
+         "fold": "One slice repeated, the middle section folded (a damaged section)"}
 # the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
 os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
@@ -132,9 +135,12 @@ def drift_free_median(s: stacks.KnownStack, whole: list[torch.Tensor]) -> float:
     return float(torch.cat(vals).median())
 
 
-def run_method(pair_fn: stack.PairFn, k: int, s: stacks.KnownStack) -> dict:
+def run_method(pair_fn: stack.PairFn, k: int, s: stacks.KnownStack, masks: bool = True) -> dict:
+    """One method on one stack; ``masks``: give it the stack's defect masks (if it has any)."""
     t0 = time.perf_counter()
-    _, whole = stack.align_stack(s.sections, pair_fn, predecessors=k, dtype=np.uint8)
+    _, whole = stack.align_stack(s.sections, pair_fn, predecessors=k, dtype=np.uint8,
+                                 masks=s.masks if masks and any(
+                                     m is not None for m in s.masks) else None)
     dt = time.perf_counter() - t0
     row = stacks.stack_errors(s, whole)
     row["drift_free_median"] = drift_free_median(s, whole)
@@ -144,7 +150,7 @@ def run_method(pair_fn: stack.PairFn, k: int, s: stacks.KnownStack) -> dict:
 
 def aggregate(rows: list[dict]) -> dict:
     keys = ["median", "p95", "worst_section", "worst_block", "slope", "drift_free_median",
-            "seconds_per_section"]
+            "seconds_per_section", "after_fold"]
     agg = {k: float(np.median([r[k] for r in rows])) for k in keys}
     for k in ("worst_section", "worst_block"):  # the worst over the blocks, not the median
         agg[k] = float(max(r[k] for r in rows))
@@ -180,17 +186,28 @@ def markdown(result: dict) -> str:
         f"{TARGETS['worst_section']}, worst block <= {TARGETS['worst_block']}.",
         "",
     ]
-    for kind, title in (("neighbours", "Consecutive slices (tissue changes, a real stack)"),
-                        ("same", "One slice repeated with noise (no change of content)")):
+    for kind, title in KINDS.items():
+        if kind not in result["table"]:
+            continue
+        fold = kind == "fold"
+        if fold:
+            lines += [f"Section {c['fold_at']} of each stack is folded (`{c['fold']}`) and its "
+                      "defect mask is given to every method (`metroem.defects`: masked pixels "
+                      "are no data, the section is aligned piece by piece); `(mask not given)` "
+                      "is the same method without it. `after fold` is the median over the "
+                      "sections after the folded one; the lost strip is not scored.", ""]
         lines += [f"## {title}", "",
                   "| method | median | p95 | worst section | worst 64px block | slope px/section "
+                  + ("| after fold " if fold else "") +
                   "| drift-free median | s/section | targets met |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if fold else "")]
         for name, a in result["table"][kind].items():
             met = all(a[k] <= v for k, v in TARGETS.items())
             lines.append(
                 f"| {name} | {_f(a['median'])} | {_f(a['p95'])} | {_f(a['worst_section'])} | "
-                f"{_f(a['worst_block'])} | {_f(a['slope'])} | {_f(a['drift_free_median'])} | "
+                f"{_f(a['worst_block'])} | {_f(a['slope'])} | "
+                + (f"{_f(a['after_fold'])} | " if fold else "")
+                + f"{_f(a['drift_free_median'])} | "
                 f"{_f(a['seconds_per_section'], 2)} | {'yes' if met else 'no'} |")
         lines.append("")
     lines += ["## The blocks' own apparent drift", "",
@@ -218,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     start = blocks[next(iter(blocks))].shape[0] - 1 - (n - 1) * GAP
     if not args.quick and start != START:
         raise MetroemError(f"blocks of {start + 57} slices; the stack benchmark expects 250")
-    known = {(kind, b): stacks.make_stack(v, b, start, n, GAP, kind, seed=args.seed)
-             for kind in ("neighbours", "same") for b, v in blocks.items()}
-    rows: dict[str, dict[str, list[dict]]] = {"neighbours": {}, "same": {}}
+    fold_at = n // 2
+    known = {(kind, b): stacks.make_stack(v, b, start, n, GAP, "same" if kind == "fold" else kind,
+                                          seed=args.seed,
+                                          fold_at=fold_at if kind == "fold" else None)
+             for kind in KINDS for b, v in blocks.items()}
+    rows: dict[str, dict[str, list[dict]]] = {kind: {} for kind in KINDS}
     for kind in rows:
         rows[kind]["unaligned"] = [stacks.raw_errors(s) | {
             "drift_free_median": drift_free_median(s, [torch.zeros_like(t) for t in s.truth]),
@@ -230,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind in rows:
             rows[kind][name] = [run_method(fn, k, s) for (kk, _), s in known.items()
                                 if kk == kind]
+        if name == "metroem":  # the fold without its mask: what the mask buys
+            rows["fold"]["metroem (mask not given)"] = [
+                run_method(fn, k, s, masks=False) for (kk, _), s in known.items()
+                if kk == "fold"]
         print(f"{name:44s} {time.perf_counter() - t0:7.1f} s", flush=True)
     drift = {}
     for (kind, b), s in known.items():
@@ -246,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "blocks": ", ".join(blocks), "start": start, "sections": n, "gap": GAP,
             "size": "x".join(str(v) for v in first.sections[0].shape[-2:][::-1]),
             "deformation": repr(stacks.SECTION_DEFORMATION), "seed": args.seed,
+            "fold_at": fold_at, "fold": repr(folds.FOLD),
             "pyramid": None if args.no_metroem else str(args.pyramid),
             "total_seconds": time.perf_counter() - t_start,
         },

@@ -705,6 +705,7 @@ class _Run:
     out: _VolumeWriter
     progress: bool
     sections: _Sections | None = None
+    _damaged: dict = dataclasses.field(default_factory=dict)
 
     def section(self, path: str, z: int):
         """Section ``z`` of ``path`` at the run's MIP (defects masked on the source layer)."""
@@ -716,6 +717,14 @@ class _Run:
         if self.sections is None:
             return None
         return self.sections.pieces(src, path, z, self.tiler.height, self.tiler.width)
+
+    def damaged(self, z: int) -> bool:
+        """Whether the source layer's section ``z`` has defects (a mask marks any pixel)."""
+        if self.sections is None or self.sections.mask is None:
+            return False
+        if z not in self._damaged:
+            self._damaged[z] = self.sections.mask.has_defects(z)
+        return self._damaged[z]
 
     def chunks(self, fn, jobs, key: str, desc: str) -> int:
         """Run ``fn(model, chunk)`` on every chunk not marked ``key + index``; mark each."""
@@ -796,10 +805,12 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
         if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
             continue
         src = run.section(src_path, z)
-        previous = tiling.VolumeFieldStore(run.out.field_path, mip, order[i - 1])
         before = order[:i]
         targets = [before[j] for j in stack.predecessor_indices(
-            len(before), [has[b] for b in before], predecessors)]
+            len(before), [has[b] for b in before], predecessors,
+            [run.damaged(b) for b in before])]
+        previous = tiling.VolumeFieldStore(run.out.field_path, mip,
+                                           targets[0] if targets else order[i - 1])
         if has[z] and targets:
             start = t.field_store(previous)
             pieces = run.pieces(src, src_path, z)
@@ -808,7 +819,7 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
                                      f"z {z} onto {j} ", start=start, pieces=pieces)
                       for j in targets]
         else:  # no data here or before: the previous field carries on
-            stores = [previous]
+            stores = [tiling.VolumeFieldStore(run.out.field_path, mip, order[i - 1])]
 
         def final(model, c, src=src, stores=stores, z=z) -> None:
             f = stack.combine_fields([s.read(c.y0, c.x0, c.h, c.w) for s in stores])
@@ -820,6 +831,8 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
         note = "" if has[z] else " (no data: previous field kept)"
         if has[z] and len(targets) > 1:
             note = f" (onto {', '.join(map(str, targets))}, median)"
+        if has[z] and targets and before[-1] not in targets and run.damaged(before[-1]):
+            note += f" (z {before[-1]} has defects: not a target)"
         bar.step(z, note)
     return ran, len(chunks) * (len(zs) + 1)
 

@@ -10,7 +10,9 @@ With ``predecessors = k > 1`` section ``z`` is aligned onto each of the ``k`` ne
 sections that hold data, and the fields are combined by their per-pixel, per-component median:
 one bad pair (a defect, a poor section) is outvoted instead of derailing every section after
 it. Sections without data are skipped: their field is the previous one, their image stays
-empty, and later sections align to the last section with data.
+empty, and later sections align to the last section with data. Sections with defects (a
+mask) are aligned, but later sections are aligned onto the undamaged sections before them
+while there are enough, starting from the nearest one's field.
 
 This module is the definition; :func:`align_stack` runs it on whole sections in memory, and
 :mod:`metroem.inference` runs the same steps chunk by chunk over CloudVolume layers.
@@ -52,15 +54,20 @@ def has_data(img: Tensor | np.ndarray) -> bool:
     return bool((torch.as_tensor(np.asarray(img)) != 0).any())
 
 
-def predecessor_indices(z: int, has: Sequence[bool], k: int) -> list[int]:
-    """The ``k`` nearest indices before ``z`` whose sections hold data, nearest first."""
-    out = []
+def predecessor_indices(z: int, has: Sequence[bool], k: int,
+                        damaged: Sequence[bool] | None = None) -> list[int]:
+    """The ``k`` nearest indices before ``z`` whose sections hold data, nearest first.
+
+    Sections marked ``damaged`` (a defect mask) come last: a later section is aligned onto the
+    undamaged sections before it, so a fold's local error is not copied into every section
+    after it; damaged ones are used only when there are not ``k`` others."""
+    good, bad = [], []
     for j in range(z - 1, -1, -1):
         if has[j]:
-            out.append(j)
-            if len(out) == k:
+            (bad if damaged is not None and damaged[j] else good).append(j)
+            if len(good) == k:
                 break
-    return out
+    return (good + bad)[:k]
 
 
 def combine_fields(candidates: Sequence[Tensor]) -> Tensor:
@@ -134,34 +141,61 @@ def _clock(seconds: float) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
+def _pair(pair_fn: PairFn, src: Tensor, tgt: Tensor, init: Tensor, mask: Tensor | None,
+          split: bool) -> Tensor:
+    """One pair of a stack; with a defect mask, through :mod:`metroem.defects`."""
+    if mask is None:
+        return pair_fn(src, tgt, init)
+    from metroem import defects
+
+    return defects.align_with_defects(lambda s, t: pair_fn(s, t, init), src, tgt,
+                                      src_mask=mask, split=split)
+
+
 def align_stack(
     sections: Sequence[Tensor],
     pair_fn: PairFn,
     predecessors: int = 1,
     dtype: np.dtype | None = None,
     progress: bool = False,
+    masks: Sequence[Tensor | None] | None = None,
+    split_defects: bool = True,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Align ``sections`` (each ``(1, 1, H, W)``, raw values, 0 = no data) serially; the first
     is the reference. Returns ``(aligned, fields)``: aligned images ``(1, 1, H, W)`` (rounded to
     ``dtype`` when it is an integer type, as an image layer stores them, so later sections see
-    the same targets as in :mod:`metroem.inference`) and whole fields ``(1, 2, H, W)``."""
+    the same targets as in :mod:`metroem.inference`) and whole fields ``(1, 2, H, W)``.
+
+    ``masks`` (one defect mask or ``None`` per section, nonzero = defect) make those pixels no
+    data, in the alignment and in the aligned image; with ``split_defects`` a section its
+    defects cut apart is aligned piece by piece (:func:`metroem.defects.align_with_defects`)."""
     if predecessors < 1:
         raise ValueError(f"predecessors must be >= 1, got {predecessors}")
     if not sections:
         return [], []
+    if masks is not None:
+        from metroem import defects
+
+        if len(masks) != len(sections):
+            raise ValueError(f"{len(masks)} masks for {len(sections)} sections")
+        sections = [defects.apply_mask(s.float(), m) for s, m in zip(sections, masks,
+                                                                     strict=True)]
     h, w = sections[0].shape[-2:]
     has = [has_data(s) for s in sections]
+    damaged = None if masks is None else [m is not None and bool((m > 0).any()) for m in masks]
     aligned = [sections[0].float()]
     out_fields = [torch.zeros(1, 2, h, w)]
     bar = SectionProgress(len(sections) - 1, enabled=progress)
     for z in range(1, len(sections)):
-        init = out_fields[z - 1]
-        targets = predecessor_indices(z, has, predecessors)
+        targets = predecessor_indices(z, has, predecessors, damaged)
+        init = out_fields[targets[0] if targets else z - 1]  # the nearest target's field
         if not has[z] or not targets:
-            field = init.clone()
+            field = out_fields[z - 1].clone()
         else:
             src = sections[z].float()
-            field = combine_fields([pair_fn(src, aligned[j], init) for j in targets])
+            mask = None if masks is None else masks[z]
+            field = combine_fields([_pair(pair_fn, src, aligned[j], init, mask, split_defects)
+                                    for j in targets])
         out_fields.append(field)
         aligned.append(render(sections[z], field, dtype))
         bar.step(z)

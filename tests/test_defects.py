@@ -14,7 +14,7 @@ import torch
 from helpers import isbi_section, tiny_pyramid
 from PIL import Image
 
-from metroem import defects, fields, inference, nets, synth, tiling, volumes
+from metroem import defects, fields, inference, nets, stack, synth, tiling, volumes
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
 
@@ -250,6 +250,13 @@ def test_a_stack_with_a_mask_layer(pyramid, tmp_path):
                                               folded, ref, src_mask=defect)
     got = volumes.read(f, 0, 64, 32, 1, 64)
     assert float((got - expected).abs().max()) < 0.01
+    # the whole stack equals metroem.stack's definition with masks: section 2 goes onto the
+    # reference, not onto the folded section 1
+    _, whole_fields = stack.align_stack([ref, folded, ref], stack.aligner_pair_fn(al),
+                                        dtype=np.uint8, masks=[None, defect, None])
+    for z in (1, 2):
+        layer = volumes.read(f, 0, 64, 32, z, 64)
+        assert float((layer - whole_fields[z]).abs().max()) < 0.01, z
     aligned = volumes.read(i, 0, 64, 32, 1, 64).float()
     masked = fields.warp_image(defects.apply_mask(folded, defect), got)  # the line: no data
     assert float((aligned - masked).abs().max()) <= 1.0

@@ -94,6 +94,39 @@ def test_a_section_without_data_is_skipped():
     assert centre_error(fs[3], truth[3]) < 1.0  # aligned onto section 1, the last with data
 
 
+def test_damaged_sections_are_targets_only_when_needed():
+    has = [True] * 6
+    damaged = [False, False, False, True, False, False]
+    assert stack.predecessor_indices(4, has, 1, damaged) == [2]
+    assert stack.predecessor_indices(4, has, 3, damaged) == [2, 1, 0]
+    assert stack.predecessor_indices(5, has, 2, damaged) == [4, 2]
+    assert stack.predecessor_indices(4, has, 4, damaged) == [2, 1, 0, 3]  # not enough others
+    assert stack.predecessor_indices(4, has, 1) == [3]
+
+
+def test_a_section_after_a_damaged_one_is_aligned_onto_the_one_before():
+    """With defect masks, the section after a damaged one goes onto the last undamaged aligned
+    section, starting from its field; masked pixels are empty in the aligned image."""
+    secs, truth = drifting_stack([(2, 1), (3, -2), (-1, 3)])
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 40:44, :] = 1
+    calls = []
+
+    def record(src, tgt, init):
+        calls.append((tgt.clone(), init.clone()))
+        return phase_pairs()(src, tgt, init)
+
+    aligned, fs = stack.align_stack(secs, record, dtype=np.uint8,
+                                    masks=[None, None, mask, None])
+    masked = stack.render(secs[2] * (1 - mask), fs[2], np.uint8)
+    assert torch.equal(aligned[2], masked) and not torch.equal(aligned[2],
+                                                               stack.render(secs[2], fs[2],
+                                                                            np.uint8))
+    assert torch.equal(calls[-1][0], aligned[1]) and torch.equal(calls[-1][1], fs[1])
+    for f, t in zip(fs, truth, strict=True):
+        assert centre_error(f, t) < 0.5
+
+
 def test_predecessors_and_median():
     assert stack.predecessor_indices(4, [True, False, True, True], 3) == [3, 2, 0]
     assert stack.predecessor_indices(1, [False], 2) == []

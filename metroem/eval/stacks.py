@@ -14,17 +14,22 @@ Two kinds:
 * ``same``: one slice repeated, each copy deformed and with noise (no change of content: what
   is left is the error a method accumulates by itself).
 
+``fold_at=i`` folds section ``i`` before deforming it (:func:`metroem.synth.fold_section`,
+:data:`metroem.eval.folds.FOLD`): its truth jumps across the fold, its defect mask comes with
+the stack (``masks``), and the tissue lost into the fold is not scored (``lost``). Whether the
+sections after it stay aligned is what a damaged section must not spoil.
+
 :func:`stack_errors` scores the whole fields of a method against the truth.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from metroem import synth
+from metroem import fields, synth
 from metroem.errors import MetroemError
 from metroem.eval import metrics
 from metroem.eval.neighbours import NOISE_STD
@@ -62,6 +67,9 @@ class KnownStack:
     sections: list[Tensor]
     truth: list[Tensor]
     originals: list[Tensor]
+    masks: list[Tensor | None] = field(default_factory=list)  # defect masks (fold_at)
+    lost: list[Tensor | None] = field(default_factory=list)  # target pixels without an answer
+    fold_at: int | None = None
 
     @property
     def name(self) -> str:
@@ -78,8 +86,12 @@ def make_stack(
     seed: int = 0,
     drift_step: float = DRIFT_STEP,
     deformation: synth.DeformationSpec = SECTION_DEFORMATION,
+    fold_at: int | None = None,
 ) -> KnownStack:
-    """A known-answer stack from ``block`` ``(Z, H, W)`` starting at slice ``start``."""
+    """A known-answer stack from ``block`` ``(Z, H, W)`` starting at slice ``start``; section
+    ``fold_at`` (not the reference) folded."""
+    if fold_at is not None and not 0 < fold_at < sections:
+        raise MetroemError(f"fold_at must be a section after the reference (1..{sections - 1})")
     if kind not in ("neighbours", "same"):
         raise MetroemError(f"unknown stack kind {kind!r}; choose neighbours or same")
     slices = [start + i * gap for i in range(sections)] if kind == "neighbours" else \
@@ -95,21 +107,33 @@ def make_stack(
     steps = (torch.rand(sections, 2, generator=gen) * 2 - 1) * drift_step
     steps[0] = 0
     drift = steps.cumsum(0)
-    out = KnownStack(kind, name, slices, [], [], [])
+    out = KnownStack(kind, name, slices, [], [], [], fold_at=fold_at)
     for i, z in enumerate(slices):
         orig = block[z][None, None].float()
+        mask = lost = None
         if i == 0:
             src, gt = orig.clone(), torch.zeros(1, 2, h, w)
         else:
             d = synth.random_field(1, h, w, deformation, generator=gen)
             d = d + drift[i].view(1, 2, 1, 1)
-            src, gt = synth.deformed_pair(orig, d)
+            if i == fold_at:
+                from metroem.eval.folds import FOLD
+
+                fo = synth.fold_section(orig, FOLD, gen)
+                src = fields.warp_image(fo["folded"], d)
+                gt = fields.compose(fields.invert(d), fo["field"])
+                mask = (fields.warp_image(fo["defect"], d) > 0).float()
+                lost = fo["lost"]
+            else:
+                src, gt = synth.deformed_pair(orig, d)
             if kind == "same":
                 noise = torch.randn(src.shape, generator=gen) * NOISE_STD
                 src = torch.where(src != 0, (src + noise).clamp(1, 255), torch.zeros_like(src))
         out.sections.append(src)
         out.truth.append(gt)
         out.originals.append(orig)
+        out.masks.append(mask)
+        out.lost.append(lost)
     return out
 
 
@@ -141,6 +165,9 @@ def stack_errors(stack: KnownStack, whole_fields: list[Tensor]) -> dict:
         gt, f = stack.truth[i], whole_fields[i].float()
         mask = interior & metrics.valid_after_warp(stack.sections[i], gt, margin=2)
         mask &= stack.originals[i][0, 0] != 0
+        if stack.lost and stack.lost[i] is not None:  # a fold: no answer in the lost strip
+            mask &= stack.lost[i][0, 0] == 0
+            mask &= fields.warp_image(stack.masks[i], gt)[0, 0] == 0
         err = metrics.epe_map(f, gt)
         vals = err[mask]
         values.append(vals)
@@ -158,6 +185,9 @@ def stack_errors(stack: KnownStack, whole_fields: list[Tensor]) -> dict:
         "worst_block": float(bl.max()) if bl.numel() else float("nan"),
         "slope": slope,
         "per_section": per_section,
+        # after a folded section: does the damage spread to the sections that follow?
+        "after_fold": float(torch.cat(values[stack.fold_at:]).median())
+        if stack.fold_at is not None and stack.fold_at < len(values) else float("nan"),
     }
 
 
