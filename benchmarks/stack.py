@@ -8,9 +8,11 @@ Every method runs the same serial alignment (:func:`metroem.stack.align_stack`: 
 onto the aligned section before it, starting from its field; ``k3`` = onto the three before,
 median of the fields), so the rows differ only in how a pair is aligned.
 
-Two stack kinds per block: ``neighbours`` (consecutive slices: the tissue changes from section
-to section, as in a real stack) and ``same`` (one slice repeated with noise: no change of
-content, what is left is the error a method accumulates by itself).
+Stack kinds per block: ``neighbours`` (consecutive slices: the tissue changes from section
+to section, as in a real stack), ``same`` (one slice repeated with noise: no change of
+content, what is left is the error a method accumulates by itself), ``fold`` (``same`` with
+the middle section folded, its defect mask given) and ``wrong`` (``same`` with the middle
+section showing unrelated tissue: does one bad section derail the sections after it?).
 
 Measured against the true fields, away from the border: the median over all pixels of all
 sections, p95, the worst section's median, the worst 64 px block's median, the slope of the
@@ -57,7 +59,8 @@ START, SECTIONS, GAP = 193, 15, 4  # slices 193, 197, ..., 249: 40 nm apart
 TARGETS = {"median": 0.5, "worst_section": 1.0, "worst_block": 3.0}  # issue 14, px
 KINDS = {"neighbours": "Consecutive slices (tissue changes, a real stack)",
          "same": "One slice repeated with noise (no change of content)",
-         "fold": "One slice repeated, the middle section folded (a damaged section)"}
+         "fold": "One slice repeated, the middle section folded (a damaged section)",
+         "wrong": "One slice repeated, the middle section a wrong one (unrelated tissue)"}
 # the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
 os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
@@ -135,14 +138,18 @@ def drift_free_median(s: stacks.KnownStack, whole: list[torch.Tensor]) -> float:
     return float(torch.cat(vals).median())
 
 
-def run_method(pair_fn: stack.PairFn, k: int, s: stacks.KnownStack, masks: bool = True) -> dict:
-    """One method on one stack; ``masks``: give it the stack's defect masks (if it has any)."""
+def run_method(pair_fn: stack.PairFn, k: int, s: stacks.KnownStack, masks: bool = True,
+               guard_ratio: float = stack.MISALIGNED_RATIO) -> dict:
+    """One method on one stack; ``masks``: give it the stack's defect masks (if it has any);
+    ``guard_ratio``: the misalignment guard's ratio (0 = off; it flags, never stops here)."""
     t0 = time.perf_counter()
+    guard = stack.MisalignmentGuard(guard_ratio, stop=0)
     _, whole = stack.align_stack(s.sections, pair_fn, predecessors=k, dtype=np.uint8,
                                  masks=s.masks if masks and any(
-                                     m is not None for m in s.masks) else None)
+                                     m is not None for m in s.masks) else None, guard=guard)
     dt = time.perf_counter() - t0
     row = stacks.stack_errors(s, whole)
+    row["flagged"] = sorted(guard.flagged)
     row["drift_free_median"] = drift_free_median(s, whole)
     row["seconds_per_section"] = dt / (len(s.sections) - 1)
     return row
@@ -150,10 +157,11 @@ def run_method(pair_fn: stack.PairFn, k: int, s: stacks.KnownStack, masks: bool 
 
 def aggregate(rows: list[dict]) -> dict:
     keys = ["median", "p95", "worst_section", "worst_block", "slope", "drift_free_median",
-            "seconds_per_section", "after_fold"]
+            "seconds_per_section", "after"]
     agg = {k: float(np.median([r[k] for r in rows])) for k in keys}
     for k in ("worst_section", "worst_block"):  # the worst over the blocks, not the median
         agg[k] = float(max(r[k] for r in rows))
+    agg["flagged"] = sum(len(r.get("flagged", [])) for r in rows)
     return agg
 
 
@@ -189,27 +197,36 @@ def markdown(result: dict) -> str:
     for kind, title in KINDS.items():
         if kind not in result["table"]:
             continue
-        fold = kind == "fold"
-        if fold:
+        damaged = kind in ("fold", "wrong")
+        if kind == "fold":
             lines += [f"Section {c['fold_at']} of each stack is folded (`{c['fold']}`) and its "
                       "defect mask is given to every method (`metroem.defects`: masked pixels "
                       "are no data, the section is aligned piece by piece); `(mask not given)` "
-                      "is the same method without it. `after fold` is the median over the "
+                      "is the same method without it. `after` is the median over the "
                       "sections after the folded one; the lost strip is not scored.", ""]
+        if kind == "wrong":
+            lines += [f"Section {c['fold_at']} of each stack shows a slice "
+                      f"{stacks.WRONG_OFFSET} slices away (unrelated tissue: a misplaced or "
+                      "ruined section; not scored, no field is right for it). `after` is the "
+                      "median over the sections after it; `(guard off)` is the same method "
+                      "with `--misaligned_ratio 0`.", ""]
         lines += [f"## {title}", "",
                   "| method | median | p95 | worst section | worst 64px block | slope px/section "
-                  + ("| after fold " if fold else "") +
-                  "| drift-free median | s/section | targets met |",
-                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if fold else "")]
+                  + ("| after " if damaged else "") +
+                  "| drift-free median | flagged | s/section | targets met |",
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if damaged else "")]
         for name, a in result["table"][kind].items():
             met = all(a[k] <= v for k, v in TARGETS.items())
             lines.append(
                 f"| {name} | {_f(a['median'])} | {_f(a['p95'])} | {_f(a['worst_section'])} | "
                 f"{_f(a['worst_block'])} | {_f(a['slope'])} | "
-                + (f"{_f(a['after_fold'])} | " if fold else "")
-                + f"{_f(a['drift_free_median'])} | "
+                + (f"{_f(a['after'])} | " if damaged else "")
+                + f"{_f(a['drift_free_median'])} | {a.get('flagged', 0)} | "
                 f"{_f(a['seconds_per_section'], 2)} | {'yes' if met else 'no'} |")
         lines.append("")
+    lines += ["`flagged`: sections the misalignment guard (`metroem.stack.MisalignmentGuard`, "
+              "the default of `metroem align`) found misaligned and did not use as targets, "
+              "summed over the blocks; three in a row would stop `metroem align`.", ""]
     lines += ["## The blocks' own apparent drift", "",
               "Phase correlation between consecutive *undeformed* slices of the stack (true "
               "field zero) finds a shift in the same direction section after section: the "
@@ -236,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and start != START:
         raise MetroemError(f"blocks of {start + 57} slices; the stack benchmark expects 250")
     fold_at = n // 2
-    known = {(kind, b): stacks.make_stack(v, b, start, n, GAP, "same" if kind == "fold" else kind,
+    known = {(kind, b): stacks.make_stack(v, b, start, n, GAP,
+                                          "neighbours" if kind == "neighbours" else "same",
                                           seed=args.seed,
-                                          fold_at=fold_at if kind == "fold" else None)
+                                          fold_at=fold_at if kind == "fold" else None,
+                                          wrong_at=fold_at if kind == "wrong" else None)
              for kind in KINDS for b, v in blocks.items()}
     rows: dict[str, dict[str, list[dict]]] = {kind: {} for kind in KINDS}
     for kind in rows:
@@ -254,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             rows["fold"]["metroem (mask not given)"] = [
                 run_method(fn, k, s, masks=False) for (kk, _), s in known.items()
                 if kk == "fold"]
+        if name in ("metroem", "farneback+pc"):  # the wrong section without the guard
+            rows["wrong"][f"{name} (guard off)"] = [
+                run_method(fn, k, s, guard_ratio=0.0) for (kk, _), s in known.items()
+                if kk == "wrong"]
         print(f"{name:44s} {time.perf_counter() - t0:7.1f} s", flush=True)
     drift = {}
     for (kind, b), s in known.items():

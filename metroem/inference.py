@@ -144,11 +144,17 @@ class _Markers:
     def done(self, key: str) -> bool:
         return os.path.exists(self.path(key))
 
-    def mark(self, key: str) -> None:
-        # An empty file created after the chunk's data was written: a killed process leaves
-        # either no marker or a complete chunk (the page cache survives the process).
-        with open(self.path(key), "wb"):
-            pass
+    def mark(self, key: str, payload: str = "") -> None:
+        # A file created after the chunk's data was written: a killed process leaves either
+        # no marker or a complete chunk (the page cache survives the process). ``payload`` is
+        # what the chunk measured (a stack section's similarity sums), read back on resume.
+        with open(self.path(key), "w") as f:
+            f.write(payload)
+
+    def payload(self, key: str) -> str:
+        """What :meth:`mark` stored for ``key`` ("" for none)."""
+        with open(self.path(key)) as f:
+            return f.read()
 
 
 TILING = "stages-v1"  # in the job signature: a run of another tiling cannot be resumed
@@ -491,6 +497,8 @@ def align_volume(
     mask_mip: int | None = None,
     mask_threshold: float = 0.0,
     split_defects: bool = True,
+    misaligned_ratio: float = stack.MISALIGNED_RATIO,
+    runaway_stop: int = stack.RUNAWAY_STOP,
     overwrite: bool = False,
     resume: bool = False,
     work_dir: str | None = None,
@@ -519,6 +527,11 @@ def align_volume(
     no data, they stay empty in the aligned image, and with ``split_defects`` a section its
     defects cut apart is aligned piece by piece, so the field may jump across a fold
     (:mod:`metroem.defects`).
+
+    Stacks: a section whose correlation with its target is under ``misaligned_ratio`` times
+    the stack's recent level is not a target for later sections, and ``runaway_stop`` such
+    sections in a row stop the run (:class:`metroem.stack.MisalignmentGuard`; queued blocks
+    only flag).
     """
     stack_mode = not pairwise and tgt_path is None and tgt_z is None
     if not (field_path or image_path):
@@ -532,6 +545,7 @@ def align_volume(
     if predecessors < 1 or (predecessors > 1 and not stack_mode):
         raise MetroemError("--predecessors must be >= 1 and is for stacks (not --pairwise, "
                            "--tgt_z or --tgt_path)")
+    stack.MisalignmentGuard(misaligned_ratio, runaway_stop)  # a bad setting: one line, now
     if z_end <= z_start:
         raise MetroemError(f"empty z range [{z_start}, {z_end}); pass --z_end > --z_start")
     if (block_size is not None or queue) and not stack_mode:
@@ -582,7 +596,7 @@ def align_volume(
     _check_or_write_job(markers.folder, _job_signature(
         src=volumes.normalize_path(src_path), tgt=volumes.normalize_path(tgt_path), tgt_z=tgt_z,
         mode="stack" if stack_mode else "pairs", predecessors=predecessors,
-        block_size=block_size,
+        block_size=block_size, misaligned_ratio=misaligned_ratio if stack_mode else None,
         reference=z_start - 1 if stack_mode else None,
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
         checkpoint=checkpoint_name, stages=stages, refine=refine,
@@ -590,7 +604,8 @@ def align_volume(
         mask=json.dumps(dataclasses.asdict(mask) if mask else None, sort_keys=True),
         **_option_signature(aligner)))
     out = _VolumeWriter(info, mip, top, field_path, image_path)
-    run = _Run(aligner, tiler, devices, markers, out, progress, _Sections(src_path, mip, mask))
+    run = _Run(aligner, tiler, devices, markers, out, progress, _Sections(src_path, mip, mask),
+               misaligned_ratio, runaway_stop)
     if block_size is not None:
         return _align_blocks(markers.folder, pyramid, src_path, z_start, z_end,
                              field_path, image_path, block_size, predecessors, queue, chunk,
@@ -598,7 +613,7 @@ def align_volume(
                              dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
                                   refine=refine, refine_options=refine_options,
                                   smoothing_nm=smoothing_nm),
-                             dataclasses.asdict(mask) if mask else None)
+                             dataclasses.asdict(mask) if mask else None, misaligned_ratio)
     try:
         if stack_mode:
             ran, total = _align_stack(run, src_path, z_start - 1, [z for z, _ in pairs],
@@ -623,7 +638,8 @@ def _job_pyramid(pyramid) -> str:
 
 def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_path,
                   block_size, predecessors, queue, chunk, pad, device, progress,
-                  aligner_options, mask=None) -> dict:
+                  aligner_options, mask=None,
+                  misaligned_ratio: float = stack.MISALIGNED_RATIO) -> dict:
     """A stack in blocks (:mod:`metroem.workers`): enqueued, or run here in task order."""
     from metroem import workers
 
@@ -631,7 +647,8 @@ def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_p
         folder=folder, pyramid=_job_pyramid(pyramid), src_path=src_path,
         z_start=z_start, z_end=z_end, field_path=field_path, image_path=image_path,
         block_size=block_size, predecessors=predecessors, aligner=aligner_options,
-        chunk=chunk, pad=pad, device=device, queue=queue, mask=mask)
+        chunk=chunk, pad=pad, device=device, queue=queue, mask=mask,
+        misaligned_ratio=misaligned_ratio)
     job.save()
     n = len(job.blocks())
     if queue:
@@ -705,6 +722,8 @@ class _Run:
     out: _VolumeWriter
     progress: bool
     sections: _Sections | None = None
+    misaligned_ratio: float = stack.MISALIGNED_RATIO
+    runaway_stop: int = stack.RUNAWAY_STOP
     _damaged: dict = dataclasses.field(default_factory=dict)
 
     def section(self, path: str, z: int):
@@ -727,10 +746,10 @@ class _Run:
         return self._damaged[z]
 
     def chunks(self, fn, jobs, key: str, desc: str) -> int:
-        """Run ``fn(model, chunk)`` on every chunk not marked ``key + index``; mark each."""
+        """Run ``fn(model, chunk)`` on every chunk not marked ``key + index``; mark each (with
+        what ``fn`` returns, a string, as the marker's payload)."""
         def work(model, c):
-            fn(model, c)
-            self.markers.mark(f"{key}{c.index}")
+            self.markers.mark(f"{key}{c.index}", fn(model, c) or "")
 
         return tiling.run_chunks(jobs, work, self.aligner, self.devices,
                                  is_done=lambda c: self.markers.done(f"{key}{c.index}"),
@@ -785,11 +804,15 @@ def _section_has_data(src, height: int, width: int) -> bool:
 
 def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
                  predecessors: int) -> tuple[int, int]:
-    """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk."""
+    """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk.
+
+    Each written chunk's marker holds the similarity sums of the aligned chunk and its nearest
+    target, so the :class:`~metroem.stack.MisalignmentGuard` replays its verdicts on resume."""
     t, mip = run.tiler, run.out.mip
     chunks = t.output_chunks()
     ref_src = run.section(src_path, ref)
     zero = torch.zeros(1, 2, t.chunk, t.chunk)
+    guard = stack.MisalignmentGuard(run.misaligned_ratio, run.runaway_stop)
 
     def copy_ref(model, c) -> None:
         img = tiling.read_resampled(ref_src, 0, c.y0, c.x0, c.h, c.w)
@@ -801,14 +824,16 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
     done_before = sum(all(run.markers.done(f"z{z}_{c.index}") for c in chunks) for z in zs)
     bar = stack.SectionProgress(len(zs), done_before, run.progress)
     for i, z in enumerate(zs, start=1):
-        has[z] = _section_has_data(run.section(src_path, z), t.height, t.width)
-        if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
-            continue
         src = run.section(src_path, z)
+        has[z] = _section_has_data(src, t.height, t.width)
         before = order[:i]
         targets = [before[j] for j in stack.predecessor_indices(
             len(before), [has[b] for b in before], predecessors,
-            [run.damaged(b) for b in before])]
+            [run.damaged(b) or guard.is_flagged(b) for b in before])]
+        if all(run.markers.done(f"z{z}_{c.index}") for c in chunks):
+            if has[z] and targets:  # replay the verdict on this section
+                guard.judge(z, stack.pearson(_marked_sums(run, z, chunks)), targets[0])
+            continue
         previous = tiling.VolumeFieldStore(run.out.field_path, mip,
                                            targets[0] if targets else order[i - 1])
         if has[z] and targets:
@@ -818,13 +843,20 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
                                      os.path.join(run.cache(z), f"onto{j}"),
                                      f"z {z} onto {j} ", start=start, pieces=pieces)
                       for j in targets]
+            nearest = tiling.VolumeSource(run.out.image_path, mip, targets[0])
         else:  # no data here or before: the previous field carries on
             stores = [tiling.VolumeFieldStore(run.out.field_path, mip, order[i - 1])]
+            nearest = None
 
-        def final(model, c, src=src, stores=stores, z=z) -> None:
+        def final(model, c, src=src, stores=stores, z=z, nearest=nearest) -> str:
             f = stack.combine_fields([s.read(c.y0, c.x0, c.h, c.w) for s in stores])
             img = tiling.warp_chunk(src, f, c)
             run.out.write(z, c, f, img)
+            if nearest is None:
+                return ""
+            target = tiling.read_resampled(nearest, 0, c.y0, c.x0, c.h, c.w)
+            sums = stack.similarity_sums(stack.as_stored(img, run.out.info.dtype), target)
+            return json.dumps([float(v) for v in sums])
 
         ran += run.chunks(final, chunks, f"z{z}_", f"z {z} writing")
         shutil.rmtree(run.cache(z), ignore_errors=True)
@@ -833,8 +865,23 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
             note = f" (onto {', '.join(map(str, targets))}, median)"
         if has[z] and targets and before[-1] not in targets and run.damaged(before[-1]):
             note += f" (z {before[-1]} has defects: not a target)"
+        if has[z] and targets:
+            r = stack.pearson(_marked_sums(run, z, chunks))
+            if guard.judge(z, r, targets[0]):
+                note += f" (r {r:.3f} with z {targets[0]}: misaligned, not a target)"
         bar.step(z, note)
     return ran, len(chunks) * (len(zs) + 1)
+
+
+def _marked_sums(run: _Run, z: int, chunks) -> np.ndarray:
+    """Section ``z``'s similarity sums, added up from its chunk markers (zeros where a marker
+    holds none: a section written by an older metroem gets no verdict)."""
+    total = np.zeros(6)
+    for c in chunks:
+        text = run.markers.payload(f"z{z}_{c.index}")
+        if text:
+            total += np.asarray(json.loads(text), dtype=np.float64)
+    return total
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -920,6 +967,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no_defect_split", action="store_true",
                    help="align a section its defects cut apart as one piece (default: piece "
                    "by piece, so the field may jump across a fold)")
+    g = p.add_argument_group("stack checks: a section that correlates with its target far "
+                             "below the stack's recent level is misaligned")
+    g.add_argument("--misaligned_ratio", type=float, default=stack.MISALIGNED_RATIO,
+                   help="misaligned below this fraction of the stack's recent correlation: "
+                   "not a target for later sections (default %(default)s; 0 = off)")
+    g.add_argument("--runaway_stop", type=int, default=stack.RUNAWAY_STOP,
+                   help="stop after this many misaligned sections in a row, the stack before "
+                   "them complete (default %(default)s; 0 = never)")
     o = p.add_argument_group("outputs")
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -961,7 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
                            a.image_path, tgt_path=a.tgt_path, tgt_z=a.tgt_z,
                            pairwise=a.pairwise, predecessors=a.predecessors,
                            block_size=a.block_size, queue=a.queue, mask_path=a.mask_path,
-                           mask_mip=a.mask_mip, work_dir=a.work_dir, **common)
+                           mask_mip=a.mask_mip, work_dir=a.work_dir,
+                           misaligned_ratio=a.misaligned_ratio, runaway_stop=a.runaway_stop,
+                           **common)
     else:
         raise MetroemError("pass --src/--tgt image files or --src_path with a z range")
     if out.get("enqueued") is not None:

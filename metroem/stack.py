@@ -14,6 +14,13 @@ empty, and later sections align to the last section with data. Sections with def
 mask) are aligned, but later sections are aligned onto the undamaged sections before them
 while there are enough, starting from the nearest one's field.
 
+Every aligned section is checked against its nearest target (:class:`MisalignmentGuard`): a
+section whose correlation with it falls below half the stack's recent level is *misaligned*
+(a wrong or ruined section, a pair the aligner lost) and, like a damaged one, is not a target
+for the sections after it, so one bad section cannot drag the rest of the stack along; several
+misaligned sections in a row are a runaway, and the run stops with
+:class:`RunawayMisalignment` instead of writing the rest of the stack out of alignment.
+
 This module is the definition; :func:`align_stack` runs it on whole sections in memory, and
 :mod:`metroem.inference` runs the same steps chunk by chunk over CloudVolume layers.
 """
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 
 from metroem import fields
+from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
 PairFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -38,9 +46,14 @@ __all__ = [
     "PairFn",
     "aligner_pair_fn",
     "align_stack",
+    "as_stored",
     "combine_fields",
     "has_data",
     "image_pair_fn",
+    "MisalignmentGuard",
+    "RunawayMisalignment",
+    "pearson",
+    "similarity_sums",
     "predecessor_indices",
     "render",
     "SectionProgress",
@@ -70,6 +83,101 @@ def predecessor_indices(z: int, has: Sequence[bool], k: int,
     return (good + bad)[:k]
 
 
+MISALIGNED_RATIO = 0.5  # below this fraction of the stack's recent correlation: misaligned
+RUNAWAY_STOP = 3  # this many misaligned sections in a row stop the run
+GUARD_HISTORY = 8  # how many recent well-aligned sections set the stack's level
+GUARD_MIN_HISTORY = 2  # no verdict before this many well-aligned sections
+
+
+class RunawayMisalignment(MetroemError):
+    """Several sections in a row came out misaligned: the run stops (the stack before them is
+    complete)."""
+
+
+def similarity_sums(aligned: Tensor | np.ndarray, target: Tensor | np.ndarray) -> np.ndarray:
+    """``[n, sum a, sum b, sum a², sum b², sum ab]`` over pixels where both images have data
+    (nonzero), in float64: chunks add up to the section's sums (:func:`pearson`)."""
+    a = torch.as_tensor(np.asarray(aligned, dtype=np.float64) if not torch.is_tensor(aligned)
+                        else aligned).double().reshape(-1)
+    b = torch.as_tensor(np.asarray(target, dtype=np.float64) if not torch.is_tensor(target)
+                        else target).double().reshape(-1)
+    both = (a != 0) & (b != 0)
+    a, b = a[both], b[both]
+    return np.array([float(a.numel()), float(a.sum()), float(b.sum()), float((a * a).sum()),
+                     float((b * b).sum()), float((a * b).sum())])
+
+
+def pearson(sums: np.ndarray) -> float | None:
+    """Pearson correlation from :func:`similarity_sums`; ``None`` with under 16 pixels or a
+    flat image (no verdict possible)."""
+    n, sa, sb, saa, sbb, sab = (float(v) for v in sums)
+    if n < 16:
+        return None
+    va, vb = saa - sa * sa / n, sbb - sb * sb / n
+    if va <= 1e-9 * max(1.0, saa) or vb <= 1e-9 * max(1.0, sbb):
+        return None
+    return (sab - sa * sb / n) / float(np.sqrt(va * vb))
+
+
+class MisalignmentGuard:
+    """Judges each aligned section by its correlation ``r`` with its nearest target.
+
+    A section is *misaligned* when ``r`` is below ``ratio`` times the median ``r`` of the last
+    :data:`GUARD_HISTORY` well-aligned sections (no verdict before
+    :data:`GUARD_MIN_HISTORY` of them). ``stop`` misaligned sections in a row raise
+    :class:`RunawayMisalignment` (``stop = 0``: never). ``ratio = 0`` turns it off. The verdicts
+    depend only on the sections' ``r`` in order, so a resumed run replays them exactly.
+    """
+
+    def __init__(self, ratio: float = MISALIGNED_RATIO, stop: int = RUNAWAY_STOP):
+        if not 0 <= ratio < 1:
+            raise MetroemError(f"--misaligned_ratio must be in [0, 1), got {ratio}")
+        if stop < 0:
+            raise MetroemError(f"--runaway_stop must be >= 0, got {stop}")
+        self.ratio, self.stop = float(ratio), int(stop)
+        self.good: list[float] = []
+        self.flagged: set[int] = set()
+        self.run: list[int] = []  # the current streak of misaligned sections
+        self.records: list[dict] = []
+
+    def level(self) -> float | None:
+        """The stack's recent correlation (median of the last well-aligned sections)."""
+        if len(self.good) < GUARD_MIN_HISTORY:
+            return None
+        return float(np.median(self.good[-GUARD_HISTORY:]))
+
+    def judge(self, z: int, r: float | None, target: int | None = None) -> bool:
+        """Record section ``z``'s correlation ``r`` with its target; ``True`` if misaligned.
+        Raises :class:`RunawayMisalignment` when the streak reaches ``stop``."""
+        level = self.level()
+        bad = (self.ratio > 0 and r is not None and level is not None
+               and r < self.ratio * level)
+        self.records.append({"z": z, "target": target, "r": r, "level": level,
+                             "misaligned": bad})
+        if r is None:
+            return False
+        if not bad:
+            self.good.append(r)
+            self.run = []
+            return False
+        self.flagged.add(z)
+        self.run.append(z)
+        log.warning("z %d: correlation %.3f with z %s is below %.2f x the stack's %.3f: "
+                    "misaligned, not a target for later sections", z, r, target, self.ratio,
+                    level)
+        if self.stop and len(self.run) >= self.stop:
+            zs = ", ".join(map(str, self.run))
+            raise RunawayMisalignment(
+                f"runaway misalignment: z {zs} all correlate under {self.ratio:g} x the "
+                f"stack's {level:.3f} with their targets; stopped, the stack before z "
+                f"{self.run[0]} is complete. Look at those sections (a defect mask: "
+                "--mask_path), or go on with --resume --runaway_stop 0")
+        return True
+
+    def is_flagged(self, z: int) -> bool:
+        return z in self.flagged
+
+
 def combine_fields(candidates: Sequence[Tensor]) -> Tensor:
     """Per-pixel, per-component median of candidate fields ``(1, 2, H, W)`` (the mean of the
     two middle values for an even count, so two candidates average)."""
@@ -83,11 +191,16 @@ def combine_fields(candidates: Sequence[Tensor]) -> Tensor:
 def render(src: Tensor, field: Tensor, dtype: np.dtype | None = None) -> Tensor:
     """Raw section ``src`` ``(1, 1, H, W)`` warped by its whole field, rounded and clipped to
     ``dtype`` when that is an integer type (what an image layer stores)."""
-    out = fields.warp_image(src.float(), field)
-    if dtype is not None and np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        out = out.round().clamp(info.min, info.max)
-    return out
+    return as_stored(fields.warp_image(src.float(), field), dtype)
+
+
+def as_stored(img: Tensor, dtype: np.dtype | str | None) -> Tensor:
+    """``img`` rounded and clipped as an image layer of ``dtype`` stores it (unchanged for a
+    float type or ``None``)."""
+    if dtype is not None and np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(np.dtype(dtype))
+        img = img.round().clamp(info.min, info.max)
+    return img
 
 
 def aligner_pair_fn(aligner) -> PairFn:
@@ -160,6 +273,7 @@ def align_stack(
     progress: bool = False,
     masks: Sequence[Tensor | None] | None = None,
     split_defects: bool = True,
+    guard: MisalignmentGuard | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Align ``sections`` (each ``(1, 1, H, W)``, raw values, 0 = no data) serially; the first
     is the reference. Returns ``(aligned, fields)``: aligned images ``(1, 1, H, W)`` (rounded to
@@ -168,7 +282,11 @@ def align_stack(
 
     ``masks`` (one defect mask or ``None`` per section, nonzero = defect) make those pixels no
     data, in the alignment and in the aligned image; with ``split_defects`` a section its
-    defects cut apart is aligned piece by piece (:func:`metroem.defects.align_with_defects`)."""
+    defects cut apart is aligned piece by piece (:func:`metroem.defects.align_with_defects`).
+
+    ``guard`` (default a :class:`MisalignmentGuard` with its defaults; pass one to read its
+    ``records`` or ``MisalignmentGuard(0)`` for none) judges each aligned section against its
+    nearest target; misaligned sections are not targets for later ones."""
     if predecessors < 1:
         raise ValueError(f"predecessors must be >= 1, got {predecessors}")
     if not sections:
@@ -183,11 +301,13 @@ def align_stack(
     h, w = sections[0].shape[-2:]
     has = [has_data(s) for s in sections]
     damaged = None if masks is None else [m is not None and bool((m > 0).any()) for m in masks]
+    guard = MisalignmentGuard() if guard is None else guard
     aligned = [sections[0].float()]
     out_fields = [torch.zeros(1, 2, h, w)]
     bar = SectionProgress(len(sections) - 1, enabled=progress)
     for z in range(1, len(sections)):
-        targets = predecessor_indices(z, has, predecessors, damaged)
+        avoid = [(damaged is not None and damaged[j]) or guard.is_flagged(j) for j in range(z)]
+        targets = predecessor_indices(z, has, predecessors, avoid)
         init = out_fields[targets[0] if targets else z - 1]  # the nearest target's field
         if not has[z] or not targets:
             field = out_fields[z - 1].clone()
@@ -198,5 +318,8 @@ def align_stack(
                                     for j in targets])
         out_fields.append(field)
         aligned.append(render(sections[z], field, dtype))
+        if has[z] and targets:
+            guard.judge(z, pearson(similarity_sums(aligned[z], aligned[targets[0]])),
+                        targets[0])
         bar.step(z)
     return aligned, out_fields

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from metroem import defects, tiling, volumes
+from metroem import defects, stack, tiling, volumes
 from metroem.atomic import atomic_write_bytes
 from metroem.devices import parse_devices
 from metroem.errors import MetroemError
@@ -61,6 +61,7 @@ class StackJob:
     device: str = "cpu"
     queue: str | None = None
     mask: dict | None = None  # a resolved metroem.defects.MaskLayer as a dict, or None
+    misaligned_ratio: float = stack.MISALIGNED_RATIO  # blocks flag misaligned sections only
 
     def blocks(self) -> list[tuple[int, list[int]]]:
         """``(reference, sections)`` of every block, in z order."""
@@ -151,8 +152,9 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
         inference._prepare_layer(ipath, ctx.info, cxy, ctx.info.dtype, 1, False, True)
         out = inference._VolumeWriter(ctx.info, ctx.mip, ctx.mip, fpath, ipath)
         markers = inference._Markers(os.path.join(job.block_dir(b), "markers"))
+        # a task that stopped would be retried forever: blocks flag misaligned sections only
         run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress,
-                             ctx.sections)
+                             ctx.sections, job.misaligned_ratio, runaway_stop=0)
         inference._align_stack(run, job.src_path, ref, secs, job.predecessors)
         for p in (fpath, ipath):
             volumes.forget(p)

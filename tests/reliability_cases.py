@@ -738,6 +738,10 @@ def _st_mask_sections(world, work):
     return Prepared(_st_args(world, work, "--mask_path", _mask_layer(work, SIZE, 1)))
 
 
+def _st_misaligned_ratio(world, work):
+    return Prepared(_st_args(world, work, "--misaligned_ratio", "1.5"))
+
+
 def _ev_bbox_outside(world, work):
     return Prepared(["eval", "--image_path", world.image, "--z_start", "1", "--z_end", "2",
                      "--bbox", str(SIZE - 32), "0", "64", "64"])
@@ -956,6 +960,8 @@ CASES: list[Case] = [
          _st_mask_size, r"give a mask of the image layer's size"),
     Case("st_mask_sections", "defect mask layer without the sections aligned (align)",
          "metroem", _st_mask_sections, r"has no section 1 .*give a mask for every section"),
+    Case("st_misaligned_ratio", "a misalignment ratio outside [0, 1) (align, stack)",
+         "metroem", _st_misaligned_ratio, r"--misaligned_ratio must be in \[0, 1\)"),
     Case("ev_bbox_outside", "--bbox partly outside the volume (eval)", "metroem",
          _ev_bbox_outside, r"--bbox .* is not inside the layer"),
     Case("al_mixed_checkpoints", "stages whose default checkpoints differ (align)", "metroem",

@@ -320,6 +320,63 @@ def test_an_interrupted_stack_resumes_to_the_same_stack(pyramid, tmp_path, monke
                            volumes.read(b, 0, 64, 32, 0, 64, nz=4))
 
 
+SIZE_192 = 192  # the shipped pyramid's coarse stage needs sections of about 192 px or more
+
+
+def _noisy_volume(path: Path, wrong: tuple[int, ...], n: int = 7,
+                  size: int = SIZE_192) -> tuple[str, list]:
+    """ISBI sections with the ``wrong`` ones replaced by noise (not tissue)."""
+    g = torch.Generator().manual_seed(11)
+    secs = [torch.from_numpy(section(z + 4, size))[None, None].float() for z in range(n)]
+    for z in wrong:
+        secs[z] = (torch.rand(1, 1, size, size, generator=g) * 200 + 20).round()
+    url = volumes.normalize_path(str(path))
+    volumes.create_volume(url, (size, size, n), num_mips=2, chunk_xy=32, offset_xyz=(64, 32, 0))
+    for z, s in enumerate(secs):
+        volumes.write_all_mips(url, 64, 32, z, s.to(torch.uint8))
+    return url, secs
+
+
+def test_a_stack_skips_a_misaligned_section_and_stops_a_runaway(tmp_path, capsys):
+    """Layers give the verdicts of metroem.stack's guard (models/isbi on 192 px ISBI crops): a
+    wrong section is flagged and not a target; three in a row stop the run with one line, the
+    stack before them complete; --resume --runaway_stop 0 finishes it. (The fields of a stack
+    equal metroem.stack's: test_align_volume_aligns_a_stack_like_the_whole_image_stack.)"""
+    from metroem import stack
+
+    pyramid = str(Path(__file__).resolve().parents[1] / "models" / "isbi")
+    whole = stack.aligner_pair_fn(load_aligner(pyramid))
+    src, secs = _noisy_volume(tmp_path / "one", (4,))
+    f, i = str(tmp_path / "f"), str(tmp_path / "i")
+    args = ["--pyramid_path", pyramid, "--src_path", src, "--z_start", "1", "--z_end", "7",
+            "--field_path", f, "--image_path", i, "--chunk", str(SIZE_192)]
+    assert inference.main(args) == 0
+    err = capsys.readouterr().err
+    guard = stack.MisalignmentGuard()
+    stack.align_stack(secs, whole, dtype=np.uint8, guard=guard)
+    assert guard.flagged == {4} and guard.records[4]["target"] == 3  # z 5 onto z 3
+    assert "(z 4) done (r " in err and "misaligned, not a target)" in err
+    assert err.count("misaligned, not a target)") == 1  # z 5, aligned onto z 3, is fine
+
+    src, secs = _noisy_volume(tmp_path / "run", (3, 4, 5))
+    f, i = str(tmp_path / "f2"), str(tmp_path / "i2")
+    args = ["--pyramid_path", pyramid, "--src_path", src, "--z_start", "1", "--z_end", "7",
+            "--field_path", f, "--image_path", i, "--chunk", str(SIZE_192), "--no_progress"]
+    with pytest.raises(SystemExit) as stopped:
+        inference.main(args)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: runaway misalignment: z 3, 4, 5") and "--resume" in err[-1]
+    assert volumes.read(i, 0, 64, 32, 6, SIZE_192).abs().max() == 0  # nothing after the stop
+    assert volumes.read(i, 0, 64, 32, 2, SIZE_192).float().mean() > 0  # before it: complete
+    assert inference.main(args + ["--resume", "--runaway_stop", "0"]) == 0
+    assert volumes.read(i, 0, 64, 32, 6, SIZE_192).float().mean() > 0
+    with pytest.raises(MetroemError, match="misaligned_ratio"):
+        inference.align_volume(pyramid, src, 1, 7, str(tmp_path / "f3"), str(tmp_path / "i3"),
+                               misaligned_ratio=1.5, progress=False)
+    assert not (tmp_path / "f3").exists()
+
+
 def test_stack_bad_inputs_are_one_line_errors(pyramid, tmp_path):
     src = make_volume(tmp_path / "img", n=3)
     f, i = str(tmp_path / "f"), str(tmp_path / "i")

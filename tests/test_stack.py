@@ -189,3 +189,68 @@ def test_stack_benchmark_quick_run_writes_its_table(tmp_path):
     assert nbr["farneback+pc"]["median"] > same["farneback+pc"]["median"]
     assert set(result["content_drift"]) == {"sample1"}
     assert "| farneback+pc |" in (tmp_path / "stack.md").read_text()
+
+
+# --- misaligned sections and runaway misalignment ------------------------------------------------
+
+
+def test_pearson_from_chunk_sums_is_the_section_correlation():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(1, 1, 40, 40, generator=g) * 200 + 10
+    b = 0.5 * a + torch.rand(1, 1, 40, 40, generator=g) * 100
+    b[..., :5, :] = 0  # no data: left out
+    whole = stack.pearson(stack.similarity_sums(a, b))
+    sums = stack.similarity_sums(a[..., :17, :], b[..., :17, :]) + \
+        stack.similarity_sums(a[..., 17:, :], b[..., 17:, :])
+    keep = (b != 0).flatten()
+    expected = float(np.corrcoef(a.flatten()[keep], b.flatten()[keep])[0, 1])
+    assert abs(whole - expected) < 1e-9 and abs(stack.pearson(sums) - expected) < 1e-9
+    assert stack.pearson(stack.similarity_sums(a, torch.full_like(a, 7.0))) is None  # flat
+    assert stack.pearson(stack.similarity_sums(a, torch.zeros_like(a))) is None  # no data
+
+
+def test_guard_flags_a_drop_and_stops_a_runaway():
+    guard = stack.MisalignmentGuard(ratio=0.5, stop=3)
+    assert not guard.judge(1, 0.05)  # no verdict before two well-aligned sections
+    assert not guard.judge(2, 0.8) and not guard.judge(3, 0.7)
+    assert guard.judge(4, 0.2) and guard.is_flagged(4)  # under 0.5 x the 0.7-0.8 level
+    assert not guard.judge(5, 0.6) and not guard.is_flagged(5)  # the streak ends
+    assert guard.judge(6, 0.1) and guard.judge(7, 0.1)
+    with pytest.raises(stack.RunawayMisalignment, match=r"z 6, 7, 8 .* before z 6 is complete"):
+        guard.judge(8, 0.1)
+    never = stack.MisalignmentGuard(ratio=0.5, stop=0)
+    for z, r in enumerate([0.8, 0.8, 0.1, 0.1, 0.1, 0.1], start=1):
+        never.judge(z, r)
+    assert never.flagged == {3, 4, 5, 6}
+    off = stack.MisalignmentGuard(ratio=0.0)
+    assert not any(off.judge(z, r) for z, r in enumerate([0.8, 0.8, 0.01, 0.01, 0.01]))
+    for bad in (dict(ratio=1.0), dict(ratio=-0.1), dict(stop=-1)):
+        with pytest.raises(stack.MetroemError):
+            stack.MisalignmentGuard(**bad)
+
+
+def test_a_misaligned_section_is_not_a_target():
+    """A wrong section in the stack (noise instead of tissue) is aligned as well as it can be,
+    flagged, and later sections go onto the section before it: the stack stays on track. With
+    the guard off (ratio 0), every later section follows the wrong one."""
+    steps = [(2, 1), (3, -2), (-1, 3), (2, 2), (1, -3), (-2, 1), (3, 1)]
+    secs, truth = drifting_stack(steps)
+    g = torch.Generator().manual_seed(5)
+    secs[4] = (torch.rand(secs[4].shape, generator=g) * 200 + 20).round()
+    guard = stack.MisalignmentGuard()
+    _, fs = stack.align_stack(secs, phase_pairs(), dtype=np.uint8, guard=guard)
+    assert guard.flagged == {4}
+    assert [r["target"] for r in guard.records] == [0, 1, 2, 3, 3, 5, 6]
+    assert all(centre_error(fs[z], truth[z]) < 0.5 for z in (5, 6, 7))
+    _, off = stack.align_stack(secs, phase_pairs(), dtype=np.uint8,
+                               guard=stack.MisalignmentGuard(0.0))
+    assert all(centre_error(off[z], truth[z]) > 2 for z in (5, 6, 7))
+
+
+def test_a_run_of_wrong_sections_stops_the_stack():
+    secs, _ = drifting_stack([(2, 1), (3, -2), (-1, 3), (2, 2), (1, -3), (-2, 1)])
+    g = torch.Generator().manual_seed(6)
+    for z in (3, 4, 5):
+        secs[z] = (torch.rand(secs[z].shape, generator=g) * 200 + 20).round()
+    with pytest.raises(stack.RunawayMisalignment, match="z 3, 4, 5"):
+        stack.align_stack(secs, phase_pairs(), dtype=np.uint8)

@@ -47,6 +47,7 @@ __all__ = [
     "stack_errors",
 ]
 
+WRONG_OFFSET = 120  # slices between a wrong section and the one it replaces (unrelated tissue)
 DRIFT_STEP = 5.0  # px per axis per section: the random walk of the drift
 # Each section's own misalignment on top of the drift (pixels of the 10 nm slices).
 SECTION_DEFORMATION = synth.DeformationSpec(
@@ -70,6 +71,12 @@ class KnownStack:
     masks: list[Tensor | None] = field(default_factory=list)  # defect masks (fold_at)
     lost: list[Tensor | None] = field(default_factory=list)  # target pixels without an answer
     fold_at: int | None = None
+    wrong_at: int | None = None  # a wrong section (another part of the block): no answer
+
+    @property
+    def damaged_at(self) -> int | None:
+        """The folded or wrong section, whose damage must not spread to later sections."""
+        return self.fold_at if self.fold_at is not None else self.wrong_at
 
     @property
     def name(self) -> str:
@@ -87,11 +94,16 @@ def make_stack(
     drift_step: float = DRIFT_STEP,
     deformation: synth.DeformationSpec = SECTION_DEFORMATION,
     fold_at: int | None = None,
+    wrong_at: int | None = None,
 ) -> KnownStack:
     """A known-answer stack from ``block`` ``(Z, H, W)`` starting at slice ``start``; section
-    ``fold_at`` (not the reference) folded."""
-    if fold_at is not None and not 0 < fold_at < sections:
-        raise MetroemError(f"fold_at must be a section after the reference (1..{sections - 1})")
+    ``fold_at`` (not the reference) folded; section ``wrong_at`` replaced by a slice
+    :data:`WRONG_OFFSET` slices away (unrelated tissue: a misplaced or ruined section, which no
+    field aligns and which is not scored)."""
+    for at, what in ((fold_at, "fold_at"), (wrong_at, "wrong_at")):
+        if at is not None and not 0 < at < sections:
+            raise MetroemError(f"{what} must be a section after the reference "
+                               f"(1..{sections - 1})")
     if kind not in ("neighbours", "same"):
         raise MetroemError(f"unknown stack kind {kind!r}; choose neighbours or same")
     slices = [start + i * gap for i in range(sections)] if kind == "neighbours" else \
@@ -107,8 +119,10 @@ def make_stack(
     steps = (torch.rand(sections, 2, generator=gen) * 2 - 1) * drift_step
     steps[0] = 0
     drift = steps.cumsum(0)
-    out = KnownStack(kind, name, slices, [], [], [], fold_at=fold_at)
+    out = KnownStack(kind, name, slices, [], [], [], fold_at=fold_at, wrong_at=wrong_at)
     for i, z in enumerate(slices):
+        if i == wrong_at:
+            z = (z + WRONG_OFFSET) % block.shape[0] if z < WRONG_OFFSET else z - WRONG_OFFSET
         orig = block[z][None, None].float()
         mask = lost = None
         if i == 0:
@@ -160,7 +174,7 @@ def stack_errors(stack: KnownStack, whole_fields: list[Tensor]) -> dict:
         raise ValueError(f"{len(whole_fields)} fields for a stack of {len(stack.truth)}")
     h, w = stack.truth[0].shape[-2:]
     interior = metrics.interior_mask((h, w), MARGIN)
-    per_section, blocks, values = [], [], []
+    per_section, scored, blocks, values = [], [], [], []
     for i in range(1, len(stack.truth)):
         gt, f = stack.truth[i], whole_fields[i].float()
         mask = interior & metrics.valid_after_warp(stack.sections[i], gt, margin=2)
@@ -168,14 +182,20 @@ def stack_errors(stack: KnownStack, whole_fields: list[Tensor]) -> dict:
         if stack.lost and stack.lost[i] is not None:  # a fold: no answer in the lost strip
             mask &= stack.lost[i][0, 0] == 0
             mask &= fields.warp_image(stack.masks[i], gt)[0, 0] == 0
+        if i == stack.wrong_at:  # a wrong section has no right field
+            mask &= False
         err = metrics.epe_map(f, gt)
         vals = err[mask]
+        if not vals.numel():
+            values.append(vals)
+            continue
         values.append(vals)
         per_section.append(float(vals.median()))
+        scored.append(i)
         blocks.append(_block_medians(err, mask, BLOCK_PX))
     allv = torch.cat(values)
     bl = torch.cat(blocks)
-    zs = torch.arange(1, len(per_section) + 1, dtype=torch.float64)
+    zs = torch.tensor(scored, dtype=torch.float64)
     ps = torch.tensor(per_section, dtype=torch.float64)
     slope = float(((zs - zs.mean()) * (ps - ps.mean())).sum() / (zs - zs.mean()).pow(2).sum())
     return {
@@ -185,9 +205,9 @@ def stack_errors(stack: KnownStack, whole_fields: list[Tensor]) -> dict:
         "worst_block": float(bl.max()) if bl.numel() else float("nan"),
         "slope": slope,
         "per_section": per_section,
-        # after a folded section: does the damage spread to the sections that follow?
-        "after_fold": float(torch.cat(values[stack.fold_at:]).median())
-        if stack.fold_at is not None and stack.fold_at < len(values) else float("nan"),
+        # after a folded or wrong section: does the damage spread to the sections after it?
+        "after": float(torch.cat(values[stack.damaged_at:]).median())
+        if stack.damaged_at is not None and stack.damaged_at < len(values) else float("nan"),
     }
 
 
