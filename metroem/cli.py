@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "build a misaligned demo CloudVolume with ground truth"),
     "ingest": ("metroem.ingest:main", "import a folder of section images as a CloudVolume"),
     "download-image": ("metroem.download:download_image_main", "cut image pairs into h5"),
+    "registered": ("metroem.registered:main",
+                   "write a registered block's neighbour pairs (known zero field) as datasets"),
     "download-field": ("metroem.download:download_field_main", "cut a field volume into h5"),
     "train": ("metroem.training.cli:main", "train a pyramid stage by stage"),
     "generate": ("metroem.generate:main", "generate the fields that feed the next stage"),

@@ -14,6 +14,7 @@ PARSERS = {
     "demo": "metroem.demo_pipeline:build_parser",
     "demo-volume": "metroem.demo_volume:build_parser",
     "ingest": "metroem.ingest:build_parser",
+    "registered": "metroem.registered:build_parser",
     "download-image": "metroem.download:build_image_parser",
     "download-field": "metroem.download:build_field_parser",
     "train": "metroem.training.cli:build_parser",

@@ -105,3 +105,54 @@ def test_pairs_with_and_without_truth_train_side_by_side(tmp_path):
     made = augment.same_section_pair(batch, augment.DeformationSpec(translation=2.0),
                                      torch.Generator().manual_seed(0))
     assert bool((made["field_known"] == 1).all())
+
+
+def _block_dir(root, name: str, n: int, seed: int = 0):
+    from PIL import Image
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    for z, img in enumerate(_block(n, seed=seed)):
+        Image.fromarray(img.numpy().astype(np.uint8)).save(folder / f"{z:03d}.png")
+
+
+def test_the_command_writes_the_training_slices_and_holds_out_the_rest(tmp_path, capsys):
+    _block_dir(tmp_path / "blocks", "s1", 20)
+    _block_dir(tmp_path / "blocks", "s2", 20, seed=1)
+    out = tmp_path / "data"
+    rc = registered.main(["--dst_folder", str(out), "--blocks", str(tmp_path / "blocks"),
+                          "--block_nm", "10",
+                          "--resolution_nm", "10", "--mips", "0", "--gaps", "1", "4",
+                          "--z_step", "3", "--held_out", "8", "-q"])
+    assert rc == 0 and "wrote 4 image datasets of 2 blocks" in capsys.readouterr().out
+    for gap in (1, 4):
+        img = datasets.read_image_dataset(str(out / datasets.image_filename(-2, gap, 0, 0)))
+        zs = [int(z) for z in img.attrs["z"]]
+        assert zs[0] == 0 and max(zs) + gap <= 11  # no held-out slice (12-19) in any pair
+
+
+def test_the_command_refuses_before_writing_anything(tmp_path, capsys):
+    _block_dir(tmp_path / "blocks", "s1", 12)
+    out = tmp_path / "data"
+    out.mkdir()
+    # one later file of the set already exists: nothing of the set may be written
+    taken = out / datasets.field_filename(0, -1, 2, 0, 0, GROUND_TRUTH_TAG)
+    taken.write_bytes(b"keep me")
+    with pytest.raises(SystemExit) as e:
+        registered.main(["--dst_folder", str(out), "--blocks", str(tmp_path / "blocks"),
+                         "--block_nm", "10",
+                         "--resolution_nm", "10", "--mips", "0", "--gaps", "1", "2",
+                         "--held_out", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--overwrite" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == [taken.name]
+    assert taken.read_bytes() == b"keep me"
+
+
+def test_the_command_names_a_missing_blocks_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        registered.main(["--dst_folder", str(tmp_path / "d"), "--blocks", str(tmp_path / "none"),
+                         "--block_nm", "10", "--resolution_nm", "4", "--mips", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "registered blocks not found" in err[0]
+    assert not (tmp_path / "d").exists()
