@@ -53,16 +53,16 @@ class Pretrained:
 REGISTRY: dict[str, Pretrained] = {p.name: p for p in (
     Pretrained(
         name="isbi",
-        summary="real ssTEM (ISBI 2012, 4 x 4 x 50 nm): stages at MIP 2, 1, 0",
+        summary="real EM at 4 nm px (ISBI 2012 ssTEM + FIB-SEM neighbours): stages at MIP 2, 1, 0",
         checkpoint="isbi",
         modules=("0_mip2in_isbi", "1_mip1in_isbi", "2_mip0in_isbi"),
         sha256={
-            "0_mip2in_isbi": "fb4f498f60395b892dba088fc0180fd9eaf07ea2a22b90a34b644326400471e3",
-            "1_mip1in_isbi": "f94c750d1e3c32154f9e072a04eb14d5277450f56e656a95a907fce50f15fdc0",
-            "2_mip0in_isbi": "26fd6de2cf2e13edee71325ccc2a94e7a207b5451866a575a0947a695030bc56",
+            "0_mip2in_isbi": "4b54cdbc966144aebc92c72549967261aa339484591ba3ea384557d1053c504e",
+            "1_mip1in_isbi": "d15088349639eca3a77105e7b8b10553b811d35f721f70118f37f559cc03a18c",
+            "2_mip0in_isbi": "eb5731aec444bb639eafbd5e9139ba3313e1775ac7249ca9691d4a4c1a614d0d",
         },
         recipe="make isbi",
-        resolution_nm=4.0,
+        resolution_nm=4.0,  # trained on 4 nm ssTEM and on 10 nm FIB-SEM resampled to 4-16 nm
         results=("benchmarks/results/neighbours.md", "benchmarks/results/quality.md",
                  "benchmarks/results/stack.md", "benchmarks/results/speed.md"),
     ),

@@ -310,7 +310,7 @@ def stage_quantum(model) -> int:
     return q
 
 
-PAD_SIGMAS = 4.0  # see default_stage_pad; measured in docs/inference.md
+PAD_SIGMAS = 6.0  # see default_stage_pad; measured in docs/inference.md
 
 
 def default_stage_pad(model) -> int:
@@ -320,7 +320,7 @@ def default_stage_pad(model) -> int:
     For a :class:`metroem.nets.StageAligner` the coarsest level (``stride`` = 2^(levels-1)
     stage pixels per level pixel) aggregates the NCC prior over Gaussians of ``prior_sigma``
     level pixels (high-pass, then products), which sets the range that matters:
-    ``PAD_SIGMAS * prior_sigma * stride`` (320 for the default net), at least 3 ``norm_sigma``
+    ``PAD_SIGMAS * prior_sigma * stride`` (480 for the default net), at least 3 ``norm_sigma``
     (the local normalisation window); without the prior ``PAD_SIGMAS * stride``; plus 3 sigmas
     of the residual blur, of any wider per-level blur and of every Lucas-Kanade step; times
     ``iterations`` (each pass reaches as far again). Rounded up to :func:`stage_quantum`.
