@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -813,6 +814,8 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
     ref_src = run.section(src_path, ref)
     zero = torch.zeros(1, 2, t.chunk, t.chunk)
     guard = stack.MisalignmentGuard(run.misaligned_ratio, run.runaway_stop)
+    # the guard's cells must start at every chunk's origin to match the in-memory stack's
+    guard_block = math.gcd(t.chunk, stack.GUARD_BLOCK)
 
     def copy_ref(model, c) -> None:
         img = tiling.read_resampled(ref_src, 0, c.y0, c.x0, c.h, c.w)
@@ -855,7 +858,8 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
             if nearest is None:
                 return ""
             target = tiling.read_resampled(nearest, 0, c.y0, c.x0, c.h, c.w)
-            sums = stack.similarity_sums(stack.as_stored(img, run.out.info.dtype), target)
+            judged = tiling.warp_chunk(src, stack.block_mean_field(f, guard_block), c)
+            sums = stack.similarity_sums(stack.as_stored(judged, run.out.info.dtype), target)
             return json.dumps([float(v) for v in sums])
 
         ran += run.chunks(final, chunks, f"z{z}_", f"z {z} writing")

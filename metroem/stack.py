@@ -87,6 +87,19 @@ MISALIGNED_RATIO = 0.5  # below this fraction of the stack's recent correlation:
 RUNAWAY_STOP = 3  # this many misaligned sections in a row stop the run
 GUARD_HISTORY = 8  # how many recent well-aligned sections set the stack's level
 GUARD_MIN_HISTORY = 2  # no verdict before this many well-aligned sections
+# The guard judges a section warped by its field averaged over blocks of this many pixels (one
+# translation per block): a smooth, real distortion survives that, but a field that bends a
+# wrong section's tissue into its target's shapes (morphing) does not.
+GUARD_BLOCK = 32
+
+
+def block_mean_field(field: Tensor, block: int = GUARD_BLOCK) -> Tensor:
+    """``field`` ``(N, 2, H, W)`` replaced by its mean over ``block`` x ``block`` cells counted
+    from its origin (the cells at the bottom and right edges may be smaller). A chunk whose
+    origin is a multiple of ``block`` gets the same cells as the whole field."""
+    h, w = field.shape[-2:]
+    cells = torch.nn.functional.avg_pool2d(field, block, ceil_mode=True)
+    return cells.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :h, :w]
 
 
 class RunawayMisalignment(MetroemError):
@@ -120,7 +133,8 @@ def pearson(sums: np.ndarray) -> float | None:
 
 
 class MisalignmentGuard:
-    """Judges each aligned section by its correlation ``r`` with its nearest target.
+    """Judges each aligned section by its correlation ``r`` with its nearest target (the section
+    warped by :func:`block_mean_field` of its field, so that morphing cannot fake a match).
 
     A section is *misaligned* when ``r`` is below ``ratio`` times the median ``r`` of the last
     :data:`GUARD_HISTORY` well-aligned sections (no verdict before
@@ -319,7 +333,7 @@ def align_stack(
         out_fields.append(field)
         aligned.append(render(sections[z], field, dtype))
         if has[z] and targets:
-            guard.judge(z, pearson(similarity_sums(aligned[z], aligned[targets[0]])),
-                        targets[0])
+            judged = render(sections[z], block_mean_field(field), dtype)
+            guard.judge(z, pearson(similarity_sums(judged, aligned[targets[0]])), targets[0])
         bar.step(z)
     return aligned, out_fields

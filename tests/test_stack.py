@@ -254,3 +254,52 @@ def test_a_run_of_wrong_sections_stops_the_stack():
         secs[z] = (torch.rand(secs[z].shape, generator=g) * 200 + 20).round()
     with pytest.raises(stack.RunawayMisalignment, match="z 3, 4, 5"):
         stack.align_stack(secs, phase_pairs(), dtype=np.uint8)
+
+
+def _morph(src: np.ndarray, tgt: np.ndarray, reach: int = 4) -> np.ndarray:
+    """The worst kind of aligner: every pixel takes the shift (within ``reach``) at which the
+    source looks most like the target there, whatever the tissue."""
+    s, t = torch.from_numpy(src).float(), torch.from_numpy(tgt).float()
+    best = torch.full_like(t, float("inf"))
+    field = torch.zeros(2, *t.shape)
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            err = (torch.roll(s, (-dy, -dx), (0, 1)) - t).abs()  # src(p + d) - tgt(p)
+            better = err < best
+            best = torch.where(better, err, best)
+            field[0][better], field[1][better] = float(dx), float(dy)
+    return field.numpy()
+
+
+def test_block_mean_field_is_one_translation_per_cell_and_chunks_agree():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(1, 2, 70, 90, generator=g)
+    m = stack.block_mean_field(f, 32)
+    assert torch.allclose(m[..., :32, :32], f[..., :32, :32].mean((-2, -1), keepdim=True)
+                          .expand(1, 2, 32, 32), atol=1e-6)
+    assert torch.allclose(m[..., 64:, 64:], f[..., 64:, 64:].mean((-2, -1), keepdim=True)
+                          .expand(1, 2, 6, 26), atol=1e-6)  # smaller edge cells
+    # a chunk starting at a multiple of the block gets the same cells as the whole field
+    assert torch.equal(stack.block_mean_field(f[..., 32:, 32:], 32), m[..., 32:, 32:])
+
+
+def test_a_wrong_section_morphed_into_its_target_is_still_flagged():
+    """An aligner that bends a wrong section's pixels into its target's shapes makes the
+    aligned pair correlate well; the guard judges the field's block means, which cannot."""
+    steps = [(2, 1), (3, -2), (-1, 3), (2, 2), (1, -3), (-2, 1)]
+    secs, _ = drifting_stack(steps)
+    g = torch.Generator().manual_seed(5)
+    secs[4] = (torch.rand(secs[4].shape, generator=g) * 200 + 20).round()
+    wrong = secs[4]
+    shift = stack.image_pair_fn(baselines.METHODS["phasecorr"])
+    morph = stack.image_pair_fn(_morph)
+
+    def pairs(src, tgt, init):
+        return (morph if torch.equal(src, wrong) else shift)(src, tgt, init)
+
+    guard = stack.MisalignmentGuard()
+    aligned, _ = stack.align_stack(secs, pairs, dtype=np.uint8, guard=guard)
+    fooled = stack.pearson(stack.similarity_sums(aligned[4], aligned[3]))
+    assert fooled > 0.5 * guard.level()  # what a guard on the aligned images would pass
+    assert guard.flagged == {4}
+    assert [r["target"] for r in guard.records][4:] == [3, 5]
