@@ -742,6 +742,35 @@ def _st_misaligned_ratio(world, work):
     return Prepared(_st_args(world, work, "--misaligned_ratio", "1.5"))
 
 
+def _rg_args(work: Path, blocks: Path) -> list[str]:
+    return ["registered", "--dst_folder", str(work / "data"), "--blocks", str(blocks),
+            "--block_nm", "10", "--resolution_nm", "10", "--mips", "0", "--gaps", "1", "2",
+            "--held_out", "2"]
+
+
+def _rg_missing_blocks(world, work):
+    return Prepared(_rg_args(work, work / "no_blocks"))
+
+
+def _rg_existing(world, work):
+    """A registered block and a dataset folder that already holds one file of the set (a later
+    one): nothing may be written, that file kept."""
+    from PIL import Image
+
+    from metroem import datasets, registered
+
+    block = work / "blocks" / "b1"
+    block.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for z in range(12):
+        Image.fromarray(rng.integers(20, 230, (40, 40), dtype=np.uint8)).save(
+            block / f"{z:03d}.png")
+    (work / "data").mkdir()
+    taken = work / "data" / datasets.field_filename(0, -1, 2, 0, 0, registered.GROUND_TRUTH_TAG)
+    taken.write_bytes(b"an earlier run's truth\n")
+    return Prepared(_rg_args(work, work / "blocks"))
+
+
 def _ev_bbox_outside(world, work):
     return Prepared(["eval", "--image_path", world.image, "--z_start", "1", "--z_end", "2",
                      "--bbox", str(SIZE - 32), "0", "64", "64"])
@@ -962,6 +991,10 @@ CASES: list[Case] = [
          "metroem", _st_mask_sections, r"has no section 1 .*give a mask for every section"),
     Case("st_misaligned_ratio", "a misalignment ratio outside [0, 1) (align, stack)",
          "metroem", _st_misaligned_ratio, r"--misaligned_ratio must be in \[0, 1\)"),
+    Case("rg_missing_blocks", "registered blocks folder that does not exist (registered)",
+         "metroem", _rg_missing_blocks, r"registered blocks not found at .*--blocks DIR"),
+    Case("rg_existing", "a registered dataset that already exists (registered)", "metroem",
+         _rg_existing, r"exists; pass --overwrite"),
     Case("ev_bbox_outside", "--bbox partly outside the volume (eval)", "metroem",
          _ev_bbox_outside, r"--bbox .* is not inside the layer"),
     Case("al_mixed_checkpoints", "stages whose default checkpoints differ (align)", "metroem",

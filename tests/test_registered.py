@@ -154,5 +154,5 @@ def test_the_command_names_a_missing_blocks_folder(tmp_path, capsys):
         registered.main(["--dst_folder", str(tmp_path / "d"), "--blocks", str(tmp_path / "none"),
                          "--block_nm", "10", "--resolution_nm", "4", "--mips", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "registered blocks not found" in err[0]
+    assert len(err) == 1 and "registered blocks not found" in err[0] and "--blocks" in err[0]
     assert not (tmp_path / "d").exists()
