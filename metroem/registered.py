@@ -156,14 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from metroem.eval.neighbours import default_data_dir, load_blocks, split
+    from metroem.eval.neighbours import load_blocks, split
 
     a = cliargs.parse_args(build_parser(), argv)
-    folder = a.blocks if a.blocks is not None else default_data_dir()
-    if not os.path.isdir(folder):
-        raise MetroemError(f"registered blocks not found at {folder}; pass --blocks DIR (a "
-                           "folder with one sub-folder of slice images per block)")
-    blocks = load_blocks(folder)
+    blocks = load_blocks(a.blocks, flag="--blocks")
     lengths = {b.shape[0] for b in blocks.values()}
     if len(lengths) != 1:
         raise MetroemError(f"the blocks have different slice counts {sorted(lengths)}; give "

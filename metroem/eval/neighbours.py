@@ -81,14 +81,16 @@ def default_data_dir() -> Path:
     return shared_data.shared_dir("fibsem", "METROEM_FIBSEM_DATA")
 
 
-def load_blocks(data_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
-    """Every block under ``data_dir`` as ``name -> (Z, H, W)`` float32 (values >= 1)."""
+def load_blocks(data_dir: str | os.PathLike | None = None,
+                flag: str = "--fibsem") -> dict[str, Tensor]:
+    """Every block under ``data_dir`` as ``name -> (Z, H, W)`` float32 (values >= 1); ``flag``
+    is the option that names the folder in the caller's command line (for the error)."""
     from metroem.images import load_sections
 
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     if not folder.is_dir():
         raise MetroemError(
-            f"registered blocks not found at {folder}; pass --fibsem DIR (a folder with one "
+            f"registered blocks not found at {folder}; pass {flag} DIR (a folder with one "
             "sub-folder of slice images per block) or set METROEM_FIBSEM_DATA or "
             "METROEM_SHARED_DATA"
         )
