@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import neighbours  # noqa: E402  (the neighbour benchmark's post-processing of a field)
 import quality as q  # noqa: E402  (shared helpers: results files, threads)
 
-from metroem import regularize, stack  # noqa: E402
+from metroem import detrend, regularize, stack  # noqa: E402
 from metroem.errors import MetroemError, cli_errors  # noqa: E402
 from metroem.eval import baselines, folds, metrics, stacks  # noqa: E402
 from metroem.eval import neighbours as nb  # noqa: E402
@@ -56,8 +56,15 @@ DEFAULT_PYRAMID = REPO / "models" / "isbi"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 FIBSEM_NM = 10.0
 START, SECTIONS, GAP = 193, 15, 4  # slices 193, 197, ..., 249: 40 nm apart
+LONG_START, LONG_SECTIONS = 1, 63  # slices 1, 5, ..., 249: the whole block, 40 nm apart
+LONG_METHODS = ("translation only (phasecorr)", "farneback+pc reg 640nm", "metroem",
+                "metroem reg 640nm")  # the long stacks' rows (the others cost too much there)
+DETREND = 8.0  # sections: the sigma of the `detrend` rows (metroem align --detrend_sections)
 TARGETS = {"median": 0.5, "worst_section": 1.0, "worst_block": 3.0}  # issue 14, px
 KINDS = {"neighbours": "Consecutive slices (tissue changes, a real stack)",
+         "independent": "Consecutive slices, each section placed on its own (no drift in the "
+                        "raw stack)",
+         "long": "A long stack, each section placed on its own",
          "same": "One slice repeated with noise (no change of content)",
          "fold": "One slice repeated, the middle section folded (a damaged section)",
          "wrong": "One slice repeated, the middle section a wrong one (unrelated tissue)"}
@@ -139,19 +146,33 @@ def drift_free_median(s: stacks.KnownStack, whole: list[torch.Tensor]) -> float:
 
 
 def run_method(pair_fn: stack.PairFn, k: int, s: stacks.KnownStack, masks: bool = True,
-               guard_ratio: float = stack.MISALIGNED_RATIO) -> dict:
+               guard_ratio: float = stack.MISALIGNED_RATIO,
+               detrend_sigma: float | None = None) -> dict | tuple[dict, dict]:
     """One method on one stack; ``masks``: give it the stack's defect masks (if it has any);
-    ``guard_ratio``: the misalignment guard's ratio (0 = off; it flags, never stops here)."""
+    ``guard_ratio``: the misalignment guard's ratio (0 = off; it flags, never stops here).
+    With ``detrend_sigma`` also the same alignment detrended (:mod:`metroem.detrend`, as
+    ``align_stack(detrend_sections=...)`` does it): ``(serial row, detrended row)``."""
     t0 = time.perf_counter()
     guard = stack.MisalignmentGuard(guard_ratio, stop=0)
-    _, whole = stack.align_stack(s.sections, pair_fn, predecessors=k, dtype=np.uint8,
-                                 masks=s.masks if masks and any(
-                                     m is not None for m in s.masks) else None, guard=guard)
+    aligned, whole = stack.align_stack(
+        s.sections, pair_fn, predecessors=k, dtype=np.uint8,
+        masks=s.masks if masks and any(m is not None for m in s.masks) else None, guard=guard)
     dt = time.perf_counter() - t0
+    row = _scored(s, whole, guard, dt)
+    if detrend_sigma is None:
+        return row
+    t0 = time.perf_counter()
+    skip = [z for z, sec in enumerate(s.sections)
+            if not stack.has_data(sec) or guard.is_flagged(z)]
+    flat = detrend.detrend_fields(whole, aligned, detrend_sigma, skip)
+    return row, _scored(s, flat, guard, dt + time.perf_counter() - t0)
+
+
+def _scored(s: stacks.KnownStack, whole: list[torch.Tensor], guard, seconds: float) -> dict:
     row = stacks.stack_errors(s, whole)
     row["flagged"] = sorted(guard.flagged)
     row["drift_free_median"] = drift_free_median(s, whole)
-    row["seconds_per_section"] = dt / (len(s.sections) - 1)
+    row["seconds_per_section"] = seconds / (len(s.sections) - 1)
     return row
 
 
@@ -181,9 +202,14 @@ def markdown(result: dict) -> str:
         f"{c['torch']}, {c['total_seconds']:.0f} s. {c['sections']} sections {c['gap']} slices "
         f"(40 nm) apart from slice {c['start']} of each FIB-SEM block ({c['blocks']}; "
         f"{c['size']} px, 10 nm), the first fixed, the others deformed: drift random walk "
-        f"+-{stacks.DRIFT_STEP:g} px per section and axis, plus `{c['deformation']}`. "
+        f"+-{stacks.DRIFT_STEP:g} px per section and axis (the `independent` stacks instead: "
+        f"each section its own offset, +-{stacks.INDEPENDENT_OFFSET:g} px per axis), plus "
+        f"`{c['deformation']}`. "
         "Every method runs the same serial alignment (`metroem.stack.align_stack`); `k3` "
-        "aligns onto the three aligned sections before and takes the median.",
+        "aligns onto the three aligned sections before and takes the median; `detrend "
+        f"{DETREND:g}` is the same alignment with the trend of the stack's placement along z "
+        f"removed (`metroem.detrend`, `--detrend_sections {DETREND:g}`: right when the raw "
+        "sections were placed independently, wrong for a drifting block face).",
         "",
         "Errors in px against the true fields (the original block), away from the border. "
         "`worst section` and `worst 64px block` are the worst over both blocks; `slope` is the "
@@ -204,6 +230,18 @@ def markdown(result: dict) -> str:
                       "are no data, the section is aligned piece by piece); `(mask not given)` "
                       "is the same method without it. `after` is the median over the "
                       "sections after the folded one; the lost strip is not scored.", ""]
+        if kind == "independent":
+            lines += ["The same slices and section deformations as the first table, but each "
+                      "section has its own offset about the reference's frame (sections picked "
+                      "up and imaged one by one, as in ssTEM or ATUM) instead of a random walk: "
+                      "the raw stack has no drift, so any drift in the aligned stack is the "
+                      "aligner's.", ""]
+        if kind == "long":
+            lines += [f"{c['long_sections']} sections {c['gap']} slices apart from slice "
+                      f"{c['long_start']} of each block (the whole block; the metroem rows "
+                      "include slices some of the pyramid's training pairs came from), placed "
+                      "as in the table before: what a serial aligner's drift becomes over a "
+                      "longer stack, and what detrending takes out.", ""]
         if kind == "wrong":
             lines += [f"Section {c['fold_at']} of each stack shows a slice "
                       f"{stacks.WRONG_OFFSET} slices away (unrelated tissue: a misplaced or "
@@ -253,12 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and start != START:
         raise MetroemError(f"blocks of {start + 57} slices; the stack benchmark expects 250")
     fold_at = n // 2
-    known = {(kind, b): stacks.make_stack(v, b, start, n, GAP,
-                                          "neighbours" if kind == "neighbours" else "same",
-                                          seed=args.seed,
-                                          fold_at=fold_at if kind == "fold" else None,
-                                          wrong_at=fold_at if kind == "wrong" else None)
-             for kind in KINDS for b, v in blocks.items()}
+    n_long = 9 if args.quick else LONG_SECTIONS
+    long_start = blocks[next(iter(blocks))].shape[0] - 1 - (n_long - 1) * GAP
+
+    def make(kind: str, b: str, v: torch.Tensor) -> stacks.KnownStack:
+        if kind == "long":
+            return stacks.make_stack(v, b, long_start, n_long, GAP, "neighbours",
+                                     seed=args.seed, placement="independent")
+        return stacks.make_stack(
+            v, b, start, n, GAP, "neighbours" if kind in ("neighbours", "independent") else
+            "same", seed=args.seed,
+            placement="independent" if kind == "independent" else "walk",
+            fold_at=fold_at if kind == "fold" else None,
+            wrong_at=fold_at if kind == "wrong" else None)
+
+    known = {(kind, b): make(kind, b, v) for kind in KINDS for b, v in blocks.items()}
     rows: dict[str, dict[str, list[dict]]] = {kind: {} for kind in KINDS}
     for kind in rows:
         rows[kind]["unaligned"] = [stacks.raw_errors(s) | {
@@ -267,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, (fn, k) in methods(args).items():
         t0 = time.perf_counter()
         for kind in rows:
+            if kind == "long" and name not in LONG_METHODS:
+                continue
+            if kind in ("neighbours", "independent", "long"):  # serial, and detrended after
+                both = [run_method(fn, k, s, detrend_sigma=DETREND)
+                        for (kk, _), s in known.items() if kk == kind]
+                rows[kind][name] = [b[0] for b in both]
+                rows[kind][f"{name} detrend {DETREND:g}"] = [b[1] for b in both]
+                continue
             rows[kind][name] = [run_method(fn, k, s) for (kk, _), s in known.items()
                                 if kk == kind]
         if name == "metroem":  # the fold without its mask: what the mask buys
@@ -280,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:44s} {time.perf_counter() - t0:7.1f} s", flush=True)
     drift = {}
     for (kind, b), s in known.items():
-        if kind == "neighbours":
+        if kind == "neighbours":  # the same slices as "independent"
             d = np.array(stacks.content_drift(s))
             drift[b] = {"mean": d.mean(0).tolist(), "total": d.sum(0).tolist()}
     first = next(iter(known.values()))
@@ -293,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             "blocks": ", ".join(blocks), "start": start, "sections": n, "gap": GAP,
             "size": "x".join(str(v) for v in first.sections[0].shape[-2:][::-1]),
             "deformation": repr(stacks.SECTION_DEFORMATION), "seed": args.seed,
+            "long_start": long_start, "long_sections": n_long,
+            "drift_step": stacks.DRIFT_STEP, "independent_offset": stacks.INDEPENDENT_OFFSET,
+            "detrend_sections": DETREND,
             "fold_at": fold_at, "fold": repr(folds.FOLD),
             "pyramid": None if args.no_metroem else str(args.pyramid),
             "total_seconds": time.perf_counter() - t_start,

@@ -288,6 +288,7 @@ def align_stack(
     masks: Sequence[Tensor | None] | None = None,
     split_defects: bool = True,
     guard: MisalignmentGuard | None = None,
+    detrend_sections: float | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Align ``sections`` (each ``(1, 1, H, W)``, raw values, 0 = no data) serially; the first
     is the reference. Returns ``(aligned, fields)``: aligned images ``(1, 1, H, W)`` (rounded to
@@ -300,7 +301,15 @@ def align_stack(
 
     ``guard`` (default a :class:`MisalignmentGuard` with its defaults; pass one to read its
     ``records`` or ``MisalignmentGuard(0)`` for none) judges each aligned section against its
-    nearest target; misaligned sections are not targets for later ones."""
+    nearest target; misaligned sections are not targets for later ones.
+
+    ``detrend_sections`` (sigma in sections; ``None``: off) removes the trend of the stack's
+    placement along z afterwards (:mod:`metroem.detrend`; sections without data and
+    misaligned ones are left out of the fit) and renders every section again from its raw
+    pixels: for sections that were placed independently, never for block-face stacks."""
+    from metroem import detrend
+
+    detrend_sections = detrend.check_sigma(detrend_sections)
     if predecessors < 1:
         raise ValueError(f"predecessors must be >= 1, got {predecessors}")
     if not sections:
@@ -336,4 +345,8 @@ def align_stack(
             judged = render(sections[z], block_mean_field(field), dtype)
             guard.judge(z, pearson(similarity_sums(judged, aligned[targets[0]])), targets[0])
         bar.step(z)
+    if detrend_sections is not None:
+        skip = [z for z in range(len(sections)) if not has[z] or guard.is_flagged(z)]
+        out_fields = detrend.detrend_fields(out_fields, aligned, detrend_sections, skip)
+        aligned = [render(s, f, dtype) for s, f in zip(sections, out_fields, strict=True)]
     return aligned, out_fields

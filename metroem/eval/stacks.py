@@ -4,8 +4,11 @@ Take ``sections`` slices ``gap`` apart from a registered FIB-SEM block (40 nm ap
 ``gap = 4`` on the 10 nm blocks) and deform every slice but the first by its own known field:
 a drift that is a random walk (each section moves up to ``drift_step`` px per axis from the one
 before), plus a small rotation, scale, shear and elastic part drawn afresh for each section.
-The first section is the fixed reference. A serial aligner must return the original block: the
-whole field of section ``i`` must equal ``invert(d_i)``.
+The first section is the fixed reference. With ``placement="independent"`` the offset is
+drawn afresh for each section instead (up to ``offset`` px per axis about the reference's
+frame): sections picked up and imaged one by one (ssTEM, ATUM), whose raw stack has no drift
+of its own, unlike a random walk (block-face stage drift). A serial aligner must return the
+original block: the whole field of section ``i`` must equal ``invert(d_i)``.
 
 Two kinds:
 
@@ -39,6 +42,7 @@ Tensor = torch.Tensor
 __all__ = [
     "BLOCK_PX",
     "DRIFT_STEP",
+    "INDEPENDENT_OFFSET",
     "KnownStack",
     "SECTION_DEFORMATION",
     "content_drift",
@@ -49,6 +53,8 @@ __all__ = [
 
 WRONG_OFFSET = 120  # slices between a wrong section and the one it replaces (unrelated tissue)
 DRIFT_STEP = 5.0  # px per axis per section: the random walk of the drift
+INDEPENDENT_OFFSET = 15.0  # px per axis: each section's own offset, independent placement
+PLACEMENTS = ("walk", "independent")
 # Each section's own misalignment on top of the drift (pixels of the 10 nm slices).
 SECTION_DEFORMATION = synth.DeformationSpec(
     rotation_deg=1.0, scale=0.01, shear=0.01, elastic=1.5, elastic_scale=96
@@ -72,6 +78,7 @@ class KnownStack:
     lost: list[Tensor | None] = field(default_factory=list)  # target pixels without an answer
     fold_at: int | None = None
     wrong_at: int | None = None  # a wrong section (another part of the block): no answer
+    placement: str = "walk"  # "walk" (drift random walk) or "independent" offsets
 
     @property
     def damaged_at(self) -> int | None:
@@ -80,7 +87,8 @@ class KnownStack:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_{self.block}_z{self.slices[0]}-{self.slices[-1]}"
+        where = "" if self.placement == "walk" else f"_{self.placement}"
+        return f"{self.kind}{where}_{self.block}_z{self.slices[0]}-{self.slices[-1]}"
 
 
 def make_stack(
@@ -95,6 +103,8 @@ def make_stack(
     deformation: synth.DeformationSpec = SECTION_DEFORMATION,
     fold_at: int | None = None,
     wrong_at: int | None = None,
+    placement: str = "walk",
+    offset: float = INDEPENDENT_OFFSET,
 ) -> KnownStack:
     """A known-answer stack from ``block`` ``(Z, H, W)`` starting at slice ``start``; section
     ``fold_at`` (not the reference) folded; section ``wrong_at`` replaced by a slice
@@ -104,6 +114,8 @@ def make_stack(
         if at is not None and not 0 < at < sections:
             raise MetroemError(f"{what} must be a section after the reference "
                                f"(1..{sections - 1})")
+    if placement not in PLACEMENTS:
+        raise MetroemError(f"unknown placement {placement!r}; choose {' or '.join(PLACEMENTS)}")
     if kind not in ("neighbours", "same"):
         raise MetroemError(f"unknown stack kind {kind!r}; choose neighbours or same")
     slices = [start + i * gap for i in range(sections)] if kind == "neighbours" else \
@@ -116,10 +128,11 @@ def make_stack(
     h, w = block.shape[-2:]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}{kind}".encode())
                                         % 99_991 + start)
-    steps = (torch.rand(sections, 2, generator=gen) * 2 - 1) * drift_step
-    steps[0] = 0
-    drift = steps.cumsum(0)
-    out = KnownStack(kind, name, slices, [], [], [], fold_at=fold_at, wrong_at=wrong_at)
+    unit = torch.rand(sections, 2, generator=gen) * 2 - 1
+    unit[0] = 0
+    drift = (unit * drift_step).cumsum(0) if placement == "walk" else unit * offset
+    out = KnownStack(kind, name, slices, [], [], [], fold_at=fold_at, wrong_at=wrong_at,
+                     placement=placement)
     for i, z in enumerate(slices):
         if i == wrong_at:
             z = (z + WRONG_OFFSET) % block.shape[0] if z < WRONG_OFFSET else z - WRONG_OFFSET
