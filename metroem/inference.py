@@ -46,6 +46,7 @@ import torch
 from metroem import (
     cliargs,
     defects,
+    detrend,
     fields,
     images,
     pretrained,
@@ -500,6 +501,7 @@ def align_volume(
     split_defects: bool = True,
     misaligned_ratio: float = stack.MISALIGNED_RATIO,
     runaway_stop: int = stack.RUNAWAY_STOP,
+    detrend_sections: float | None = None,
     overwrite: bool = False,
     resume: bool = False,
     work_dir: str | None = None,
@@ -533,6 +535,11 @@ def align_volume(
     the stack's recent level is not a target for later sections, and ``runaway_stop`` such
     sections in a row stop the run (:class:`metroem.stack.MisalignmentGuard`; queued blocks
     only flag).
+
+    ``detrend_sections`` (sigma in sections) removes the trend of the aligned stack's
+    placement along z (:mod:`metroem.detrend`; for sections placed independently, as in ssTEM):
+    the serial alignment goes to layers in the work folder first, and the output layers get
+    its fields with the trend taken out, each section rendered once from its raw pixels.
     """
     stack_mode = not pairwise and tgt_path is None and tgt_z is None
     if not (field_path or image_path):
@@ -547,6 +554,13 @@ def align_volume(
         raise MetroemError("--predecessors must be >= 1 and is for stacks (not --pairwise, "
                            "--tgt_z or --tgt_path)")
     stack.MisalignmentGuard(misaligned_ratio, runaway_stop)  # a bad setting: one line, now
+    detrend_sections = detrend.check_sigma(detrend_sections)
+    if detrend_sections is not None and not stack_mode:
+        raise MetroemError("--detrend_sections is for stacks (not --pairwise, --tgt_z or "
+                           "--tgt_path)")
+    if detrend_sections is not None and block_size is not None:
+        raise MetroemError("--detrend_sections works on one serial run: drop --block_size "
+                           "and --queue, or --detrend_sections")
     if z_end <= z_start:
         raise MetroemError(f"empty z range [{z_start}, {z_end}); pass --z_end > --z_start")
     if (block_size is not None or queue) and not stack_mode:
@@ -598,7 +612,7 @@ def align_volume(
         src=volumes.normalize_path(src_path), tgt=volumes.normalize_path(tgt_path), tgt_z=tgt_z,
         mode="stack" if stack_mode else "pairs", predecessors=predecessors,
         block_size=block_size, misaligned_ratio=misaligned_ratio if stack_mode else None,
-        reference=z_start - 1 if stack_mode else None,
+        reference=z_start - 1 if stack_mode else None, detrend_sections=detrend_sections,
         mip=mip, chunk=chunk, pad=_pad_signature(tiler), tiling=TILING,
         checkpoint=checkpoint_name, stages=stages, refine=refine,
         refine_options=json.dumps(refine_options or {}, sort_keys=True),
@@ -616,9 +630,13 @@ def align_volume(
                                   smoothing_nm=smoothing_nm),
                              dataclasses.asdict(mask) if mask else None, misaligned_ratio)
     try:
-        if stack_mode:
-            ran, total = _align_stack(run, src_path, z_start - 1, [z for z, _ in pairs],
-                                      predecessors)
+        if stack_mode and detrend_sections is not None:
+            ran, total = _align_stack_detrended(run, src_path, z_start - 1,
+                                                [z for z, _ in pairs], predecessors,
+                                                detrend_sections, cxy)
+        elif stack_mode:
+            ran, total, _ = _align_stack(run, src_path, z_start - 1, [z for z, _ in pairs],
+                                         predecessors)
         else:
             ran, total = _align_pairs(run, src_path, tgt_path, pairs)
     finally:
@@ -804,8 +822,9 @@ def _section_has_data(src, height: int, width: int) -> bool:
 
 
 def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
-                 predecessors: int) -> tuple[int, int]:
-    """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk.
+                 predecessors: int) -> tuple[int, int, list[int]]:
+    """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk; returns
+    the chunks run, the chunks in all, and the sections without data or found misaligned.
 
     Each written chunk's marker holds the similarity sums of the aligned chunk and its nearest
     target, so the :class:`~metroem.stack.MisalignmentGuard` replays its verdicts on resume."""
@@ -874,7 +893,63 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
             if guard.judge(z, r, targets[0]):
                 note += f" (r {r:.3f} with z {targets[0]}: misaligned, not a target)"
         bar.step(z, note)
-    return ran, len(chunks) * (len(zs) + 1)
+    skip = [z for z in order if not has[z] or guard.is_flagged(z)]
+    return ran, len(chunks) * (len(zs) + 1), skip
+
+
+def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], predecessors: int,
+                           sigma: float, chunk_xy: int) -> tuple[int, int]:
+    """A serial stack into work layers, then its trend along z removed into the output
+    layers (:mod:`metroem.detrend`): every section's field composed with its correction and
+    rendered once from its raw pixels. Resumable at every step (chunk markers)."""
+    final = run.out
+    serial = {kind: "file://" + os.path.join(run.markers.folder, "serial", kind)
+              for kind in ("field", "image")}
+    _prepare_layer(serial["field"], final.info, chunk_xy, "float32", 2, False, True)
+    _prepare_layer(serial["image"], final.info, chunk_xy, final.info.dtype, 1, False, True)
+    run.out = _VolumeWriter(final.info, final.mip, final.mip, serial["field"], serial["image"])
+    try:
+        ran, total, skip = _align_stack(run, src_path, ref, zs, predecessors)
+    finally:
+        run.out = final
+    t, mip = run.tiler, final.mip
+    chunks = t.output_chunks()
+    order = [ref] + zs
+
+    def field_of(z: int):
+        return tiling.VolumeFieldStore(serial["field"], mip, z)
+
+    placements = []
+    for z in order:
+        def fit(model, c, z=z) -> str:
+            sums = detrend.AffineSums(t.height, t.width)
+            img = tiling.read_resampled(tiling.VolumeSource(serial["image"], mip, z), 0,
+                                        c.y0, c.x0, c.h, c.w)
+            sums.add(field_of(z).read(c.y0, c.x0, c.h, c.w), img[0, 0] != 0, c.y0, c.x0)
+            return json.dumps(sums.to_list())
+
+        ran += run.chunks(fit, chunks, f"fit_z{z}_", f"z {z} placement")
+        sums = detrend.AffineSums(t.height, t.width)
+        for c in chunks:
+            sums.merge(detrend.AffineSums.from_list(
+                t.height, t.width, json.loads(run.markers.payload(f"fit_z{z}_{c.index}"))))
+        placements.append(None if z in skip else sums.placement())
+    corrections = detrend.corrections(placements, sigma, 0, order)
+    bar = stack.SectionProgress(len(order), 0, run.progress)
+    for z, corr in zip(order, corrections, strict=True):
+        src = run.section(src_path, z)
+
+        def write(model, c, z=z, corr=corr, src=src) -> None:
+            g = detrend.correction_field(corr, c.y0, c.x0, c.h, c.w, t.height, t.width)
+            f = tiling.compose_chunk(field_of(z).read, g, c)
+            run.out.write(z, c, f, tiling.warp_chunk(src, f, c))
+
+        ran += run.chunks(write, chunks, f"detrended_z{z}_", f"z {z} detrended")
+        bar.step(z, " (detrended)")
+    for p in serial.values():  # every section is written: the serial layers have served
+        volumes.forget(p)
+        shutil.rmtree(p[len("file://"):], ignore_errors=True)
+    return ran, total + 2 * len(chunks) * len(order)
 
 
 def _marked_sums(run: _Run, z: int, chunks) -> np.ndarray:
@@ -979,6 +1054,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runaway_stop", type=int, default=stack.RUNAWAY_STOP,
                    help="stop after this many misaligned sections in a row, the stack before "
                    "them complete (default %(default)s; 0 = never)")
+    g.add_argument("--detrend_sections", type=float, default=None, metavar="S",
+                   help="stack: remove the trend of the aligned stack's placement along z "
+                   "(Gaussian sigma, sections; e.g. 8) when the sections were placed one by "
+                   "one (ssTEM, ATUM); not for block-face stacks, whose drift is real "
+                   "(default: off)")
     o = p.add_argument_group("outputs")
     o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -1022,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
                            block_size=a.block_size, queue=a.queue, mask_path=a.mask_path,
                            mask_mip=a.mask_mip, work_dir=a.work_dir,
                            misaligned_ratio=a.misaligned_ratio, runaway_stop=a.runaway_stop,
-                           **common)
+                           detrend_sections=a.detrend_sections, **common)
     else:
         raise MetroemError("pass --src/--tgt image files or --src_path with a z range")
     if out.get("enqueued") is not None:

@@ -290,6 +290,81 @@ def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_pat
                                progress=False)  # other settings (predecessors 1)
 
 
+def test_a_detrended_stack_equals_the_whole_image_one_and_resumes(tmp_path, monkeypatch):
+    """--detrend_sections: the serial stack goes to work layers, the output layers get its
+    fields with the trend along z removed: detrend.detrend_fields of the work layers to 0.001
+    px, and metroem.stack's align_stack(detrend_sections=) on whole sections to the serial
+    stacks' own agreement (models/isbi on 192 px ISBI crops, 128 px chunks: up to 0.02 px). An
+    interrupted run resumes to the same layers; the work layers are gone after."""
+    from metroem import detrend, stack
+
+    pyramid = str(Path(__file__).resolve().parents[1] / "models" / "isbi")
+    src, secs = _noisy_volume(tmp_path / "img", (), n=6)
+    kw = dict(chunk=128, progress=True, detrend_sections=2.0)
+    once = [str(tmp_path / "f1"), str(tmp_path / "i1")]
+    inference.align_volume(pyramid, src, 1, 6, *once, **kw)
+    pair = stack.aligner_pair_fn(load_aligner(pyramid))
+    aligned, expected = stack.align_stack(secs, pair, dtype=np.uint8, detrend_sections=2.0)
+    _, serial = stack.align_stack(secs, pair, dtype=np.uint8)
+    inner = (..., slice(16, -16), slice(16, -16))
+    assert max((a - b)[inner].abs().max() for a, b in zip(expected, serial, strict=True)) > 0.1
+    for z in range(6):
+        got = volumes.read(once[0], 0, 64, 32, z, SIZE_192)
+        assert (got - expected[z]).abs().max() < 0.05
+        img = volumes.read(once[1], 0, 64, 32, z, SIZE_192).float()
+        assert (img - aligned[z]).abs().mean() < 0.1  # rounding, and those hundredths of a px
+    assert not os.path.exists(tmp_path / "f1" / inference.MARKER_DIR / "serial" / "field")
+
+    calls = [0]
+    real = stack.SectionProgress.step
+
+    def stop_in_the_detrend_pass(self, z, note=""):
+        calls[0] += 1
+        if calls[0] == 8:  # 5 serial sections, then the reference and 2 detrended ones
+            raise KeyboardInterrupt
+        real(self, z, note)
+
+    monkeypatch.setattr(stack.SectionProgress, "step", stop_in_the_detrend_pass)
+    again = [str(tmp_path / "f2"), str(tmp_path / "i2")]
+    with pytest.raises(KeyboardInterrupt):
+        inference.align_volume(pyramid, src, 1, 6, *again, **kw)
+    monkeypatch.setattr(stack.SectionProgress, "step", real)
+    work = tmp_path / "f2" / inference.MARKER_DIR / "serial"
+    serial_layers = [volumes.read(str(work / k), 0, 64, 32, 0, SIZE_192, nz=6)
+                     for k in ("field", "image")]
+    exact = detrend.detrend_fields(list(serial_layers[0][:, None]),
+                                   list(serial_layers[1][:, None].float()), 2.0)
+    with pytest.raises(MetroemError, match="detrend_sections"):  # other settings: refused
+        inference.align_volume(pyramid, src, 1, 6, *again, resume=True, chunk=128,
+                               progress=False)
+    inference.align_volume(pyramid, src, 1, 6, *again, resume=True, **kw)
+    got = volumes.read(again[0], 0, 64, 32, 0, SIZE_192, nz=6)
+    assert max(float((got[z] - exact[z][0]).abs().max()) for z in range(6)) < 1e-3
+    for a, b in zip(once, again, strict=True):
+        assert torch.equal(volumes.read(a, 0, 64, 32, 0, SIZE_192, nz=6),
+                           volumes.read(b, 0, 64, 32, 0, SIZE_192, nz=6))
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--detrend_sections", "0"], "positive number of sections"),
+    (["--detrend_sections", "4", "--pairwise"], "for stacks"),
+    (["--detrend_sections", "4", "--block_size", "2"], "one serial run"),
+])
+def test_bad_detrend_settings_are_one_line_and_write_nothing(pyramid, tmp_path, capsys, extra,
+                                                             match):
+    src = make_volume(tmp_path / "img", n=3)
+    args = ["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1", "--z_end", "3",
+            "--field_path", str(tmp_path / "f"), "--image_path", str(tmp_path / "i"),
+            "--chunk", str(CHUNK), *extra]
+    with pytest.raises(SystemExit) as stopped:
+        inference.main(args)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and match in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "i").exists()
+
+
 def test_an_interrupted_stack_resumes_to_the_same_stack(pyramid, tmp_path, monkeypatch):
     from metroem import stack
 
