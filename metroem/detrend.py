@@ -160,7 +160,9 @@ def corrections(placements: Sequence[np.ndarray | None], sigma: float, reference
     if not t:
         return []
     ref = t[reference]
-    return [np.linalg.solve(tz, ref) for tz in t]
+    out = [np.linalg.solve(tz, ref) for tz in t]
+    out[reference] = np.eye(3)  # exactly: the reference's field stays what it is
+    return out
 
 
 def correction_field(c: np.ndarray, y0: int, x0: int, h: int, w: int, height: int,

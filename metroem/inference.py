@@ -150,8 +150,11 @@ class _Markers:
         # A file created after the chunk's data was written: a killed process leaves either
         # no marker or a complete chunk (the page cache survives the process). ``payload`` is
         # what the chunk measured (a stack section's similarity sums), read back on resume.
-        with open(self.path(key), "w") as f:
-            f.write(payload)
+        if payload:  # all of it or nothing: it is read back
+            atomic_write_bytes(self.path(key), payload.encode())
+            return
+        with open(self.path(key), "w"):
+            pass
 
     def payload(self, key: str) -> str:
         """What :meth:`mark` stored for ``key`` ("" for none)."""
@@ -558,9 +561,6 @@ def align_volume(
     if detrend_sections is not None and not stack_mode:
         raise MetroemError("--detrend_sections is for stacks (not --pairwise, --tgt_z or "
                            "--tgt_path)")
-    if detrend_sections is not None and block_size is not None:
-        raise MetroemError("--detrend_sections works on one serial run: drop --block_size "
-                           "and --queue, or --detrend_sections")
     if z_end <= z_start:
         raise MetroemError(f"empty z range [{z_start}, {z_end}); pass --z_end > --z_start")
     if (block_size is not None or queue) and not stack_mode:
@@ -628,7 +628,8 @@ def align_volume(
                              dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
                                   refine=refine, refine_options=refine_options,
                                   smoothing_nm=smoothing_nm),
-                             dataclasses.asdict(mask) if mask else None, misaligned_ratio)
+                             dataclasses.asdict(mask) if mask else None, misaligned_ratio,
+                             detrend_sections, (info, cxy))
     try:
         if stack_mode and detrend_sections is not None:
             ran, total = _align_stack_detrended(run, src_path, z_start - 1,
@@ -658,8 +659,10 @@ def _job_pyramid(pyramid) -> str:
 def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_path,
                   block_size, predecessors, queue, chunk, pad, device, progress,
                   aligner_options, mask=None,
-                  misaligned_ratio: float = stack.MISALIGNED_RATIO) -> dict:
-    """A stack in blocks (:mod:`metroem.workers`): enqueued, or run here in task order."""
+                  misaligned_ratio: float = stack.MISALIGNED_RATIO,
+                  detrend_sections: float | None = None, layout=None) -> dict:
+    """A stack in blocks (:mod:`metroem.workers`): enqueued, or run here in task order;
+    ``layout`` (source info, chunk size) makes the stitched work layers of a detrended one."""
     from metroem import workers
 
     job = workers.StackJob(
@@ -667,7 +670,11 @@ def _align_blocks(folder, pyramid, src_path, z_start, z_end, field_path, image_p
         z_start=z_start, z_end=z_end, field_path=field_path, image_path=image_path,
         block_size=block_size, predecessors=predecessors, aligner=aligner_options,
         chunk=chunk, pad=pad, device=device, queue=queue, mask=mask,
-        misaligned_ratio=misaligned_ratio)
+        misaligned_ratio=misaligned_ratio, detrend_sections=detrend_sections)
+    if detrend_sections is not None:  # made here, once: workers only write into them
+        info, cxy = layout
+        _prepare_layer(job.stitched_layer("field"), info, cxy, "float32", 2, False, True)
+        _prepare_layer(job.stitched_layer("image"), info, cxy, info.dtype, 1, False, True)
     job.save()
     n = len(job.blocks())
     if queue:

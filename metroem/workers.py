@@ -10,13 +10,18 @@ last section of the block before it (its *reference*).
    its block field composed with its block reference's whole field, which is itself a chain
    of block-reference fields back to the fixed reference (:func:`metroem.fields.compose`,
    chunk by chunk). Each section is rendered once from its raw pixels into the output layers.
+3. **Detrending** (only with ``--detrend_sections``; independent tasks, once every block is
+   stitched): stitching wrote into work layers instead and kept each section's placement
+   sums (:class:`metroem.detrend.AffineSums`); every block's sections get their fields with
+   the stack's trend along z removed, rendered once from raw into the output layers.
 
 With ``--queue URL`` the command only enqueues the block tasks and returns; ``metroem worker
 URL`` runs tasks until the queue is empty (any number of workers, on any machines that see
 the layers and the work folder). The worker that finishes the last block enqueues the
-stitching tasks. Every task skips work it finds marked done, so a task that runs twice (a
-lease ran out, a worker was killed) gives the same result. Without ``--queue`` the same tasks
-run in this process, in order: the result is identical.
+stitching tasks (and the last stitching task the detrending ones). Every task skips work it
+finds marked done, so a task that runs twice (a lease ran out, a worker was killed) gives the
+same result. Without ``--queue`` the same tasks run in this process, in order: the result is
+identical.
 
 Queues are python-task-queue's (``fq:///path`` folder queues on one machine or a shared
 disk, ``sqs://`` on a cluster); this module adds no scheduler of its own.
@@ -27,16 +32,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from metroem import defects, stack, tiling, volumes
+from metroem import defects, detrend, stack, tiling, volumes
 from metroem.atomic import atomic_write_bytes
 from metroem.devices import parse_devices
 from metroem.errors import MetroemError
 
-__all__ = ["StackJob", "enqueue", "run_local", "run_block", "stitch_block", "work", "main"]
+__all__ = ["StackJob", "enqueue", "run_local", "run_block", "stitch_block", "detrend_block",
+           "work", "main"]
 
 log = logging.getLogger(__name__)
 JOB_FILE = "stack_job.json"
@@ -62,6 +69,7 @@ class StackJob:
     queue: str | None = None
     mask: dict | None = None  # a resolved metroem.defects.MaskLayer as a dict, or None
     misaligned_ratio: float = stack.MISALIGNED_RATIO  # blocks flag misaligned sections only
+    detrend_sections: float | None = None  # sigma of metroem.detrend, or None: no detrending
 
     def blocks(self) -> list[tuple[int, list[int]]]:
         """``(reference, sections)`` of every block, in z order."""
@@ -77,6 +85,10 @@ class StackJob:
 
     def block_layer(self, b: int, kind: str) -> str:
         return volumes.normalize_path(os.path.join(self.block_dir(b), kind))
+
+    def stitched_layer(self, kind: str) -> str:
+        """Where stitching writes when the stack is detrended after (the work folder)."""
+        return volumes.normalize_path(os.path.join(self.folder, "serial", kind))
 
     def save(self) -> None:
         atomic_write_bytes(os.path.join(self.folder, JOB_FILE),
@@ -119,6 +131,8 @@ class _Context:
         self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)
         self.out = inference._VolumeWriter(info, self.mip, max(info.mips), job.field_path,
                                            job.image_path)
+        self.stitched_out = inference._VolumeWriter(
+            info, self.mip, self.mip, job.stitched_layer("field"), job.stitched_layer("image"))
         mask = defects.MaskLayer(**job.mask) if job.mask else None
         self.sections = inference._Sections(job.src_path, self.mip, mask)
 
@@ -155,10 +169,10 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
         # a task that stopped would be retried forever: blocks flag misaligned sections only
         run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress,
                              ctx.sections, job.misaligned_ratio, runaway_stop=0)
-        inference._align_stack(run, job.src_path, ref, secs, job.predecessors)
+        _, _, skip = inference._align_stack(run, job.src_path, ref, secs, job.predecessors)
         for p in (fpath, ipath):
             volumes.forget(p)
-        done.mark(f"b{b}")
+        done.mark(f"b{b}", json.dumps(skip))  # no data or misaligned: not in a detrend fit
         log.info("block %d (z %d..%d onto %d) aligned", b, secs[0], secs[-1], ref)
     n = len(job.blocks())
     if job.queue and all(done.done(f"b{k}") for k in range(n)):
@@ -185,20 +199,31 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
              for k in range(1, b + 1)]
     ref, secs = blocks[b]
     markers = inference._Markers(os.path.join(job.block_dir(b), "stitched"))
+    # detrended after: into the work layers, each section's placement sums in the marker
+    out = ctx.stitched_out if job.detrend_sections is not None else ctx.out
 
     def work(model, c: tiling.Chunk) -> None:
+        sums: dict[str, list[float]] = {}
+
+        def put(z: int, f, img) -> None:
+            out.write(z, c, f, img)
+            if job.detrend_sections is not None:
+                s = detrend.AffineSums(t.height, t.width)
+                s.add(f, stack.as_stored(img, ctx.info.dtype)[0, 0] != 0, c.y0, c.x0)
+                sums[str(z)] = s.to_list()
+
         g = torch.zeros(1, 2, c.h, c.w)
         for read in chain:
             g = tiling.compose_chunk(read, g, c)
         if b == 0:  # the fixed reference: copied, zero field
             src = ctx.sections.source(job.src_path, ref)
-            ctx.out.write(ref, c, g, tiling.read_resampled(src, 0, c.y0, c.x0, c.h, c.w))
+            put(ref, g, tiling.read_resampled(src, 0, c.y0, c.x0, c.h, c.w))
         for z in secs:
             own = tiling.VolumeFieldStore(job.block_layer(b, "field"), mip, z).read
             f = tiling.compose_chunk(own, g, c)
             src = ctx.sections.source(job.src_path, z)
-            ctx.out.write(z, c, f, tiling.warp_chunk(src, f, c))
-        markers.mark(str(c.index))
+            put(z, f, tiling.warp_chunk(src, f, c))
+        markers.mark(str(c.index), json.dumps(sums) if sums else "")
 
     tiling.run_chunks(t.output_chunks(), work, ctx.aligner, ctx.devices,
                       is_done=lambda c: markers.done(str(c.index)), progress=progress,
@@ -206,6 +231,78 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
     for p in (job.field_path, job.image_path):
         volumes.forget(p)
     done.mark(f"b{b}_stitched")
+    n = len(blocks)
+    if job.detrend_sections is not None and job.queue and all(
+            done.done(f"b{k}_stitched") for k in range(n)):
+        _insert(job.queue, [_detrend_task(folder, k) for k in range(n)
+                            if not done.done(f"b{k}_detrended")])
+
+
+def _placements(job: StackJob, height: int, width: int,
+                chunks: list[tiling.Chunk]) -> tuple[list[int], list]:
+    """Every section of the stack (the reference first) and its placement, from the stitching
+    markers (``None`` for sections without data or found misaligned in their block)."""
+    from metroem import inference
+
+    done = _job_markers(job)
+    blocks = job.blocks()
+    skip = set()
+    for k in range(len(blocks)):
+        skip |= set(json.loads(done.payload(f"b{k}") or "[]"))
+    order = [blocks[0][0]] + [z for _, secs in blocks for z in secs]
+    total = {z: detrend.AffineSums(height, width) for z in order}
+    for k in range(len(blocks)):
+        markers = inference._Markers(os.path.join(job.block_dir(k), "stitched"))
+        for c in chunks:
+            text = markers.payload(str(c.index))
+            for z, values in (json.loads(text) if text else {}).items():
+                total[int(z)].merge(detrend.AffineSums.from_list(height, width, values))
+    return order, [None if z in skip else total[z].placement() for z in order]
+
+
+def detrend_block(folder: str, b: int, progress: bool = False) -> None:
+    """Task (``--detrend_sections``): block ``b``'s sections (and the stack's reference with
+    block 0) from the stitched work layers into the output layers, each field composed with
+    its section's correction (:mod:`metroem.detrend`), rendered once from raw."""
+    from metroem import inference
+
+    ctx = _Context.of(folder)
+    job, mip, t = ctx.job, ctx.mip, ctx.tiler
+    done = _job_markers(job)
+    if done.done(f"b{b}_detrended"):
+        return
+    blocks = job.blocks()
+    missing = [k for k in range(len(blocks)) if not done.done(f"b{k}_stitched")]
+    if missing:
+        raise MetroemError(f"block {missing[0]} is not stitched yet; detrending needs every "
+                           "block stitched (run the stitching tasks first)")
+    order, placements = _placements(job, t.height, t.width, t.output_chunks())
+    corr = dict(zip(order, detrend.corrections(placements, job.detrend_sections, 0, order),
+                    strict=True))
+    ref, secs = blocks[b]
+    zs = ([ref] if b == 0 else []) + secs
+    markers = inference._Markers(os.path.join(job.block_dir(b), "detrended"))
+    field = job.stitched_layer("field")
+
+    def work(model, c: tiling.Chunk) -> None:
+        for z in zs:
+            g = detrend.correction_field(corr[z], c.y0, c.x0, c.h, c.w, t.height, t.width)
+            f = tiling.compose_chunk(tiling.VolumeFieldStore(field, mip, z).read, g, c)
+            src = ctx.sections.source(job.src_path, z)
+            ctx.out.write(z, c, f, tiling.warp_chunk(src, f, c))
+        markers.mark(str(c.index))
+
+    tiling.run_chunks(t.output_chunks(), work, ctx.aligner, ctx.devices,
+                      is_done=lambda c: markers.done(str(c.index)), progress=progress,
+                      desc=f"detrending block {b} (z {zs[0]}..{zs[-1]})")
+    for p in (job.field_path, job.image_path):
+        volumes.forget(p)
+    done.mark(f"b{b}_detrended")
+    if all(done.done(f"b{k}_detrended") for k in range(len(blocks))):
+        for kind in ("field", "image"):  # every section is written: they have served
+            path = job.stitched_layer(kind)
+            volumes.forget(path)
+            shutil.rmtree(path[len("file://"):], ignore_errors=True)
 
 
 # python-task-queue's registry: the functions a worker may run, by module and name.
@@ -214,6 +311,7 @@ def _register() -> None:
 
     queueable(run_block)
     queueable(stitch_block)
+    queueable(detrend_block)
 
 
 def _block_task(folder: str, b: int):
@@ -226,6 +324,12 @@ def _stitch_task(folder: str, b: int):
     from functools import partial
 
     return partial(stitch_block, folder, b)
+
+
+def _detrend_task(folder: str, b: int):
+    from functools import partial
+
+    return partial(detrend_block, folder, b)
 
 
 def _queue(url: str):
@@ -248,16 +352,19 @@ def _insert(url: str, tasks: list) -> None:
 
 def enqueue(job: StackJob) -> int:
     """Insert the block tasks that are not done yet (or, once every block is done, the
-    stitching tasks); returns how many."""
+    stitching tasks, and once those are, the detrending ones); returns how many."""
     n = len(job.blocks())
     q = _queue(job.queue)
     done = _job_markers(job)
     blocks = [k for k in range(n) if not done.done(f"b{k}")]
+    stitch = [k for k in range(n) if not done.done(f"b{k}_stitched")]
     if blocks:
         tasks = [_block_task(job.folder, k) for k in blocks]
+    elif stitch or job.detrend_sections is None:
+        tasks = [_stitch_task(job.folder, k) for k in stitch]
     else:
-        tasks = [_stitch_task(job.folder, k) for k in range(n)
-                 if not done.done(f"b{k}_stitched")]
+        tasks = [_detrend_task(job.folder, k) for k in range(n)
+                 if not done.done(f"b{k}_detrended")]
     if tasks:
         q.insert(tasks)
     return len(tasks)
@@ -270,6 +377,9 @@ def run_local(job: StackJob, progress: bool = True) -> None:
         run_block(job.folder, b, progress)
     for b in range(n):
         stitch_block(job.folder, b, progress)
+    if job.detrend_sections is not None:
+        for b in range(n):
+            detrend_block(job.folder, b, progress)
 
 
 def work(url: str, lease_seconds: int = 600) -> int:

@@ -752,10 +752,6 @@ def _st_detrend_zero(world, work):
     return Prepared(_st_args(world, work, "--detrend_sections", "0"))
 
 
-def _st_detrend_blocks(world, work):
-    return Prepared(_st_args(world, work, "--detrend_sections", "8", "--block_size", "2"))
-
-
 def _rg_missing_blocks(world, work):
     return Prepared(_rg_args(work, work / "no_blocks"))
 
@@ -1001,8 +997,6 @@ CASES: list[Case] = [
          "metroem", _st_misaligned_ratio, r"--misaligned_ratio must be in \[0, 1\)"),
     Case("st_detrend_zero", "a detrend sigma of 0 sections (align, stack)", "metroem",
          _st_detrend_zero, r"--detrend_sections must be a positive number of sections"),
-    Case("st_detrend_blocks", "detrending a stack aligned in blocks (align, stack)", "metroem",
-         _st_detrend_blocks, r"--detrend_sections works on one serial run"),
     Case("rg_missing_blocks", "registered blocks folder that does not exist (registered)",
          "metroem", _rg_missing_blocks, r"registered blocks not found at .*--blocks DIR"),
     Case("rg_existing", "a registered dataset that already exists (registered)", "metroem",

@@ -348,7 +348,6 @@ def test_a_detrended_stack_equals_the_whole_image_one_and_resumes(tmp_path, monk
 @pytest.mark.parametrize("extra,match", [
     (["--detrend_sections", "0"], "positive number of sections"),
     (["--detrend_sections", "4", "--pairwise"], "for stacks"),
-    (["--detrend_sections", "4", "--block_size", "2"], "one serial run"),
 ])
 def test_bad_detrend_settings_are_one_line_and_write_nothing(pyramid, tmp_path, capsys, extra,
                                                              match):

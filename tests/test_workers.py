@@ -48,15 +48,36 @@ def test_one_block_is_the_serial_stack(pyramid, tmp_path):  # noqa: F811
     assert (read_all(serial[1], 4) - read_all(blocked[1], 4)).abs().max() <= 1
 
 
+def test_one_block_detrended_is_the_serial_detrended_stack(pyramid, tmp_path):  # noqa: F811
+    """--detrend_sections with --block_size: stitching keeps each section's placement sums and
+    the detrending tasks apply the corrections; one block is the serial run, detrended."""
+    src = make_volume(tmp_path / "img", n=5)
+    kw = dict(chunk=CHUNK, progress=False, detrend_sections=2.0)
+    serial = [str(tmp_path / "f1"), str(tmp_path / "i1")]
+    inference.align_volume(str(pyramid), src, 1, 5, *serial, **kw)
+    plain = [str(tmp_path / "f0"), str(tmp_path / "i0")]
+    inference.align_volume(str(pyramid), src, 1, 5, *plain, chunk=CHUNK, progress=False)
+    assert (read_all(serial[0], 5) - read_all(plain[0], 5)).abs().max() > 0.05  # it did act
+    blocked = [str(tmp_path / "f2"), str(tmp_path / "i2")]
+    out = inference.align_volume(str(pyramid), src, 1, 5, *blocked, block_size=8, **kw)
+    assert out["blocks"] == 1
+    assert (read_all(serial[0], 5) - read_all(blocked[0], 5)).abs().max() < 1e-3
+    assert (read_all(serial[1], 5) - read_all(blocked[1], 5)).abs().max() <= 1
+    work = tmp_path / "f2" / inference.MARKER_DIR / "serial"
+    assert not (work / "field").exists() and not (work / "image").exists()
+
+
 def test_blocks_and_references():
     job = workers.StackJob("/w", "p", "s", 5, 12, "f", "i", block_size=3)
     assert job.blocks() == [(4, [5, 6, 7]), (7, [8, 9, 10]), (10, [11])]
 
 
 @pytest.mark.slow
-def test_two_queue_workers_give_the_single_process_stack(pyramid, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("detrend", [None, 2.0])
+def test_two_queue_workers_give_the_single_process_stack(pyramid, tmp_path,  # noqa: F811
+                                                         detrend):
     src = make_volume(tmp_path / "img", n=6)
-    kw = dict(chunk=CHUNK, block_size=2, progress=False)
+    kw = dict(chunk=CHUNK, block_size=2, progress=False, detrend_sections=detrend)
     single = [str(tmp_path / "f1"), str(tmp_path / "i1")]
     out = inference.align_volume(str(pyramid), src, 1, 6, *single, **kw)
     assert out["blocks"] == 3
@@ -65,7 +86,8 @@ def test_two_queue_workers_give_the_single_process_stack(pyramid, tmp_path):  # 
     rc = inference.main(["--pyramid_path", str(pyramid), "--src_path", src, "--z_start", "1",
                          "--z_end", "6", "--field_path", multi[0], "--image_path", multi[1],
                          "--chunk", str(CHUNK), "--block_size", "2", "--queue", queue,
-                         "--no_progress"])
+                         "--no_progress"]
+                        + (["--detrend_sections", str(detrend)] if detrend else []))
     assert rc == 0
     assert volumes.read(multi[0], 0, 64, 32, 0, 64, nz=6).abs().max() == 0  # only enqueued
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -75,7 +97,8 @@ def test_two_queue_workers_give_the_single_process_stack(pyramid, tmp_path):  # 
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     ran = [int(e.split("done: ")[1].split()[0]) for e in errs]
-    assert sum(ran) == 3 + 3  # three block tasks, then three stitching tasks
+    # three block tasks, then three stitching tasks (then three detrending tasks)
+    assert sum(ran) == 3 + 3 + (3 if detrend else 0)
     for a, b in zip(single, multi, strict=True):
         volumes.forget(b)
         assert torch.equal(read_all(a, 6), read_all(b, 6))
