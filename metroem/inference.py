@@ -947,16 +947,28 @@ def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], pr
         src = run.section(src_path, z)
 
         def write(model, c, z=z, corr=corr, src=src) -> None:
-            g = detrend.correction_field(corr, c.y0, c.x0, c.h, c.w, t.height, t.width)
-            f = tiling.compose_chunk(field_of(z).read, g, c)
-            run.out.write(z, c, f, tiling.warp_chunk(src, f, c))
+            _write_detrended(run.out, z, c, src, field_of(z).read, corr, t)
 
         ran += run.chunks(write, chunks, f"detrended_z{z}_", f"z {z} detrended")
         bar.step(z, " (detrended)")
     for p in serial.values():  # every section is written: the serial layers have served
-        volumes.forget(p)
-        shutil.rmtree(p[len("file://"):], ignore_errors=True)
+        _drop_layer(p)
     return ran, total + 2 * len(chunks) * len(order)
+
+
+def _write_detrended(out: _VolumeWriter, z: int, c: tiling.Chunk, src, read_field,
+                     correction, tiler: tiling.StageTiler) -> None:
+    """One chunk of section ``z``: its field (``read_field``) composed with its detrending
+    ``correction`` (:func:`metroem.detrend.corrections`), and the raw section warped by it."""
+    g = detrend.correction_field(correction, c.y0, c.x0, c.h, c.w, tiler.height, tiler.width)
+    f = tiling.compose_chunk(read_field, g, c)
+    out.write(z, c, f, tiling.warp_chunk(src, f, c))
+
+
+def _drop_layer(path: str) -> None:
+    """Delete a local work layer (``file://``) that has served."""
+    volumes.forget(path)
+    shutil.rmtree(volumes.normalize_path(path)[len("file://"):], ignore_errors=True)
 
 
 def _marked_sums(run: _Run, z: int, chunks) -> np.ndarray:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -180,21 +179,33 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
                             if not done.done(f"b{k}_stitched")])
 
 
+def _task(folder: str, key: str, needed: str, blocks_needed, missing_text: str):
+    """A stitching or detrending task's start: its context, the job's markers and blocks, or
+    ``(None, ...)`` when marker ``key`` says it is done; a one-line error when a block it
+    needs (``blocks_needed``, default all) lacks marker ``needed.format(k)``."""
+    ctx = _Context.of(folder)
+    done = _job_markers(ctx.job)
+    blocks = ctx.job.blocks()
+    if done.done(key):
+        return None, done, blocks
+    ks = range(len(blocks)) if blocks_needed is None else blocks_needed
+    missing = [k for k in ks if not done.done(needed.format(k))]
+    if missing:
+        raise MetroemError(f"block {missing[0]} {missing_text}")
+    return ctx, done, blocks
+
+
 def stitch_block(folder: str, b: int, progress: bool = False) -> None:
     """Task: whole fields of block ``b``'s sections (block field after the chain of block
     references' fields), rendered once from raw into the output layers."""
     from metroem import inference
 
-    ctx = _Context.of(folder)
-    job, mip, t = ctx.job, ctx.mip, ctx.tiler
-    done = _job_markers(job)
-    if done.done(f"b{b}_stitched"):
+    ctx, done, blocks = _task(folder, f"b{b}_stitched", "b{}", range(b + 1),
+                              f"is not aligned yet; stitching needs blocks 0..{b} (run the "
+                              "block tasks first)")
+    if ctx is None:
         return
-    blocks = job.blocks()
-    missing = [k for k in range(b + 1) if not done.done(f"b{k}")]
-    if missing:
-        raise MetroemError(f"block {missing[0]} is not aligned yet; stitching needs blocks "
-                           f"0..{b} (run the block tasks first)")
+    job, mip, t = ctx.job, ctx.mip, ctx.tiler
     chain = [tiling.VolumeFieldStore(job.block_layer(k - 1, "field"), mip, blocks[k][0]).read
              for k in range(1, b + 1)]
     ref, secs = blocks[b]
@@ -266,16 +277,12 @@ def detrend_block(folder: str, b: int, progress: bool = False) -> None:
     its section's correction (:mod:`metroem.detrend`), rendered once from raw."""
     from metroem import inference
 
-    ctx = _Context.of(folder)
-    job, mip, t = ctx.job, ctx.mip, ctx.tiler
-    done = _job_markers(job)
-    if done.done(f"b{b}_detrended"):
+    ctx, done, blocks = _task(folder, f"b{b}_detrended", "b{}_stitched", None,
+                              "is not stitched yet; detrending needs every block stitched "
+                              "(run the stitching tasks first)")
+    if ctx is None:
         return
-    blocks = job.blocks()
-    missing = [k for k in range(len(blocks)) if not done.done(f"b{k}_stitched")]
-    if missing:
-        raise MetroemError(f"block {missing[0]} is not stitched yet; detrending needs every "
-                           "block stitched (run the stitching tasks first)")
+    job, mip, t = ctx.job, ctx.mip, ctx.tiler
     order, placements = _placements(job, t.height, t.width, t.output_chunks())
     corr = dict(zip(order, detrend.corrections(placements, job.detrend_sections, 0, order),
                     strict=True))
@@ -286,10 +293,8 @@ def detrend_block(folder: str, b: int, progress: bool = False) -> None:
 
     def work(model, c: tiling.Chunk) -> None:
         for z in zs:
-            g = detrend.correction_field(corr[z], c.y0, c.x0, c.h, c.w, t.height, t.width)
-            f = tiling.compose_chunk(tiling.VolumeFieldStore(field, mip, z).read, g, c)
-            src = ctx.sections.source(job.src_path, z)
-            ctx.out.write(z, c, f, tiling.warp_chunk(src, f, c))
+            inference._write_detrended(ctx.out, z, c, ctx.sections.source(job.src_path, z),
+                                       tiling.VolumeFieldStore(field, mip, z).read, corr[z], t)
         markers.mark(str(c.index))
 
     tiling.run_chunks(t.output_chunks(), work, ctx.aligner, ctx.devices,
@@ -300,9 +305,7 @@ def detrend_block(folder: str, b: int, progress: bool = False) -> None:
     done.mark(f"b{b}_detrended")
     if all(done.done(f"b{k}_detrended") for k in range(len(blocks))):
         for kind in ("field", "image"):  # every section is written: they have served
-            path = job.stitched_layer(kind)
-            volumes.forget(path)
-            shutil.rmtree(path[len("file://"):], ignore_errors=True)
+            inference._drop_layer(job.stitched_layer(kind))
 
 
 # python-task-queue's registry: the functions a worker may run, by module and name.
