@@ -174,6 +174,27 @@ def test_cli_registered_pair_reports_epe_against_zero_strain_and_morph(tmp_path,
     assert "not both" in capsys.readouterr().err
 
 
+def test_cli_pair_runs_the_pyramid_at_the_images_mip(tmp_path, capsys):
+    """--mip is the MIP of the image pair (as for metroem align): the pyramid runs it there."""
+    from metroem.eval import baselines
+
+    size = 256
+    src = _png(tmp_path / "s.png", _shifted(2, 6, -4, size))
+    tgt = _png(tmp_path / "t.png", _shifted(2, 0, 0, size))
+    pyramid = str(REPO / "models" / "isbi")
+    means = {}
+    for mip in (0, 1):
+        assert cli.main(["--src", src, "--tgt", tgt, "--pyramid_path", pyramid, "--mip",
+                         str(mip), "--json"]) == 0
+        out = capsys.readouterr().out
+        means[mip] = json.loads(out[: out.rindex("}") + 1])["mean_displacement"]
+    images = [cli.read_image(p) for p in (src, tgt)]
+    for mip in (0, 1):
+        field = baselines.align(baselines.metroem_method(pyramid, input_mip=mip), *images)
+        assert means[mip] == pytest.approx([float(v) for v in field.mean((0, 2, 3))], abs=1e-4)
+    assert means[1] != pytest.approx(means[0], abs=1e-3)  # the stages differ: so do the fields
+
+
 def test_cli_pair_with_baseline_method(tmp_path, capsys):
     src, tgt, _ = _pair_files(tmp_path)
     assert cli.main(["--src", src, "--tgt", tgt, "--method", "phasecorr"]) == 0

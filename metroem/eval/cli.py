@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_argument("--z_end", type=int, help="one past the last section")
     vol.add_argument("--bbox", type=int, nargs=4, metavar=("X0", "Y0", "W", "H"),
                      help="region in voxels at --mip (default: the whole section)")
-    vol.add_argument("--mip", type=int, default=0)
+    vol.add_argument("--mip", type=int, default=0,
+                     help="MIP of the sections read (a z range) or of the image pair: a "
+                     "--pyramid_path runs them as that MIP, as metroem align does (default 0)")
     vol.add_argument("--field_path", help="field layer aligning every section into one frame")
     vol.add_argument("--pearson_dst", help="write the chunked-Pearson map as this layer")
     vol.add_argument("--reslice_y", type=int, metavar="Y",
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only the part of the --pyramid_path field that is affine over "
                      "about this length (metroem.regularize; needs --resolution_nm)")
     src.add_argument("--resolution_nm", type=float, default=None,
-                     help="size of a pixel of the images in nm (for --smoothing_nm)")
+                     help="nm per MIP0 pixel, for --smoothing_nm (as for metroem align; images "
+                     "at --mip m have pixels 2^m times that)")
     p.add_argument("--chunk", type=int, default=32, help="Pearson block side in pixels")
     p.add_argument("--report", metavar="DIR", help="write PNG pictures into DIR")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -131,6 +134,7 @@ def _aligner(args):
                                "pyramid or a shipped pyramid's name")
         return baselines.metroem_method(args.pyramid_path, args.checkpoint_name,
                                         device=str(parse_device(args.device)),
+                                        input_mip=args.mip,
                                         smoothing_nm=args.smoothing_nm,
                                         resolution_nm=args.resolution_nm)
     if args.smoothing_nm:
