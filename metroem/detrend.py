@@ -41,7 +41,7 @@ from metroem.errors import MetroemError
 Tensor = torch.Tensor
 
 __all__ = ["AffineSums", "check_sigma", "corrections", "correction_field", "detrend_fields",
-           "trend"]
+           "half_diagonal", "trend"]
 
 MIN_PIXELS = 16  # a section with fewer data pixels has no placement (it is not in the fit)
 
@@ -122,47 +122,83 @@ class AffineSums:
         return cls(height, width, values)
 
 
-def trend(placements: Sequence[np.ndarray | None], sigma: float,
-          positions: Sequence[float] | None = None) -> list[np.ndarray]:
-    """The smooth trend along z of the placements (``None`` = not in the fit): at every
-    position, a local linear fit of the six affine parameters with Gaussian weights of
-    ``sigma`` sections. With fewer than two placements the trend is constant (their mean, or
-    the identity)."""
-    n = len(placements)
-    z = np.arange(n, dtype=np.float64) if positions is None else np.asarray(positions, float)
-    have = np.array([p is not None for p in placements])
-    params = np.stack([p[:2].reshape(-1) if p is not None else np.zeros(6)
-                       for p in placements]) if n else np.zeros((0, 6))
-    out = []
+ROBUST_ITERATIONS = 3  # reweightings of the trend fit
+TUKEY_C = 4.685  # Tukey's biweight constant, in robust standard deviations
+MIN_SCALE_PX = 0.5  # the residual scale is at least this (a stack right on its trend)
+
+
+def _local_linear(z: np.ndarray, params: np.ndarray, weights: np.ndarray,
+                  sigma: float) -> np.ndarray:
+    """At every position, the value of a local linear fit of ``params`` ``(n, 6)`` with the
+    Gaussian weights of ``sigma`` times ``weights`` (a weighted mean where no slope fits)."""
+    n = len(z)
+    out = np.zeros((n, 6))
     for i in range(n):
-        wts = np.where(have, np.exp(-0.5 * ((z - z[i]) / sigma) ** 2), 0.0)
-        if wts.sum() <= 0 or have.sum() == 0:
-            out.append(np.eye(3))
+        wts = weights * np.exp(-0.5 * ((z - z[i]) / sigma) ** 2)
+        if wts.sum() <= 1e-12:
+            out[i] = np.array([1, 0, 0, 0, 1, 0], dtype=np.float64)  # the identity
             continue
         x = np.stack((np.ones(n), z - z[i]), 1)
         a = x.T @ (wts[:, None] * x)
         b = x.T @ (wts[:, None] * params)
-        if have.sum() < 2 or np.linalg.cond(a) > 1e10:
-            beta0 = b[0] / a[0, 0]  # too few to fit a slope here: the weighted mean
+        if (wts > 1e-12).sum() < 2 or np.linalg.cond(a) > 1e10:
+            out[i] = b[0] / a[0, 0]
         else:
-            beta0 = np.linalg.solve(a, b)[0]
+            out[i] = np.linalg.solve(a, b)[0]
+    return out
+
+
+def trend(placements: Sequence[np.ndarray | None], sigma: float,
+          positions: Sequence[float] | None = None,
+          extent: float = 0.0) -> list[np.ndarray]:
+    """The smooth trend along z of the placements (``None`` = not in the fit): at every
+    position, a local linear fit of the six affine parameters with Gaussian weights of
+    ``sigma`` sections, made robust by Tukey biweights (a section whose placement is far off
+    the trend, a lost pair the guard missed, does not drag its neighbours' correction).
+    A placement's distance from the trend is the largest displacement between the two maps
+    within ``extent`` px of the centre (the translation alone for 0). With fewer than two
+    placements the trend is constant (their mean, or the identity)."""
+    n = len(placements)
+    z = np.arange(n, dtype=np.float64) if positions is None else np.asarray(positions, float)
+    have = np.array([p is not None for p in placements], dtype=np.float64)
+    params = np.stack([p[:2].reshape(-1) if p is not None else np.zeros(6)
+                       for p in placements]) if n else np.zeros((0, 6))
+    robust = np.ones(n)
+    fit = _local_linear(z, params, have, sigma)
+    for _ in range(ROBUST_ITERATIONS if have.sum() > 2 else 0):
+        d = (params - fit).reshape(n, 2, 3)
+        resid = np.linalg.norm(d[:, :, 2], axis=1) + extent * np.linalg.norm(d[:, :, :2],
+                                                                            axis=(1, 2))
+        scale = max(1.4826 * float(np.median(resid[have > 0])), MIN_SCALE_PX)
+        u = resid / (TUKEY_C * scale)
+        robust = np.where(u < 1, (1 - u**2) ** 2, 0.0)
+        fit = _local_linear(z, params, have * robust, sigma)
+    out = []
+    for row in fit:
         t = np.eye(3)
-        t[:2] = beta0.reshape(2, 3)
+        t[:2] = row.reshape(2, 3)
         out.append(t)
     return out
 
 
 def corrections(placements: Sequence[np.ndarray | None], sigma: float, reference: int = 0,
-                positions: Sequence[float] | None = None) -> list[np.ndarray]:
+                positions: Sequence[float] | None = None,
+                extent: float = 0.0) -> list[np.ndarray]:
     """Per section, the affine map ``C_z = T_z^-1 T_ref`` its field is composed with: the
-    trend is removed and the reference section (index ``reference``) keeps its field."""
-    t = trend(placements, sigma, positions)
+    trend (:func:`trend`) is removed and the reference section (index ``reference``) keeps
+    its field."""
+    t = trend(placements, sigma, positions, extent)
     if not t:
         return []
     ref = t[reference]
     out = [np.linalg.solve(tz, ref) for tz in t]
     out[reference] = np.eye(3)  # exactly: the reference's field stays what it is
     return out
+
+
+def half_diagonal(height: int, width: int) -> float:
+    """Half the diagonal of a section (px): how far from its centre a placement is judged."""
+    return 0.5 * math.hypot(height, width)
 
 
 def correction_field(c: np.ndarray, y0: int, x0: int, h: int, w: int, height: int,
@@ -190,6 +226,7 @@ def detrend_fields(whole: Sequence[Tensor], aligned: Sequence[Tensor], sigma: fl
             s.add(f.float(), img.reshape(h, w) != 0)
         placements.append(s.placement())
     out = []
-    for f, c in zip(whole, corrections(placements, sigma), strict=True):
+    for f, c in zip(whole, corrections(placements, sigma, extent=half_diagonal(h, w)),
+                    strict=True):
         out.append(fields.compose(f.float(), correction_field(c, 0, 0, h, w, h, w)))
     return out

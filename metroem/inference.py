@@ -587,6 +587,11 @@ def align_volume(
                           refine_options, smoothing_nm, info.resolution[min(info.mips)][0]
                           / 2 ** min(info.mips), translation_init)
     mip = aligner.input_mip
+    if stack_mode and not getattr(aligner, "smoothing_px", 0.0) and z_end - z_start > 1:
+        log.warning("aligning a stack without --smoothing_nm: an unsmoothed field bends each "
+                    "section's tissue onto the one before, and over many sections the stack "
+                    "shears and shrinks (benchmarks/results/stack.md, long stack); pass "
+                    "--smoothing_nm (e.g. 640; docs/inference.md)")
     if mip not in info.mips:
         raise MetroemError(f"{src_path} has no MIP {mip}; it has MIPs {list(info.mips)}")
     mask = None
@@ -941,7 +946,8 @@ def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], pr
             sums.merge(detrend.AffineSums.from_list(
                 t.height, t.width, json.loads(run.markers.payload(f"fit_z{z}_{c.index}"))))
         placements.append(None if z in skip else sums.placement())
-    corrections = detrend.corrections(placements, sigma, 0, order)
+    corrections = detrend.corrections(placements, sigma, 0, order,
+                                      detrend.half_diagonal(t.height, t.width))
     bar = stack.SectionProgress(len(order), 0, run.progress)
     for z, corr in zip(order, corrections, strict=True):
         src = run.section(src_path, z)

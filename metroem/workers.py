@@ -284,7 +284,8 @@ def detrend_block(folder: str, b: int, progress: bool = False) -> None:
         return
     job, mip, t = ctx.job, ctx.mip, ctx.tiler
     order, placements = _placements(job, t.height, t.width, t.output_chunks())
-    corr = dict(zip(order, detrend.corrections(placements, job.detrend_sections, 0, order),
+    corr = dict(zip(order, detrend.corrections(placements, job.detrend_sections, 0, order,
+                                               detrend.half_diagonal(t.height, t.width)),
                     strict=True))
     ref, secs = blocks[b]
     zs = ([ref] if b == 0 else []) + secs

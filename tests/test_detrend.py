@@ -52,6 +52,21 @@ def test_the_trend_of_a_linear_drift_is_the_drift_and_missing_sections_are_skipp
     assert np.allclose(detrend.trend([None, None], 2.0)[0], np.eye(3))
 
 
+def test_a_wild_placement_does_not_drag_the_trend_of_its_neighbours():
+    """A lost pair the guard missed (a section 200 px off, sheared) gets no weight in the fit:
+    the trend stays the stack's drift, for that section and its neighbours."""
+    rng = np.random.default_rng(0)
+    placements = [_matrix(1.5 * z + rng.uniform(-2, 2), -z + rng.uniform(-2, 2))
+                  for z in range(20)]
+    placements[9] = _matrix(200.0, -150.0, 0.2, -0.1)
+    t = detrend.trend(placements, 4.0, extent=100.0)
+    for z in range(20):
+        assert abs(t[z][0, 2] - 1.5 * z) < 2.0 and abs(t[z][1, 2] + z) < 2.0
+        assert np.abs(t[z][:2, :2] - np.eye(2)).max() < 1e-3
+    plain = detrend.trend(placements[:9] + [None] + placements[10:], 4.0, extent=100.0)
+    assert max(np.abs(a - b).max() for a, b in zip(t, plain, strict=True)) < 0.05
+
+
 def test_corrections_remove_the_trend_and_keep_the_reference():
     h, w = 32, 32
     whole = [_affine_field(_matrix(1.5 * z, 0.5 * z, 0.002 * z), h, w) for z in range(8)]
