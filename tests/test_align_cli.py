@@ -345,6 +345,21 @@ def test_a_detrended_stack_equals_the_whole_image_one_and_resumes(tmp_path, monk
                            volumes.read(b, 0, 64, 32, 0, SIZE_192, nz=6))
 
 
+def test_a_stack_without_smoothing_is_warned_about(pyramid, tmp_path, caplog):
+    src = make_volume(tmp_path / "img", n=3)
+    with caplog.at_level("WARNING", logger="metroem.inference"):
+        inference.align_volume(str(pyramid), src, 1, 3, str(tmp_path / "f"),
+                               str(tmp_path / "i"), chunk=CHUNK, progress=False)
+    assert "without --smoothing_nm" in caplog.text and "shears and shrinks" in caplog.text
+    caplog.clear()
+    res = volumes.volume_info(src).resolution[0][0]
+    with caplog.at_level("WARNING", logger="metroem.inference"):
+        inference.align_volume(str(pyramid), src, 1, 3, str(tmp_path / "f2"),
+                               str(tmp_path / "i2"), chunk=CHUNK, progress=False,
+                               smoothing_nm=8 * res)
+    assert "without --smoothing_nm" not in caplog.text
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--detrend_sections", "0"], "positive number of sections"),
     (["--detrend_sections", "4", "--pairwise"], "for stacks"),
