@@ -833,8 +833,8 @@ def _section_has_data(src, height: int, width: int) -> bool:
                for y in range(0, height, rows))
 
 
-def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
-                 predecessors: int) -> tuple[int, int, list[int]]:
+def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors: int,
+                 detrended: bool = False) -> tuple[int, int, list[int]]:
     """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk; returns
     the chunks run, the chunks in all, and the sections without data or found misaligned.
 
@@ -848,9 +848,16 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
     # the guard's cells must start at every chunk's origin to match the in-memory stack's
     guard_block = math.gcd(t.chunk, stack.GUARD_BLOCK)
 
-    def copy_ref(model, c) -> None:
+    def placement_sums(f, img, c) -> list[float]:
+        """The chunk's share of the section's placement fit (:mod:`metroem.detrend`)."""
+        sums = detrend.AffineSums(t.height, t.width)
+        sums.add(f, stack.as_stored(img, run.out.info.dtype)[0, 0] != 0, c.y0, c.x0)
+        return sums.to_list()
+
+    def copy_ref(model, c) -> str:
         img = tiling.read_resampled(ref_src, 0, c.y0, c.x0, c.h, c.w)
         run.out.write(ref, c, zero[..., : c.h, : c.w], img)
+        return json.dumps({"a": placement_sums(zero[..., : c.h, : c.w], img, c)})
 
     ran = run.chunks(copy_ref, chunks, f"z{ref}_", f"z {ref} reference")
     order = [ref] + zs
@@ -886,12 +893,14 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
             f = stack.combine_fields([s.read(c.y0, c.x0, c.h, c.w) for s in stores])
             img = tiling.warp_chunk(src, f, c)
             run.out.write(z, c, f, img)
-            if nearest is None:
-                return ""
-            target = tiling.read_resampled(nearest, 0, c.y0, c.x0, c.h, c.w)
-            judged = tiling.warp_chunk(src, stack.block_mean_field(f, guard_block), c)
-            sums = stack.similarity_sums(stack.as_stored(judged, run.out.info.dtype), target)
-            return json.dumps([float(v) for v in sums])
+            payload = {"a": placement_sums(f, img, c)}
+            if nearest is not None:  # the guard's similarity sums
+                target = tiling.read_resampled(nearest, 0, c.y0, c.x0, c.h, c.w)
+                judged = tiling.warp_chunk(src, stack.block_mean_field(f, guard_block), c)
+                sums = stack.similarity_sums(stack.as_stored(judged, run.out.info.dtype),
+                                             target)
+                payload["r"] = [float(v) for v in sums]
+            return json.dumps(payload)
 
         ran += run.chunks(final, chunks, f"z{z}_", f"z {z} writing")
         shutil.rmtree(run.cache(z), ignore_errors=True)
@@ -906,7 +915,59 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int],
                 note += f" (r {r:.3f} with z {targets[0]}: misaligned, not a target)"
         bar.step(z, note)
     skip = [z for z in order if not has[z] or guard.is_flagged(z)]
+    _log_drift(order, _marked_placements(run, order, chunks, skip)[0], run.progress,
+               hint=not detrended)
     return ran, len(chunks) * (len(zs) + 1), skip
+
+
+def _marked_payload(run: _Run, key: str) -> dict:
+    """A chunk marker's payload: ``{"a": placement sums, "r": similarity sums}`` (a bare list
+    is the similarity sums of a marker an older metroem wrote)."""
+    text = run.markers.payload(key)
+    if not text:
+        return {}
+    data = json.loads(text)
+    return {"r": data} if isinstance(data, list) else data
+
+
+def _marked_placements(run: _Run, order: list[int], chunks, skip) -> tuple[list, bool]:
+    """Each section's placement (:class:`metroem.detrend.AffineSums`) from its chunk markers
+    (``None`` for the sections in ``skip`` and those with too little data), and whether every
+    marker held its share (markers written by an older metroem do not)."""
+    out, complete = [], True
+    for z in order:
+        sums = detrend.AffineSums(run.tiler.height, run.tiler.width)
+        for c in chunks:
+            part = _marked_payload(run, f"z{z}_{c.index}").get("a")
+            if part is None:
+                complete = False
+                sums = None
+                break
+            sums.merge(detrend.AffineSums.from_list(run.tiler.height, run.tiler.width, part))
+        out.append(None if sums is None or z in skip else sums.placement())
+    return out, complete
+
+
+def _log_drift(order: list[int], placements: list, enabled: bool = True,
+               detrended: bool = False, hint: bool = True) -> dict | None:
+    """Log how the aligned stack's placement moves along z (the slope of the placements'
+    translation, px per section): the drift a serial aligner adds up; ``hint``: name the
+    option that takes it out."""
+    pts = [(z, p[:2, 2]) for z, p in zip(order, placements, strict=True) if p is not None]
+    if len(pts) < 3:
+        return None
+    z = np.array([q[0] for q in pts], dtype=np.float64)
+    t = np.stack([q[1] for q in pts])
+    slope = np.polyfit(z - z.mean(), t, 1)[0]  # (2,): x, y
+    total = slope * (order[-1] - order[0])
+    if enabled:
+        hint = "" if not hint or detrended or np.hypot(*slope) < 0.1 else (
+            "; if the sections were placed one by one (ssTEM, ATUM), --detrend_sections 8 "
+            "takes this out")
+        log.info("the stack's placement moves by (%+.2f, %+.2f) px per section (%+.1f, %+.1f) "
+                 "px over z %d..%d%s%s", slope[0], slope[1], total[0], total[1], order[0],
+                 order[-1], " after detrending" if detrended else "", hint)
+    return {"slope": slope.tolist(), "total": total.tolist()}
 
 
 def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], predecessors: int,
@@ -921,7 +982,7 @@ def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], pr
     _prepare_layer(serial["image"], final.info, chunk_xy, final.info.dtype, 1, False, True)
     run.out = _VolumeWriter(final.info, final.mip, final.mip, serial["field"], serial["image"])
     try:
-        ran, total, skip = _align_stack(run, src_path, ref, zs, predecessors)
+        ran, total, skip = _align_stack(run, src_path, ref, zs, predecessors, detrended=True)
     finally:
         run.out = final
     t, mip = run.tiler, final.mip
@@ -931,21 +992,11 @@ def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], pr
     def field_of(z: int):
         return tiling.VolumeFieldStore(serial["field"], mip, z)
 
-    placements = []
-    for z in order:
-        def fit(model, c, z=z) -> str:
-            sums = detrend.AffineSums(t.height, t.width)
-            img = tiling.read_resampled(tiling.VolumeSource(serial["image"], mip, z), 0,
-                                        c.y0, c.x0, c.h, c.w)
-            sums.add(field_of(z).read(c.y0, c.x0, c.h, c.w), img[0, 0] != 0, c.y0, c.x0)
-            return json.dumps(sums.to_list())
-
-        ran += run.chunks(fit, chunks, f"fit_z{z}_", f"z {z} placement")
-        sums = detrend.AffineSums(t.height, t.width)
-        for c in chunks:
-            sums.merge(detrend.AffineSums.from_list(
-                t.height, t.width, json.loads(run.markers.payload(f"fit_z{z}_{c.index}"))))
-        placements.append(None if z in skip else sums.placement())
+    placements, complete = _marked_placements(run, order, chunks, skip)
+    if not complete:
+        raise MetroemError(f"the serial stack in {run.markers.folder} was aligned by an older "
+                           "metroem (its markers lack the placements); start it over with "
+                           "--overwrite")
     corrections = detrend.corrections(placements, sigma, 0, order,
                                       detrend.half_diagonal(t.height, t.width))
     bar = stack.SectionProgress(len(order), 0, run.progress)
@@ -959,7 +1010,9 @@ def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], pr
         bar.step(z, " (detrended)")
     for p in serial.values():  # every section is written: the serial layers have served
         _drop_layer(p)
-    return ran, total + 2 * len(chunks) * len(order)
+    _log_drift(order, [None if p is None else p @ c for p, c in
+                       zip(placements, corrections, strict=True)], run.progress, detrended=True)
+    return ran, total + len(chunks) * len(order)
 
 
 def _write_detrended(out: _VolumeWriter, z: int, c: tiling.Chunk, src, read_field,
@@ -982,9 +1035,9 @@ def _marked_sums(run: _Run, z: int, chunks) -> np.ndarray:
     holds none: a section written by an older metroem gets no verdict)."""
     total = np.zeros(6)
     for c in chunks:
-        text = run.markers.payload(f"z{z}_{c.index}")
-        if text:
-            total += np.asarray(json.loads(text), dtype=np.float64)
+        sums = _marked_payload(run, f"z{z}_{c.index}").get("r")
+        if sums is not None:
+            total += np.asarray(sums, dtype=np.float64)
     return total
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,6 +269,7 @@ def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_pat
     assert inference.main(args) == 0
     err = capsys.readouterr().err
     assert "section 1/3 (z 2) done" in err and "section 3/3 (z 4) done" in err and "ETA" in err
+    assert len(_drift_lines(err)) == 1  # how the stack's placement moves along z
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         whole = load_aligner(pyramid)
@@ -290,7 +293,14 @@ def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_pat
                                progress=False)  # other settings (predecessors 1)
 
 
-def test_a_detrended_stack_equals_the_whole_image_one_and_resumes(tmp_path, monkeypatch):
+def _drift_lines(text: str) -> list[tuple[float, float]]:
+    """The per-section slopes of metroem align's "placement moves by" lines."""
+    return [(float(a), float(b)) for a, b in re.findall(
+        r"placement moves by \(([-+0-9.]+), ([-+0-9.]+)\) px per section", text)]
+
+
+def test_a_detrended_stack_equals_the_whole_image_one_and_resumes(tmp_path, monkeypatch,
+                                                                  caplog):
     """--detrend_sections: the serial stack goes to work layers, the output layers get its
     fields with the trend along z removed: detrend.detrend_fields of the work layers to 0.001
     px, and metroem.stack's align_stack(detrend_sections=) on whole sections to the serial
@@ -302,7 +312,11 @@ def test_a_detrended_stack_equals_the_whole_image_one_and_resumes(tmp_path, monk
     src, secs = _noisy_volume(tmp_path / "img", (), n=6)
     kw = dict(chunk=128, progress=True, detrend_sections=2.0)
     once = [str(tmp_path / "f1"), str(tmp_path / "i1")]
-    inference.align_volume(pyramid, src, 1, 6, *once, **kw)
+    with caplog.at_level("INFO", logger="metroem.inference"):
+        inference.align_volume(pyramid, src, 1, 6, *once, **kw)
+    (serial_slope, flat_slope) = _drift_lines(caplog.text)  # the serial pass, then detrended
+    assert math.hypot(*serial_slope) > 0.5 and math.hypot(*flat_slope) < 0.05
+    assert "after detrending" in caplog.text and "takes this out" not in caplog.text
     pair = stack.aligner_pair_fn(load_aligner(pyramid))
     aligned, expected = stack.align_stack(secs, pair, dtype=np.uint8, detrend_sections=2.0)
     _, serial = stack.align_stack(secs, pair, dtype=np.uint8)
