@@ -168,7 +168,8 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
         # a task that stopped would be retried forever: blocks flag misaligned sections only
         run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress,
                              ctx.sections, job.misaligned_ratio, runaway_stop=0)
-        _, _, skip = inference._align_stack(run, job.src_path, ref, secs, job.predecessors)
+        _, _, skip = inference._align_stack(run, job.src_path, ref, secs, job.predecessors,
+                                            detrended=job.detrend_sections is not None)
         for p in (fpath, ipath):
             volumes.forget(p)
         done.mark(f"b{b}", json.dumps(skip))  # no data or misaligned: not in a detrend fit
