@@ -848,16 +848,11 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors
     # the guard's cells must start at every chunk's origin to match the in-memory stack's
     guard_block = math.gcd(t.chunk, stack.GUARD_BLOCK)
 
-    def placement_sums(f, img, c) -> list[float]:
-        """The chunk's share of the section's placement fit (:mod:`metroem.detrend`)."""
-        sums = detrend.AffineSums(t.height, t.width)
-        sums.add(f, stack.as_stored(img, run.out.info.dtype)[0, 0] != 0, c.y0, c.x0)
-        return sums.to_list()
-
     def copy_ref(model, c) -> str:
         img = tiling.read_resampled(ref_src, 0, c.y0, c.x0, c.h, c.w)
         run.out.write(ref, c, zero[..., : c.h, : c.w], img)
-        return json.dumps({"a": placement_sums(zero[..., : c.h, : c.w], img, c)})
+        return json.dumps({"a": _placement_sums(zero[..., : c.h, : c.w], img, c, t,
+                                                run.out.info.dtype)})
 
     ran = run.chunks(copy_ref, chunks, f"z{ref}_", f"z {ref} reference")
     order = [ref] + zs
@@ -893,7 +888,7 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors
             f = stack.combine_fields([s.read(c.y0, c.x0, c.h, c.w) for s in stores])
             img = tiling.warp_chunk(src, f, c)
             run.out.write(z, c, f, img)
-            payload = {"a": placement_sums(f, img, c)}
+            payload = {"a": _placement_sums(f, img, c, t, run.out.info.dtype)}
             if nearest is not None:  # the guard's similarity sums
                 target = tiling.read_resampled(nearest, 0, c.y0, c.x0, c.h, c.w)
                 judged = tiling.warp_chunk(src, stack.block_mean_field(f, guard_block), c)
@@ -918,6 +913,15 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors
     _log_drift(order, _marked_placements(run, order, chunks, skip)[0], run.progress,
                hint=not detrended)
     return ran, len(chunks) * (len(zs) + 1), skip
+
+
+def _placement_sums(field, img, c: tiling.Chunk, tiler: tiling.StageTiler,
+                    dtype) -> list[float]:
+    """A written chunk's share of its section's placement fit (:mod:`metroem.detrend`): the
+    field over the pixels where the image, as the layer of ``dtype`` stores it, has data."""
+    sums = detrend.AffineSums(tiler.height, tiler.width)
+    sums.add(field, stack.as_stored(img, dtype)[0, 0] != 0, c.y0, c.x0)
+    return sums.to_list()
 
 
 def _marked_payload(run: _Run, key: str) -> dict:

@@ -220,9 +220,7 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
         def put(z: int, f, img) -> None:
             out.write(z, c, f, img)
             if job.detrend_sections is not None:
-                s = detrend.AffineSums(t.height, t.width)
-                s.add(f, stack.as_stored(img, ctx.info.dtype)[0, 0] != 0, c.y0, c.x0)
-                sums[str(z)] = s.to_list()
+                sums[str(z)] = inference._placement_sums(f, img, c, t, ctx.info.dtype)
 
         g = torch.zeros(1, 2, c.h, c.w)
         for read in chain:
