@@ -53,8 +53,11 @@ class PyramidAligner(nn.Module):
     ``smoothing_px > 0`` replaces the pyramid's field by its local affine fit in a Gaussian
     window of that many pixels at ``input_mip`` (:func:`metroem.regularize.smooth_field`,
     weighted by where both images have data): tissue that changes between neighbouring
-    sections is not pulled onto its neighbour. :func:`load_aligner` sets it from a length in
-    nm. ``translation_init=True`` starts the pyramid from one global translation found by
+    sections is not pulled onto its neighbour. With ``smoothing_gate`` ``(low, high)`` the
+    field is kept as matched where the warped source correlates with the target (window of
+    ``gate_window_px``) as a copy of the same section does
+    (:func:`metroem.regularize.regularized_field`). :func:`load_aligner` sets all three from
+    lengths in nm. ``translation_init=True`` starts the pyramid from one global translation found by
     phase correlation (:mod:`metroem.translation`) when no ``src_agg_field`` is given: drift
     beyond the coarse stage's search window, or on images too small for its coarsest level,
     is caught. Both run in :meth:`forward` and in tiled inference
@@ -69,6 +72,8 @@ class PyramidAligner(nn.Module):
         refine_options: dict | None = None,
         smoothing_px: float = 0.0,
         translation_init: bool = False,
+        smoothing_gate: tuple[float, float] | None = None,
+        gate_window_px: float = 0.0,
     ):
         super().__init__()
         if not stages:
@@ -84,6 +89,10 @@ class PyramidAligner(nn.Module):
         self.smoothing_px = float(smoothing_px)
         if not (self.smoothing_px >= 0 and math.isfinite(self.smoothing_px)):
             raise ValueError(f"smoothing_px must be a number >= 0, got {smoothing_px}")
+        self.smoothing_gate = regularize.check_gate(smoothing_gate)
+        self.gate_window_px = float(gate_window_px)
+        if self.smoothing_gate is not None and not self.gate_window_px > 0:
+            raise ValueError("a smoothing gate needs gate_window_px > 0")
 
     @property
     def device(self) -> torch.device:
@@ -159,8 +168,9 @@ class PyramidAligner(nn.Module):
                 src = plain_tensor(src_img).to(field.device)
                 tgt = plain_tensor(tgt_img).to(field.device)
                 scale = 2.0 ** (mip_in - self.input_mip)  # the length is set at input_mip
-                weight = regularize.data_weight(src, tgt, field)
-                field = regularize.smooth_field(field, self.smoothing_px / scale, weight)
+                field = regularize.regularized_field(
+                    field, src, tgt, self.smoothing_px / scale, self.smoothing_gate,
+                    self.gate_window_px / scale)
         if self.refine if refine is None else refine:
             from metroem.refine import refine_field
 
@@ -277,6 +287,7 @@ def load_aligner(
     resolution_nm: float | None = None,
     translation_init: bool = False,
     spec_changes: Mapping | Sequence[Mapping] | None = None,
+    smoothing_gate: tuple[float, float] | str | bool | None = None,
 ) -> PyramidAligner:
     """Load a trained pyramid (all stages or the given stage numbers) as one aligner.
 
@@ -291,8 +302,11 @@ def load_aligner(
     ``smoothing_nm`` and ``resolution_nm`` default to the pyramid's ``pyramid.json``
     (:func:`metroem.modules.pyramid_settings`; ``smoothing_nm=0`` turns a default off).
     ``smoothing_nm`` (with ``resolution_nm``, the size of a MIP0 pixel in nm) keeps only the
-    part of the field that is affine over about that length; ``translation_init`` starts from
-    a phase-correlation translation (see :class:`PyramidAligner`).
+    part of the field that is affine over about that length, except where the images match as
+    a same-section pair does: ``smoothing_gate`` ``(low, high)`` correlations, ``"off"``, or
+    None for the pyramid's default, else :data:`metroem.regularize.GATE`.
+    ``translation_init`` starts from a phase-correlation translation (see
+    :class:`PyramidAligner`).
 
     ``spec_changes`` overrides parameter-free spec keys at load time (``iterations``,
     ``prior_factor``, ``learned_levels``, ...; :mod:`metroem.nets`): one mapping for every
@@ -306,7 +320,9 @@ def load_aligner(
     if resolution_nm is None:
         resolution_nm = settings.get("resolution_nm")
     mods = modules.select_stages(modules.discover(pyramid_path), stages)
-    smoothing_px = 0.0
+    if smoothing_gate is None:
+        smoothing_gate = settings.get("smoothing_gate", regularize.GATE)
+    smoothing = {}
     if smoothing_nm:
         if resolution_nm is None:
             raise MetroemError(
@@ -315,7 +331,7 @@ def load_aligner(
                 f"{os.path.join(str(pyramid_path), modules.SETTINGS_FILE)}"
             )
         mip_in = min(m.mip for m in mods) if input_mip is None else int(input_mip)
-        smoothing_px = regularize.sigma_px(smoothing_nm, resolution_nm, mip_in)
+        smoothing = smoothing_settings(smoothing_nm, resolution_nm, mip_in, smoothing_gate)
     names = resolve_checkpoints(mods, checkpoint_name)
     changes = _per_stage_changes(spec_changes, len(mods))
     loaded = [
@@ -325,9 +341,18 @@ def load_aligner(
     ]
     aligner = PyramidAligner(
         loaded, input_mip=input_mip, refine=refine, refine_options=refine_options,
-        smoothing_px=smoothing_px, translation_init=translation_init,
+        translation_init=translation_init, **smoothing,
     )
     return aligner.to(device).eval()
+
+
+def smoothing_settings(smoothing_nm: float, resolution_nm: float, mip: int,
+                       gate: tuple[float, float] | str | bool | None = regularize.GATE) -> dict:
+    """:class:`PyramidAligner`'s smoothing arguments (``smoothing_px``, ``smoothing_gate``,
+    ``gate_window_px``) for images at ``mip`` whose MIP0 pixels are ``resolution_nm``."""
+    return {"smoothing_px": regularize.sigma_px(smoothing_nm, resolution_nm, mip),
+            "smoothing_gate": regularize.check_gate(gate),
+            "gate_window_px": regularize.sigma_px(regularize.GATE_WINDOW_NM, resolution_nm, mip)}
 
 
 def _per_stage_changes(

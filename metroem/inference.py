@@ -55,7 +55,7 @@ from metroem import (
     tiling,
     volumes,
 )
-from metroem.aligner import PyramidAligner, load_aligner
+from metroem.aligner import PyramidAligner, load_aligner, smoothing_settings
 from metroem.atomic import atomic_path, atomic_write_bytes
 from metroem.devices import parse_devices
 from metroem.errors import MetroemError, cli_errors
@@ -63,6 +63,7 @@ from metroem.errors import MetroemError, cli_errors
 __all__ = ["align_files", "align_volume", "read_image", "main"]
 
 log = logging.getLogger(__name__)
+_GATE = ",".join(f"{v:g}" for v in regularize.GATE)  # in --help
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 MARKER_DIR = "_metroem_align"
@@ -87,7 +88,8 @@ def read_image(path: str):
 
 
 def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_options,
-                smoothing_nm=None, resolution_nm=None, translation_init=False):
+                smoothing_nm=None, resolution_nm=None, translation_init=False,
+                smoothing_gate=None):
     if isinstance(pyramid, PyramidAligner):
         aligner = pyramid
         if mip is not None:
@@ -95,7 +97,13 @@ def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_op
         if refine:
             aligner.refine, aligner.refine_options = True, dict(refine_options or {})
         if smoothing_nm:
-            aligner.smoothing_px = _smoothing_px(smoothing_nm, resolution_nm, aligner.input_mip)
+            if resolution_nm is None:
+                raise MetroemError("--smoothing_nm needs the pixel size of the images: pass "
+                                   "--resolution_nm (nm per pixel at MIP 0)")
+            gate = regularize.GATE if smoothing_gate is None else smoothing_gate
+            for key, value in smoothing_settings(smoothing_nm, resolution_nm,
+                                                 aligner.input_mip, gate).items():
+                setattr(aligner, key, value)
         if translation_init:
             aligner.translation_init = True
         return aligner
@@ -103,14 +111,13 @@ def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_op
         warnings.simplefilter("ignore")  # untrained stages warn once per module; fine here
         return load_aligner(pyramid, checkpoint_name, stages, device, mip, refine,
                             refine_options, smoothing_nm=smoothing_nm,
-                            resolution_nm=resolution_nm, translation_init=translation_init)
+                            resolution_nm=resolution_nm, translation_init=translation_init,
+                            smoothing_gate=smoothing_gate)
 
 
-def _smoothing_px(smoothing_nm: float, resolution_nm: float | None, mip: int) -> float:
-    if resolution_nm is None:
-        raise MetroemError("--smoothing_nm needs the pixel size of the images: pass "
-                           "--resolution_nm (nm per pixel at MIP 0)")
-    return regularize.sigma_px(smoothing_nm, resolution_nm, mip)
+def _gate_arg(gate):
+    """A smoothing gate as JSON can carry it (a stack job's options)."""
+    return list(gate) if isinstance(gate, tuple) else gate
 
 
 def _job_signature(**items) -> dict:
@@ -168,6 +175,11 @@ FILES_WORK = 2  # align_files' work folder layout, in its job signature (1: befo
 
 def _option_signature(aligner) -> dict:
     """The whole-image options in a job signature (a resumed run must use the same)."""
+    gate = getattr(aligner, "smoothing_gate", None)
+    if getattr(aligner, "smoothing_px", 0.0) and gate is not None:  # runs before gates: none
+        return {"smoothing_px": float(aligner.smoothing_px),
+                "smoothing_gate": f"{gate[0]:g},{gate[1]:g}@{aligner.gate_window_px:g}px",
+                "translation_init": bool(getattr(aligner, "translation_init", False))}
     return {"smoothing_px": float(getattr(aligner, "smoothing_px", 0.0)),
             "translation_init": bool(getattr(aligner, "translation_init", False))}
 
@@ -282,6 +294,7 @@ def align_files(
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
     translation_init: bool = False,
+    smoothing_gate: tuple[float, float] | str | None = None,
     src_mask: str | None = None,
     tgt_mask: str | None = None,
     mask_threshold: float = 0.0,
@@ -293,7 +306,8 @@ def align_files(
     """Align image file ``src`` to ``tgt``; write the field (``.npy``) and/or aligned image.
 
     ``pyramid`` is a pyramid folder or a :class:`PyramidAligner`. ``smoothing_nm`` (with
-    ``resolution_nm``, nm per MIP0 pixel) and ``translation_init`` are the aligner's options
+    ``resolution_nm``, nm per MIP0 pixel), ``smoothing_gate`` and ``translation_init`` are the
+    aligner's options
     (:func:`metroem.aligner.load_aligner`), run tile by tile. ``src_mask`` / ``tgt_mask`` are
     defect mask images of the same size (values above ``mask_threshold`` are defects: no data,
     and with ``split_defects`` a source they cut apart is aligned piece by piece,
@@ -331,7 +345,8 @@ def align_files(
     t = _masked_file(t, tgt, tgt_mask, mask_threshold)
     devices = parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
-                          refine_options, smoothing_nm, resolution_nm, translation_init)
+                          refine_options, smoothing_nm, resolution_nm, translation_init,
+                          smoothing_gate)
     h, w = s.shape
     tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
     os.makedirs(work, exist_ok=True)
@@ -498,6 +513,7 @@ def align_volume(
     refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     translation_init: bool = False,
+    smoothing_gate: tuple[float, float] | str | None = None,
     mask_path: str | None = None,
     mask_mip: int | None = None,
     mask_threshold: float = 0.0,
@@ -526,7 +542,8 @@ def align_volume(
     section z-1 of the same layer, or onto ``tgt_z`` (fixed), or onto section z of
     ``tgt_path``. Output layers get the source layer's bounds, resolution and MIPs; MIP ``mip``
     and every coarser MIP are written (finer MIPs are left empty). ``smoothing_nm`` uses the
-    layer's own MIP0 resolution.
+    layer's own MIP0 resolution; ``smoothing_gate`` as for
+    :func:`metroem.aligner.load_aligner`.
 
     ``mask_path`` is a defect mask layer of the source layer (folds, cracks; read at
     ``mask_mip``, default ``mip``; values above ``mask_threshold`` are defects): its pixels are
@@ -585,7 +602,7 @@ def align_volume(
     devices = parse_devices(device)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
                           refine_options, smoothing_nm, info.resolution[min(info.mips)][0]
-                          / 2 ** min(info.mips), translation_init)
+                          / 2 ** min(info.mips), translation_init, smoothing_gate)
     mip = aligner.input_mip
     if stack_mode and not getattr(aligner, "smoothing_px", 0.0) and z_end - z_start > 1:
         log.warning("aligning a stack without --smoothing_nm: an unsmoothed field bends each "
@@ -632,7 +649,8 @@ def align_volume(
                              pad, device, progress,
                              dict(checkpoint_name=checkpoint_name, stages=stages, mip=mip,
                                   refine=refine, refine_options=refine_options,
-                                  smoothing_nm=smoothing_nm),
+                                  smoothing_nm=smoothing_nm,
+                                  smoothing_gate=_gate_arg(smoothing_gate)),
                              dataclasses.asdict(mask) if mask else None, misaligned_ratio,
                              detrend_sections, (info, cxy))
     try:
@@ -1104,6 +1122,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(nm): sections' smooth distortion stays, tissue is not bent onto its "
                    "neighbour (metroem.regularize; default: the pyramid's pyramid.json, else "
                    "off; 0 = off; README has the measured trade-off)")
+    m.add_argument("--smoothing_gate", default=None, metavar="LOW,HIGH|off",
+                   help="with smoothing, keep the field as matched where the warped source "
+                   "correlates with the target like a copy of the same section (local r >= "
+                   "HIGH), smooth it where it shows other tissue (r <= LOW) (default: the "
+                   f"pyramid's pyramid.json, else {_GATE}; off = smooth everywhere)")
     m.add_argument("--resolution_nm", type=float, default=None,
                    help="nm per MIP0 pixel of image files, for --smoothing_nm (default: the "
                    "pyramid's pyramid.json; volumes: read from the layer)")
@@ -1159,6 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
                         "smoothness_weight": a.refine_smoothness_weight} if a.refine else None,
         overwrite=a.overwrite, resume=a.resume, progress=not a.no_progress,
         smoothing_nm=a.smoothing_nm, translation_init=a.translation_init,
+        smoothing_gate=regularize.checked_gate_arg(a.smoothing_gate),
         mask_threshold=a.mask_threshold, split_defects=not a.no_defect_split,
     )
     if a.src or a.tgt:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from metroem import __version__
+from metroem import __version__, regularize
 from metroem.atomic import atomic_write_bytes
 from metroem.errors import MetroemError
 
@@ -167,12 +167,14 @@ SETTINGS_FILE = "pyramid.json"
 # Pyramid-wide settings (all optional): the size of a MIP0 pixel of the data the pyramid runs
 # on, and the default smoothing length (metroem.regularize) for aligning with it.
 SETTINGS = {"resolution_nm": "nm per MIP0 pixel (> 0)",
-            "smoothing_nm": "default smoothing length in nm (>= 0; 0 = off)"}
+            "smoothing_nm": "default smoothing length in nm (>= 0; 0 = off)",
+            "smoothing_gate": "the smoothing's match gate: [low, high] correlations, or \"off\""}
 
 
 def pyramid_settings(pyramid_path: str | os.PathLike) -> dict:
     """The pyramid's ``pyramid.json`` (``{}`` when there is none), checked: known keys only,
-    finite numbers, ``resolution_nm > 0``, ``smoothing_nm >= 0``."""
+    finite numbers, ``resolution_nm > 0``, ``smoothing_nm >= 0``, ``smoothing_gate`` two
+    correlations (a tuple) or ``"off"``."""
     path = Path(pyramid_path).expanduser() / SETTINGS_FILE
     if not path.is_file():
         return {}
@@ -183,14 +185,24 @@ def pyramid_settings(pyramid_path: str | os.PathLike) -> dict:
                            "delete it") from e
     if not isinstance(data, dict):
         raise MetroemError(f"{path} must hold a JSON object like {{\"resolution_nm\": 4}}")
+    out: dict = {}
     for key, value in data.items():
         if key not in SETTINGS:
             raise MetroemError(f"{path}: unknown key {key!r}; known: {', '.join(SETTINGS)}")
+        if key == "smoothing_gate":
+            try:
+                gate = regularize.check_gate(value if isinstance(value, (list, str)) else [])
+            except MetroemError:
+                raise MetroemError(f"{path}: {key} = {json.dumps(value)}; it must be "
+                                   f"{SETTINGS[key]}") from None
+            out[key] = "off" if gate is None else gate
+            continue
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             value > 0 if key == "resolution_nm" else value >= 0) and value < float("inf")
         if not ok:
             raise MetroemError(f"{path}: {key} = {value!r}; it must be {SETTINGS[key]}")
-    return {k: float(v) for k, v in data.items()}
+        out[key] = float(value)
+    return out
 
 
 def select_stages(modules: list[ModuleInfo], stages: Iterable[int] | None) -> list[ModuleInfo]:

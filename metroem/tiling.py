@@ -561,10 +561,14 @@ class StageTiler:
             c = chunk // 2**lev if i == last else -(-chunk // q) * q
             self.plans.append(StagePlan(i, mip, lev, hp // 2**lev, wp // 2**lev, c, p, q))
         self.smoothing_px = float(getattr(aligner, "smoothing_px", 0.0))
+        self.smoothing_gate = getattr(aligner, "smoothing_gate", None)
+        self.gate_window_px = float(getattr(aligner, "gate_window_px", 0.0))
         self.smoothing_pad = 0
         if self.smoothing_px > 0:
             factor = max(1, int(self.smoothing_px // 4))  # regularize's coarse grid
             sp = regularize.support_px(self.smoothing_px)
+            if self.smoothing_gate is not None:
+                sp += regularize.gate_support_px(self.gate_window_px)
             self.smoothing_pad = -(-sp // factor) * factor
             check_chunking(chunk, self.smoothing_pad, factor)
 
@@ -587,14 +591,15 @@ class StageTiler:
     def smooth_chunk(self, c: Chunk, read_field, src, tgt) -> Tensor:
         """The regularised field of output chunk ``c`` (``(1, 2, h, w)``, input MIP): the
         finished field read through ``read_field(y0, x0, h, w)`` on the chunk padded by
-        :attr:`smoothing_pad`, smoothed as the whole-image aligner does, cropped."""
+        :attr:`smoothing_pad`, smoothed (and gated) as the whole-image aligner does, cropped."""
         pad = self.smoothing_pad
         wy0, wx0 = max(0, c.y0 - pad), max(0, c.x0 - pad)
         wy1, wx1 = min(self.height, c.y0 + c.h + pad), min(self.width, c.x0 + c.w + pad)
         f = read_field(wy0, wx0, wy1 - wy0, wx1 - wx0)
         s = read_resampled(src, 0, wy0, wx0, wy1 - wy0, wx1 - wx0)
         t = read_resampled(tgt, 0, wy0, wx0, wy1 - wy0, wx1 - wx0)
-        out = regularize.smooth_field(f, self.smoothing_px, regularize.data_weight(s, t, f))
+        out = regularize.regularized_field(f, s, t, self.smoothing_px, self.smoothing_gate,
+                                           self.gate_window_px)
         oy, ox = c.y0 - wy0, c.x0 - wx0
         return out[..., oy : oy + c.h, ox : ox + c.w].contiguous()
 

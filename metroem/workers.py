@@ -124,7 +124,7 @@ class _Context:
         self.aligner = inference._as_aligner(
             job.pyramid, a.get("checkpoint_name"), a.get("stages"), self.devices[0],
             a.get("mip"), a.get("refine", False), a.get("refine_options"),
-            a.get("smoothing_nm"), res, False)
+            a.get("smoothing_nm"), res, False, a.get("smoothing_gate"))
         self.mip = self.aligner.input_mip
         h, w = info.size[self.mip][1], info.size[self.mip][0]
         self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)

@@ -221,6 +221,10 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
     assert torch.allclose(start, torch.tensor([-24.0, -24.0]), atol=3)  # (+ the stack's own)
     tiled = tiling.align_tiled(whole, a, b, 64)
     assert (tiled - expected).abs().max() < 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a gate half open everywhere: keep = (r + 1) / 2
+        half = load_aligner(pyramid, smoothing_nm=32, resolution_nm=4, smoothing_gate=(-1, 1))
+    assert (tiling.align_tiled(half, a, b, 64) - half(src, tgt)).abs().max() < 1e-3
     out = tmp_path / "f.npy"
     assert inference.main(["--pyramid_path", str(pyramid), "--src", str(tmp_path / "s.npy"),
                            "--tgt", str(tmp_path / "t.npy"), "--field_out", str(out), "--chunk",
@@ -231,6 +235,13 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
     with pytest.raises(MetroemError, match="--resolution_nm"):
         inference.align_files(str(pyramid), str(tmp_path / "s.npy"), str(tmp_path / "t.npy"),
                               str(tmp_path / "g.npy"), chunk=64, smoothing_nm=32)
+    with pytest.raises(SystemExit) as bad:
+        inference.main(["--pyramid_path", str(pyramid), "--src", str(tmp_path / "s.npy"),
+                        "--tgt", str(tmp_path / "t.npy"), "--field_out", str(tmp_path / "g.npy"),
+                        "--smoothing_nm", "32", "--resolution_nm", "4", "--smoothing_gate",
+                        "0.9,0.5", "--no_progress"])
+    assert bad.value.code == 2
+    assert not (tmp_path / "g.npy").exists()
 
 
 def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):

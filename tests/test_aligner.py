@@ -228,21 +228,31 @@ def test_input_mip_coarser_than_every_stage_is_refused_unless_there_is_no_data(p
 
 def test_smoothing_nm_keeps_the_affine_part_and_drops_the_rest(pyramid):
     """smoothing_nm replaces the field by regularize.smooth_field of it (data-weighted), at
-    sigma = length / pixel size; bad settings are refused with the flag to fix."""
+    sigma = length / pixel size, gated by the match (regularize.regularized_field; "off"
+    smooths everywhere); bad settings are refused with the flag to fix."""
     from metroem import regularize
     from metroem.errors import MetroemError
     from metroem.eval import metrics
 
     src, tgt = isbi_pair(96)
     plain = metroem.load_aligner(pyramid, "rand")
-    smooth = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4)
-    assert smooth.smoothing_px == 16.0
+    smooth = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4,
+                                  smoothing_gate="off")
+    assert smooth.smoothing_px == 16.0 and smooth.smoothing_gate is None
     raw = plain(src, tgt)
     out = smooth(src, tgt)
     expected = regularize.smooth_field(
         raw, 16.0, regularize.data_weight(src.float(), tgt.float(), raw)
     )
     assert torch.allclose(out, expected, atol=1e-5)
+    gated = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4)
+    assert gated.smoothing_gate == regularize.GATE and gated.gate_window_px == 20.0  # 80 nm
+    loose = (-1.0, -0.5)  # every pixel matches "like the same section": the field is kept
+    kept = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4,
+                                smoothing_gate=loose)
+    assert torch.allclose(kept(src, tgt), raw, atol=1e-5)
+    assert torch.allclose(gated(src, tgt), regularize.regularized_field(
+        raw, src.float(), tgt.float(), 16.0, regularize.GATE, 20.0), atol=1e-5)
     assert metrics.gradient_norm_stats(out)["p95"] < metrics.gradient_norm_stats(raw)["p95"]
     # at MIP 1 input the same length is half as many pixels
     coarse = fields.resample_image(src.float(), 0, 1), fields.resample_image(tgt.float(), 0, 1)
@@ -252,6 +262,9 @@ def test_smoothing_nm_keeps_the_affine_part_and_drops_the_rest(pyramid):
                           regularize.smooth_field(raw1, 8.0, w1), atol=1e-5)
     with pytest.raises(MetroemError, match="resolution_nm"):
         metroem.load_aligner(pyramid, "rand", smoothing_nm=64)
+    with pytest.raises(MetroemError, match="LOW < HIGH"):
+        metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4,
+                             smoothing_gate=(0.9, 0.8))
     with pytest.raises(ValueError, match="smoothing_px"):
         aligner_mod.PyramidAligner([(0, nets.build_model(SPEC))], smoothing_px=-1)
 
@@ -271,7 +284,16 @@ def test_pyramid_json_sets_the_pixel_size_and_a_default_length(pyramid, tmp_path
     assert metroem.load_aligner(pyr, "rand", smoothing_nm=32).smoothing_px == 8.0
     assert metroem.load_aligner(pyr, "rand", smoothing_nm=0).smoothing_px == 0.0
     assert metroem.load_aligner(pyr, "rand", resolution_nm=8).smoothing_px == 8.0
+    (pyr / "pyramid.json").write_text(
+        '{"resolution_nm": 4, "smoothing_nm": 64, "smoothing_gate": [0.5, 0.9]}')
+    assert metroem.load_aligner(pyr, "rand").smoothing_gate == (0.5, 0.9)
+    assert metroem.load_aligner(pyr, "rand", smoothing_gate="off").smoothing_gate is None
+    (pyr / "pyramid.json").write_text('{"resolution_nm": 4, "smoothing_nm": 64, '
+                                      '"smoothing_gate": "off"}')
+    assert metroem.load_aligner(pyr, "rand").smoothing_gate is None
     for text, words in (('{"resolution_nm": 0}', "resolution_nm = 0"),
+                        ('{"smoothing_gate": [0.9, 0.1]}', "smoothing_gate = \\[0.9, 0.1\\]"),
+                        ('{"smoothing_gate": false}', "smoothing_gate = false"),
                         ('{"pixel": 4}', "unknown key"), ("[1]", "JSON object"),
                         ("{", "not valid JSON")):
         (pyr / "pyramid.json").write_text(text)

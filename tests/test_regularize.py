@@ -124,3 +124,87 @@ def test_data_weight_marks_where_both_images_have_data():
 def test_bad_arguments_name_the_problem(call, words):
     with pytest.raises(MetroemError, match=words):
         call()
+
+
+# --- the match gate ---------------------------------------------------------------------------
+
+
+def _texture(seed: int, size: int = 192) -> torch.Tensor:
+    """Grey-level texture with membrane-sized blobs (values 20..235, no zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, size, size, generator=gen)
+    x = regularize._gaussian_blur(x, 2.0)
+    return 128 + 100 * x / x.abs().max()
+
+
+def _bend(size: int = 192) -> torch.Tensor:
+    """A short (24 px) bend of 2 px: shorter than the smoothing sigma below."""
+    gen = torch.Generator().manual_seed(7)
+    return synth.elastic_field(1, size, size, std=2.0, scale=24, generator=gen)
+
+
+def test_match_similarity_is_one_on_the_same_image_and_low_on_other_tissue():
+    a, b = _texture(0), _texture(1)
+    zero = torch.zeros(1, 2, 192, 192)
+    same = regularize.match_similarity(a, a, zero, 6.0)
+    other = regularize.match_similarity(a, b, zero, 6.0)
+    inner = (slice(None), slice(None), slice(20, -20), slice(20, -20))
+    assert same[inner].min() > 0.999
+    assert other[inner].abs().median() < 0.3
+    empty = a.clone()
+    empty[..., :, :96] = 0  # no data on the left: no match there
+    r = regularize.match_similarity(empty, a, zero, 6.0)
+    assert (r[..., :, :70] == 0).all() and r[..., 40:-40, 130:-30].min() > 0.999
+
+
+def test_gate_keeps_a_same_section_field_and_smooths_one_between_other_tissue():
+    """A source that is the target bent at a short scale: the exact field keeps its bend (the
+    warped source matches the target); the same field between unrelated images is smoothed
+    as without the gate; plain smoothing loses the bend."""
+    tgt = _texture(2)
+    bend = _bend()
+    src, field = synth.deformed_pair(tgt, bend)  # warp(src, field) = tgt
+    inner = (slice(None), slice(None), slice(32, -32), slice(32, -32))
+    kept = regularize.regularized_field(field, src, tgt, 32.0, regularize.GATE, 6.0)
+    plain = regularize.regularized_field(field, src, tgt, 32.0, None, 6.0)
+    err_kept = (kept - field)[inner].norm(dim=1).median()
+    err_plain = (plain - field)[inner].norm(dim=1).median()
+    assert err_kept < 0.05 < err_plain
+    other = _texture(3)
+    gated = regularize.regularized_field(field, other, tgt, 32.0, regularize.GATE, 6.0)
+    smooth = regularize.smooth_field(field, 32.0, regularize.data_weight(other, tgt, field))
+    assert (gated - smooth)[inner].abs().max() < 1e-4
+
+
+def test_a_padded_tile_gives_the_whole_image_gated_result():
+    tgt = _texture(4, 360)
+    gen = torch.Generator().manual_seed(5)
+    field = synth.elastic_field(1, 360, 360, std=2.0, scale=24, generator=gen)
+    src, field = synth.deformed_pair(tgt, field)
+    wobble = regularize._gaussian_blur(torch.randn(1, 2, 360, 360, generator=gen), 3.0)
+    noisy = field + 6 * wobble  # the gate is partly open: local r from ~0.85 to ~0.98
+    r = regularize.match_similarity(src, tgt, noisy, 4.0)
+    assert (r < 0.9).float().mean() > 0.05 and (r > 0.95).float().mean() > 0.3
+    sigma, window = 12.0, 4.0
+    whole = regularize.regularized_field(noisy, src, tgt, sigma, regularize.GATE, window)
+    pad = regularize.support_px(sigma) + regularize.gate_support_px(window)
+    pad = -(-pad // 3) * 3  # the smoothing's coarse grid is 3 px
+    y0, x0, size = pad, pad, 48
+    cut = (slice(None), slice(None), slice(y0 - pad, y0 + size + pad),
+           slice(x0 - pad, x0 + size + pad))
+    part = regularize.regularized_field(noisy[cut], src[cut], tgt[cut], sigma, regularize.GATE,
+                                        window)[..., pad : pad + size, pad : pad + size]
+    assert (part - whole[..., y0 : y0 + size, x0 : x0 + size]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("gate, words", [("0.9,0.8", "LOW < HIGH"), ("a,b", "two correlations"),
+                                         ("0.5,1.5", "LOW < HIGH"), ((0.1,), "two correlations")])
+def test_a_bad_gate_is_a_one_line_error(gate, words):
+    with pytest.raises(MetroemError, match=words):
+        regularize.check_gate(gate)
+
+
+def test_gate_off_and_on_spellings():
+    assert regularize.check_gate("off") is None and regularize.check_gate(None) is None
+    assert regularize.check_gate("0.8,0.9") == (0.8, 0.9) == regularize.check_gate([0.8, 0.9])
+    assert regularize.checked_gate_arg("OFF") == "off" and regularize.checked_gate_arg(None) is None

@@ -269,6 +269,7 @@ def metroem_method(
     resolution_nm: float | None = None,
     translation_init: bool = False,
     spec_changes=None,
+    smoothing_gate=None,
 ) -> FieldFn:
     """A trained metroem pyramid as a baseline-style method (raw images in, field out).
 
@@ -277,15 +278,17 @@ def metroem_method(
 
     ``refine=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair online
     refinement (:mod:`metroem.refine`; an error if this metroem's aligner has none).
-    ``smoothing_nm`` / ``resolution_nm`` regularise the field and ``translation_init`` starts
-    it from a phase correlation, and ``spec_changes`` overrides parameter-free spec keys
-    (:func:`metroem.aligner.load_aligner`).
+    ``smoothing_nm`` / ``resolution_nm`` / ``smoothing_gate`` regularise the field and
+    ``translation_init`` starts it from a phase correlation, and ``spec_changes`` overrides
+    parameter-free spec keys (:func:`metroem.aligner.load_aligner`).
     """
     from metroem.aligner import load_aligner
 
     extra: dict = {"refine": True} if refine else {}
     if smoothing_nm:
         extra.update(smoothing_nm=smoothing_nm, resolution_nm=resolution_nm)
+    if smoothing_gate is not None:
+        extra["smoothing_gate"] = smoothing_gate
     if translation_init:
         extra["translation_init"] = True
     if spec_changes is not None:

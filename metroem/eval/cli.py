@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from metroem import cliargs, fields, viz
+from metroem import cliargs, fields, regularize, viz
 from metroem.devices import parse_device
 from metroem.errors import MetroemError, cli_errors
 from metroem.eval import baselines, metrics, report, stackview
@@ -50,6 +50,7 @@ from metroem.eval import baselines, metrics, report, stackview
 Tensor = torch.Tensor
 
 log = logging.getLogger(__name__)
+_GATE = ",".join(f"{v:g}" for v in regularize.GATE)  # in --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--smoothing_nm", type=float, default=None,
                      help="keep only the part of the --pyramid_path field that is affine over "
                      "about this length (metroem.regularize; needs --resolution_nm)")
+    src.add_argument("--smoothing_gate", default=None, metavar="LOW,HIGH|off",
+                     help="the smoothing's match gate, as for metroem align (default: the "
+                     f"pyramid's, else {_GATE})")
     src.add_argument("--resolution_nm", type=float, default=None,
                      help="nm per MIP0 pixel, for --smoothing_nm (as for metroem align; images "
                      "at --mip m have pixels 2^m times that)")
@@ -136,9 +140,12 @@ def _aligner(args):
                                         device=str(parse_device(args.device)),
                                         input_mip=args.mip,
                                         smoothing_nm=args.smoothing_nm,
-                                        resolution_nm=args.resolution_nm)
-    if args.smoothing_nm:
-        raise MetroemError("--smoothing_nm applies to a --pyramid_path; pass one, or drop it")
+                                        resolution_nm=args.resolution_nm,
+                                        smoothing_gate=regularize.checked_gate_arg(
+                                            args.smoothing_gate))
+    if args.smoothing_nm or args.smoothing_gate:
+        raise MetroemError("--smoothing_nm and --smoothing_gate apply to a --pyramid_path; "
+                           "pass one, or drop them")
     if args.method:
         if args.method not in baselines.METHODS:
             raise MetroemError(
