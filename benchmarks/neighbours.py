@@ -60,6 +60,7 @@ INTERIOR = 16  # px dropped along the border for the morph and strain of undefor
 BASELINES = ["identity", "farneback+pc", "dis+pc", "ilk+pc", "tvl1+pc", "elastix"]
 LENGTHS_NM = [80.0, 160.0, 320.0, 640.0, 1280.0]  # smoothing lengths of the trade-off curve
 FLOW_LENGTHS_NM = [320.0, 640.0]  # the same regulariser on Farneback, for comparison
+GATED_LENGTHS_NM = [640.0, 1280.0]  # the regulariser with its match gate (regularize.GATE)
 FLOW_SIGMA_PX = 32.0  # "a smoothed flow": Farneback Gaussian-blurred with this sigma (px)
 # the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
 os.environ.setdefault("METROEM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
@@ -103,6 +104,16 @@ def _regularized(length_nm: float) -> Callable:
     return post
 
 
+def _gated(length_nm: float) -> Callable:
+    def post(field: torch.Tensor, src, tgt, px_nm: float) -> torch.Tensor:
+        s, t = metrics.as_image(src), metrics.as_image(tgt)
+        return regularize.regularized_field(
+            field, s, t, regularize.sigma_px(length_nm, px_nm), regularize.GATE,
+            regularize.sigma_px(regularize.GATE_WINDOW_NM, px_nm))
+
+    return post
+
+
 def _gauss(sigma_px: float) -> Callable:
     def post(field: torch.Tensor, src, tgt, px_nm: float) -> torch.Tensor:
         s, t = metrics.as_image(src), metrics.as_image(tgt)
@@ -128,11 +139,15 @@ def methods(args) -> dict[str, tuple[str, Callable | None]]:
         out[f"farneback+pc gauss {FLOW_SIGMA_PX:g}px"] = ("farneback+pc", _gauss(FLOW_SIGMA_PX))
         for length in [] if args.quick else FLOW_LENGTHS_NM:
             out[f"farneback+pc reg {length:g}nm"] = ("farneback+pc", _regularized(length))
+        if not args.quick:
+            out["farneback+pc reg 640nm gated"] = ("farneback+pc", _gated(640.0))
     if not args.no_metroem:
         out["metroem"] = ("metroem", None)
         out["metroem+pc"] = ("metroem+pc", None)
         for length in args.lengths[-1:] if args.quick else args.lengths:
             out[f"metroem+pc reg {length:g}nm"] = ("metroem+pc", _regularized(length))
+        for length in GATED_LENGTHS_NM[:1] if args.quick else GATED_LENGTHS_NM:
+            out[f"metroem+pc reg {length:g}nm gated"] = ("metroem+pc", _gated(length))
     return out
 
 
@@ -150,10 +165,11 @@ def base_functions(names: set[str], args) -> dict[str, baselines.FieldFn]:
         pyramid_nm = pyramid_settings(pyramid).get("resolution_nm", PYRAMID_NM)
         fib_mip = args.fib_mip = max(0, round(math.log2(FIBSEM_NM / pyramid_nm)))
         for name, init in (("metroem", False), ("metroem+pc", True)):
-            fns[name] = {
-                ISBI_NM: baselines.metroem_method(pyramid, translation_init=init),
+            fns[name] = {  # the pyramid's own field (a default smoothing is a variant here)
+                ISBI_NM: baselines.metroem_method(pyramid, translation_init=init,
+                                                  smoothing_nm=0.0),
                 FIBSEM_NM: baselines.metroem_method(pyramid, translation_init=init,
-                                                    input_mip=fib_mip),
+                                                    input_mip=fib_mip, smoothing_nm=0.0),
             }
     return fns
 
@@ -186,9 +202,10 @@ def fibsem_pairs(blocks, gaps, per_block: int, seed: int) -> list[nb.NeighbourPa
 
 
 def isbi_benchmark_pairs(folder: str | None, seed: int) -> list[pairs.BenchmarkPair]:
-    """The held-out ISBI neighbours, each undeformed and three times deformed (``mixed48``)."""
+    """The held-out ISBI neighbours, each undeformed and three times deformed (``mixed48``),
+    and the same sections as same-section pairs (a deformed noisy copy, ``mixed48``)."""
     stack = pairs.load_stack(folder)
-    out = list(pairs.make_pairs(stack, ["mixed48"], 3, kinds=("neighbour",), draws=3,
+    out = list(pairs.make_pairs(stack, ["mixed48"], 3, kinds=("neighbour", "same"), draws=3,
                                 seed=seed))
     if sorted({p.z for p in out}) != list(ISBI_PAIRS):
         raise MetroemError(f"the ISBI folder must hold 30 sections (held out {ISBI_PAIRS})")
@@ -254,8 +271,15 @@ def score_fibsem(cache: FieldCache, method, pair: nb.NeighbourPair) -> dict:
 
 
 def score_isbi(cache: FieldCache, method, pair: pairs.BenchmarkPair) -> dict:
-    """Morph of the field on the undeformed pair and equivariance on the deformed one."""
-    row: dict = {"pair": pair.name, "z": pair.z}
+    """Morph of the field on the undeformed pair and equivariance on the deformed one; EPE on
+    a same-section pair."""
+    row: dict = {"pair": pair.name, "z": pair.z, "kind": pair.kind}
+    if pair.kind == "same":
+        field, dt, err = cache.field(method, pair.name, pair.src, pair.tgt, ISBI_NM)
+        row.update(seconds=dt, error=err, failed=field is None)
+        if field is not None:
+            row["epe"] = metrics.epe_stats(field, pair.gt[None], pairs.gt_valid_mask(pair))
+        return row
     f0, dt0, err0 = cache.field(method, f"isbi_z{pair.z}", pair.src_undeformed, pair.tgt,
                                 ISBI_NM)
     field, dt, err = cache.field(method, pair.name, pair.src, pair.tgt, ISBI_NM)
@@ -303,8 +327,12 @@ def aggregate_fibsem(rows: list[dict]) -> dict:
 
 
 def aggregate_isbi(rows: list[dict]) -> dict:
+    same = [r for r in rows if r.get("kind") == "same" and not r["failed"]]
+    rows = [r for r in rows if r.get("kind") != "same"]
     ok = [r for r in rows if not r["failed"]]
     return {
+        "same_epe_median": _med(same, "epe", "median"),
+        "same_epe_worst": max((r["epe"]["median"] for r in same), default=math.nan),
         "equivariance_median": _med(ok, "equivariance", "median"),
         "morph_median": _med(ok, "morph", "median"),
         "strain_median": _med(ok, "strain", "median"),
@@ -384,14 +412,17 @@ def markdown(result: dict) -> str:
             + ", ".join(f"{z} onto {z - 1}" for z in ISBI_PAIRS)
             + "): morph and strain of the field as above (the stack's own misalignment is "
             "small and close to affine). equiv. = median equivariance EPE (px) on the same "
-            f"sections deformed by `mixed48` ({cfg['isbi_pairs']} pairs).",
+            f"sections deformed by `mixed48` ({cfg['isbi_pairs']} pairs). same = EPE on "
+            "same-section pairs of the same sections (a `mixed48`-deformed noisy copy against "
+            "the section; median over pairs of each pair's median, and the worst pair's).",
             "",
-            "| method | equiv. | morph | strain | folds % | fail | s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| method | same | same worst | equiv. | morph | strain | folds % | fail | s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for m, t in result["isbi"].items():
             lines.append(
-                f"| {m} | {f(t['equivariance_median'])} | {f(t['morph_median'])} | "
+                f"| {m} | {f(t['same_epe_median'], 3)} | {f(t['same_epe_worst'], 3)} | "
+                f"{f(t['equivariance_median'])} | {f(t['morph_median'])} | "
                 f"{f(t['strain_median'], 3)} | {f(100 * t['fold_fraction'], 3)} | "
                 f"{t['failures']}/{t['pairs']} | {f(t['seconds_per_pair'])} |"
             )
@@ -409,7 +440,11 @@ def _describe(name: str, fib_mip: int | None) -> str:
             base += ", started from a phase-correlation translation (translation_init)"
     else:
         base = baselines.method_params(name.split(" ")[0])
-    if " reg " in name:
+    if name.endswith(" gated"):
+        base += ("; then metroem.regularize.regularized_field over "
+                 + name.split(" reg ")[1].removesuffix(" gated") + " with the match gate "
+                 f"{regularize.GATE} ({regularize.GATE_WINDOW_NM:g} nm window)")
+    elif " reg " in name:
         base += "; then metroem.regularize.smooth_field over " + name.split(" reg ")[1]
     if " gauss " in name:
         base += f"; then a Gaussian blur of sigma {FLOW_SIGMA_PX:g} px (weighted by data)"
@@ -452,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             "deformation": repr(nb.DEFORMATION),
             "deformation_strain": {"median": q._median(s["median"] for s in strain),
                                    "p95": q._median(s["p95"] for s in strain)},
-            "isbi_pairs": len(isbi_pairs),
+            "isbi_pairs": sum(p.kind == "neighbour" for p in isbi_pairs),
             "seed": args.seed,
             "total_seconds": time.perf_counter() - t_start,
         },

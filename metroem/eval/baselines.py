@@ -285,7 +285,7 @@ def metroem_method(
     from metroem.aligner import load_aligner
 
     extra: dict = {"refine": True} if refine else {}
-    if smoothing_nm:
+    if smoothing_nm is not None:  # 0: off, whatever the pyramid's default
         extra.update(smoothing_nm=smoothing_nm, resolution_nm=resolution_nm)
     if smoothing_gate is not None:
         extra["smoothing_gate"] = smoothing_gate
