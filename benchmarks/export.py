@@ -50,7 +50,7 @@ def run_pyramid(name: str, work: str) -> dict:
     export.export_pyramid(name, out)
     capture_s = time.time() - t0
     model, info = export.load_exported(out)
-    al = load_aligner(name)
+    al = load_aligner(name, smoothing_nm=0)  # the program is the pyramid's own field
     rows = []
     for h, w in SIZES:
         src, tgt = isbi_pair(h, w)

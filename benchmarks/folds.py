@@ -89,7 +89,8 @@ def bases(args) -> dict[str, dict[float, Align]]:
         out["metroem"] = {}
         for nm in (ISBI_NM, FIBSEM_NM):
             mip = max(0, round(math.log2(nm / pyramid_nm)))  # as the neighbour benchmark
-            out["metroem"][nm] = load_aligner(args.pyramid, input_mip=mip)
+            out["metroem"][nm] = load_aligner(args.pyramid, input_mip=mip,
+                                              smoothing_nm=0)  # the own field
     return out
 
 

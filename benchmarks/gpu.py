@@ -494,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {results.doc['header']['device']}", flush=True)
     paths = {name: pyramid_folder(name) for name in args.pyramids}
     config["pyramid_paths"] = {name: str(path) for name, path in paths.items()}
-    aligners = {name: load_aligner(path, device=device) for name, path in paths.items()}
+    aligners = {name: load_aligner(path, device=device, smoothing_nm=0)  # own field
+                for name, path in paths.items()}
     print("whole-image inference", flush=True)
     for name, aligner in aligners.items():
         run_inference(results, name, aligner, sizes, args, device, budget)

@@ -93,10 +93,11 @@ def _methods(args) -> dict[str, baselines.FieldFn]:
     if args.no_metroem:
         pyramid = None
     if pyramid:
-        out["metroem"] = baselines.metroem_method(pyramid, args.checkpoint)
+        out["metroem"] = baselines.metroem_method(pyramid, args.checkpoint,
+                                                  smoothing_nm=0.0)  # its own field
         if args.refine:
             out["metroem-refine"] = baselines.metroem_method(
-                pyramid, args.checkpoint, refine=True
+                pyramid, args.checkpoint, refine=True, smoothing_nm=0.0
             )
     elif args.refine:
         raise MetroemError("--refine needs a pyramid; pass --pyramid_path DIR")

@@ -91,7 +91,7 @@ def _time(fn, repeats: int) -> float:
 def _metroem(pyramid: str | None) -> tuple[PyramidAligner, str]:
     path = pyramid or (str(DEFAULT_PYRAMID) if DEFAULT_PYRAMID.is_dir() else None)
     if path:
-        return load_aligner(path), f"pyramid {path}"
+        return load_aligner(path, smoothing_nm=0), f"pyramid {path}"  # its own field
     torch.manual_seed(0)
     stages = [(m, nets.build_model(nets.default_spec())) for m in UNTRAINED_MIPS]
     return PyramidAligner(stages).eval(), "untrained default spec, MIPs 2/1/0"
@@ -256,7 +256,8 @@ def options_table(pyramid: str, options: list[Option], src, tgt, repeats: int,
     for opt in options:
         with _conv_format(opt.nchw):
             changes = opt.changes(stages)
-            fns = {px: baselines.metroem_method(pyramid, input_mip=mip, spec_changes=changes)
+            fns = {px: baselines.metroem_method(pyramid, input_mip=mip, spec_changes=changes,
+                                                smoothing_nm=0.0)
                    for px, mip in ((neighbours.ISBI_NM, 0), (neighbours.FIBSEM_NM, fib_mip))}
             sec = _time(lambda f=fns[neighbours.ISBI_NM]: baselines.align(f, src, tgt), repeats)
             quality = neighbours.summary({opt.label: fns}, **quality_args)[opt.label]

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {name} (seed {seed}): {' '.join(v['overrides'])}", flush=True)
                 pyr = stage_pyramid(work / f"{name}_seed{seed}")
                 trained = train(pyr, data, seed, v["overrides"])
-                fn = baselines.metroem_method(pyr, CHECKPOINT, input_mip=0)
+                fn = baselines.metroem_method(pyr, CHECKPOINT, input_mip=0, smoothing_nm=0.0)
                 runs.append({"variant": name, "seed": seed, "train": trained,
                              **evaluate(q, fn, eval_pairs, diffs)})
                 t = runs[-1]["overall"]

@@ -64,7 +64,7 @@ cfg = json.loads(sys.argv[5])
 torch.set_num_threads(cfg["threads"])
 tracemalloc.start()
 if cfg["pyramid"]:
-    al = load_aligner(cfg["pyramid"], input_mip=cfg["mip"])
+    al = load_aligner(cfg["pyramid"], input_mip=cfg["mip"], smoothing_nm=0)
 else:
     al = PyramidAligner([(1, ConvStage(1)), (0, ConvStage(2))]).eval()
 t0 = time.time()
