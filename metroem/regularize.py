@@ -21,17 +21,18 @@ Gaussian window of standard deviation ``sigma`` pixels, and takes the fit's valu
 * It is local (:func:`support_px`: about ``3 * sigma`` per reweighting round), so a tile
   padded by that much gives the whole-image result; it is differentiable.
 
-The window sums are taken on a grid ``sigma / 4`` times coarser (box average, Gaussian blur,
-bilinear interpolation of the fitted coefficients back to full resolution), so its cost does not
-grow with ``sigma``.
+The window sums are taken on a grid about ``sigma / 4`` times coarser (:func:`grid_factor`;
+box average, Gaussian blur, bilinear interpolation of the fitted coefficients back to full
+resolution), so its cost does not grow with ``sigma``.
 
 **Match gate** (:func:`regularized_field`, on by default wherever smoothing is set from a
 length): where the warped source matches the target as closely as a copy of the same section
 does, nothing is lost to the tissue, and smoothing would only throw away real distortion
 shorter than the length (a same-section pair, a re-imaged section). So the field is kept as
-matched where the local correlation of the warped source with the target (Gaussian window of
-:data:`GATE_WINDOW_NM`) is at or above the gate's upper end, smoothed where it is at or below
-its lower end (different tissue: neighbouring sections), and blended in between. On the
+matched where the local correlation of the warped source with the target (a square window
+whose standard deviation is :data:`GATE_WINDOW_NM`) is at or above the gate's upper end,
+smoothed where it is at or below its lower end (different tissue: neighbouring sections), and
+blended in between. On the
 benchmarks' pairs the same-section correlation is 0.95-0.98 and that of real ssTEM neighbours
 0.4-0.7 (docs/experiments.md, "Smoothing only where the tissue differs").
 """
@@ -55,6 +56,7 @@ __all__ = [
     "checked_gate_arg",
     "data_weight",
     "gate_support_px",
+    "grid_factor",
     "match_similarity",
     "regularized_field",
     "sigma_px",
@@ -68,7 +70,7 @@ SLOPE_RIDGE = 1e-9  # keeps the normal equations invertible in exact degenerate 
 # "different tissue" (smoothed), at or above GATE[1] "the same tissue" (kept as matched).
 GATE = (0.85, 0.95)
 MIN_DATA_SHARE = 0.05  # a gate window with less data than this counts as no match
-GATE_WINDOW_NM = 80.0  # Gaussian sigma of the gate's correlation window (a few membranes wide)
+GATE_WINDOW_NM = 80.0  # std of the gate's square correlation window (a few membranes wide)
 
 
 def sigma_px(length_nm: float, resolution_nm: float, mip: int = 0) -> float:
@@ -83,12 +85,18 @@ def sigma_px(length_nm: float, resolution_nm: float, mip: int = 0) -> float:
     return float(length_nm) / (float(resolution_nm) * 2 ** int(mip))
 
 
+def grid_factor(sigma: float) -> int:
+    """How much coarser the grid of the window sums is: the largest power of two at most
+    ``sigma / 4`` (a power of two, so tiles cut at the usual multiples stay on the grid)."""
+    return 1 << max(0, int(math.floor(math.log2(max(sigma, 1.0) / 4)))) if sigma >= 8 else 1
+
+
 def support_px(sigma: float, robust_iterations: int = 2) -> int:
     """How far (px) a pixel's result can reach: a tile padded by this gives the whole-image
     result. Each reweighting round reaches one window further."""
     if sigma <= 0:
         return 0
-    factor = max(1, int(sigma // 4))
+    factor = grid_factor(sigma)
     one = (max(1, math.ceil(3 * sigma / factor)) + 2) * factor
     return (1 + robust_iterations) * one
 
@@ -135,7 +143,7 @@ def _local_linear(field: Tensor, weight: Tensor, sigma: float) -> Tensor:
     coarse grid; the fitted coefficients of ``a + bx x + by y`` are interpolated back.
     """
     n, _, h, w = field.shape
-    factor = max(1, int(sigma // 4))
+    factor = grid_factor(sigma)
     hc, wc = -(-h // factor), -(-w // factor)
     pad = (0, wc * factor - w, 0, hc * factor - h)
     wt = F.pad(weight.to(field.dtype), pad)
@@ -243,30 +251,49 @@ def checked_gate_arg(text: str | None) -> str | tuple[float, float] | None:
 
 def gate_support_px(window_px: float) -> int:
     """How far (px) the gate's correlation window reaches."""
-    return int(math.ceil(3 * window_px)) + 1 if window_px > 0 else 0
+    return _box_radius(window_px) + 1 if window_px > 0 else 0
 
 
 def match_similarity(src: Tensor, tgt: Tensor, field: Tensor, window_px: float,
                      weight: Tensor | None = None) -> Tensor:
-    """``(N, 1, H, W)``: local Pearson r of ``warp(src, field)`` and ``tgt`` in a Gaussian
-    window of ``window_px`` pixels, over the pixels ``weight`` (default :func:`data_weight`)
-    marks; 0 where a window holds no data or no contrast."""
+    """``(N, 1, H, W)``: local Pearson r of ``warp(src, field)`` and ``tgt`` in a square window
+    whose standard deviation is ``window_px`` pixels (half-width about ``1.7 window_px``), over
+    the pixels ``weight`` (default :func:`data_weight`) marks; 0 where a window holds little
+    data or no contrast."""
     if not window_px > 0:
         raise MetroemError(f"the gate's window must be > 0 px, got {window_px}")
     if weight is None:
         weight = data_weight(src, tgt, field)
-    a = fields.warp_image(src.to(field.dtype), field)
-    b = tgt.to(field.dtype)
-    moments = _gaussian_blur(torch.cat([weight, a * weight, b * weight, a * a * weight,
-                                        b * b * weight, a * b * weight], 1), window_px)
-    sw = moments[:, 0:1].clamp_min(1e-6)
-    ma, mb = moments[:, 1:2] / sw, moments[:, 2:3] / sw
-    va = moments[:, 3:4] / sw - ma * ma
-    vb = moments[:, 4:5] / sw - mb * mb
-    cov = moments[:, 5:6] / sw - ma * mb
+    a = fields.warp_image(src.to(field.dtype), field).double()
+    b = tgt.double()
+    w = weight.double()
+    sums = _box_sum(torch.cat([w, a * w, b * w, a * a * w, b * b * w, a * b * w], 1),
+                    _box_radius(window_px))
+    sw = sums[:, 0:1].clamp_min(1e-6)
+    ma, mb = sums[:, 1:2] / sw, sums[:, 2:3] / sw
+    va = sums[:, 3:4] / sw - ma * ma
+    vb = sums[:, 4:5] / sw - mb * mb
+    cov = sums[:, 5:6] / sw - ma * mb
     scale = (va.clamp_min(0) * vb.clamp_min(0)).sqrt()
-    ok = (moments[:, 0:1] > MIN_DATA_SHARE) & (scale > 1e-6)
-    return torch.where(ok, cov / scale.clamp_min(1e-12), torch.zeros_like(cov)).clamp(-1, 1)
+    share = sums[:, 0:1] / (2 * _box_radius(window_px) + 1) ** 2
+    ok = (share > MIN_DATA_SHARE) & (scale > 1e-9)
+    r = torch.where(ok, cov / scale.clamp_min(1e-12), torch.zeros_like(cov)).clamp(-1, 1)
+    return r.to(field.dtype)
+
+
+def _box_radius(window_px: float) -> int:
+    """Half-width of the square window whose standard deviation is ``window_px``."""
+    return max(1, round(math.sqrt(3) * window_px - 0.5))
+
+
+def _box_sum(x: Tensor, r: int) -> Tensor:
+    """Sums over the ``(2r+1)^2`` window around each pixel, zero outside (cumulative sums in
+    float64: cost independent of ``r``, the same value for a pixel in a tile and the whole)."""
+    x = F.pad(x, (r + 1, r, r + 1, r))
+    c = x.cumsum(-1)
+    x = c[..., 2 * r + 1 :] - c[..., : -2 * r - 1]
+    c = x.cumsum(-2)
+    return c[..., 2 * r + 1 :, :] - c[..., : -2 * r - 1, :]
 
 
 def regularized_field(field: Tensor, src: Tensor, tgt: Tensor, sigma: float,

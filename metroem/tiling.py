@@ -565,7 +565,7 @@ class StageTiler:
         self.gate_window_px = float(getattr(aligner, "gate_window_px", 0.0))
         self.smoothing_pad = 0
         if self.smoothing_px > 0:
-            factor = max(1, int(self.smoothing_px // 4))  # regularize's coarse grid
+            factor = regularize.grid_factor(self.smoothing_px)  # its window sums' grid
             sp = regularize.support_px(self.smoothing_px)
             if self.smoothing_gate is not None:
                 sp += regularize.gate_support_px(self.gate_window_px)

@@ -301,4 +301,5 @@ def test_pyramid_json_sets_the_pixel_size_and_a_default_length(pyramid, tmp_path
             metroem.load_aligner(pyr, "rand")
     assert modules.pyramid_settings(pyramid) == {}
     shipped = Path(__file__).resolve().parents[1] / "models" / "isbi"
-    assert modules.pyramid_settings(shipped) == {"resolution_nm": 4.0}
+    # the shipped ISBI pyramid smooths over 640 nm by default (gated: regularize.GATE)
+    assert modules.pyramid_settings(shipped) == {"resolution_nm": 4.0, "smoothing_nm": 640.0}

@@ -68,12 +68,12 @@ def test_robust_weights_discount_a_far_match():
 
 def test_a_padded_tile_gives_the_whole_image_result():
     gen = torch.Generator().manual_seed(3)
-    sigma = 12.0  # coarse grid of 3 px: tile origins on multiples of 3
+    sigma = 12.0  # coarse grid of 2 px: tile origins on multiples of 2
     field = synth.elastic_field(1, 420, 420, std=3.0, scale=24, generator=gen)
     field = field + torch.randn(1, 2, 420, 420, generator=gen)
     whole = regularize.smooth_field(field, sigma)
     pad = regularize.support_px(sigma)
-    assert pad % 3 == 0
+    assert regularize.grid_factor(sigma) == 2 and pad % 2 == 0
     y0, x0, size = 180, 180, 60
     tile = field[..., y0 - pad : y0 + size + pad, x0 - pad : x0 + size + pad]
     part = regularize.smooth_field(tile, sigma)[..., pad : pad + size, pad : pad + size]
@@ -93,6 +93,11 @@ def test_batch_items_are_independent_and_it_is_differentiable():
     x = a.clone().requires_grad_(True)
     regularize.smooth_field(x, 8.0).pow(2).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_the_coarse_grid_is_a_power_of_two_so_usual_chunks_stay_on_it():
+    assert [regularize.grid_factor(s) for s in (2, 8, 40, 64, 160)] == [1, 2, 8, 16, 32]
+    assert 1024 % regularize.grid_factor(160.0) == 0  # 640 nm at 4 nm px, the default chunk
 
 
 def test_sigma_zero_is_the_identity_and_lengths_convert_to_pixels():
@@ -188,7 +193,7 @@ def test_a_padded_tile_gives_the_whole_image_gated_result():
     sigma, window = 12.0, 4.0
     whole = regularize.regularized_field(noisy, src, tgt, sigma, regularize.GATE, window)
     pad = regularize.support_px(sigma) + regularize.gate_support_px(window)
-    pad = -(-pad // 3) * 3  # the smoothing's coarse grid is 3 px
+    pad = -(-pad // 2) * 2  # the smoothing's coarse grid is 2 px
     y0, x0, size = pad, pad, 48
     cut = (slice(None), slice(None), slice(y0 - pad, y0 + size + pad),
            slice(x0 - pad, x0 + size + pad))
