@@ -18,7 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 import make_golden  # noqa: E402
 
-TOLERANCE_PX = 1e-5
+# Float kernels differ between CPUs (vector width, summation order): the same weights gave
+# fields 7e-5 px apart on two x86 machines. A change of weights or architecture moves them by
+# far more than this.
+TOLERANCE_PX = 1e-3
 
 
 @pytest.mark.parametrize("name", make_golden.PYRAMIDS)
@@ -41,4 +44,8 @@ def test_golden_pairs_are_regenerated_identically():
     """The stored pairs are what make_golden draws, so regenerating changes only the fields."""
     src, tgt = make_golden.golden_pairs()
     golden = np.load(make_golden.HERE / "demo.npz")
-    assert np.array_equal(src, golden["src"]) and np.array_equal(tgt, golden["tgt"])
+    # warped grey levels that land on .5 may round either way on another CPU: a few pixels
+    # by one level, never more
+    diff = np.abs(src.astype(int) - golden["src"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).sum() <= 10
+    assert np.array_equal(tgt, golden["tgt"])
