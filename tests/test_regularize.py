@@ -181,6 +181,24 @@ def test_gate_keeps_a_same_section_field_and_smooths_one_between_other_tissue():
     assert (gated - smooth)[inner].abs().max() < 1e-4
 
 
+def test_the_gate_turns_from_kept_to_smoothed_over_a_window_not_an_edge():
+    """Left half the same section, right half other tissue: the field is kept on the left and
+    smoothed on the right, and the blend weight changes by at most about 2 / window width per
+    pixel across the border (a sharp edge between kept and smoothed fields folds them)."""
+    tgt = _texture(6)
+    src = torch.where(torch.arange(192) < 96, tgt, _texture(7))
+    zero = torch.zeros(1, 2, 192, 192)
+    window = 6.0
+    keep = regularize.match_keep(src, tgt, zero, regularize.GATE, window)
+    rows = slice(30, -30)
+    assert keep[..., rows, 10:60].min() > 0.99 and keep[..., rows, 130:-10].max() < 0.01
+    width = 2 * regularize._box_radius(window) + 1
+    step = (keep[..., rows, 1:] - keep[..., rows, :-1]).abs().max()
+    assert 0 < step <= 2.2 / width
+    with pytest.raises(MetroemError, match="needs a gate"):
+        regularize.match_keep(src, tgt, zero, "off", window)
+
+
 def test_a_padded_tile_gives_the_whole_image_gated_result():
     tgt = _texture(4, 360)
     gen = torch.Generator().manual_seed(5)
