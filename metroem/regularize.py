@@ -74,6 +74,8 @@ SLOPE_RIDGE = 1e-9  # keeps the normal equations invertible in exact degenerate 
 GATE = (0.85, 0.95)
 MIN_DATA_SHARE = 0.05  # a gate window with less data than this counts as no match
 GATE_WINDOW_NM = 80.0  # std of the gate's square correlation window (a few membranes wide)
+NEAR_FOLD_DET = 0.05  # a gated field whose Jacobian determinant falls to this is smoothed there
+FOLD_PASSES = 2  # how many times that is checked and done
 
 
 def sigma_px(length_nm: float, resolution_nm: float, mip: int = 0) -> float:
@@ -253,8 +255,9 @@ def checked_gate_arg(text: str | None) -> str | tuple[float, float] | None:
 
 
 def gate_support_px(window_px: float) -> int:
-    """How far (px) the gate reaches: its correlation window, then the keep map's average."""
-    return 2 * (_box_radius(window_px) + 1) if window_px > 0 else 0
+    """How far (px) the gate reaches: its correlation window, the keep map's average, and the
+    fold check's reach and turn (:func:`regularized_field`)."""
+    return (2 + 2 * FOLD_PASSES) * (_box_radius(window_px) + 1) if window_px > 0 else 0
 
 
 def match_similarity(src: Tensor, tgt: Tensor, field: Tensor, window_px: float,
@@ -337,4 +340,17 @@ def regularized_field(field: Tensor, src: Tensor, tgt: Tensor, sigma: float,
     if gate is None:
         return smooth
     keep = match_keep(src, tgt, field, gate, window_px, weight)
+    # the kept field may fold (a pyramid's own fold), and two fold-free fields blended can
+    # fold where the blend turns (the edge of the data, a sharp change of match): near a
+    # fold the smoothed field takes over, turning over the window; twice, for the new turn
+    radius = _box_radius(window_px)
+    for _ in range(FOLD_PASSES):
+        out = smooth + keep * (field - smooth)
+        det = fields.jacobian_determinant(out)[:, None]
+        near_fold = F.pad((det <= NEAR_FOLD_DET).double(), (0, 1, 0, 1))
+        if not near_fold.any():
+            return out
+        near = (_box_sum(near_fold, radius) > 0.5).double()
+        release = _box_sum(near, radius) / (2 * radius + 1) ** 2
+        keep = keep * (1 - release).to(keep.dtype)
     return smooth + keep * (field - smooth)

@@ -247,10 +247,13 @@ def test_smoothing_nm_keeps_the_affine_part_and_drops_the_rest(pyramid):
     assert torch.allclose(out, expected, atol=1e-5)
     gated = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4)
     assert gated.smoothing_gate == regularize.GATE and gated.gate_window_px == 20.0  # 80 nm
-    loose = (-1.0, -0.5)  # every pixel matches "like the same section": the field is kept
+    loose = (-1.0, -0.5)  # every pixel matches "like the same section": kept (where it does
+    # not fold: test_regularize), as regularize.regularized_field says with that gate
     kept = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4,
-                                smoothing_gate=loose)
-    assert torch.allclose(kept(src, tgt), raw, atol=1e-5)
+                                smoothing_gate=loose)(src, tgt)
+    assert torch.allclose(kept, regularize.regularized_field(
+        raw, src.float(), tgt.float(), 16.0, loose, 20.0), atol=1e-5)
+    assert not torch.allclose(kept, out, atol=1e-2)
     assert torch.allclose(gated(src, tgt), regularize.regularized_field(
         raw, src.float(), tgt.float(), 16.0, regularize.GATE, 20.0), atol=1e-5)
     assert metrics.gradient_norm_stats(out)["p95"] < metrics.gradient_norm_stats(raw)["p95"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metroem import regularize, synth
+from metroem.eval import metrics
 from metroem.errors import MetroemError
 
 
@@ -197,6 +198,28 @@ def test_the_gate_turns_from_kept_to_smoothed_over_a_window_not_an_edge():
     assert 0 < step <= 2.2 / width
     with pytest.raises(MetroemError, match="needs a gate"):
         regularize.match_keep(src, tgt, zero, "off", window)
+
+
+def test_a_kept_field_that_would_fold_is_smoothed_there_and_kept_elsewhere():
+    """Every pixel matches (a loose gate): a fold-free field is kept exactly; a field with a
+    local fold loses it (the smoothed field takes over near it) and is kept far from it."""
+    tgt = _texture(8)
+    loose, window = (-1.0, -0.999), 3.0  # every r above -0.999 is kept
+    bend = _bend()
+    assert regularize.NEAR_FOLD_DET < 1
+    ramp = (torch.arange(192.0).clamp(max=191 - torch.arange(192.0)) / 16).clamp(max=1)
+    bend = bend * ramp[:, None] * ramp[None, :]  # 0 at the edge: it samples no pixel outside
+    reach = regularize.gate_support_px(window)
+    kept = regularize.regularized_field(bend, tgt, tgt, 32.0, loose, window)
+    assert torch.allclose(kept, bend, atol=1e-6)
+    yy, xx = torch.meshgrid(torch.arange(192.0), torch.arange(192.0), indexing="ij")
+    swirl = torch.exp(-((yy - 60) ** 2 + (xx - 60) ** 2) / (2 * 4.0**2))
+    folded = bend + 12 * torch.stack([swirl, torch.zeros_like(swirl)])[None]  # x jumps 12 px
+    assert metrics.fold_stats(folded)["count"] > 0 == metrics.fold_stats(bend)["count"]
+    fixed = regularize.regularized_field(folded, tgt, tgt, 32.0, loose, window)
+    assert metrics.fold_stats(fixed)["count"] == 0
+    far = (slice(None), slice(None), slice(60 + 12 + reach, -reach), slice(reach, -reach))
+    assert torch.allclose(fixed[far], folded[far], atol=1e-6)
 
 
 def test_a_padded_tile_gives_the_whole_image_gated_result():
