@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from metroem import regularize, synth
-from metroem.eval import metrics
 from metroem.errors import MetroemError
+from metroem.eval import metrics
 
 
 @pytest.fixture(autouse=True)
