@@ -764,7 +764,8 @@ def tiled_field(
         smooth.write(c.y0, c.x0, tiler.smooth_chunk(c, raw.read, src, tgt))
 
     ran = run("smooth", tiler.output_chunks(), regular,
-              f"smoothing ({tiler.smoothing_px:g} px)")
+              f"smoothing ({tiler.smoothing_px:g} px"
+              f"{', gated' if tiler.smoothing_gate is not None else ''})")
     return smooth, ran
 
 
