@@ -35,9 +35,9 @@ smoothed where it is at or below its lower end (different tissue: neighbouring s
 blended in between; that blend weight is averaged over the same window and squared, so the
 field turns from kept to smoothed gradually and a window that only partly matches leans to
 the smoothed field; wherever the blend still comes near a fold (the pyramid's own, or where
-the blend turns), the smoothed field takes over around it. On the benchmarks' pairs the same-section
-correlation is 0.95-0.98 and that of real ssTEM neighbours 0.4-0.7 (docs/experiments.md,
-"Smoothing only where the tissue differs").
+the blend turns), the smoothed field takes over around it. On the benchmarks' pairs the
+same-section correlation is 0.95-0.98 and that of real ssTEM neighbours 0.4-0.7
+(docs/experiments.md, "Smoothing only where the tissue differs").
 """
 
 from __future__ import annotations
