@@ -124,17 +124,18 @@ def demo_pair(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 def test_stagewise_tiling_of_the_trained_demo_pyramid_equals_whole_image():
     """The shipped trained pyramid (MIP 3, 2, 1) at input MIP 1, default per-stage pads.
 
-    2560 x 640 px: tall enough that every stage's windows are cut (chunk 128 + pad 480 < 640
-    rows at MIP 3), wide enough for cuts along x at MIP 1, small enough for ~30 s on 1 thread.
+    3072 x 768 px: tall enough that every stage's windows are cut (chunk 128 + pad 512 < 768
+    rows at MIP 3), wide enough for cuts along x at MIP 1 (128 + 576 < 768), small enough for
+    ~40 s on 1 thread. The pads grow with each stage's residual blur (8 / 16 / 32 px).
     """
     al = metroem.load_aligner(DEMO, input_mip=1)
-    h, w = 2560, 640
+    h, w = 3072, 768
     a, b = demo_pair(h, w)
     with torch.no_grad():
         whole = al(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None])
     assert whole.abs().max() > 3  # the pyramid finds the shift
     tiler = tiling.StageTiler(al, h, w, chunk=128)
-    assert [p.pad for p in tiler.plans] == [480, 480, 480]
+    assert [p.pad for p in tiler.plans] == [512, 528, 576]
     for p in tiler.coarse:  # every coarse stage has windows that end inside the image
         assert p.height > p.chunk + p.pad
     assert w > tiler.plans[-1].chunk + tiler.plans[-1].pad
