@@ -203,6 +203,46 @@ def test_module_folder_is_a_corgie_processor(pyramid, monkeypatch, tmp_path):
     assert isinstance(none_agg, DisplacementField)
 
 
+def test_corgie_processor_smooths_like_metroem_align_when_asked(pyramid, caplog):
+    """Processor params smoothing_nm + pixel_nm regularise the stage's field exactly as
+    metroem's aligner does (gated by default, "off" smooths everywhere); without them the
+    field is raw; missing or wrong params are one-line errors, unknown ones a warning."""
+    pytest.importorskip("torchfields")
+    from metroem import corgie, regularize
+    from metroem.errors import MetroemError
+
+    folder = modules.discover(pyramid)[1].path
+    plain = modules.load_module(folder, "rand")
+    src, tgt = isbi_pair(96)
+    with torch.no_grad():
+        raw = plain(src, tgt)
+    sigma, window = 64 / 4, regularize.GATE_WINDOW_NM / 4
+    for gate in (None, "off", "0.5,0.9"):
+        proc = corgie.create(folder, "rand", smoothing_nm=64, pixel_nm=4, smoothing_gate=gate)
+        out = corgie_call(proc, src, tgt).as_subclass(torch.Tensor)
+        want_gate = regularize.check_gate(regularize.GATE if gate is None else gate)
+        expected = regularize.regularized_field(raw, src.float(), tgt.float(), sigma, want_gate,
+                                                window)
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert (out - raw).abs().max() > 0.01  # the smoothing changed the field
+    raw_proc = corgie.create(folder, "rand", val=1, scale=2.0)  # corgie's own params: silent
+    assert torch.equal(corgie_call(raw_proc, src, tgt).as_subclass(torch.Tensor), raw)
+    with pytest.raises(MetroemError, match="needs pixel_nm"):
+        corgie.create(folder, "rand", smoothing_nm=640)
+    with pytest.raises(MetroemError, match="pixel_nm must be a size in nm"):
+        corgie.create(folder, "rand", smoothing_nm=640, pixel_nm="eight")
+    with pytest.raises(MetroemError, match="smoothing gate must be two correlations"):
+        corgie.create(folder, "rand", smoothing_nm=640, pixel_nm=8, smoothing_gate="high")
+    with pytest.raises(MetroemError, match="output=tensor use metroem.load_aligner"):
+        corgie.create(folder, "rand", output="tensor", smoothing_nm=640, pixel_nm=8)
+    with caplog.at_level("WARNING", logger="metroem.corgie"):
+        corgie.create(folder, "rand", smoothing_mn=640)
+    assert "smoothing_mn" in caplog.text
+    assert corgie.smoothing_pad_px(0, 8) == 0
+    gated, plain_pad = corgie.smoothing_pad_px(640, 8), corgie.smoothing_pad_px(640, 8, False)
+    assert gated > plain_pad >= 3 * 80 and corgie.smoothing_pad_px(1280, 8) > gated
+
+
 def test_plain_output_stays_a_tensor(pyramid):
     folder = modules.discover(pyramid)[0].path
     model = modules.load_module(folder, "rand")

@@ -57,12 +57,15 @@ def stack(tmp_path_factory):
     return root, raw_path, true_path
 
 
-def processor_args() -> list[str]:
+def processor_args(last: dict | None = None) -> list[str]:
     """One ``--processor_spec`` per module of models/demo, coarse to fine, with no params but
-    the folder, and ``--processor_mip`` = the module's IN_MIP (``<STAGE>_mip<IN_MIP>in_*``)."""
+    the folder (and ``last`` on the finest), and ``--processor_mip`` = the module's IN_MIP
+    (``<STAGE>_mip<IN_MIP>in_*``)."""
     out = []
-    for m in modules.discover(REPO / "models" / "demo"):
-        spec = {"ApplyModel": {"params": {"path": str(m.path)}}}
+    mods = modules.discover(REPO / "models" / "demo")
+    for m in mods:
+        params = {"path": str(m.path), **(last or {} if m is mods[-1] else {})}
+        spec = {"ApplyModel": {"params": params}}
         out += ["--processor_spec", json.dumps(spec), "--processor_mip", str(m.mip)]
     assert [int(a) for a in out[3::4]] == [3, 2, 1]
     return out
@@ -128,20 +131,52 @@ def test_align_block_with_module_folders(stack):
         assert step_aligned < 0.7 * step_raw, (z, step_aligned.item(), step_raw.item())
 
 
-def test_compute_field_with_module_folders(stack):
+def compute_field(stack, name: str, pad: int, last: dict | None = None) -> torch.Tensor:
     """``corgie compute-field`` of raw z onto raw z+1 (its default ``--tgt_z_offset``; corgie
     0.1.1 types that option as a string, so any explicit value crashes in its own arithmetic)."""
     root, raw_path, _ = stack
-    dst = f"file://{root}/cf_field"
+    dst = f"file://{root}/{name}"
     run_corgie(
         root, "compute-field",
         "--src_layer_spec", json.dumps({"path": raw_path}),
         "--dst_layer_spec", json.dumps({"path": dst, "type": "field"}),
         "--start_coord", "0, 0, 0", "--end_coord", f"{SIZE}, {SIZE}, 2",
-        "--chunk_xy", "128", "--pad", "64",
-        *processor_args(),
+        "--chunk_xy", "128", "--pad", str(pad),
+        *processor_args(last),
     )
-    field = volumes.read(dst, MIP, 0, 0, 0, SIZE >> MIP, nz=2)
+    return volumes.read(dst, MIP, 0, 0, 0, SIZE >> MIP, nz=2)
+
+
+@pytest.fixture(scope="module")
+def raw_field(stack) -> torch.Tensor:
+    return compute_field(stack, "cf_field", 64)
+
+
+def test_compute_field_with_module_folders(raw_field):
     for z in (0, 1):
-        got, want = median_field(field[z]), expected(z, z + 1)
+        got, want = median_field(raw_field[z]), expected(z, z + 1)
         assert (got - want).abs().max() < TOL, (z, got.tolist(), want.tolist())
+
+
+def curvature(field: torch.Tensor) -> float:
+    """Median |second difference| of the field over the inner pixels (px per px^2): what a
+    local affine fit removes and a shift or a gentle stretch does not have."""
+    inner = field[:, :, INNER, INNER]
+    both = (inner.diff(n=2, dim=-1).abs().flatten(), inner.diff(n=2, dim=-2).abs().flatten())
+    return float(torch.cat(both).median())
+
+
+def test_compute_field_with_smoothing_on_the_last_processor(stack, raw_field):
+    """Processor params ``smoothing_nm`` / ``pixel_nm`` reach metroem through corgie, modelhouse
+    and the folder's create.py: the field keeps the shifts and loses its fine part."""
+    from metroem.corgie import smoothing_pad_px
+
+    pad = smoothing_pad_px(160, 8, gated=False) + 64
+    smoothed = compute_field(stack, "cf_smoothed", pad,
+                             {"smoothing_nm": 160, "pixel_nm": 8, "smoothing_gate": "off"})
+    for z in (0, 1):
+        got, want = median_field(smoothed[z]), expected(z, z + 1)
+        assert (got - want).abs().max() < TOL, (z, got.tolist(), want.tolist())
+    assert (smoothed - raw_field)[..., INNER, INNER].abs().max() > 0.05  # it did something
+    assert curvature(smoothed) < 0.5 * curvature(raw_field), (curvature(smoothed),
+                                                              curvature(raw_field))
