@@ -27,6 +27,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
+# the shared data beside the checkout, unless $METROEM_SHARED_DATA names another folder
+os.environ.setdefault("METROEM_SHARED_DATA",
+                      os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data"))
 SIZES = [(512, 512), (384, 352), (250, 300), (150, 201), (97, 131), (40, 56)]
 
 

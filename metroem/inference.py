@@ -49,6 +49,7 @@ from metroem import (
     detrend,
     fields,
     images,
+    modules,
     pretrained,
     regularize,
     stack,
@@ -113,6 +114,63 @@ def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_op
                             refine_options, smoothing_nm=smoothing_nm,
                             resolution_nm=resolution_nm, translation_init=translation_init,
                             smoothing_gate=smoothing_gate)
+
+
+def layer_resolution_nm(info: volumes.VolumeInfo) -> float:
+    """The size in nm of a MIP 0 pixel of a layer (from its finest stored MIP)."""
+    return info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
+
+
+def mip_offset(pyramid, layer_nm: float) -> int:
+    """How many MIPs a layer's pixels are coarser than the pyramid's: layer MIP k is the
+    pyramid's MIP k + offset, the nearest power of two between the layer's MIP 0 pixel size and
+    the pyramid's (``pyramid.json`` ``resolution_nm``). 0 when the pyramid does not say (or is
+    an aligner object): then layer MIPs are the pyramid's."""
+    if isinstance(pyramid, PyramidAligner):
+        return 0
+    pyramid_nm = modules.pyramid_settings(pretrained.resolve(pyramid)).get("resolution_nm")
+    if not pyramid_nm or not layer_nm > 0:
+        return 0
+    return round(math.log2(layer_nm / pyramid_nm))
+
+
+def volume_aligner(pyramid, info: volumes.VolumeInfo, mip: int | None, checkpoint_name,
+                   stages, device, refine=False, refine_options=None, smoothing_nm=None,
+                   translation_init=False, smoothing_gate=None) -> tuple[PyramidAligner, int]:
+    """The aligner for a CloudVolume layer and the layer MIP it reads (``mip``, or by default
+    the one matching the pyramid's finest stage).
+
+    A pyramid that knows its pixel size (``pyramid.json``) runs on a layer of another pixel
+    size at the matching MIP: a 10 nm layer's MIP 0 is MIP 1 (8 nm) of a 4 nm pyramid
+    (:func:`mip_offset`), run by the stages at that MIP or coarser unless ``stages`` names
+    them; every length (``smoothing_nm``) uses the layer's own pixel size."""
+    layer_nm = layer_resolution_nm(info)
+    offset = mip_offset(pyramid, layer_nm)
+    if mip is not None:
+        pyramid_mip = mip + offset
+        if pyramid_mip < 0:
+            raise MetroemError(
+                f"MIP {mip} of this layer has {layer_nm * 2 ** mip:g} nm pixels, finer than the "
+                f"pyramid's MIP 0; pass --mip {-offset} or coarser")
+    elif offset:
+        mods = modules.discover(pretrained.resolve(pyramid))
+        finest = min(m.mip for m in mods if stages is None or m.stage in stages)
+        pyramid_mip = max(finest, offset)  # the layer's MIP 0 at the finest
+    else:
+        pyramid_mip = None
+    if offset and stages is None:  # stages finer than the layer's pixels would see upsampled
+        # images (and tiles cannot run them): they are left out
+        mods = modules.discover(pretrained.resolve(pyramid))
+        stages = [m.stage for m in mods if m.mip >= pyramid_mip] or None
+    aligner = _as_aligner(pyramid, checkpoint_name, stages, device, pyramid_mip, refine,
+                          refine_options, smoothing_nm, layer_nm / 2**offset, translation_init,
+                          smoothing_gate)
+    layer_mip = aligner.input_mip - offset
+    if offset:
+        log.info("layer MIP %d (%g nm pixels) runs as the pyramid's MIP %d (%g nm)", layer_mip,
+                 layer_nm * 2**layer_mip, aligner.input_mip,
+                 layer_nm / 2**offset * 2**aligner.input_mip)
+    return aligner, layer_mip
 
 
 def _gate_arg(gate):
@@ -600,10 +658,9 @@ def align_volume(
     pairs = _z_ranges(info, volumes.volume_info(tgt_path), z_start, z_end, tgt_z, same_layer,
                       stack_mode)
     devices = parse_devices(device)
-    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
-                          refine_options, smoothing_nm, info.resolution[min(info.mips)][0]
-                          / 2 ** min(info.mips), translation_init, smoothing_gate)
-    mip = aligner.input_mip
+    aligner, mip = volume_aligner(pyramid, info, mip, checkpoint_name, stages, devices[0],
+                                  refine, refine_options, smoothing_nm, translation_init,
+                                  smoothing_gate)
     if stack_mode and not getattr(aligner, "smoothing_px", 0.0) and z_end - z_start > 1:
         log.warning("aligning a stack without --smoothing_nm: an unsmoothed field bends each "
                     "section's tissue onto the one before, and over many sections the stack "
@@ -1110,7 +1167,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and tiling")
     cliargs.add_checkpoint(m)
     m.add_argument("--stages", type=int, nargs="+", help="stage numbers to run (default: all)")
-    m.add_argument("--mip", type=int, help="MIP of the images (default: finest stage's MIP)")
+    m.add_argument("--mip", type=int,
+                   help="MIP of the images or of the layer (default: the finest stage's; a "
+                   "layer of another pixel size than the pyramid's runs at the pyramid's MIP of "
+                   "its pixel size)")
     m.add_argument("--chunk", type=int, default=1024, help="chunk side in pixels (default 1024)")
     m.add_argument("--pad", type=int, default=None,
                    help="context per side in pixels of each stage's MIP (default: per stage, "

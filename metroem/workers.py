@@ -116,16 +116,14 @@ class _Context:
         info = volumes.volume_info(job.src_path)
         self.info = info
         self.devices = parse_devices(job.device)
-        res = info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
         a = dict(job.aligner)
         if "finetune" in a:  # a job enqueued before refinement got its name
             raise MetroemError(f"the stack job in {job.folder} was enqueued by an older metroem "
                                "(aligner option finetune, now refine); enqueue it again")
-        self.aligner = inference._as_aligner(
-            job.pyramid, a.get("checkpoint_name"), a.get("stages"), self.devices[0],
-            a.get("mip"), a.get("refine", False), a.get("refine_options"),
-            a.get("smoothing_nm"), res, False, a.get("smoothing_gate"))
-        self.mip = self.aligner.input_mip
+        self.aligner, self.mip = inference.volume_aligner(
+            job.pyramid, info, a.get("mip"), a.get("checkpoint_name"), a.get("stages"),
+            self.devices[0], a.get("refine", False), a.get("refine_options"),
+            a.get("smoothing_nm"), False, a.get("smoothing_gate"))
         h, w = info.size[self.mip][1], info.size[self.mip][0]
         self.tiler = tiling.StageTiler(self.aligner, h, w, job.chunk, job.pad)
         self.out = inference._VolumeWriter(info, self.mip, max(info.mips), job.field_path,

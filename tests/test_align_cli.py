@@ -265,6 +265,45 @@ def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
                         "4"])
 
 
+def test_a_layer_of_another_pixel_size_runs_at_the_pyramids_matching_mip(pyramid, tmp_path):
+    """A pyramid that knows its pixel size (pyramid.json) aligns a layer with pixels twice as
+    large as its own MIP 0 at its MIP 1 with its stages at MIP 1 and coarser, as
+    load_aligner(stages, input_mip=1) on the same images; a layer finer than the pyramid
+    starts at its MIP 1 and refuses --mip 0 in one line."""
+    import shutil
+
+    src = make_volume(tmp_path / "img", size=128)
+    res = volumes.volume_info(src).resolution[0][0]
+    pyr = tmp_path / "pyr"
+    shutil.copytree(pyramid, pyr)
+    (pyr / "pyramid.json").write_text(f'{{"resolution_nm": {res / 2}}}')
+    assert inference.mip_offset(str(pyr), res) == 1 and inference.mip_offset(str(pyr), res / 2) == 0
+    assert inference.mip_offset(str(pyramid), res) == 0  # no pyramid.json: the layer's MIPs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        al = load_aligner(pyr, stages=[0], input_mip=1)  # the tiny pyramid: MIP 1, 0
+    expected = tiling.align_tiled(al, section(5, 128), section(4, 128), 64)
+    for extra in ([], ["--mip", "0"]):
+        fpath = str(tmp_path / f"field{len(extra)}")
+        assert inference.main(["--pyramid_path", str(pyr), "--src_path", src, "--z_start", "1",
+                               "--z_end", "2", "--field_path", fpath, "--chunk", "64",
+                               "--no_progress", "--pairwise", *extra]) == 0
+        got = volumes.read(fpath, 0, 64, 32, 1, 128)
+        assert torch.allclose(got, expected, atol=1e-4)
+        assert (got - expected_field(pyramid, section(5, 128), section(4, 128))).abs().max() > 0.01
+    (pyr / "pyramid.json").write_text(f'{{"resolution_nm": {res * 2}}}')  # a finer layer
+    fpath = str(tmp_path / "fine")
+    assert inference.main(["--pyramid_path", str(pyr), "--src_path", src, "--z_start", "1",
+                           "--z_end", "2", "--field_path", fpath, "--chunk", "64",
+                           "--no_progress", "--pairwise"]) == 0
+    assert volumes.read(fpath, 1, 32, 16, 1, 64).abs().max() > 0  # written from MIP 1 up
+    assert not volumes.read(fpath, 0, 64, 32, 1, 128).abs().max() > 0
+    with pytest.raises(MetroemError, match="finer than the pyramid's MIP 0; pass --mip 1"):
+        inference.align_volume(str(pyr), src, 1, 2, str(tmp_path / "f3"), mip=0,
+                               pairwise=True, chunk=64, progress=False)
+    assert not os.path.exists(tmp_path / "f3")
+
+
 def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_path, capsys):
     """The default for a z range: section z_start-1 is the fixed reference (copied), each
     section is aligned onto the aligned sections before it, tile by tile, and the result equals
