@@ -121,15 +121,20 @@ def layer_resolution_nm(info: volumes.VolumeInfo) -> float:
     return info.resolution[min(info.mips)][0] / 2 ** min(info.mips)
 
 
+def _pyramid_nm(pyramid) -> float | None:
+    """The pyramid's MIP 0 pixel size (``pyramid.json``), None when it does not say."""
+    if isinstance(pyramid, PyramidAligner):
+        return None
+    return modules.pyramid_settings(pyramid).get("resolution_nm") or None
+
+
 def mip_offset(pyramid, layer_nm: float) -> int:
     """How many MIPs a layer's pixels are coarser than the pyramid's: layer MIP k is the
     pyramid's MIP k + offset, the nearest power of two between the layer's MIP 0 pixel size and
-    the pyramid's (``pyramid.json`` ``resolution_nm``). 0 when the pyramid does not say (or is
-    an aligner object): then layer MIPs are the pyramid's."""
-    if isinstance(pyramid, PyramidAligner):
-        return 0
-    pyramid_nm = modules.pyramid_settings(pretrained.resolve(pyramid)).get("resolution_nm")
-    if not pyramid_nm or not layer_nm > 0:
+    the pyramid's (``pyramid.json`` ``resolution_nm``; ``pyramid`` a folder). 0 when the
+    pyramid does not say (or is an aligner object): then layer MIPs are the pyramid's."""
+    pyramid_nm = _pyramid_nm(pyramid)
+    if pyramid_nm is None or not layer_nm > 0:
         return 0
     return round(math.log2(layer_nm / pyramid_nm))
 
@@ -144,6 +149,8 @@ def volume_aligner(pyramid, info: volumes.VolumeInfo, mip: int | None, checkpoin
     size at the matching MIP: a 10 nm layer's MIP 0 is MIP 1 (8 nm) of a 4 nm pyramid
     (:func:`mip_offset`), run by the stages at that MIP or coarser unless ``stages`` names
     them; every length (``smoothing_nm``) uses the layer's own pixel size."""
+    if not isinstance(pyramid, PyramidAligner):
+        pyramid = pretrained.resolve(pyramid)  # once: a shipped pyramid's name, or a folder
     layer_nm = layer_resolution_nm(info)
     offset = mip_offset(pyramid, layer_nm)
     if mip is not None:
@@ -153,23 +160,22 @@ def volume_aligner(pyramid, info: volumes.VolumeInfo, mip: int | None, checkpoin
                 f"MIP {mip} of this layer has {layer_nm * 2 ** mip:g} nm pixels, finer than the "
                 f"pyramid's MIP 0; pass --mip {-offset} or coarser")
     elif offset:
-        mods = modules.discover(pretrained.resolve(pyramid))
+        mods = modules.discover(pyramid)
         finest = min(m.mip for m in mods if stages is None or m.stage in stages)
         pyramid_mip = max(finest, offset)  # the layer's MIP 0 at the finest
     else:
         pyramid_mip = None
     if offset and stages is None:  # stages finer than the layer's pixels would see upsampled
         # images (and tiles cannot run them): they are left out
-        mods = modules.discover(pretrained.resolve(pyramid))
-        stages = [m.stage for m in mods if m.mip >= pyramid_mip] or None
+        stages = [m.stage for m in modules.discover(pyramid) if m.mip >= pyramid_mip] or None
     aligner = _as_aligner(pyramid, checkpoint_name, stages, device, pyramid_mip, refine,
                           refine_options, smoothing_nm, layer_nm / 2**offset, translation_init,
                           smoothing_gate)
     layer_mip = aligner.input_mip - offset
     if offset:
-        log.info("layer MIP %d (%g nm pixels) runs as the pyramid's MIP %d (%g nm)", layer_mip,
-                 layer_nm * 2**layer_mip, aligner.input_mip,
-                 layer_nm / 2**offset * 2**aligner.input_mip)
+        log.info("layer MIP %d (%g nm pixels) runs as the pyramid's MIP %d (%g nm pixels)",
+                 layer_mip, layer_nm * 2**layer_mip, aligner.input_mip,
+                 _pyramid_nm(pyramid) * 2**aligner.input_mip)
     return aligner, layer_mip
 
 
