@@ -139,44 +139,63 @@ def mip_offset(pyramid, layer_nm: float) -> int:
     return round(math.log2(layer_nm / pyramid_nm))
 
 
-def volume_aligner(pyramid, info: volumes.VolumeInfo, mip: int | None, checkpoint_name,
-                   stages, device, refine=False, refine_options=None, smoothing_nm=None,
-                   translation_init=False, smoothing_gate=None) -> tuple[PyramidAligner, int]:
-    """The aligner for a CloudVolume layer and the layer MIP it reads (``mip``, or by default
-    the one matching the pyramid's finest stage).
-
-    A pyramid that knows its pixel size (``pyramid.json``) runs on a layer of another pixel
-    size at the matching MIP: a 10 nm layer's MIP 0 is MIP 1 (8 nm) of a 4 nm pyramid
-    (:func:`mip_offset`), run by the stages at that MIP or coarser unless ``stages`` names
-    them; every length (``smoothing_nm``) uses the layer's own pixel size."""
-    if not isinstance(pyramid, PyramidAligner):
-        pyramid = pretrained.resolve(pyramid)  # once: a shipped pyramid's name, or a folder
-    layer_nm = layer_resolution_nm(info)
-    offset = mip_offset(pyramid, layer_nm)
+def pyramid_input(pyramid, data_nm: float | None, mip: int | None,
+                  stages: list[int] | None) -> tuple[int | None, list[int] | None, int]:
+    """``(pyramid MIP, stages, offset)`` for images at MIP ``mip`` (None: the default) of data
+    whose MIP 0 pixels are ``data_nm`` (None: the pyramid's): see :func:`data_aligner`. The
+    pyramid MIP is None for the aligner's default, the stages None for all of them."""
+    offset = 0 if data_nm is None else mip_offset(pyramid, data_nm)
     if mip is not None:
         pyramid_mip = mip + offset
         if pyramid_mip < 0:
             raise MetroemError(
-                f"MIP {mip} of this layer has {layer_nm * 2 ** mip:g} nm pixels, finer than the "
-                f"pyramid's MIP 0; pass --mip {-offset} or coarser")
+                f"MIP {mip} of these images has {data_nm * 2 ** mip:g} nm pixels, finer than "
+                f"the pyramid's MIP 0; pass --mip {-offset} or coarser")
     elif offset:
         mods = modules.discover(pyramid)
         finest = min(m.mip for m in mods if stages is None or m.stage in stages)
-        pyramid_mip = max(finest, offset)  # the layer's MIP 0 at the finest
+        pyramid_mip = max(finest, offset)  # the data's MIP 0 at the finest
     else:
         pyramid_mip = None
-    if offset and stages is None:  # stages finer than the layer's pixels would see upsampled
+    if offset and stages is None:  # stages finer than the data's pixels would see upsampled
         # images (and tiles cannot run them): they are left out
         stages = [m.stage for m in modules.discover(pyramid) if m.mip >= pyramid_mip] or None
+    return pyramid_mip, stages, offset
+
+
+def volume_aligner(pyramid, info: volumes.VolumeInfo, mip: int | None, checkpoint_name,
+                   stages, device, refine=False, refine_options=None, smoothing_nm=None,
+                   translation_init=False, smoothing_gate=None) -> tuple[PyramidAligner, int]:
+    """The aligner for a CloudVolume layer and the layer MIP it reads: :func:`data_aligner`
+    with the layer's own MIP 0 pixel size."""
+    return data_aligner(pyramid, layer_resolution_nm(info), mip, checkpoint_name, stages, device,
+                        refine, refine_options, smoothing_nm, translation_init, smoothing_gate)
+
+
+def data_aligner(pyramid, data_nm: float | None, mip: int | None, checkpoint_name, stages,
+                 device, refine=False, refine_options=None, smoothing_nm=None,
+                 translation_init=False, smoothing_gate=None) -> tuple[PyramidAligner, int]:
+    """The aligner for images at MIP ``mip`` of data whose MIP 0 pixels are ``data_nm``, and
+    that MIP (by default the one matching the pyramid's finest stage).
+
+    A pyramid that knows its pixel size (``pyramid.json``) runs on data of another pixel size
+    at the matching MIP: a 10 nm layer's MIP 0 is MIP 1 (8 nm) of a 4 nm pyramid
+    (:func:`mip_offset`), run by the stages at that MIP or coarser unless ``stages`` names
+    them; every length (``smoothing_nm``) uses the data's own pixel size. Without ``data_nm``
+    (image files without ``--resolution_nm``) the data's MIPs are the pyramid's."""
+    if not isinstance(pyramid, PyramidAligner):
+        pyramid = pretrained.resolve(pyramid)  # once: a shipped pyramid's name, or a folder
+    pyramid_mip, stages, offset = pyramid_input(pyramid, data_nm, mip, stages)
     aligner = _as_aligner(pyramid, checkpoint_name, stages, device, pyramid_mip, refine,
-                          refine_options, smoothing_nm, layer_nm / 2**offset, translation_init,
+                          refine_options, smoothing_nm,
+                          None if data_nm is None else data_nm / 2**offset, translation_init,
                           smoothing_gate)
-    layer_mip = aligner.input_mip - offset
+    data_mip = aligner.input_mip - offset
     if offset:
-        log.info("layer MIP %d (%g nm pixels) runs as the pyramid's MIP %d (%g nm pixels)",
-                 layer_mip, layer_nm * 2**layer_mip, aligner.input_mip,
+        log.info("MIP %d of the images (%g nm pixels) runs as the pyramid's MIP %d (%g nm "
+                 "pixels)", data_mip, data_nm * 2**data_mip, aligner.input_mip,
                  _pyramid_nm(pyramid) * 2**aligner.input_mip)
-    return aligner, layer_mip
+    return aligner, data_mip
 
 
 def _gate_arg(gate):
@@ -408,9 +427,9 @@ def align_files(
     s = _masked_file(s, src, src_mask, mask_threshold)
     t = _masked_file(t, tgt, tgt_mask, mask_threshold)
     devices = parse_devices(device)
-    aligner = _as_aligner(pyramid, checkpoint_name, stages, devices[0], mip, refine,
-                          refine_options, smoothing_nm, resolution_nm, translation_init,
-                          smoothing_gate)
+    aligner, _ = data_aligner(pyramid, resolution_nm, mip, checkpoint_name, stages, devices[0],
+                              refine, refine_options, smoothing_nm, translation_init,
+                              smoothing_gate)
     h, w = s.shape
     tiler = tiling.StageTiler(aligner, h, w, chunk, pad)
     os.makedirs(work, exist_ok=True)
@@ -1194,8 +1213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "HIGH), smooth it where it shows other tissue (r <= LOW) (default: the "
                    f"pyramid's pyramid.json, else {_GATE}; off = smooth everywhere)")
     m.add_argument("--resolution_nm", type=float, default=None,
-                   help="nm per MIP0 pixel of image files, for --smoothing_nm (default: the "
-                   "pyramid's pyramid.json; volumes: read from the layer)")
+                   help="nm per MIP0 pixel of image files (default: the pyramid's "
+                   "pyramid.json; volumes: read from the layer): sets the smoothing's pixels "
+                   "and the pyramid MIP the images run at")
     m.add_argument("--translation_init", action="store_true",
                    help="start from one global translation found by phase correlation (drift "
                    "larger than the coarse stage's search window)")

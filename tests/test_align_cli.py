@@ -291,6 +291,14 @@ def test_a_layer_of_another_pixel_size_runs_at_the_pyramids_matching_mip(pyramid
         got = volumes.read(fpath, 0, 64, 32, 1, 128)
         assert torch.allclose(got, expected, atol=1e-4)
         assert (got - expected_field(pyramid, section(5, 128), section(4, 128))).abs().max() > 0.01
+    for i, name in enumerate(("a.npy", "b.npy")):  # image files with their pixel size: the same
+        np.save(tmp_path / name, section(5 - i, 128))
+    assert inference.main(["--pyramid_path", str(pyr), "--src", str(tmp_path / "a.npy"),
+                           "--tgt", str(tmp_path / "b.npy"), "--field_out",
+                           str(tmp_path / "ab.npy"), "--chunk", "64", "--resolution_nm", str(res),
+                           "--no_progress"]) == 0
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "ab.npy"))[None], expected,
+                          atol=1e-4)
     (pyr / "pyramid.json").write_text(f'{{"resolution_nm": {res * 2}}}')  # a finer layer
     fpath = str(tmp_path / "fine")
     assert inference.main(["--pyramid_path", str(pyr), "--src_path", src, "--z_start", "1",

@@ -270,6 +270,7 @@ def metroem_method(
     translation_init: bool = False,
     spec_changes=None,
     smoothing_gate=None,
+    stages: list[int] | None = None,
 ) -> FieldFn:
     """A trained metroem pyramid as a baseline-style method (raw images in, field out).
 
@@ -280,7 +281,7 @@ def metroem_method(
     refinement (:mod:`metroem.refine`; an error if this metroem's aligner has none).
     ``smoothing_nm`` / ``resolution_nm`` / ``smoothing_gate`` regularise the field and
     ``translation_init`` starts it from a phase correlation, and ``spec_changes`` overrides
-    parameter-free spec keys (:func:`metroem.aligner.load_aligner`).
+    parameter-free spec keys (:func:`metroem.aligner.load_aligner`); ``stages`` picks stages.
     """
     from metroem.aligner import load_aligner
 
@@ -295,7 +296,7 @@ def metroem_method(
         extra["spec_changes"] = spec_changes
     try:
         aligner = load_aligner(
-            pyramid_path, checkpoint_name=checkpoint_name, device=device,
+            pyramid_path, checkpoint_name=checkpoint_name, stages=stages, device=device,
             input_mip=input_mip, **extra
         )
     except TypeError as e:

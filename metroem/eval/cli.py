@@ -131,16 +131,22 @@ def _aligner(args):
     if args.pyramid_path and args.method:
         raise MetroemError("give --pyramid_path or --method, not both")
     if args.pyramid_path:
-        from metroem import pretrained
+        from metroem import inference, pretrained
 
-        if not pretrained.resolve(args.pyramid_path).is_dir():
+        pyramid = pretrained.resolve(args.pyramid_path)
+        if not pyramid.is_dir():
             raise MetroemError(f"pyramid {args.pyramid_path} is not a folder; pass a trained "
                                "pyramid or a shipped pyramid's name")
-        return baselines.metroem_method(args.pyramid_path, args.checkpoint_name,
+        # image files of another pixel size run at the pyramid's MIP of theirs (metroem align)
+        mip, stages, offset = inference.pyramid_input(pyramid, args.resolution_nm, args.mip,
+                                                      None)
+        return baselines.metroem_method(str(pyramid), args.checkpoint_name,
                                         device=str(parse_device(args.device)),
-                                        input_mip=args.mip,
+                                        input_mip=args.mip if mip is None else mip,
+                                        stages=stages,
                                         smoothing_nm=args.smoothing_nm,
-                                        resolution_nm=args.resolution_nm,
+                                        resolution_nm=None if args.resolution_nm is None
+                                        else args.resolution_nm / 2**offset,
                                         smoothing_gate=regularize.checked_gate_arg(
                                             args.smoothing_gate))
     if args.smoothing_nm or args.smoothing_gate:
