@@ -53,7 +53,7 @@ def run_pyramid(name: str, work: str) -> dict:
     export.export_pyramid(name, out)
     capture_s = time.time() - t0
     model, info = export.load_exported(out)
-    al = load_aligner(name, smoothing_nm=0)  # the program is the pyramid's own field
+    al = load_aligner(name)  # as the program: the pyramid's default smoothing (pyramid.json)
     rows = []
     for h, w in SIZES:
         src, tgt = isbi_pair(h, w)
@@ -68,8 +68,18 @@ def run_pyramid(name: str, work: str) -> dict:
                      "field_max_px": float(expected.abs().max()),
                      "program_s": program_s, "aligner_s": eager_s})
     return {"pyramid": name, "mips": info["mips"], "input_mip": info["input_mip"],
+            "smoothing_px": info.get("smoothing_px", 0.0),
+            "smoothing_gate": info.get("smoothing_gate"),
             "pad_multiple": al.pad_multiple(), "capture_s": capture_s,
             "file_mb": os.path.getsize(out) / 2**20, "rows": rows}
+
+
+def _smoothing(r: dict) -> str:
+    if not r.get("smoothing_px"):
+        return "none (the pyramid's own field)"
+    gate = r.get("smoothing_gate")
+    return (f"{r['smoothing_px']:.4g} px at the input MIP (the pyramid's pyramid.json), "
+            + (f"match gate {gate[0]:g}-{gate[1]:g}" if gate else "no gate"))
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
@@ -82,7 +92,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
     for r in results:
         lines += [f"## `{r['pyramid']}` (MIPs {r['mips']}, input MIP {r['input_mip']}, pads to "
                   f"multiples of {r['pad_multiple']} px)", "",
-                  f"Capture {r['capture_s']:.0f} s, file {r['file_mb']:.1f} MB.", "",
+                  f"Capture {r['capture_s']:.0f} s, file {r['file_mb']:.1f} MB. Field "
+                  f"smoothing in the program: {_smoothing(r)}.", "",
                   "| size (px) | max diff (px) | largest field value (px) | program s | "
                   "aligner s |", "|---|---:|---:|---:|---:|"]
         for row in r["rows"]:

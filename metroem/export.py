@@ -15,8 +15,12 @@ with symbolic height, width and batch that holds for every size. Each stage is r
 its module's spec and weights, and the export refuses to write a program that disagrees with
 the loaded pyramid by more than :data:`CHECK_TOLERANCE` px on test pairs of other sizes than
 the one it was captured on. Memory grows with the image; cut large images into overlapping
-tiles as for any aligner (``metroem align`` does). Online refinement, smoothing and the
-phase-correlation start are not exported. Capturing a pyramid takes a few minutes on CPU.
+tiles as for any aligner (``metroem align`` does), with the smoothing's reach as context
+(:func:`metroem.regularize.support_px`). The field smoothing with its match gate
+(:mod:`metroem.regularize`) is part of the program when the aligner has it (a pyramid's
+``pyramid.json`` default, or ``--smoothing_nm``; its length is fixed in pixels at export, and
+images must be more than one smoothing grid cell wide); online refinement and the
+phase-correlation start are not exported. Capturing a pyramid takes a minute or two on CPU.
 
 Example::
 
@@ -36,7 +40,7 @@ import warnings
 import torch
 from torch import nn
 
-from metroem import __version__, cliargs, nets
+from metroem import __version__, cliargs, nets, regularize
 from metroem.aligner import PyramidAligner, load_aligner
 from metroem.atomic import atomic_path
 from metroem.errors import MetroemError, cli_errors
@@ -61,7 +65,12 @@ class ExportedAligner(nn.Module):
         self.input_mip = int(aligner.input_mip)
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        return self.aligner.run(src, tgt, None, self.input_mip)
+        field = self.aligner.run(src, tgt, None, self.input_mip)
+        if self.aligner.smoothing_px > 0:  # as PyramidAligner.forward, at the input MIP
+            field = regularize.regularized_field(
+                field, src, tgt, self.aligner.smoothing_px, self.aligner.smoothing_gate,
+                self.aligner.gate_window_px)
+        return field
 
 
 def _rebuild(aligner: PyramidAligner) -> PyramidAligner:
@@ -82,7 +91,10 @@ def _rebuild(aligner: PyramidAligner) -> PyramidAligner:
             ) from None
         model.requires_grad_(False)  # an inference file: no autograd graph
         stages.append((mip, model))
-    return PyramidAligner(stages, input_mip=aligner.input_mip).eval()
+    return PyramidAligner(stages, input_mip=aligner.input_mip,
+                          smoothing_px=aligner.smoothing_px,
+                          smoothing_gate=aligner.smoothing_gate,
+                          gate_window_px=aligner.gate_window_px).eval()
 
 
 def _textured_pair(n: int, h: int, w: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -106,16 +118,17 @@ def _capture(module: ExportedAligner, multiple: int) -> torch.export.ExportedPro
 
 
 def _check(program: nn.Module, aligner: PyramidAligner) -> float:
-    """Max difference (px) between the program and the loaded pyramid's own field (no
-    smoothing or refinement) on pairs of other sizes than the captured one: a multiple of the
-    pad multiple, a size below it, and another awkward one."""
+    """Max difference (px) between the program and the loaded pyramid's field (smoothed as
+    the aligner smooths, without refinement or phase-correlation start) on pairs of other sizes
+    than the captured one: a multiple of the pad multiple, a size below it, and another
+    awkward one."""
     m = aligner.pad_multiple()
+    eager = ExportedAligner(aligner)
     worst = 0.0
     with torch.no_grad():
         for i, (h, w) in enumerate([(2 * m, 3 * m), (m // 2 + 3, m + 1), (2 * m + 7, m + 13)]):
             src, tgt = _textured_pair(1, h, w, seed=i + 1)
-            expected = aligner._run(src, tgt, None, aligner.input_mip)
-            worst = max(worst, float((program(src, tgt) - expected).abs().max()))
+            worst = max(worst, float((program(src, tgt) - eager(src, tgt)).abs().max()))
     return worst
 
 
@@ -126,11 +139,17 @@ def export_pyramid(
     stages: list[int] | None = None,
     input_mip: int | None = None,
     overwrite: bool = False,
+    smoothing_nm: float | None = None,
+    resolution_nm: float | None = None,
+    smoothing_gate: tuple[float, float] | str | None = None,
 ) -> float:
     """Write the ``torch.export`` program; ``pyramid`` is a folder or a :class:`PyramidAligner`.
 
-    Returns the largest difference (px) between the exported and the loaded pyramid on a test
-    pair, measured before writing.
+    ``smoothing_nm`` / ``resolution_nm`` / ``smoothing_gate`` as for
+    :func:`metroem.aligner.load_aligner` (default: the pyramid's ``pyramid.json``; 0 = the
+    raw field); an aligner object is exported with its own smoothing. Returns the largest
+    difference (px) between the exported and the loaded pyramid on test pairs, measured before
+    writing.
     """
     if os.path.exists(out_path) and not overwrite:
         raise MetroemError(f"{out_path} already exists; pass --overwrite to replace it")
@@ -141,15 +160,20 @@ def export_pyramid(
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            aligner = load_aligner(pyramid, checkpoint_name, stages, "cpu", input_mip)
+            aligner = load_aligner(pyramid, checkpoint_name, stages, "cpu", input_mip,
+                                   smoothing_nm=smoothing_nm, resolution_nm=resolution_nm,
+                                   smoothing_gate=smoothing_gate)
     aligner = aligner.cpu().eval()
     if aligner.input_mip > max(aligner.mips):
         raise MetroemError(
             f"input MIP {aligner.input_mip} is coarser than every stage (MIPs {aligner.mips})"
         )
-    if aligner.smoothing_px > 0 or aligner.translation_init or aligner.refine:
-        log.warning("smoothing, the phase-correlation start and refinement are not exported: "
-                    "the program returns the pyramid's own field")
+    if aligner.translation_init or aligner.refine:
+        log.warning("the phase-correlation start and refinement are not exported: the program "
+                    "starts from no field and does not refine")
+    if aligner.smoothing_px > 0:
+        log.info("smoothing over %.4g px at the input MIP (gate %s) is part of the program",
+                 aligner.smoothing_px, aligner.smoothing_gate or "off")
     log.info("capturing the pyramid with torch.export (MIPs %s, input MIP %d; a few minutes)",
              aligner.mips, aligner.input_mip)
     program = _capture(ExportedAligner(_rebuild(aligner)), aligner.pad_multiple())
@@ -161,6 +185,10 @@ def export_pyramid(
         )
     info = {"input_mip": int(aligner.input_mip), "mips": [int(m) for m in aligner.mips],
             "metroem_version": __version__,
+            "smoothing_px": float(aligner.smoothing_px),
+            "smoothing_gate": (list(aligner.smoothing_gate) if aligner.smoothing_gate
+                               and aligner.smoothing_px > 0 else None),
+            "gate_window_px": float(aligner.gate_window_px) if aligner.smoothing_px else 0.0,
             "call": "program.module()(src, tgt): float32 (N,1,H,W) images -> (N,2,H,W) field "
                     "in pixels at input_mip"}
     folder = os.path.dirname(os.path.abspath(out_path))
@@ -190,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     cliargs.add_checkpoint(p)
     p.add_argument("--stages", type=int, nargs="+", help="stage numbers (default: all)")
     p.add_argument("--mip", type=int, help="input MIP (default: finest stage's)")
+    p.add_argument("--smoothing_nm", type=float, default=None,
+                   help="field smoothing length in the program (default: the pyramid's "
+                   "pyramid.json; 0 = the raw field), as metroem align --smoothing_nm")
+    p.add_argument("--resolution_nm", type=float, default=None,
+                   help="nm per MIP0 pixel of the images the program will get, for "
+                   "--smoothing_nm (default: the pyramid's pyramid.json)")
+    p.add_argument("--smoothing_gate", default=None, metavar="LOW,HIGH|off",
+                   help="the smoothing's match gate, as metroem align --smoothing_gate")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     cliargs.add_common(p)
     return p
@@ -198,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = cliargs.parse_args(build_parser(), argv, announce_threads=True)
-    diff = export_pyramid(a.pyramid_path, a.out, a.checkpoint_name, a.stages, a.mip, a.overwrite)
+    diff = export_pyramid(a.pyramid_path, a.out, a.checkpoint_name, a.stages, a.mip, a.overwrite,
+                          a.smoothing_nm, a.resolution_nm,
+                          regularize.checked_gate_arg(a.smoothing_gate))
     log.info("wrote %s (equals the loaded pyramid within %.1g px on a test pair)", a.out, diff)
     return 0
 

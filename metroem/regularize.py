@@ -125,20 +125,41 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 def _axis_moments(x: Tensor, factor: int, sigma: float, powers: int) -> Tensor:
-    """Per coarse cell, sums of ``x * u^k * v^l`` (``k, l < powers``), u/v the fine pixel's
-    offset from its cell's centre in units of ``sigma``: ``(N, C, hc, wc, powers, powers)``."""
-    n, c, hp, wp = x.shape
-    hc, wc = hp // factor, wp // factor
-    off = (torch.arange(factor, dtype=x.dtype, device=x.device) - (factor - 1) / 2) / sigma
-    basis = torch.stack([off**k for k in range(powers)], dim=1)  # (factor, powers)
-    a = x.reshape(n, c, hc, factor, wc, factor) @ basis  # sums along x: (n, c, hc, f, wc, P)
-    return torch.einsum("ncipjk,pl->ncijlk", a, basis)  # then along y
+    """Per coarse cell (``factor`` px square, the last ones cut by the image edge), sums of
+    ``x * u^k * v^l`` (``k, l < powers``), u/v the fine pixel's offset from its cell's centre
+    in units of ``sigma``: ``(N, C, hc, wc, powers (v), powers (u))``. Sum pooling needs no
+    padding, so a torch.export program of it holds for every image size."""
+    _, _, h, w = x.shape
+
+    def offsets(size: int) -> Tensor:
+        i = torch.arange(size, dtype=x.dtype, device=x.device)
+        return (torch.remainder(i, factor) - (factor - 1) / 2) / sigma
+
+    v, u = offsets(h).view(1, 1, h, 1), offsets(w).view(1, 1, 1, w)
+    rows = []
+    for l_pow in range(powers):
+        xv = x * v**l_pow if l_pow else x
+        rows.append(torch.stack(
+            [F.avg_pool2d(xv * u**k if k else xv, factor, factor, ceil_mode=True,
+                          divisor_override=1) if factor > 1 else (xv * u**k if k else xv)
+             for k in range(powers)], dim=-1))
+    return torch.stack(rows, dim=-2)
 
 
 def _centres(n_cells: int, factor: int, size: int, sigma: float, like: Tensor) -> Tensor:
     """Global coordinates (about the image centre, in units of ``sigma``) of the cell centres."""
     i = torch.arange(n_cells, dtype=like.dtype, device=like.device)
     return (i * factor + (factor - 1) / 2 - (size - 1) / 2) / sigma
+
+
+def _upsample_cells(coarse: Tensor, factor: int, h: int, w: int) -> Tensor:
+    """Bilinear interpolation of per-cell values ``(N, C, hc, wc)`` at the ``h`` x ``w`` fine
+    pixels, cell centres where ``F.interpolate(scale_factor=factor, align_corners=False)``
+    puts them. Asked for the output size and the scale at once (the aten op takes both), so
+    nothing is cropped: a torch.export program of it holds for every image size (a crop
+    would tie it to whether the size is a multiple of ``factor``)."""
+    return torch.ops.aten.upsample_bilinear2d.default(coarse, [h, w], False, float(factor),
+                                                      float(factor))
 
 
 def _local_linear(field: Tensor, weight: Tensor, sigma: float) -> Tensor:
@@ -151,10 +172,9 @@ def _local_linear(field: Tensor, weight: Tensor, sigma: float) -> Tensor:
     n, _, h, w = field.shape
     factor = grid_factor(sigma)
     hc, wc = -(-h // factor), -(-w // factor)
-    pad = (0, wc * factor - w, 0, hc * factor - h)
-    wt = F.pad(weight.to(field.dtype), pad)
+    wt = weight.to(field.dtype)
     m_w = _axis_moments(wt, factor, sigma, 3).double()[:, 0]  # (N, hc, wc, 3 (v), 3 (u))
-    m_f = _axis_moments(F.pad(field, pad) * wt, factor, sigma, 2).double()  # (N, 2, ., ., 2, 2)
+    m_f = _axis_moments(field * wt, factor, sigma, 2).double()  # (N, 2, ., ., 2, 2)
     cx = _centres(wc, factor, w, sigma, m_w).view(1, 1, wc)
     cy = _centres(hc, factor, h, sigma, m_w).view(1, hc, 1)
     s0, su, sv = m_w[..., 0, 0], m_w[..., 0, 1], m_w[..., 1, 0]
@@ -184,9 +204,7 @@ def _local_linear(field: Tensor, weight: Tensor, sigma: float) -> Tensor:
     coef = torch.linalg.solve(normal, rhs.permute(0, 2, 3, 4, 1))  # (N, hc, wc, 3, 2)
     coef = coef.permute(0, 3, 4, 1, 2).reshape(n, 6, hc, wc).to(field.dtype)
     if factor > 1:
-        # coarse cell centres sit where bilinear (align_corners=False) puts them
-        coef = F.interpolate(coef, scale_factor=float(factor), mode="bilinear",
-                             align_corners=False)[..., :h, :w]
+        coef = _upsample_cells(coef, factor, h, w)
     ys = (torch.arange(h, dtype=field.dtype, device=field.device) - (h - 1) / 2) / sigma
     xs = (torch.arange(w, dtype=field.dtype, device=field.device) - (w - 1) / 2) / sigma
     return coef[:, 0:2] + coef[:, 2:4] * xs.view(1, 1, 1, w) + coef[:, 4:6] * ys.view(1, 1, h, 1)
@@ -349,7 +367,9 @@ def regularized_field(field: Tensor, src: Tensor, tgt: Tensor, sigma: float,
         out = smooth + keep * (field - smooth)
         det = fields.jacobian_determinant(out)[:, None]
         near_fold = F.pad((det <= NEAR_FOLD_DET).double(), (0, 1, 0, 1))
-        if not near_fold.any():
+        # (a shortcut only: without a fold the passes below change nothing; torch.export
+        # cannot branch on data, so the exported program always runs them)
+        if not torch.compiler.is_exporting() and not near_fold.any():
             return out
         near = (_box_sum(near_fold, radius) > 0.5).double()
         release = _box_sum(near, radius) / (2 * radius + 1) ** 2

@@ -165,3 +165,25 @@ def test_export_runs_without_metroem(pyramid, exported, tmp_path):
     with torch.no_grad():
         for (s, t), got in zip(inputs, torch.load(tmp_path / "outs.pt"), strict=True):
             assert (got - al(s, t)).abs().max() < export.CHECK_TOLERANCE
+
+
+@pytest.mark.slow
+def test_export_carries_the_field_smoothing_and_its_gate(pyramid, tmp_path):
+    """With a smoothing length (here 128 nm at 4 nm pixels: a 32 px window on an 8 px grid)
+    the program returns the smoothed, gated field the aligner gives, at sizes on and off the
+    smoothing grid; its info file records the settings in pixels."""
+    out = tmp_path / "smooth.pt2"
+    assert export.main(["--pyramid_path", str(pyramid), str(out), "--smoothing_nm", "128",
+                        "--resolution_nm", "4"]) == 0
+    model, info = export.load_exported(str(out))
+    assert info["smoothing_px"] == 32 and info["smoothing_gate"] == [0.85, 0.95]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        smooth = load_aligner(pyramid, smoothing_nm=128, resolution_nm=4)
+    raw = aligner(pyramid)
+    for s, t in real_inputs([(40, 56), (96, 64), (150, 131), (33, 200)]):
+        got = run(model, s, t)
+        with torch.no_grad():
+            expected, unsmoothed = smooth(s, t), raw(s, t)
+        assert (got - expected).abs().max() < export.CHECK_TOLERANCE
+        assert (expected - unsmoothed).abs().max() > 0.05  # the smoothing is in the program
