@@ -109,7 +109,7 @@ def _gated(length_nm: float) -> Callable:
         s, t = metrics.as_image(src), metrics.as_image(tgt)
         return regularize.regularized_field(
             field, s, t, regularize.sigma_px(length_nm, px_nm), regularize.GATE,
-            regularize.GATE_WINDOW_PX)
+            regularize.sigma_px(regularize.GATE_WINDOW_NM, px_nm))
 
     return post
 
@@ -443,7 +443,7 @@ def _describe(name: str, fib_mip: int | None) -> str:
     if name.endswith(" gated"):
         base += ("; then metroem.regularize.regularized_field over "
                  + name.split(" reg ")[1].removesuffix(" gated") + " with the match gate "
-                 f"{regularize.GATE} ({regularize.GATE_WINDOW_PX:g} px window)")
+                 f"{regularize.GATE} ({regularize.GATE_WINDOW_NM:g} nm window)")
     elif " reg " in name:
         base += "; then metroem.regularize.smooth_field over " + name.split(" reg ")[1]
     if " gauss " in name:

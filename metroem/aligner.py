@@ -352,7 +352,7 @@ def smoothing_settings(smoothing_nm: float, resolution_nm: float, mip: int,
     ``gate_window_px``) for images at ``mip`` whose MIP0 pixels are ``resolution_nm``."""
     return {"smoothing_px": regularize.sigma_px(smoothing_nm, resolution_nm, mip),
             "smoothing_gate": regularize.check_gate(gate),
-            "gate_window_px": regularize.GATE_WINDOW_PX}
+            "gate_window_px": regularize.sigma_px(regularize.GATE_WINDOW_NM, resolution_nm, mip)}
 
 
 def _per_stage_changes(

@@ -84,7 +84,7 @@ def _smoothing(smoothing_nm, pixel_nm, smoothing_gate) -> dict:
     gate = regularize.check_gate(regularize.GATE if smoothing_gate is None else smoothing_gate)
     return {"smoothing_px": regularize.sigma_px(length, pixel),
             "smoothing_gate": gate,
-            "gate_window_px": regularize.GATE_WINDOW_PX}
+            "gate_window_px": regularize.sigma_px(regularize.GATE_WINDOW_NM, pixel)}
 
 
 def smoothing_pad_px(smoothing_nm: float, pixel_nm: float, gated: bool = True) -> int:

@@ -30,7 +30,7 @@ length): where the warped source matches the target as closely as a copy of the 
 does, nothing is lost to the tissue, and smoothing would only throw away real distortion
 shorter than the length (a same-section pair, a re-imaged section). So the field is kept as
 matched where the local correlation of the warped source with the target (a square window
-whose standard deviation is :data:`GATE_WINDOW_PX` pixels) is at or above the gate's upper end,
+whose standard deviation is :data:`GATE_WINDOW_NM`) is at or above the gate's upper end,
 smoothed where it is at or below its lower end (different tissue: neighbouring sections), and
 blended in between; that blend weight is averaged over the same window and squared, so the
 field turns from kept to smoothed gradually and a window that only partly matches leans to
@@ -54,7 +54,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "GATE",
-    "GATE_WINDOW_PX",
+    "GATE_WINDOW_NM",
     "check_gate",
     "checked_gate_arg",
     "data_weight",
@@ -74,10 +74,7 @@ SLOPE_RIDGE = 1e-9  # keeps the normal equations invertible in exact degenerate 
 # "different tissue" (smoothed), at or above GATE[1] "the same tissue" (kept as matched).
 GATE = (0.85, 0.95)
 MIN_DATA_SHARE = 0.05  # a gate window with less data than this counts as no match
-# std of the gate's square correlation window, in pixels of the field: the correlation is an
-# estimate whose noise is set by how many pixels it holds (16 px: 64 nm at 4 nm, 160 nm at
-# 10 nm; docs/experiments.md, "The gate's window in pixels")
-GATE_WINDOW_PX = 16.0
+GATE_WINDOW_NM = 80.0  # std of the gate's square correlation window (a few membranes wide)
 NEAR_FOLD_DET = 0.05  # a gated field whose Jacobian determinant falls to this is smoothed there
 FOLD_PASSES = 2  # how many times that is checked and done
 

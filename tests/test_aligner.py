@@ -216,7 +216,7 @@ def test_corgie_processor_smooths_like_metroem_align_when_asked(pyramid, caplog)
     src, tgt = isbi_pair(96)
     with torch.no_grad():
         raw = plain(src, tgt)
-    sigma, window = 64 / 4, regularize.GATE_WINDOW_PX
+    sigma, window = 64 / 4, regularize.GATE_WINDOW_NM / 4
     for gate in (None, "off", "0.5,0.9"):
         proc = corgie.create(folder, "rand", smoothing_nm=64, pixel_nm=4, smoothing_gate=gate)
         out = corgie_call(proc, src, tgt).as_subclass(torch.Tensor)
@@ -286,18 +286,16 @@ def test_smoothing_nm_keeps_the_affine_part_and_drops_the_rest(pyramid):
     )
     assert torch.allclose(out, expected, atol=1e-5)
     gated = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4)
-    assert gated.smoothing_gate == regularize.GATE
-    assert gated.gate_window_px == regularize.GATE_WINDOW_PX
+    assert gated.smoothing_gate == regularize.GATE and gated.gate_window_px == 20.0  # 80 nm
     loose = (-1.0, -0.5)  # every pixel matches "like the same section": kept (where it does
     # not fold: test_regularize), as regularize.regularized_field says with that gate
     kept = metroem.load_aligner(pyramid, "rand", smoothing_nm=64, resolution_nm=4,
                                 smoothing_gate=loose)(src, tgt)
     assert torch.allclose(kept, regularize.regularized_field(
-        raw, src.float(), tgt.float(), 16.0, loose, regularize.GATE_WINDOW_PX), atol=1e-5)
+        raw, src.float(), tgt.float(), 16.0, loose, 20.0), atol=1e-5)
     assert not torch.allclose(kept, out, atol=1e-2)
     assert torch.allclose(gated(src, tgt), regularize.regularized_field(
-        raw, src.float(), tgt.float(), 16.0, regularize.GATE, regularize.GATE_WINDOW_PX),
-        atol=1e-5)
+        raw, src.float(), tgt.float(), 16.0, regularize.GATE, 20.0), atol=1e-5)
     assert metrics.gradient_norm_stats(out)["p95"] < metrics.gradient_norm_stats(raw)["p95"]
     # at MIP 1 input the same length is half as many pixels
     coarse = fields.resample_image(src.float(), 0, 1), fields.resample_image(tgt.float(), 0, 1)
