@@ -312,6 +312,40 @@ def test_a_layer_of_another_pixel_size_runs_at_the_pyramids_matching_mip(pyramid
     assert not os.path.exists(tmp_path / "f3")
 
 
+def test_eval_runs_a_layer_or_files_of_another_pixel_size_at_the_matching_mip(
+        pyramid, tmp_path, monkeypatch):
+    """metroem eval builds its pyramid method as metroem align does: a layer (its own pixel
+    size) or image files (--resolution_nm) twice as coarse as the pyramid run at its MIP 1,
+    with the stages at MIP 1 and coarser, and lengths in the data's pixels."""
+    import shutil
+
+    from metroem.eval import baselines
+    from metroem.eval import cli as eval_cli
+
+    src = make_volume(tmp_path / "img", size=128)
+    res = volumes.volume_info(src).resolution[0][0]
+    pyr = tmp_path / "pyr"
+    shutil.copytree(pyramid, pyr)
+    (pyr / "pyramid.json").write_text(f'{{"resolution_nm": {res / 2}}}')
+    calls = []
+    real = baselines.metroem_method
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "metroem_method", spy)
+    assert eval_cli.main(["--image_path", src, "--z_start", "1", "--z_end", "2",
+                          "--pyramid_path", str(pyr), "--chunk", "32"]) == 0
+    for i, name in enumerate(("a.png", "b.png")):
+        Image.fromarray(section(5 - i, 128)).save(tmp_path / name)
+    assert eval_cli.main(["--src", str(tmp_path / "a.png"), "--tgt", str(tmp_path / "b.png"),
+                          "--pyramid_path", str(pyr), "--resolution_nm", str(res),
+                          "--smoothing_nm", str(16 * res)]) == 0
+    assert [(c["input_mip"], c["stages"]) for c in calls] == [(1, [0]), (1, [0])]
+    assert calls[1]["resolution_nm"] == res / 2  # 16 data pixels = 16 * res nm
+
+
 def test_align_volume_aligns_a_stack_like_the_whole_image_stack(pyramid, tmp_path, capsys):
     """The default for a z range: section z_start-1 is the fixed reference (copied), each
     section is aligned onto the aligned sections before it, tile by tile, and the result equals

@@ -127,7 +127,10 @@ def read_image(path: str) -> Tensor:
     return torch.from_numpy(a.astype(np.float32))
 
 
-def _aligner(args):
+def _aligner(args, data_nm: float | None = None):
+    """The field method the flags ask for; ``data_nm`` is the MIP 0 pixel size of a layer's
+    sections (image files: ``--resolution_nm``), so the pyramid runs them at its own MIP of
+    that pixel size, as ``metroem align`` does."""
     if args.pyramid_path and args.method:
         raise MetroemError("give --pyramid_path or --method, not both")
     if args.pyramid_path:
@@ -137,16 +140,16 @@ def _aligner(args):
         if not pyramid.is_dir():
             raise MetroemError(f"pyramid {args.pyramid_path} is not a folder; pass a trained "
                                "pyramid or a shipped pyramid's name")
-        # image files of another pixel size run at the pyramid's MIP of theirs (metroem align)
-        mip, stages, offset = inference.pyramid_input(pyramid, args.resolution_nm, args.mip,
-                                                      None)
+        # data of another pixel size runs at the pyramid's MIP of theirs (metroem align)
+        data_nm = args.resolution_nm if data_nm is None else data_nm
+        mip, stages, offset = inference.pyramid_input(pyramid, data_nm, args.mip, None)
         return baselines.metroem_method(str(pyramid), args.checkpoint_name,
                                         device=str(parse_device(args.device)),
                                         input_mip=args.mip if mip is None else mip,
                                         stages=stages,
                                         smoothing_nm=args.smoothing_nm,
-                                        resolution_nm=None if args.resolution_nm is None
-                                        else args.resolution_nm / 2**offset,
+                                        resolution_nm=None if data_nm is None
+                                        else data_nm / 2**offset,
                                         smoothing_gate=regularize.checked_gate_arg(
                                             args.smoothing_gate))
     if args.smoothing_nm or args.smoothing_gate:
@@ -357,7 +360,10 @@ def _volume_inputs(args):
         raise MetroemError(f"--z_end ({args.z_end}) must be greater than --z_start")
     if args.field or args.gt or args.src or args.tgt:
         raise MetroemError("--src/--tgt/--field/--gt are for image pairs, not with --image_path")
-    method = _aligner(args)
+    info = _layer_info("--image_path", args.image_path, args.mip)
+    from metroem.inference import layer_resolution_nm
+
+    method = _aligner(args, layer_resolution_nm(info))
     if args.field_path and method is not None:
         raise MetroemError("give --field_path or --pyramid_path/--method, not both")
     reslice = (args.reslice_x, args.reslice_y, args.reslice_z_scale)
@@ -365,7 +371,6 @@ def _volume_inputs(args):
         raise MetroemError("--src_path and --reslice_* look at a raw and an aligned stack; they "
                            "do not go with --pyramid_path/--method (sections aligned pair by "
                            "pair)")
-    info = _layer_info("--image_path", args.image_path, args.mip)
     _check_z_range("--image_path", info, args.mip, args.z_start, args.z_end)
     z_lo = info.offset[args.mip][2]
     if args.src_path:
