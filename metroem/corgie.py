@@ -81,10 +81,11 @@ def _smoothing(smoothing_nm, pixel_nm, smoothing_gate) -> dict:
     except (TypeError, ValueError):
         raise MetroemError(f"processor param pixel_nm must be a size in nm, got "
                            f"{pixel_nm!r}") from None
-    gate = regularize.check_gate(regularize.GATE if smoothing_gate is None else smoothing_gate)
-    return {"smoothing_px": regularize.sigma_px(length, pixel),
-            "smoothing_gate": gate,
-            "gate_window_px": regularize.sigma_px(regularize.GATE_WINDOW_NM, pixel)}
+    from metroem.aligner import smoothing_settings
+
+    # the processor's images are "MIP 0" of pixels pixel_nm: the settings metroem align uses
+    return smoothing_settings(length, pixel, 0,
+                              regularize.GATE if smoothing_gate is None else smoothing_gate)
 
 
 def smoothing_pad_px(smoothing_nm: float, pixel_nm: float, gated: bool = True) -> int:
@@ -94,10 +95,9 @@ def smoothing_pad_px(smoothing_nm: float, pixel_nm: float, gated: bool = True) -
     settings = _smoothing(smoothing_nm, pixel_nm, None if gated else "off")
     if not settings:
         return 0
-    pad = regularize.support_px(settings["smoothing_px"])
-    if settings["smoothing_gate"] is not None:
-        pad += regularize.gate_support_px(settings["gate_window_px"])
-    return pad
+    return regularize.regularized_support_px(settings["smoothing_px"],
+                                             settings["smoothing_gate"],
+                                             settings["gate_window_px"])
 
 
 def create(

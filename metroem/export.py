@@ -16,7 +16,7 @@ its module's spec and weights, and the export refuses to write a program that di
 the loaded pyramid by more than :data:`CHECK_TOLERANCE` px on test pairs of other sizes than
 the one it was captured on. Memory grows with the image; cut large images into overlapping
 tiles as for any aligner (``metroem align`` does), with the smoothing's reach as context
-(:func:`metroem.regularize.support_px`). The field smoothing with its match gate
+(:func:`metroem.regularize.regularized_support_px`). The field smoothing with its match gate
 (:mod:`metroem.regularize`) is part of the program when the aligner has it (a pyramid's
 ``pyramid.json`` default, or ``--smoothing_nm``; its length is fixed in pixels at export, and
 images must be more than one smoothing grid cell wide); online refinement and the

@@ -145,6 +145,7 @@ def pyramid_input(pyramid, data_nm: float | None, mip: int | None,
     whose MIP 0 pixels are ``data_nm`` (None: the pyramid's): see :func:`data_aligner`. The
     pyramid MIP is None for the aligner's default, the stages None for all of them."""
     offset = 0 if data_nm is None else mip_offset(pyramid, data_nm)
+    mods = modules.discover(pyramid) if offset else []
     if mip is not None:
         pyramid_mip = mip + offset
         if pyramid_mip < 0:
@@ -152,14 +153,13 @@ def pyramid_input(pyramid, data_nm: float | None, mip: int | None,
                 f"MIP {mip} of these images has {data_nm * 2 ** mip:g} nm pixels, finer than "
                 f"the pyramid's MIP 0; pass --mip {-offset} or coarser")
     elif offset:
-        mods = modules.discover(pyramid)
         finest = min(m.mip for m in mods if stages is None or m.stage in stages)
         pyramid_mip = max(finest, offset)  # the data's MIP 0 at the finest
     else:
         pyramid_mip = None
     if offset and stages is None:  # stages finer than the data's pixels would see upsampled
         # images (and tiles cannot run them): they are left out
-        stages = [m.stage for m in modules.discover(pyramid) if m.mip >= pyramid_mip] or None
+        stages = [m.stage for m in mods if m.mip >= pyramid_mip] or None
     return pyramid_mip, stages, offset
 
 

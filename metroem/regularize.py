@@ -135,14 +135,17 @@ def _axis_moments(x: Tensor, factor: int, sigma: float, powers: int) -> Tensor:
         i = torch.arange(size, dtype=x.dtype, device=x.device)
         return (torch.remainder(i, factor) - (factor - 1) / 2) / sigma
 
+    def cell_sums(t: Tensor) -> Tensor:
+        if factor == 1:
+            return t
+        return F.avg_pool2d(t, factor, factor, ceil_mode=True, divisor_override=1)
+
     v, u = offsets(h).view(1, 1, h, 1), offsets(w).view(1, 1, 1, w)
     rows = []
-    for l_pow in range(powers):
-        xv = x * v**l_pow if l_pow else x
-        rows.append(torch.stack(
-            [F.avg_pool2d(xv * u**k if k else xv, factor, factor, ceil_mode=True,
-                          divisor_override=1) if factor > 1 else (xv * u**k if k else xv)
-             for k in range(powers)], dim=-1))
+    for j in range(powers):
+        xv = x * v**j if j else x  # (powers 0: no product)
+        rows.append(torch.stack([cell_sums(xv * u**k if k else xv) for k in range(powers)],
+                                dim=-1))
     return torch.stack(rows, dim=-2)
 
 
@@ -277,6 +280,15 @@ def gate_support_px(window_px: float) -> int:
     """How far (px) the gate reaches: its correlation window, the keep map's average, and the
     fold check's reach and turn (:func:`regularized_field`)."""
     return (2 + 2 * FOLD_PASSES) * (_box_radius(window_px) + 1) if window_px > 0 else 0
+
+
+def regularized_support_px(sigma: float, gate: tuple[float, float] | None,
+                           window_px: float) -> int:
+    """How far (px) :func:`regularized_field` reaches: the smoothing's support plus, with a
+    gate, the gate's; a tile padded by this gives the whole-image result."""
+    if sigma <= 0:
+        return 0
+    return support_px(sigma) + (gate_support_px(window_px) if gate is not None else 0)
 
 
 def match_similarity(src: Tensor, tgt: Tensor, field: Tensor, window_px: float,

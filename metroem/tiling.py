@@ -566,9 +566,8 @@ class StageTiler:
         self.smoothing_pad = 0
         if self.smoothing_px > 0:
             factor = regularize.grid_factor(self.smoothing_px)  # its window sums' grid
-            sp = regularize.support_px(self.smoothing_px)
-            if self.smoothing_gate is not None:
-                sp += regularize.gate_support_px(self.gate_window_px)
+            sp = regularize.regularized_support_px(self.smoothing_px, self.smoothing_gate,
+                                                   self.gate_window_px)
             self.smoothing_pad = -(-sp // factor) * factor
             check_chunking(chunk, self.smoothing_pad, factor)
 
