@@ -158,18 +158,25 @@ def base_functions(names: set[str], args) -> dict[str, baselines.FieldFn]:
         if not Path(pyramid).is_dir():
             raise MetroemError(f"pyramid {pyramid} not found; pass --pyramid_path DIR or "
                                "--no-metroem")
-        # A pyramid runs on images at the MIP whose pixel size is closest to theirs: the
-        # 10 nm FIB-SEM slices are MIP 1 (8 nm) of the 4 nm ISBI pyramid, as a user would run it.
+        # A pyramid runs on images at the MIP whose pixel size is closest to theirs, with the
+        # stages at that MIP and coarser: the 10 nm FIB-SEM slices are MIP 1 (8 nm) of the
+        # 4 nm ISBI pyramid, exactly as metroem align runs them (inference.pyramid_input).
+        from metroem.inference import pyramid_input
         from metroem.modules import pyramid_settings
 
-        pyramid_nm = pyramid_settings(pyramid).get("resolution_nm", PYRAMID_NM)
-        fib_mip = args.fib_mip = max(0, round(math.log2(FIBSEM_NM / pyramid_nm)))
+        if pyramid_settings(pyramid).get("resolution_nm"):
+            fib_mip, fib_stages, _ = pyramid_input(pyramid, FIBSEM_NM, None, None)
+        else:  # a pyramid that does not say its pixel size: assume PYRAMID_NM
+            fib_mip = max(0, round(math.log2(FIBSEM_NM / PYRAMID_NM)))
+            fib_stages = None
+        fib_mip = args.fib_mip = fib_mip or 0
         for name, init in (("metroem", False), ("metroem+pc", True)):
             fns[name] = {  # the pyramid's own field (a default smoothing is a variant here)
                 ISBI_NM: baselines.metroem_method(pyramid, translation_init=init,
                                                   smoothing_nm=0.0),
                 FIBSEM_NM: baselines.metroem_method(pyramid, translation_init=init,
-                                                    input_mip=fib_mip, smoothing_nm=0.0),
+                                                    input_mip=fib_mip, smoothing_nm=0.0,
+                                                    stages=fib_stages),
             }
     return fns
 
@@ -435,7 +442,7 @@ def markdown(result: dict) -> str:
 def _describe(name: str, fib_mip: int | None) -> str:
     if name.startswith("metroem"):
         base = (f"trained pyramid; FIB-SEM slices given as its MIP {fib_mip} (the closest "
-                "pixel size)")
+                "pixel size), its stages at that MIP and coarser (as metroem align)")
         if name.startswith("metroem+pc"):
             base += ", started from a phase-correlation translation (translation_init)"
     else:
