@@ -118,8 +118,15 @@ def methods(args) -> dict[str, tuple[stack.PairFn, int]]:
     from metroem.aligner import load_aligner
     from metroem.modules import pyramid_settings
 
-    pyramid_nm = pyramid_settings(args.pyramid).get("resolution_nm", 4.0)
-    mip = max(0, round(math.log2(FIBSEM_NM / pyramid_nm)))  # as the neighbour benchmark
+    # the MIP and stages metroem align uses for 10 nm pixels (as the neighbour benchmark)
+    pyramid_nm = pyramid_settings(args.pyramid).get("resolution_nm")
+    if pyramid_nm:
+        from metroem.inference import pyramid_input
+
+        mip, fib_stages, _ = pyramid_input(args.pyramid, FIBSEM_NM, None, None)
+        mip = mip or 0
+    else:  # a pyramid that does not say its pixel size: 4 nm, every stage
+        mip, fib_stages = max(0, round(math.log2(FIBSEM_NM / 4.0))), None
     variants = [("metroem", 0.0, 1), ("metroem k3", 0.0, 3)]
     if not args.quick:
         variants += [("metroem reg 640nm", 640.0, 1), ("metroem reg 640nm k3", 640.0, 3),
@@ -127,7 +134,8 @@ def methods(args) -> dict[str, tuple[stack.PairFn, int]]:
     for name, length, k in variants:
         gate = regularize.GATE if name.endswith(" gated") else "off"
         al = load_aligner(args.pyramid, input_mip=mip, smoothing_nm=length,  # 0: the own field
-                          resolution_nm=FIBSEM_NM / 2**mip, smoothing_gate=gate)
+                          resolution_nm=FIBSEM_NM / 2**mip, smoothing_gate=gate,
+                          stages=fib_stages)
         out[name] = (stack.aligner_pair_fn(al), k)
     return out
 
