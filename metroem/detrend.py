@@ -29,6 +29,7 @@ the same placement.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -39,11 +40,15 @@ from metroem import fields
 from metroem.errors import MetroemError
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 __all__ = ["AffineSums", "check_sigma", "corrections", "correction_field", "detrend_fields",
            "half_diagonal", "trend"]
 
 MIN_PIXELS = 16  # a section with fewer data pixels has no placement (it is not in the fit)
+# a trend that scales a section's area by more than this (or less than its inverse) means the
+# serial alignment itself has collapsed or blown up; inverting it magnifies every error
+COLLAPSED_AREA = 2.0
 
 
 def check_sigma(sigma: float | None) -> float | None:
@@ -181,6 +186,20 @@ def trend(placements: Sequence[np.ndarray | None], sigma: float,
     return out
 
 
+def _warn_if_collapsed(t: Sequence[np.ndarray], positions: Sequence[float] | None) -> None:
+    """Log once when the trend scales a section's area far from 1: the serial fields have
+    shrunk or stretched the stack (unsmoothed fields accumulating shear, say), and removing
+    such a trend magnifies the errors instead of taking out drift."""
+    area = np.array([abs(float(np.linalg.det(tz[:2, :2]))) for tz in t])
+    worst = int(np.argmax(np.abs(np.log(np.maximum(area, 1e-12)))))
+    if not (1 / COLLAPSED_AREA <= area[worst] <= COLLAPSED_AREA):
+        z = worst if positions is None else positions[worst]
+        log.warning("detrending: the serial alignment's trend scales section %s's area by "
+                    "%.2f; the serial fields have collapsed the stack and detrending cannot "
+                    "undo that; align with field smoothing (--smoothing_nm, on by default) "
+                    "and check the sections around it", z, area[worst])
+
+
 def corrections(placements: Sequence[np.ndarray | None], sigma: float, reference: int = 0,
                 positions: Sequence[float] | None = None,
                 extent: float = 0.0) -> list[np.ndarray]:
@@ -190,6 +209,7 @@ def corrections(placements: Sequence[np.ndarray | None], sigma: float, reference
     t = trend(placements, sigma, positions, extent)
     if not t:
         return []
+    _warn_if_collapsed(t, positions)
     ref = t[reference]
     out = [np.linalg.solve(tz, ref) for tz in t]
     out[reference] = np.eye(3)  # exactly: the reference's field stays what it is

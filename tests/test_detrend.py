@@ -78,6 +78,19 @@ def test_corrections_remove_the_trend_and_keep_the_reference():
         assert f[..., 12:-12, 12:-12].abs().max() < 1e-3
 
 
+def test_a_collapsed_serial_stack_is_reported_not_silently_inverted(caplog):
+    # a serial alignment whose placement shrinks the sections steadily (area x 0.2 at the end)
+    shrinking = [np.diag([1 - 0.055 * z, 1 - 0.055 * z, 1.0]) for z in range(10)]
+    with caplog.at_level("WARNING", logger="metroem.detrend"):
+        detrend.corrections(shrinking, 4.0, extent=50.0)
+    assert "collapsed" in caplog.text and "--smoothing_nm" in caplog.text
+    caplog.clear()
+    drifting = [_matrix(1.5 * z, 0.5 * z, 0.002 * z) for z in range(10)]  # drift: no warning
+    with caplog.at_level("WARNING", logger="metroem.detrend"):
+        detrend.corrections(drifting, 4.0, extent=50.0)
+    assert "collapsed" not in caplog.text
+
+
 @pytest.mark.parametrize("bad", [0, -2, float("nan")])
 def test_a_bad_sigma_is_one_line(bad):
     with pytest.raises(MetroemError, match="--detrend_sections must be a positive"):
