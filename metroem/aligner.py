@@ -418,6 +418,10 @@ def resolve_checkpoints(mods: Sequence[modules.ModuleInfo],
                     f"it with --checkpoint_name {st.name} to use it anyway"
                 )
     for m, n, st in zip(mods, names, statuses, strict=True):
-        what = f"checkpoint {n!r} ({st.describe()})" if st else "no checkpoint: untrained"
-        log.info("stage %d (%s): %s", m.stage, m.name, what)
+        if st is None:  # a copied template, a run that never saved: its field is noise
+            log.warning("stage %d (%s) has no checkpoint: its network is untrained and its "
+                        "field meaningless; train it (train.py) or use a trained pyramid",
+                        m.stage, m.name)
+        else:
+            log.info("stage %d (%s): checkpoint %r (%s)", m.stage, m.name, n, st.describe())
     return names

@@ -517,8 +517,7 @@ def _chunk_xy(path: str) -> int:
 def _prepare_layer(path: str, like: volumes.VolumeInfo, chunk_xy: int, dtype: str, channels: int,
                    overwrite: bool, resume: bool) -> None:
     local = volumes.normalize_path(path)
-    exists = local.startswith("file://") and os.path.exists(
-        os.path.join(local[len("file://"):], "info"))
+    exists = _layer_exists(path)
     if exists and not (overwrite or resume):
         raise MetroemError(
             f"output layer {path} already exists; pass --overwrite to replace it or --resume to "
@@ -533,6 +532,45 @@ def _prepare_layer(path: str, like: volumes.VolumeInfo, chunk_xy: int, dtype: st
         shutil.rmtree(os.path.join(local[len("file://"):], MARKER_DIR), ignore_errors=True)
     volumes.create_volume(path, like.size[0], len(like.mips), dtype, channels,
                           like.resolution[0], like.offset[0], chunk_xy, overwrite=True)
+
+
+def _layer_key(path: str) -> str:
+    return volumes.normalize_path(path).rstrip("/")
+
+
+def _layer_exists(path: str) -> bool:
+    local = volumes.normalize_path(path)
+    return local.startswith("file://") and os.path.exists(
+        os.path.join(local[len("file://"):], "info"))
+
+
+def _check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None],
+                   overwrite: bool, resume: bool, marker_dir: str) -> None:
+    """Refuse, before any layer is created, outputs that are an input or each other, existing
+    outputs without ``--overwrite`` / ``--resume``, and ``--resume`` into a layer no metroem
+    run left (no chunk markers): a run never writes into data it did not make."""
+    seen: dict[str, str] = {}
+    for flag, path in inputs.items():
+        if path:
+            seen.setdefault(_layer_key(path), flag)
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        key = _layer_key(path)
+        if key in seen:
+            raise MetroemError(f"{flag} {path} is also {seen[key]}; write the outputs to new "
+                               "layers (an input is never written to)")
+        seen[key] = flag
+    existing = [p for p in outputs.values() if p and _layer_exists(p)]
+    if not existing or overwrite:
+        return
+    if not resume:
+        raise MetroemError(f"output layer {existing[0]} already exists; pass --overwrite to "
+                           "replace it or --resume to continue an interrupted run into it")
+    if not os.path.isdir(marker_dir):
+        raise MetroemError(f"--resume: {existing[0]} holds no interrupted metroem run (no "
+                           f"{marker_dir}); pass new output layers, or --overwrite to replace "
+                           "it")
 
 
 def _marker_dir(field_path: str | None, image_path: str | None, work_dir: str | None) -> str:
@@ -677,6 +715,9 @@ def align_volume(
         from metroem import workers
 
         workers._queue(queue)  # an unreachable queue fails before anything is written
+    _check_outputs({"--src_path": src_path, "--tgt_path": tgt_path, "--mask_path": mask_path},
+                   {"--field_path": field_path, "--image_path": image_path}, overwrite, resume,
+                   _marker_dir(field_path, image_path, work_dir))
     info = volumes.volume_info(src_path)
     same_layer = tgt_path is None or volumes.normalize_path(tgt_path) == info.path
     tgt_path = tgt_path or src_path
@@ -1010,8 +1051,7 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors
                 note += f" (r {r:.3f} with z {targets[0]}: misaligned, not a target)"
         bar.step(z, note)
     skip = [z for z in order if not has[z] or guard.is_flagged(z)]
-    _log_drift(order, _marked_placements(run, order, chunks, skip)[0], run.progress,
-               hint=not detrended)
+    _log_drift(order, _marked_placements(run, order, chunks, skip)[0], hint=not detrended)
     return ran, len(chunks) * (len(zs) + 1), skip
 
 
@@ -1052,11 +1092,11 @@ def _marked_placements(run: _Run, order: list[int], chunks, skip) -> tuple[list,
     return out, complete
 
 
-def _log_drift(order: list[int], placements: list, enabled: bool = True,
-               detrended: bool = False, hint: bool = True) -> dict | None:
+def _log_drift(order: list[int], placements: list, detrended: bool = False,
+               hint: bool = True) -> dict | None:
     """Log how the aligned stack's placement moves along z (the slope of the placements'
-    translation, px per section): the drift a serial aligner adds up; ``hint``: name the
-    option that takes it out."""
+    translation, px per section): the drift a serial aligner adds up, a result of the run
+    (shown with or without the progress bar); ``hint``: name the option that takes it out."""
     pts = [(z, p[:2, 2]) for z, p in zip(order, placements, strict=True) if p is not None]
     if len(pts) < 3:
         return None
@@ -1064,13 +1104,12 @@ def _log_drift(order: list[int], placements: list, enabled: bool = True,
     t = np.stack([q[1] for q in pts])
     slope = np.polyfit(z - z.mean(), t, 1)[0]  # (2,): x, y
     total = slope * (order[-1] - order[0])
-    if enabled:
-        hint = "" if not hint or detrended or np.hypot(*slope) < 0.1 else (
-            "; if the sections were placed one by one (ssTEM, ATUM), --detrend_sections 8 "
-            "takes this out")
-        log.info("the stack's placement moves by (%+.2f, %+.2f) px per section (%+.1f, %+.1f) "
-                 "px over z %d..%d%s%s", slope[0], slope[1], total[0], total[1], order[0],
-                 order[-1], " after detrending" if detrended else "", hint)
+    hint = "" if not hint or detrended or np.hypot(*slope) < 0.1 else (
+        "; if the sections were placed one by one (ssTEM, ATUM), --detrend_sections 8 "
+        "takes this out")
+    log.info("the stack's placement moves by (%+.2f, %+.2f) px per section (%+.1f, %+.1f) "
+             "px over z %d..%d%s%s", slope[0], slope[1], total[0], total[1], order[0],
+             order[-1], " after detrending" if detrended else "", hint)
     return {"slope": slope.tolist(), "total": total.tolist()}
 
 
@@ -1115,7 +1154,7 @@ def _align_stack_detrended(run: _Run, src_path: str, ref: int, zs: list[int], pr
     for p in serial.values():  # every section is written: the serial layers have served
         _drop_layer(p)
     _log_drift(order, [None if p is None else p @ c for p, c in
-                       zip(placements, corrections, strict=True)], run.progress, detrended=True)
+                       zip(placements, corrections, strict=True)], detrended=True)
     return ran, total + len(chunks) * len(order)
 
 
@@ -1251,7 +1290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one (ssTEM, ATUM); not for block-face stacks, whose drift is real "
                    "(default: off)")
     o = p.add_argument_group("outputs")
-    o.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (their info, the sections in the z range and "
+                        "the run record; sections outside the range keep what they hold)")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run")
     o.add_argument("--no_progress", action="store_true", help="no progress bar")
     cliargs.add_common(p)

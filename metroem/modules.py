@@ -146,6 +146,13 @@ def discover(pyramid_path: str | os.PathLike) -> list[ModuleInfo]:
     """The modules of a pyramid, sorted by stage, after checking names, order and contents."""
     pyramid = Path(pyramid_path).expanduser()
     if not pyramid.exists():
+        from metroem import pretrained  # (pretrained imports this module)
+
+        if str(pyramid_path) in pretrained.REGISTRY:
+            raise MetroemError(
+                f"pyramid folder {pyramid} does not exist; {str(pyramid_path)!r} is a shipped "
+                f"pyramid, read-only here: copy it to train it (metroem pretrained copy "
+                f"{pyramid_path} DEST, then --pyramid_path DEST)")
         raise MetroemError(f"pyramid folder {pyramid} does not exist; check the pyramid path")
     if not pyramid.is_dir():
         raise MetroemError(f"pyramid path {pyramid} is not a folder; pass the folder of modules")

@@ -4,7 +4,9 @@ Each entry says what a pyramid is for, which module folders and checkpoint it ha
 SHA-256 of every weights file, the command that trains it (its config is the pyramid's own
 ``train.yaml``, so a copy trains the same way) and where its measured quality is recorded. The
 pyramids themselves live in the repository's ``models/`` folder, which installs as the data
-package ``metroem_models``; a name is looked up there, never in the working folder.
+package ``metroem_models``. A folder of the same name in the working folder is used instead only
+when it is a pyramid itself (module folders inside: a user's trained copy); any other folder
+of that name (a demo volume called ``demo``) does not hide the shipped pyramid.
 
 A pretrained pyramid is read-only: train a copy (:func:`copy_pyramid`, ``metroem pretrained
 copy NAME DEST``).
@@ -136,11 +138,18 @@ def verify(name: str, folder: str | os.PathLike | None = None) -> Path:
 
 
 def resolve(pyramid: str | os.PathLike) -> Path:
-    """A pyramid folder: ``pyramid`` itself when it is a path that exists, else the pretrained
-    pyramid of that name (checked against the registry)."""
+    """A pyramid folder: ``pyramid`` itself when it is a path that exists (and, for a
+    shipped pyramid's name, holds module folders), else the pretrained pyramid of that name
+    (checked against the registry)."""
     path = Path(pyramid).expanduser()
-    if path.exists() or str(pyramid) not in REGISTRY:
+    if str(pyramid) not in REGISTRY:
         return path
+    if path.exists():
+        if path.is_dir() and any(modules._looks_like_module(e) for e in path.iterdir()):
+            log.info("pyramid %r: the folder %s (not the shipped pyramid of that name)",
+                     str(pyramid), path.resolve())
+            return path
+        log.info("%s is not a pyramid folder; using the shipped pyramid %r", path, str(pyramid))
     root = verify(str(pyramid))
     log.info("pretrained pyramid %r: %s", str(pyramid), root)
     return root

@@ -70,8 +70,9 @@ def write_registered_datasets(
         for item in plan:
             for path in (item["image"], item["truth"]):
                 if os.path.exists(path):
-                    raise MetroemError(f"{path} exists; pass --overwrite (overwrite=True) to "
-                                       "replace it, or write into another folder")
+                    raise MetroemError(f"{path} exists; pass --overwrite to replace it "
+                                       "(overwrite=True from Python), or write into another "
+                                       "folder")
     os.makedirs(dst_folder, exist_ok=True)
     written = []
     for item in plan:

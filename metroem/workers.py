@@ -333,11 +333,19 @@ def _detrend_task(folder: str, b: int):
     return partial(detrend_block, folder, b)
 
 
+QUEUE_SCHEMES = ("fq", "sqs")  # python-task-queue's folder and Amazon SQS queues
+
+
 def _queue(url: str):
     try:
         from taskqueue import TaskQueue
     except ImportError as e:
         raise MetroemError("task queues need python-task-queue: pip install task-queue") from e
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme not in QUEUE_SCHEMES:
+        hint = f"; for the folder {url} pass fq://{os.path.abspath(url)}" if scheme is None else ""
+        raise MetroemError(f"queue {url!r} is not a task queue URL: use fq:///path (a folder "
+                           f"queue) or sqs://name (Amazon SQS){hint}")
     _register()
     try:
         return TaskQueue(url)

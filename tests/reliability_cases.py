@@ -748,6 +748,52 @@ def _rg_args(work: Path, blocks: Path) -> list[str]:
             "--held_out", "2"]
 
 
+def _st_output_is_source(world, work):
+    """The aligned image layer named as the source layer, with --overwrite: the raw sections
+    (outside the work folder, watched too) must not be touched."""
+    args = _st_args(world, work, "--overwrite")
+    args[args.index("--image_path") + 1] = world.image
+    return Prepared(args, watch=[work, Path(world.image[len("file://"):])])
+
+
+def _existing_layer(work: Path, name: str) -> None:
+    from metroem import volumes
+
+    url = volumes.normalize_path(str(work / name))
+    volumes.create_volume(url, (SIZE, SIZE, NZ), len(MIPS) + 1, chunk_xy=64)
+    volumes.forget(url)
+
+
+def _st_resume_foreign(world, work):
+    """--resume into a layer no metroem run made (no chunk markers)."""
+    _existing_layer(work, "aligned")
+    _existing_layer(work, "field")
+    return Prepared(_st_args(world, work, "--resume"))
+
+
+def _st_one_output_exists(world, work):
+    """The image layer exists, the field layer does not: the refusal must not create it."""
+    _existing_layer(work, "aligned")
+    return Prepared(_st_args(world, work))
+
+
+def _wk_plain_path(world, work):
+    return Prepared(["worker", str(work / "q")])
+
+
+def _ev_report_is_file(world, work):
+    (work / "rfile").write_text("not a folder\n")
+    return Prepared(["eval", "--image_path", world.image, "--z_start", "1", "--z_end", "3",
+                     "--report", str(work / "rfile")])
+
+
+def _ev_no_data(world, work):
+    """A layer whose info lists the MIP but which holds no chunks there."""
+    _existing_layer(work, "empty")
+    return Prepared(["eval", "--image_path", str(work / "empty"), "--z_start", "1", "--z_end",
+                     "3"])
+
+
 def _st_detrend_zero(world, work):
     return Prepared(_st_args(world, work, "--detrend_sections", "0"))
 
@@ -997,6 +1043,19 @@ CASES: list[Case] = [
          "metroem", _st_misaligned_ratio, r"--misaligned_ratio must be in \[0, 1\)"),
     Case("st_detrend_zero", "a detrend sigma of 0 sections (align, stack)", "metroem",
          _st_detrend_zero, r"--detrend_sections must be a positive number of sections"),
+    Case("st_output_is_source", "an output layer that is the source layer (align "
+         "--overwrite)", "metroem", _st_output_is_source,
+         r"--image_path .* is also --src_path; write the outputs to new layers"),
+    Case("st_resume_foreign_layer", "--resume into layers no metroem run made (align)",
+         "metroem", _st_resume_foreign, r"--resume: .* holds no interrupted metroem run"),
+    Case("st_one_output_exists", "one output layer exists, the other not (align)", "metroem",
+         _st_one_output_exists, r"output layer .*aligned already exists; pass --overwrite"),
+    Case("wk_plain_path_queue", "a folder path instead of a queue URL (worker)", "metroem",
+         _wk_plain_path, r"not a task queue URL.*pass fq://"),
+    Case("ev_report_is_file", "--report naming a file (eval)", "metroem", _ev_report_is_file,
+         r"--report .*rfile is a file; pass a folder"),
+    Case("ev_no_data_at_mip", "a layer with no data at the MIP evaluated (eval)", "metroem",
+         _ev_no_data, r"has no data at MIP 0 .*pass the --mip it was written at"),
     Case("rg_missing_blocks", "registered blocks folder that does not exist (registered)",
          "metroem", _rg_missing_blocks, r"registered blocks not found at .*--blocks DIR"),
     Case("rg_existing", "a registered dataset that already exists (registered)", "metroem",

@@ -346,3 +346,17 @@ def test_pyramid_json_sets_the_pixel_size_and_a_default_length(pyramid, tmp_path
     shipped = Path(__file__).resolve().parents[1] / "models" / "isbi"
     # the shipped ISBI pyramid smooths over 640 nm by default (gated: regularize.GATE)
     assert modules.pyramid_settings(shipped) == {"resolution_nm": 4.0, "smoothing_nm": 640.0}
+
+
+def test_a_pyramid_without_weights_is_a_warning_not_a_quiet_info(tmp_path, caplog):
+    from metroem import pretrained
+
+    copy = pretrained.copy_pyramid("demo", tmp_path / "copy")  # definitions, no weights
+    with caplog.at_level("WARNING", logger="metroem.aligner"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metroem.load_aligner(copy)
+    assert "no checkpoint: its network is untrained" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="metroem.aligner"):
+        metroem.load_aligner("demo")  # trained: nothing at WARNING
+    assert "untrained" not in caplog.text

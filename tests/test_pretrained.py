@@ -37,11 +37,23 @@ def test_a_name_loads_the_same_aligner_as_its_folder(tmp_path, monkeypatch):
         assert torch.equal(by_name(src, tgt), by_folder(src, tgt))
 
 
-def test_an_existing_folder_wins_over_a_name(tmp_path, monkeypatch):
+def test_a_user_pyramid_named_like_a_shipped_one_wins_over_the_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "demo").mkdir()  # an empty user folder named like a shipped pyramid
-    with pytest.raises(MetroemError, match="no module folders in demo"):
-        metroem.load_aligner("demo")
+    pretrained.copy_pyramid("demo", tmp_path / "demo")  # the user's copy, untrained
+    assert pretrained.resolve("demo") == Path("demo")
+
+
+def test_a_folder_that_is_not_a_pyramid_does_not_hide_the_shipped_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo" / "image").mkdir(parents=True)  # e.g. `metroem demo-volume demo`
+    assert pretrained.resolve("demo") == pretrained.verify("demo")
+    assert pretrained.resolve("isbi_like_folder") == Path("isbi_like_folder")  # not a name
+
+
+def test_a_shipped_name_where_a_folder_is_needed_says_to_copy_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MetroemError, match="shipped pyramid.*metroem pretrained copy demo"):
+        modules.discover("demo")
 
 
 def test_unknown_names_and_changed_weights_are_refused(tmp_path, monkeypatch):

@@ -451,6 +451,11 @@ def _run_volume(args) -> dict:
         prev = cur
     overall = metrics.pearson_summary(
         torch.cat([m.flatten() for m in maps]) if maps else torch.empty(0))
+    if maps and not overall["blocks"]:
+        raise MetroemError(
+            f"{args.image_path} has no data at MIP {args.mip} in z [{first}, {args.z_end}) "
+            "(every block empty or flat); pass the --mip it was written at (metroem align "
+            "writes its --mip and coarser)")
     print(f"all      : chunked r mean {overall['mean']:.4f} p5 {overall['p5']:.4f} over "
           f"{overall['blocks']} blocks")
     result = {"sections": per_z, "overall": overall, "pearson_layer": dst}
@@ -480,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     args = cliargs.parse_args(build_parser(), argv)
     if args.chunk < 2:
         raise MetroemError(f"--chunk must be at least 2, got {args.chunk}")
+    if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
+        raise MetroemError(f"--report {args.report} is a file; pass a folder for the pictures")
     if args.image_path and (args.src or args.tgt):
         raise MetroemError("give either --src/--tgt (image pair) or --image_path (volume), not "
                            "both")
