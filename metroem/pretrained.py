@@ -14,6 +14,7 @@ copy NAME DEST``).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.resources
 import logging
@@ -201,12 +202,18 @@ def build_parser():
         epilog="example: metroem pretrained copy isbi ~/pyramids/mine --weights",
     )
     sub = p.add_subparsers(dest="action")
-    sub.add_parser("list", help="the pyramids, their modules, recipes and results (default)")
+    ls = sub.add_parser("list", help="the pyramids, their modules, recipes and results (default)")
     c = sub.add_parser("copy", help="copy a pyramid to a new folder (to train it)")
     c.add_argument("name", choices=names())
     c.add_argument("dest", help="new folder")
     c.add_argument("--weights", action="store_true", help="copy the weights too (finetuning)")
     cliargs.add_common(p, threads_flag=False)
+    for s in (ls, c):  # -v / -q after the action too (SUPPRESS: the parent's value stands)
+        g = s.add_mutually_exclusive_group()
+        g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                       default=argparse.SUPPRESS, help="also show debug messages")
+        g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                       default=argparse.SUPPRESS, help="show only warnings and errors")
     return p
 
 

@@ -122,3 +122,15 @@ def test_upstream_flags_stay():
             assert flag in opts
     image = options("download-image")
     assert {"--mips", "--patch_sizes", "--field_dset"} <= set(image)
+
+
+def test_python_dash_m_metroem_is_the_metroem_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "metroem", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "usage: metroem <command>" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "metroem", "nope"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr

@@ -101,3 +101,11 @@ def test_stack_jobs_keep_a_shipped_name_for_the_workers_to_resolve(tmp_path, mon
     assert inference._job_pyramid("demo") == "demo"  # each worker finds its installed copy
     (tmp_path / "mine").mkdir()
     assert inference._job_pyramid("mine") == str(tmp_path / "mine")
+
+
+def test_the_log_flags_work_after_the_action_too():
+    parse = pretrained.build_parser().parse_args
+    assert parse(["copy", "-q", "demo", "x"]).verbosity == -1
+    assert parse(["list", "-v"]).verbosity == 1
+    assert parse(["-v", "list"]).verbosity == 1  # before the action: the parent's flag stands
+    assert parse(["list"]).verbosity == 0
