@@ -1011,16 +1011,14 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors
             if has[z] and targets:  # replay the verdict on this section
                 guard.judge(z, stack.pearson(_marked_sums(run, z, chunks)), targets[0])
             continue
+        previous = tiling.VolumeFieldStore(run.out.field_path, mip,
+                                           targets[0] if targets else order[i - 1])
         if has[z] and targets:
+            start = t.field_store(previous)
             pieces = run.pieces(src, src_path, z)
-            # each predecessor's alignment starts from that predecessor's own field, so the
-            # votes are independent: a bad nearest section cannot push all of them off
             stores = [run.pair_field(src, tiling.VolumeSource(run.out.image_path, mip, j),
                                      os.path.join(run.cache(z), f"onto{j}"),
-                                     f"z {z} onto {j} ",
-                                     start=t.field_store(
-                                         tiling.VolumeFieldStore(run.out.field_path, mip, j)),
-                                     pieces=pieces)
+                                     f"z {z} onto {j} ", start=start, pieces=pieces)
                       for j in targets]
             nearest = tiling.VolumeSource(run.out.image_path, mip, targets[0])
         else:  # no data here or before: the previous field carries on

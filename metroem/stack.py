@@ -7,13 +7,12 @@ section ``z``: raw section ``z`` warped by it lands on the aligned stack. Each s
 rendered once, from its raw pixels; aligned images are never resampled again.
 
 With ``predecessors = k > 1`` section ``z`` is aligned onto each of the ``k`` nearest aligned
-sections that hold data, each alignment starting from that section's own field, and the
-fields are combined by their per-pixel, per-component median: one bad pair (a defect, a poor
-section) is outvoted instead of derailing every section after it. Sections without data
-are skipped: their field is the previous one, their image stays empty, and later sections
-align to the last section with data. Sections with defects (a
+sections that hold data, and the fields are combined by their per-pixel, per-component median:
+one bad pair (a defect, a poor section) is outvoted instead of derailing every section after
+it. Sections without data are skipped: their field is the previous one, their image stays
+empty, and later sections align to the last section with data. Sections with defects (a
 mask) are aligned, but later sections are aligned onto the undamaged sections before them
-while there are enough, each alignment starting from its target's field.
+while there are enough, starting from the nearest one's field.
 
 Every aligned section is checked against its nearest target (:class:`MisalignmentGuard`): a
 section whose correlation with it falls below half the stack's recent level is *misaligned*
@@ -332,15 +331,14 @@ def align_stack(
     for z in range(1, len(sections)):
         avoid = [(damaged is not None and damaged[j]) or guard.is_flagged(j) for j in range(z)]
         targets = predecessor_indices(z, has, predecessors, avoid)
+        init = out_fields[targets[0] if targets else z - 1]  # the nearest target's field
         if not has[z] or not targets:
             field = out_fields[z - 1].clone()
         else:
             src = sections[z].float()
             mask = None if masks is None else masks[z]
-            # each target's alignment starts from that target's own field: independent votes,
-            # so a bad nearest section cannot push every one of them off
-            field = combine_fields([_pair(pair_fn, src, aligned[j], out_fields[j], mask,
-                                          split_defects) for j in targets])
+            field = combine_fields([_pair(pair_fn, src, aligned[j], init, mask, split_defects)
+                                    for j in targets])
         out_fields.append(field)
         aligned.append(render(sections[z], field, dtype))
         if has[z] and targets:
