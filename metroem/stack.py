@@ -7,10 +7,13 @@ section ``z``: raw section ``z`` warped by it lands on the aligned stack. Each s
 rendered once, from its raw pixels; aligned images are never resampled again.
 
 With ``predecessors = k > 1`` section ``z`` is aligned onto each of the ``k`` nearest aligned
-sections that hold data, and the fields are combined by their per-pixel, per-component median:
-one bad pair (a defect, a poor section) is outvoted instead of derailing every section after
-it. Sections without data are skipped: their field is the previous one, their image stays
-empty, and later sections align to the last section with data. Sections with defects (a
+sections that hold data, every alignment starting from the nearest one's field (the drift
+carries over), and the fields are combined by their per-pixel, per-component median: one bad
+pair (a defect, a poor section) is outvoted instead of derailing every section after it. A
+section whose whole field is far off (a wrong section, a lost pair) pushes every vote off
+through that start; keeping it out of the targets is :class:`MisalignmentGuard`'s job.
+Sections without data are skipped: their field is the previous one, their image stays empty,
+and later sections align to the last section with data. Sections with defects (a
 mask) are aligned, but later sections are aligned onto the undamaged sections before them
 while there are enough, starting from the nearest one's field.
 
