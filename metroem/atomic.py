@@ -48,9 +48,11 @@ _UNREADABLE_LOCK_GRACE_S = 5.0
 
 
 def temp_name(final_path: str) -> str:
-    """The hidden temporary sibling used while writing ``final_path``."""
+    """The hidden temporary sibling used while writing ``final_path``; it keeps the final
+    extension, for writers that check it (torch.export warns about a ``.pt2`` that is not)."""
     folder, name = os.path.split(os.path.abspath(final_path))
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    ext = os.path.splitext(name)[1]
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}")
 
 
 @contextlib.contextmanager

@@ -975,7 +975,8 @@ def _section_has_data(src, height: int, width: int) -> bool:
 
 
 def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors: int,
-                 detrended: bool = False) -> tuple[int, int, list[int]]:
+                 detrended: bool = False, whole_stack: bool = True
+                 ) -> tuple[int, int, list[int]]:
     """Serial stack alignment (:mod:`metroem.stack`) over the layers, chunk by chunk; returns
     the chunks run, the chunks in all, and the sections without data or found misaligned.
 
@@ -1051,7 +1052,8 @@ def _align_stack(run: _Run, src_path: str, ref: int, zs: list[int], predecessors
                 note += f" (r {r:.3f} with z {targets[0]}: misaligned, not a target)"
         bar.step(z, note)
     skip = [z for z in order if not has[z] or guard.is_flagged(z)]
-    _log_drift(order, _marked_placements(run, order, chunks, skip)[0], hint=not detrended)
+    if whole_stack:  # (a queued block's own drift says little about the stack's)
+        _log_drift(order, _marked_placements(run, order, chunks, skip)[0], hint=not detrended)
     return ran, len(chunks) * (len(zs) + 1), skip
 
 

@@ -167,7 +167,8 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
         run = inference._Run(ctx.aligner, ctx.tiler, ctx.devices, markers, out, progress,
                              ctx.sections, job.misaligned_ratio, runaway_stop=0)
         _, _, skip = inference._align_stack(run, job.src_path, ref, secs, job.predecessors,
-                                            detrended=job.detrend_sections is not None)
+                                            detrended=job.detrend_sections is not None,
+                                            whole_stack=False)
         for p in (fpath, ipath):
             volumes.forget(p)
         done.mark(f"b{b}", json.dumps(skip))  # no data or misaligned: not in a detrend fit
@@ -284,6 +285,11 @@ def detrend_block(folder: str, b: int, progress: bool = False) -> None:
     corr = dict(zip(order, detrend.corrections(placements, job.detrend_sections, 0, order,
                                                detrend.half_diagonal(t.height, t.width)),
                     strict=True))
+    if b == 0:  # the whole stack's drift, once: before and after its trend is taken out
+        inference._log_drift(order, placements, hint=False)
+        inference._log_drift(order, [None if p is None else p @ corr[z]
+                                     for z, p in zip(order, placements, strict=True)],
+                             detrended=True)
     ref, secs = blocks[b]
     zs = ([ref] if b == 0 else []) + secs
     markers = inference._Markers(os.path.join(job.block_dir(b), "detrended"))

@@ -48,7 +48,8 @@ def test_one_block_is_the_serial_stack(pyramid, tmp_path):  # noqa: F811
     assert (read_all(serial[1], 4) - read_all(blocked[1], 4)).abs().max() <= 1
 
 
-def test_one_block_detrended_is_the_serial_detrended_stack(pyramid, tmp_path):  # noqa: F811
+def test_one_block_detrended_is_the_serial_detrended_stack(pyramid, tmp_path,  # noqa: F811
+                                                          caplog):
     """--detrend_sections with --block_size: stitching keeps each section's placement sums and
     the detrending tasks apply the corrections; one block is the serial run, detrended."""
     src = make_volume(tmp_path / "img", n=5)
@@ -59,8 +60,12 @@ def test_one_block_detrended_is_the_serial_detrended_stack(pyramid, tmp_path):  
     inference.align_volume(str(pyramid), src, 1, 5, *plain, chunk=CHUNK, progress=False)
     assert (read_all(serial[0], 5) - read_all(plain[0], 5)).abs().max() > 0.05  # it did act
     blocked = [str(tmp_path / "f2"), str(tmp_path / "i2")]
-    out = inference.align_volume(str(pyramid), src, 1, 5, *blocked, block_size=8, **kw)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="metroem"):
+        out = inference.align_volume(str(pyramid), src, 1, 5, *blocked, block_size=8, **kw)
     assert out["blocks"] == 1
+    drift = [r.getMessage() for r in caplog.records if "placement moves" in r.getMessage()]
+    assert len(drift) == 2 and "after detrending" in drift[1]  # the whole stack's, once
     assert (read_all(serial[0], 5) - read_all(blocked[0], 5)).abs().max() < 1e-3
     assert (read_all(serial[1], 5) - read_all(blocked[1], 5)).abs().max() <= 1
     work = tmp_path / "f2" / inference.MARKER_DIR / "serial"
