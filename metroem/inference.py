@@ -403,6 +403,15 @@ def align_files(
         raise MetroemError(f"--field_out {field_out} must end in .npy")
     if image_out and not image_out.lower().endswith((".npy", *IMAGE_SUFFIXES)):
         raise MetroemError(f"--image_out {image_out} must end in .png, .tif or .npy")
+    named = {"--src": src, "--tgt": tgt, "--src_mask": src_mask, "--tgt_mask": tgt_mask}
+    for flag, p in (("--field_out", field_out), ("--image_out", image_out)):
+        if not p:
+            continue
+        same = [f for f, q in named.items() if q and os.path.abspath(q) == os.path.abspath(p)]
+        if same:
+            raise MetroemError(f"{flag} {p} is also {same[0]}; write the output to a new file "
+                               "(an input is never written to)")
+        named[flag] = p
     first = os.path.abspath(outputs[0])
     work = os.path.join(os.path.dirname(first), f".{os.path.basename(first)}.partial")
     existing = [p for p in outputs if os.path.exists(p)]

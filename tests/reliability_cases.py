@@ -686,6 +686,17 @@ def _al_float_png(world, work):
                      "--no_progress"])
 
 
+def _al_output_is_source(world, work):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("s.png", "t.png"):
+        Image.fromarray(rng.integers(20, 230, (64, 64), dtype=np.uint8)).save(work / name)
+    return Prepared(["align", "--pyramid_path", str(world.pyramid), "--src", str(work / "s.png"),
+                     "--tgt", str(work / "t.png"), "--image_out", str(work / "s.png"),
+                     "--overwrite", "--no_progress"])
+
+
 def _al_z_end_past(world, work):
     return Prepared(["align", "--pyramid_path", str(world.pyramid), "--src_path", world.image,
                      "--z_start", "1", "--z_end", "9", "--field_path", str(work / "field"),
@@ -1023,6 +1034,9 @@ CASES: list[Case] = [
          done="ingested as a uint16 layer; every grey level kept"),
     Case("al_float_to_png", "float image written to a PNG output (align)", "metroem",
          _al_float_png, r"PNG holds 8/16-bit images.*write .tif or .npy"),
+    Case("al_output_is_source", "the output image file is the source image (align "
+         "--overwrite)", "metroem", _al_output_is_source,
+         r"--image_out .*s.png is also --src; write the output to a new file"),
     Case("al_z_end_past_volume", "--z_end past the volume (align)", "metroem", _al_z_end_past,
          r"pass --z_end 6 or less"),
     Case("st_no_image_layer", "stack without an aligned image layer (align)", "metroem",
