@@ -1249,7 +1249,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chunk", type=int, default=1024, help="chunk side in pixels (default 1024)")
     m.add_argument("--pad", type=int, default=None,
                    help="context per side in pixels of each stage's MIP (default: per stage, "
-                   "from its network; 320 for the demo nets)")
+                   "from its network's reach: tiling.default_stage_pad)")
     cliargs.add_device(m, help="cpu | gpu | all | GPU ids like 0,2: chunks are spread over "
                        "the devices (default cpu)")
     m.add_argument("--smoothing_nm", type=float, default=None,
