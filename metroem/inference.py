@@ -525,13 +525,10 @@ def _chunk_xy(path: str) -> int:
 
 def _prepare_layer(path: str, like: volumes.VolumeInfo, chunk_xy: int, dtype: str, channels: int,
                    overwrite: bool, resume: bool) -> None:
+    # (whether an existing output may be replaced or resumed into is _check_outputs' decision,
+    # made before any layer is created)
     local = volumes.normalize_path(path)
     exists = _layer_exists(path)
-    if exists and not (overwrite or resume):
-        raise MetroemError(
-            f"output layer {path} already exists; pass --overwrite to replace it or --resume to "
-            "continue an interrupted run into it"
-        )
     if exists and resume and not overwrite:
         info = volumes.volume_info(path)
         if info.size[0] != like.size[0] or info.num_channels != channels:

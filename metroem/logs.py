@@ -68,13 +68,15 @@ def _quietly(fn, **kwargs) -> None:
         pass
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--verbose`` / ``--quiet`` (``args.verbosity``: 1 / -1, default 0) to a command."""
+def add_arguments(parser: argparse.ArgumentParser, default=0) -> None:
+    """Add ``--verbose`` / ``--quiet`` (``args.verbosity``: 1 / -1, default ``default``; a
+    subcommand's parser passes ``argparse.SUPPRESS`` so the main parser's value stands) to a
+    command."""
     g = parser.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
-                   default=0, help="also show debug messages")
+                   default=default, help="also show debug messages")
     g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
-                   help="show only warnings and errors (progress bars stay)")
+                   default=default, help="show only warnings and errors (progress bars stay)")
 
 
 def setup_logging(verbosity: int = 0) -> None:

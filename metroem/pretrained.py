@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metroem import modules
+from metroem import logs, modules
 from metroem.errors import MetroemError, cli_errors
 
 log = logging.getLogger(__name__)
@@ -208,12 +208,8 @@ def build_parser():
     c.add_argument("dest", help="new folder")
     c.add_argument("--weights", action="store_true", help="copy the weights too (finetuning)")
     cliargs.add_common(p, threads_flag=False)
-    for s in (ls, c):  # -v / -q after the action too (SUPPRESS: the parent's value stands)
-        g = s.add_mutually_exclusive_group()
-        g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
-                       default=argparse.SUPPRESS, help="also show debug messages")
-        g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
-                       default=argparse.SUPPRESS, help="show only warnings and errors")
+    for s in (ls, c):  # -v / -q after the action too
+        logs.add_arguments(s, default=argparse.SUPPRESS)
     return p
 
 

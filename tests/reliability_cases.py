@@ -729,11 +729,13 @@ def _st_missing_queue(world, work):
     return Prepared(["worker", f"fq://{work / 'no_queue'}"])
 
 
-def _mask_layer(work: Path, size: int, nz: int) -> str:
+def _mask_layer(work: Path, size: int, nz: int, name: str | None = None) -> str:
+    """An empty uint8 layer (info, no chunks) of ``size``^2 x ``nz`` sections, 3 MIPs."""
     from metroem import volumes
 
-    url = volumes.normalize_path(str(work / f"mask{size}x{nz}"))
+    url = volumes.normalize_path(str(work / (name or f"mask{size}x{nz}")))
     volumes.create_volume(url, (size, size, nz), 3, chunk_xy=64)
+    volumes.forget(url)
     return url
 
 
@@ -768,11 +770,7 @@ def _st_output_is_source(world, work):
 
 
 def _existing_layer(work: Path, name: str) -> None:
-    from metroem import volumes
-
-    url = volumes.normalize_path(str(work / name))
-    volumes.create_volume(url, (SIZE, SIZE, NZ), len(MIPS) + 1, chunk_xy=64)
-    volumes.forget(url)
+    _mask_layer(work, SIZE, NZ, name)
 
 
 def _st_resume_foreign(world, work):
