@@ -18,7 +18,9 @@ last section of the block before it (its *reference*).
 With ``--queue URL`` the command only enqueues the block tasks and returns; ``metroem worker
 URL`` runs tasks until the queue is empty (any number of workers, on any machines that see
 the layers and the work folder). The worker that finishes the last block enqueues the
-stitching tasks (and the last stitching task the detrending ones). Every task skips work it
+stitching tasks (and the last stitching task the detrending ones), once: a claim file in the
+work folder keeps two workers that finish at the same moment from both inserting them. Every
+task skips work it
 finds marked done, so a task that runs twice (a lease ran out, a worker was killed) gives the
 same result. Without ``--queue`` the same tasks run in this process, in order: the result is
 identical.
@@ -175,8 +177,8 @@ def run_block(folder: str, b: int, progress: bool = False) -> None:
         log.info("block %d (z %d..%d onto %d) aligned", b, secs[0], secs[-1], ref)
     n = len(job.blocks())
     if job.queue and all(done.done(f"b{k}") for k in range(n)):
-        _insert(job.queue, [_stitch_task(folder, k) for k in range(n)
-                            if not done.done(f"b{k}_stitched")])
+        _insert_phase(done, job.queue, "stitching", [_stitch_task(folder, k) for k in range(n)
+                                                     if not done.done(f"b{k}_stitched")])
 
 
 def _task(folder: str, key: str, needed: str, blocks_needed, missing_text: str):
@@ -243,8 +245,8 @@ def stitch_block(folder: str, b: int, progress: bool = False) -> None:
     n = len(blocks)
     if job.detrend_sections is not None and job.queue and all(
             done.done(f"b{k}_stitched") for k in range(n)):
-        _insert(job.queue, [_detrend_task(folder, k) for k in range(n)
-                            if not done.done(f"b{k}_detrended")])
+        _insert_phase(done, job.queue, "detrending", [_detrend_task(folder, k) for k in range(n)
+                                                      if not done.done(f"b{k}_detrended")])
 
 
 def _placements(job: StackJob, height: int, width: int,
@@ -363,6 +365,25 @@ def _queue(url: str):
 def _insert(url: str, tasks: list) -> None:
     if tasks:
         _queue(url).insert(tasks)
+
+
+def _insert_phase(done, url: str, phase: str, tasks: list) -> None:
+    """Insert the tasks of the next ``phase`` once, however many workers finish the phase
+    before at the same moment: the worker that creates the phase's claim file inserts them.
+    (A worker killed between claim and insert leaves the phase to ``metroem align --queue``
+    run again: :func:`enqueue` inserts whatever is not done, claims or not.)"""
+    if not tasks:
+        return
+    claim = os.path.join(done.folder, f"{phase}.enqueued")
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    try:
+        _insert(url, tasks)
+    except BaseException:
+        os.remove(claim)
+        raise
 
 
 def enqueue(job: StackJob) -> int:
