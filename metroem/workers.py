@@ -20,10 +20,9 @@ URL`` runs tasks until the queue is empty (any number of workers, on any machine
 the layers and the work folder). The worker that finishes the last block enqueues the
 stitching tasks (and the last stitching task the detrending ones), once: a claim file in the
 work folder keeps two workers that finish at the same moment from both inserting them. Every
-task skips work it
-finds marked done, so a task that runs twice (a lease ran out, a worker was killed) gives the
-same result. Without ``--queue`` the same tasks run in this process, in order: the result is
-identical.
+task skips work it finds marked done, so a task that runs twice (a lease ran out, a worker was
+killed) gives the same result. Without ``--queue`` the same tasks run in this process, in
+order: the result is identical.
 
 Queues are python-task-queue's (``fq:///path`` folder queues on one machine or a shared
 disk, ``sqs://`` on a cluster); this module adds no scheduler of its own.
