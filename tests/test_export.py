@@ -15,7 +15,7 @@ import torch
 from helpers import isbi_section, tiny_pyramid
 from PIL import Image
 
-from metroem import export, modules, nets
+from metroem import export, modules, nets, regularize
 from metroem.aligner import load_aligner
 from metroem.errors import MetroemError
 
@@ -176,7 +176,7 @@ def test_export_carries_the_field_smoothing_and_its_gate(pyramid, tmp_path):
     assert export.main(["--pyramid_path", str(pyramid), str(out), "--smoothing_nm", "128",
                         "--resolution_nm", "4"]) == 0
     model, info = export.load_exported(str(out))
-    assert info["smoothing_px"] == 32 and info["smoothing_gate"] == [0.85, 0.95]
+    assert info["smoothing_px"] == 32 and info["smoothing_gate"] == list(regularize.GATE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         smooth = load_aligner(pyramid, smoothing_nm=128, resolution_nm=4)
