@@ -14,15 +14,32 @@ import torch
 import torch.nn.functional as F
 
 from metroem import fields
+from metroem.nets import normalize_image_local
 
 Tensor = torch.Tensor
 
 __all__ = ["phase_translation", "translation_field"]
 
 
+SHADING_FRACTION = 1 / 8  # the local normalisation's window, as a share of the image's size
+
+
+def _flattened(img: Tensor) -> Tensor:
+    """Each pixel less the mean and over the standard deviation of a Gaussian window of
+    :data:`SHADING_FRACTION` of the image (over data pixels; no data stays 0): an illumination
+    gradient or shading, which dominates a plain cross-correlation (a ramp correlates best
+    with itself, unshifted), is taken out, the tissue's structure is kept."""
+    h, w = img.shape[-2:]
+    flat, valid = normalize_image_local(img, max(h, w) * SHADING_FRACTION, factor=4,
+                                        nodata_aware=True)
+    return flat * valid
+
+
 def _normalized(img: Tensor) -> Tensor:
-    """Zero mean, unit variance over the nonzero pixels; no data stays 0."""
+    """Zero mean, unit variance over the nonzero pixels of :func:`_flattened` ``img``; no data
+    stays 0."""
     valid = (img != 0).to(img.dtype)
+    img = _flattened(img)
     count = valid.sum((-2, -1), keepdim=True).clamp_min(1)
     mean = (img * valid).sum((-2, -1), keepdim=True) / count
     var = ((img - mean) ** 2 * valid).sum((-2, -1), keepdim=True) / count
@@ -42,7 +59,8 @@ def phase_translation(src: Tensor, tgt: Tensor, max_size: int = 512) -> Tensor:
 
     Images are ``(N, 1, H, W)`` with 0 = no data. They are box-averaged by powers of two until
     both sides are at most ``max_size`` (fast on any image, sub-pixel refined there), normalised
-    over their data and cross-correlated through the FFT with zero padding (no wrap-around);
+    locally (:func:`_flattened`: shading does not count) and over their data, and
+    cross-correlated through the FFT with zero padding (no wrap-around);
     the peak is refined with a parabola per axis. Items without data get 0.
     """
     src = src.float()

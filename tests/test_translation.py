@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metroem import fields, translation
+from metroem import fields, regularize, translation
 
 
 def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -34,3 +34,32 @@ def test_items_without_data_get_zero_and_batches_are_per_item():
     src = fields.warp_image(img, translation.translation_field(-t, 96, 96))
     got = translation.phase_translation(torch.cat([src, empty]), torch.cat([img, img]))
     assert torch.allclose(got[0], t[0], atol=0.3) and got[1].abs().max() == 0
+
+
+def test_shading_does_not_decide_the_shift():
+    """Neighbouring sections (the tissue partly changed), each shaded differently: the target
+    darker to the right, the source a gain ramp of 0.6 to 1.4 (uneven illumination). The shift
+    is still the tissue's; correlating plainly normalised images, the shading wins and the
+    shift lands far off."""
+    h = w = 256
+
+    def texture(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        x = regularize._gaussian_blur(torch.randn(1, 1, h, w, generator=g), 2.0)
+        return x / x.std()
+
+    a, b = texture(4), texture(104)
+    shade = -torch.linspace(-1, 1, w)
+    tgt = (128 + 25 * a + 40 * shade).clamp(1, 255)
+    neighbour = (128 + 25 * (0.6 * a + 0.8 * b) + 40 * shade).clamp(1, 255)
+    t = torch.tensor([[40.0, -22.0]])
+    src = fields.warp_image(neighbour, translation.translation_field(-t, h, w))
+    src = src * torch.linspace(0.6, 1.4, w)
+    got = translation.phase_translation(src, tgt)
+    assert torch.allclose(got, t, atol=0.5), got
+    plain = translation._flattened  # without the local normalisation (the method before it)
+    try:
+        translation._flattened = lambda x: x
+        assert (translation.phase_translation(src, tgt) - t).norm() > 20
+    finally:
+        translation._flattened = plain
