@@ -306,15 +306,23 @@ def regularized_support_px(sigma: float, gate: tuple[float, float] | None,
     return support_px(sigma) + (gate_support_px(window_px) if gate is not None else 0)
 
 
-def _blur_data(img: Tensor, sigma: float) -> Tensor:
-    """``img`` Gaussian-blurred over its data pixels only (normalised convolution: no data,
-    0, neither darkens nor brightens its surroundings); 0 stays 0."""
+def _blur_data(*imgs: Tensor, sigma: float) -> list[Tensor]:
+    """Each ``(N, 1, H, W)`` image Gaussian-blurred over its data pixels only (normalised
+    convolution: no data, 0, neither darkens nor brightens its surroundings; 0 stays 0), all
+    in one float32 convolution."""
     if not sigma > 0:
-        return img
-    x = img.double()
-    data = (x != 0).double()
-    out = _gaussian_blur(x * data, sigma) / _gaussian_blur(data, sigma).clamp_min(1e-6)
-    return (out * data).to(img.dtype)
+        return list(imgs)
+    parts = []
+    for img in imgs:
+        x = img.float()
+        data = (x != 0).float()
+        parts += [x * data, data]
+    blurred = _gaussian_blur(torch.cat(parts, 1), sigma)
+    out = []
+    for i, img in enumerate(imgs):
+        val, data = blurred[:, 2 * i : 2 * i + 1], blurred[:, 2 * i + 1 : 2 * i + 2]
+        out.append((val / data.clamp_min(1e-6) * (img != 0)).to(img.dtype))
+    return out
 
 
 def match_similarity(src: Tensor, tgt: Tensor, field: Tensor, window_px: float,
@@ -332,8 +340,9 @@ def match_similarity(src: Tensor, tgt: Tensor, field: Tensor, window_px: float,
     if weight is None:
         weight = data_weight(src, tgt, field)
     blur = gate_blur_px(window_px) if blur_px is None else float(blur_px)
-    a = fields.warp_image(_blur_data(src.to(field.dtype), blur), field).double()
-    b = _blur_data(tgt, blur).double()
+    src_b, tgt_b = _blur_data(src.to(field.dtype), tgt, sigma=blur)
+    a = fields.warp_image(src_b, field).double()
+    b = tgt_b.double()
     w = weight.double()
     sums = _box_sum(torch.cat([w, a * w, b * w, a * a * w, b * b * w, a * b * w], 1),
                     _box_radius(window_px))
