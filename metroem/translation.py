@@ -30,9 +30,8 @@ def _flattened(img: Tensor) -> Tensor:
     gradient or shading, which dominates a plain cross-correlation (a ramp correlates best
     with itself, unshifted), is taken out, the tissue's structure is kept."""
     h, w = img.shape[-2:]
-    flat, valid = normalize_image_local(img, max(h, w) * SHADING_FRACTION, factor=4,
-                                        nodata_aware=True)
-    return flat * valid
+    return normalize_image_local(img, max(h, w) * SHADING_FRACTION, factor=4,
+                                 nodata_aware=True)[0]  # already 0 where there is no data
 
 
 def _normalized(img: Tensor) -> Tensor:
