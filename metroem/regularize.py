@@ -61,8 +61,10 @@ __all__ = [
     "check_gate",
     "checked_gate_arg",
     "data_weight",
+    "gate_step",
     "gate_support_px",
     "grid_factor",
+    "grid_multiple",
     "match_keep",
     "match_similarity",
     "regularized_field",
@@ -80,7 +82,9 @@ MIN_DATA_SHARE = 0.05  # a gate window with less data than this counts as no mat
 GATE_WINDOW_NM = 80.0  # std of the gate's square correlation window (a few membranes wide)
 # both images are blurred by this much before the gate correlates them, so that noise and a
 # focus difference between two images of the same section do not read as other tissue
-GATE_BLUR_NM = 12.0
+GATE_BLUR_NM = 20.0
+# keeps a window's plane fit solvable when its data lie on a line (relative to its data count)
+PLANE_RIDGE = 1e-6
 NEAR_FOLD_DET = 0.05  # a gated field whose Jacobian determinant falls to this is smoothed there
 FOLD_PASSES = 2  # how many times that is checked and done
 
@@ -288,13 +292,30 @@ def gate_blur_px(window_px: float) -> float:
     return window_px * GATE_BLUR_NM / GATE_WINDOW_NM
 
 
+def gate_step(window_px: float) -> int:
+    """How much coarser the grid is on which the gate correlates (a power of two): both images
+    are blurred by :func:`gate_blur_px` first, so sampling them every ``blur / 2`` pixels
+    loses nothing the correlation would see, and costs a quarter per halving."""
+    blur = gate_blur_px(window_px)
+    return 1 << max(0, int(math.floor(math.log2(blur / 2)))) if blur >= 4 else 1
+
+
+def grid_multiple(sigma: float, gate: tuple[float, float] | None, window_px: float) -> int:
+    """Tile origins must be multiples of this (px) for :func:`regularized_field` on a tile to
+    equal the whole image's: the smoothing's grid and, with a gate, the gate's."""
+    factor = grid_factor(sigma) if sigma > 0 else 1
+    return max(factor, gate_step(window_px)) if gate is not None and window_px > 0 else factor
+
+
 def gate_support_px(window_px: float) -> int:
     """How far (px) the gate reaches: its blur, its correlation window, the keep map's
     average, and the fold check's reach and turn (:func:`regularized_field`)."""
     if not window_px > 0:
         return 0
     blur = math.ceil(3 * gate_blur_px(window_px))
-    return blur + (2 + 2 * FOLD_PASSES) * (_box_radius(window_px) + 1)
+    step = gate_step(window_px)
+    window = step * (_box_radius(window_px / step) + 1)  # the correlation's, on its grid
+    return blur + window + step + (1 + 2 * FOLD_PASSES) * (_box_radius(window_px) + 1)
 
 
 def regularized_support_px(sigma: float, gate: tuple[float, float] | None,
@@ -327,35 +348,97 @@ def _blur_data(*imgs: Tensor, sigma: float) -> list[Tensor]:
 
 def match_similarity(src: Tensor, tgt: Tensor, field: Tensor, window_px: float,
                      weight: Tensor | None = None, blur_px: float | None = None) -> Tensor:
-    """``(N, 1, H, W)``: local Pearson r of ``warp(src, field)`` and ``tgt`` in a square window
-    whose standard deviation is ``window_px`` pixels (half-width about ``1.7 window_px``), over
-    the pixels ``weight`` (default :func:`data_weight`) marks; 0 where a window holds little
-    data or no contrast. Both images are first blurred by ``blur_px`` (default
-    :func:`gate_blur_px`): pixel noise and a focus difference lower the correlation of two
-    images of the same section far more than that of their blurred copies, while the
-    different membranes of neighbouring sections stay different (docs/experiments.md, "A
-    gate that noise and focus do not open")."""
+    """``(N, 1, H, W)``: local correlation of ``warp(src, field)`` and ``tgt`` in a square
+    window whose standard deviation is ``window_px`` pixels (half-width about
+    ``1.7 window_px``), over the pixels ``weight`` (default :func:`data_weight`) marks; 0 where
+    a window holds little data or no contrast.
+
+    * Both images are first blurred by ``blur_px`` (default :func:`gate_blur_px`): pixel noise
+      and a focus difference lower the correlation of two images of the same section far more
+      than that of their blurred copies, while the different membranes of neighbouring
+      sections stay different.
+    * Within each window the correlation is partial: each image's best-fitting plane in x and
+      y is taken out first (weighted least squares over the window's data), so a brightness
+      that changes slowly across the section (uneven illumination, charging) is no more
+      "other tissue" than a uniform change of brightness or contrast is.
+
+    docs/experiments.md, "A gate that noise and focus do not open" and "A gate that shading
+    does not close"."""
     if not window_px > 0:
         raise MetroemError(f"the gate's window must be > 0 px, got {window_px}")
     if weight is None:
         weight = data_weight(src, tgt, field)
     blur = gate_blur_px(window_px) if blur_px is None else float(blur_px)
     src_b, tgt_b = _blur_data(src.to(field.dtype), tgt, sigma=blur)
-    a = fields.warp_image(src_b, field).double()
-    b = tgt_b.double()
-    w = weight.double()
-    sums = _box_sum(torch.cat([w, a * w, b * w, a * a * w, b * b * w, a * b * w], 1),
-                    _box_radius(window_px))
-    sw = sums[:, 0:1].clamp_min(1e-6)
-    ma, mb = sums[:, 1:2] / sw, sums[:, 2:3] / sw
-    va = sums[:, 3:4] / sw - ma * ma
-    vb = sums[:, 4:5] / sw - mb * mb
-    cov = sums[:, 5:6] / sw - ma * mb
+    step = gate_step(window_px)
+    full = field.shape[-2:]
+    a = fields.warp_image(src_b, field)[..., ::step, ::step].double()
+    b = tgt_b[..., ::step, ::step].double()
+    w = weight[..., ::step, ::step].double()
+    r = _box_radius(window_px / step)
+    h, wd = a.shape[-2:]
+    # coordinates in window half-widths (well-conditioned sums); the moments below are taken
+    # about each window's centre pixel, so a tile gives the whole image's value
+    ys = torch.arange(h, dtype=a.dtype, device=a.device)[:, None].expand(h, wd) / r
+    xs = torch.arange(wd, dtype=a.dtype, device=a.device)[None, :].expand(h, wd) / r
+    wx, wy = w * xs, w * ys
+    sums = _box_sum(torch.cat([w, wx, wy, wx * xs, wy * ys, wx * ys,
+                               a * w, a * wx, a * wy, b * w, b * wx, b * wy,
+                               a * a * w, b * b * w, a * b * w], 1), r)
+    s0, sx, sy = sums[:, 0:1], sums[:, 1:2], sums[:, 2:3]
+    # the window's Gram matrix of (1, dx, dy), dx = x - x_centre: [[g00 g01 g02] ...]
+    g01, g02 = sx - xs * s0, sy - ys * s0
+    g11 = sums[:, 3:4] - 2 * xs * sx + xs * xs * s0
+    g22 = sums[:, 4:5] - 2 * ys * sy + ys * ys * s0
+    g12 = sums[:, 5:6] - xs * sy - ys * sx + xs * ys * s0
+    g11 = g11 + PLANE_RIDGE * s0  # a window whose data lie on a line still has a fit
+    g22 = g22 + PLANE_RIDGE * s0
+    # its inverse by cofactors (elementwise: cheap, and exportable)
+    c00 = g11 * g22 - g12 * g12
+    c01 = g02 * g12 - g01 * g22
+    c02 = g01 * g12 - g02 * g11
+    c11 = s0 * g22 - g02 * g02
+    c12 = g01 * g02 - s0 * g12
+    c22 = s0 * g11 - g01 * g01
+    det = (s0 * c00 + g01 * c01 + g02 * c02).clamp_min(1e-30)
+
+    def moments(k: int) -> tuple[Tensor, Tensor, Tensor]:
+        m0 = sums[:, k : k + 1]
+        return m0, sums[:, k + 1 : k + 2] - xs * m0, sums[:, k + 2 : k + 3] - ys * m0
+
+    def explained(u, v) -> Tensor:  # u' G^-1 v: the part of a cross moment the planes explain
+        return (c00 * u[0] * v[0] + c11 * u[1] * v[1] + c22 * u[2] * v[2]
+                + c01 * (u[0] * v[1] + u[1] * v[0]) + c02 * (u[0] * v[2] + u[2] * v[0])
+                + c12 * (u[1] * v[2] + u[2] * v[1])) / det
+
+    ma, mb = moments(6), moments(9)
+    va = sums[:, 12:13] - explained(ma, ma)
+    vb = sums[:, 13:14] - explained(mb, mb)
+    cov = sums[:, 14:15] - explained(ma, mb)
     scale = (va.clamp_min(0) * vb.clamp_min(0)).sqrt()
-    share = sums[:, 0:1] / (2 * _box_radius(window_px) + 1) ** 2
-    ok = (share > MIN_DATA_SHARE) & (scale > 1e-9)
-    r = torch.where(ok, cov / scale.clamp_min(1e-12), torch.zeros_like(cov)).clamp(-1, 1)
-    return r.to(field.dtype)
+    share = s0 / (2 * r + 1) ** 2
+    ok = (share > MIN_DATA_SHARE) & (scale > 1e-9 * s0)
+    out = torch.where(ok, cov / scale.clamp_min(1e-12), torch.zeros_like(cov)).clamp(-1, 1)
+    if step > 1:  # back to every pixel from the valid samples only (no-data edges stay sharp)
+        both = _upsample_grid(torch.cat([out, ok.double()], 1), step, *full)
+        out = torch.where(both[:, 1:] > 1e-6, both[:, :1] / both[:, 1:].clamp_min(1e-6), 0.0)
+    return out.to(field.dtype)
+
+
+def _upsample_grid(x: Tensor, step: int, h: int, w: int) -> Tensor:
+    """``x`` sampled at every ``step``-th pixel (sample ``j`` at pixel ``step * j``) back at
+    every pixel of ``h x w``, bilinearly (beyond the last sample: its value)."""
+    if step == 1:
+        return x
+    for dim, n in ((-2, h), (-1, w)):
+        pos = torch.arange(n, dtype=x.dtype, device=x.device) / step
+        lo = pos.floor().long().clamp(max=x.shape[dim] - 1)
+        hi = (lo + 1).clamp(max=x.shape[dim] - 1)
+        frac = (pos - lo).clamp(0, 1)
+        shape = [n, 1] if dim == -2 else [n]
+        frac = frac.view(shape)
+        x = x.index_select(dim, lo) * (1 - frac) + x.index_select(dim, hi) * frac
+    return x
 
 
 def _box_radius(window_px: float) -> int:

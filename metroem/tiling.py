@@ -565,7 +565,8 @@ class StageTiler:
         self.gate_window_px = float(getattr(aligner, "gate_window_px", 0.0))
         self.smoothing_pad = 0
         if self.smoothing_px > 0:
-            factor = regularize.grid_factor(self.smoothing_px)  # its window sums' grid
+            factor = regularize.grid_multiple(  # the grids of its window sums and gate
+                self.smoothing_px, self.smoothing_gate, self.gate_window_px)
             sp = regularize.regularized_support_px(self.smoothing_px, self.smoothing_gate,
                                                    self.gate_window_px)
             self.smoothing_pad = -(-sp // factor) * factor
