@@ -31,16 +31,17 @@ does, nothing is lost to the tissue, and smoothing would only throw away real di
 shorter than the length (a same-section pair, a re-imaged section). So the field is kept as
 matched where the local correlation of the warped source with the target (both blurred by
 :data:`GATE_BLUR_NM`, so that noise and focus do not count as other tissue; a square window
-whose standard deviation is :data:`GATE_WINDOW_NM`) is at or above the gate's upper end,
-smoothed where it is at or below its lower end (different tissue: neighbouring sections), and
-blended in between; that blend weight is averaged over the same window and squared, so the
-field turns from kept to smoothed gradually and a window that only partly matches leans to
-the smoothed field; wherever the blend still comes near a fold (the pyramid's own, or where
-the blend turns), the smoothed field takes over around it. On the benchmarks' pairs the
-median same-section correlation is 0.99-1.0 (0.97-0.99 with heavy noise or a blurred source),
-that of FIB-SEM slices 40 nm apart about 0.86 and that of real ssTEM neighbours about 0.7
-(docs/experiments.md, "Smoothing only where the tissue differs" and "A gate that noise and
-focus do not open").
+whose standard deviation is :data:`GATE_WINDOW_NM`; within it each image's plane of brightness
+is taken out first, so that uneven illumination does not either) is at or above the gate's
+upper end, smoothed where it is at or below its lower end (different tissue: neighbouring
+sections), and blended in between; that blend weight is averaged over the same window and
+squared, so the field turns from kept to smoothed gradually and a window that only partly
+matches leans to the smoothed field; wherever the blend still comes near a fold (the pyramid's
+own, or where the blend turns), the smoothed field takes over around it. On the benchmarks'
+pairs the median same-section correlation is 0.99-1.0 (0.98-1.0 with heavy noise, a blurred
+source or uneven illumination), that of FIB-SEM slices 40 nm apart about 0.86 and that of real
+ssTEM neighbours about 0.7 (docs/experiments.md: "Smoothing only where the tissue differs", "A
+gate that noise and focus do not open", "A gate that shading does not close").
 """
 
 from __future__ import annotations
