@@ -288,14 +288,18 @@ def adjust_intensity(
     gamma: float = 0.0,
     noise: float = 0.0,
     generator=None,
+    shading: float = 0.0,
 ) -> Tensor:
-    """Random gamma, contrast, brightness and Gaussian noise on the valid (nonzero) pixels.
+    """Random gamma, contrast, brightness, shading and Gaussian noise on the valid (nonzero)
+    pixels.
 
     Per item, with ``s`` the largest valid value and ``m`` the valid mean, and ``u`` uniform
     in [-1, 1]: ``x <- s (x/s)^exp(u gamma)``, ``x <- m + (x - m)(1 + u contrast)``,
-    ``x <- x + u brightness s``, ``x <- x + N(0, 1) noise s``. Expects raw, non-negative
-    intensities. No-data pixels stay 0; valid pixels are clamped to at least ``1e-3 s`` so they
-    stay valid.
+    ``x <- x + u brightness s``, then (``shading`` > 0) ``x <- x (1 + a (X cos t + Y sin t))``
+    with ``X, Y`` in [-1, 1] across the image, a random direction ``t`` and ``a`` uniform in
+    [0, shading] (uneven illumination: a gain that changes across the image; at least 0.1),
+    then ``x <- x + N(0, 1) noise s``. Expects raw, non-negative intensities. No-data pixels
+    stay 0; valid pixels are clamped to at least ``1e-3 s`` so they stay valid.
     """
     if not img.is_floating_point():
         raise ValueError(f"adjust_intensity needs a floating image, got {img.dtype}")
@@ -310,10 +314,26 @@ def adjust_intensity(
     m = x.sum(dim=tuple(range(1, img.dim())), keepdim=True) / count
     x = m + (x - m) * (1 + u[1] * contrast).view(shape)
     x = x + (u[2] * brightness).view(shape) * s
+    if shading > 0:  # drawn only when asked, so other configs keep their random streams
+        x = x * _shading_gain(img, shading, generator)
     if noise > 0:
         eps = torch.randn(img.shape, generator=generator, device=_gen_device(generator))
         x = x + eps.to(img) * noise * s
     return torch.where(valid, x.clamp_min(1e-3 * s), torch.zeros_like(img))
+
+
+def _shading_gain(img: Tensor, shading: float, generator) -> Tensor:
+    """A random plane of gain per item, ``1 + a (X cos t + Y sin t)`` over ``img``'s last two
+    axes (``X, Y`` from -1 to 1), ``a`` uniform in [0, shading], floored at 0.1."""
+    n, (h, w) = img.shape[0], img.shape[-2:]
+    v = _rand((2, n), generator, img).to(img.dtype)
+    a, t = v[0] * shading, v[1] * 2 * math.pi
+    ys = torch.linspace(-1, 1, h, device=img.device, dtype=img.dtype)
+    xs = torch.linspace(-1, 1, w, device=img.device, dtype=img.dtype)
+    lead = (n,) + (1,) * (img.dim() - 1)
+    slope_x = (a * torch.cos(t)).view(lead)
+    slope_y = (a * torch.sin(t)).view(lead)
+    return (1 + slope_x * xs + slope_y * ys[:, None]).clamp_min(0.1)
 
 
 # --------------------------------------------------------------------------- defects
@@ -449,7 +469,9 @@ DEFAULTS: dict = {
     "folds": {"p": 0.05, "on": "both", "width": 4.0, "displacement": 6.0},  # px
     "cracks": {"p": 0.05, "on": "both", "width": 2.0},  # px
     # Per image; magnitudes are fractions of the image's largest valid value (gamma: log scale).
-    "intensity": {"p": 0.5, "brightness": 0.1, "contrast": 0.2, "gamma": 0.2, "noise": 0.02},
+    # shading: the largest gain slope across the image (uneven illumination; 0 = none)
+    "intensity": {"p": 0.5, "brightness": 0.1, "contrast": 0.2, "gamma": 0.2, "noise": 0.02,
+                  "shading": 0.0},
 }
 
 def validate(section: dict | None) -> dict:

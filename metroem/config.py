@@ -107,6 +107,7 @@ RANGES = [
     ("masks.mask_threshold", 0, math.inf, True, False),
     ("augment.*.*", 0, math.inf, True, False),  # probabilities, counts and magnitudes
     ("augment.intensity.contrast", 0, 1, True, False),
+    ("augment.intensity.shading", 0, 1, True, False),
     ("augment.*.elastic_scale", 0, math.inf, False, False),
 ]
 
@@ -115,6 +116,7 @@ NOTES = {
     "loss.embedding_margin": "a distance between unit vectors",
     "loss.embedding_radius": "level pixels",
     "augment.intensity.contrast": "1 or more would invert contrast",
+    "augment.intensity.shading": "1 or more would black out a corner of the image",
     "augment.*.elastic_scale": "a correlation length in px",
 }
 

@@ -181,6 +181,34 @@ def test_intensity_keeps_no_data_and_validity():
     assert not torch.allclose(out, img)
 
 
+def test_shading_is_a_plane_of_gain_and_drawn_only_when_asked():
+    """Uneven illumination: each image is multiplied by its own gain plane (out / in is
+    linear in x and y, at most 1 +- shading * sqrt(2), not the same for two items); no-data
+    stays 0; without shading the random stream, hence the output, is as before."""
+    img = smooth_image(4, 48, 64, gen(1)) + 0.5
+    img[0, :, :5, :] = 0  # no data along one edge
+    out = A.adjust_intensity(img, shading=0.5, generator=gen(2))
+    assert torch.equal(out == 0, img == 0)
+    ratio = out / img.where(img != 0, torch.ones_like(img))
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 48), torch.linspace(-1, 1, 64), indexing="ij")
+    design = torch.stack([torch.ones_like(xx), xx, yy], -1).reshape(-1, 3)
+    slopes = []
+    for i in range(4):
+        valid = (img[i, 0] != 0).reshape(-1)
+        y = ratio[i, 0].reshape(-1)[valid]
+        coef = torch.linalg.lstsq(design[valid], y[:, None]).solution[:, 0]
+        assert (design[valid] @ coef - y).abs().max() < 1e-4  # a plane, exactly
+        assert abs(coef[0] - 1) < 1e-4 and coef[1:].norm() <= 0.5 + 1e-4
+        slopes.append(coef[1:])
+    assert (slopes[0] - slopes[1]).norm() > 1e-3
+    plain = dict(brightness=0.1, contrast=0.2, gamma=0.2, noise=0.05)
+    a = A.adjust_intensity(img, **plain, generator=gen(3))
+    b = A.adjust_intensity(img, **plain, shading=0.0, generator=gen(3))
+    assert torch.equal(a, b)
+    with pytest.raises(MetroemError, match="shading"):
+        A.build_augment({"intensity": {"shading": 1.5}})
+
+
 def test_intensity_keeps_the_pair_aligned(pair):
     aug = A.build_augment(
         {
