@@ -370,7 +370,8 @@ def match_similarity(src: Tensor, tgt: Tensor, field: Tensor, window_px: float,
     if weight is None:
         weight = data_weight(src, tgt, field)
     blur = gate_blur_px(window_px) if blur_px is None else float(blur_px)
-    src_b, tgt_b = _blur_data(src.to(field.dtype), tgt, sigma=blur)
+    # (both as floats: a uint8 target would have its blurred copy rounded back to uint8)
+    src_b, tgt_b = _blur_data(src.to(field.dtype), tgt.to(field.dtype), sigma=blur)
     step = gate_step(window_px)
     full = field.shape[-2:]
     a = fields.warp_image(src_b, field)[..., ::step, ::step].double()

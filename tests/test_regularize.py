@@ -307,3 +307,14 @@ def test_shading_does_not_close_the_gate_on_the_same_section():
     # faster than linearly (a stripe pattern) still lowers the correlation
     stripes = 1 + 0.5 * torch.sin(torch.arange(size) / 3.0)[None, None, None, :]
     assert regularize.match_similarity(src * stripes, tgt, field, window)[inner].median() < 0.95
+
+
+def test_the_gate_reads_a_uint8_target_as_its_float_values():
+    """The blurred copy of a uint8 image is not rounded back to uint8 (the whole-image aligner
+    passes uint8 sections, the tiler float32 windows: both must give one field)."""
+    tgt = _texture(14, 96).round()
+    src = _texture(15, 96).round()
+    zero = torch.zeros(1, 2, 96, 96)
+    as_float = regularize.match_similarity(src, tgt, zero, 6.0)
+    as_uint8 = regularize.match_similarity(src.to(torch.uint8), tgt.to(torch.uint8), zero, 6.0)
+    assert torch.equal(as_float, as_uint8)
