@@ -63,6 +63,12 @@ def _ramp(img: np.ndarray, nm: float, rng: np.random.Generator) -> np.ndarray:
     return img * np.linspace(0.6, 1.4, img.shape[-1])[None, :]
 
 
+def _vignette(img: np.ndarray, nm: float, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[-2:]
+    yy, xx = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    return img * (1.3 - 0.3 * (xx**2 + yy**2))  # 1.3 at the centre, 0.7 in the corners
+
+
 def _focus(img: np.ndarray, nm: float, rng: np.random.Generator) -> np.ndarray:
     return ndimage.gaussian_filter(img, FOCUS_NM / nm)
 
@@ -79,6 +85,8 @@ CHANGES: dict[str, tuple[str, Change]] = {
     "gamma 0.5": ("255 (x / 255)^0.5: a different detector response",
                   lambda a, nm, rng: 255 * (np.clip(a, 0, 255) / 255) ** 0.5),
     "uneven illumination": ("x times a ramp from 0.6 (left) to 1.4 (right)", _ramp),
+    "vignetting": ("x times a bowl of gain: 1.3 at the centre, 1.0 at the edges' midpoints, "
+                   "0.7 in the corners", _vignette),
     "out of focus": (f"Gaussian blur of {FOCUS_NM:g} nm (2 px on ISBI, 0.8 px on FIB-SEM)",
                      _focus),
     "noisier": (f"Gaussian noise of {NOISE:g} grey levels", _noise),
