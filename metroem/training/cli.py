@@ -154,7 +154,11 @@ def run(args: argparse.Namespace, hooks: TrainingHooks | None = None) -> list[St
     _check_checkpoint_name(args.checkpoint_name)
     info, device = dist.init(args.device)
     try:
-        return _run(args, info, device, hooks if hooks is not None else TrainingHooks())
+        results = _run(args, info, device, hooks if hooks is not None else TrainingHooks())
+        # every rank has finished before any tears the group down: a rank that destroys it
+        # while another still saves its last checkpoint aborted once in CI at exit (gloo)
+        dist.barrier(info)
+        return results
     finally:
         dist.shutdown()
 
