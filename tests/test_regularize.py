@@ -223,19 +223,19 @@ def test_a_kept_field_that_would_fold_is_smoothed_there_and_kept_elsewhere():
     assert torch.allclose(fixed[far], folded[far], atol=1e-6)
 
 
-@pytest.mark.parametrize("window, size, wobble_px", [(4.0, 360, 6.0), (20.0, 720, 12.0)])
-def test_a_padded_tile_gives_the_whole_image_gated_result(window, size, wobble_px):
+@pytest.mark.parametrize("window, size, wobble_px, shut_below, shut_share",
+                         [(4.0, 360, 6.0, 0.9, 0.05), (20.0, 720, 12.0, 0.92, 0.02)])
+def test_a_padded_tile_gives_the_whole_image_gated_result(window, size, wobble_px, shut_below,
+                                                          shut_share):
     """Also where the gate correlates on a coarser grid (window 20 px: every 2nd pixel)."""
     tgt = _texture(4, size, blur=max(2.0, window / 4))
     gen = torch.Generator().manual_seed(5)
     field = synth.elastic_field(1, size, size, std=2.0, scale=24, generator=gen)
     src, field = synth.deformed_pair(tgt, field)
     wobble = regularize._gaussian_blur(torch.randn(1, 2, size, size, generator=gen), 3.0)
-    noisy = field + wobble_px * wobble  # the gate is partly open: shut, blended and kept
+    noisy = field + wobble_px * wobble  # the gate is partly open: shut in places, kept in others
     r = regularize.match_similarity(src, tgt, noisy, window)
-    low, high = regularize.GATE
-    assert (r < low).float().mean() > 0.02 and (r < high).float().mean() > 0.3
-    assert (r > low).float().mean() > 0.3
+    assert (r < shut_below).float().mean() > shut_share and (r > 0.95).float().mean() > 0.3
     sigma = 12.0
     assert regularize.gate_step(window) == (1 if window < 10 else 2)
     whole = regularize.regularized_field(noisy, src, tgt, sigma, regularize.GATE, window)
@@ -280,7 +280,7 @@ def test_noise_and_a_focus_difference_do_not_close_the_gate_on_the_same_section(
     assert r_raw[inner].median() < regularize.GATE[0] < regularize.GATE[1] < r[inner].median()
     kept = regularize.regularized_field(field, src, tgt, 32.0, regularize.GATE, window)
     plain = regularize.regularized_field(field, src, tgt, 32.0, None, window)
-    assert (kept - field)[inner].norm(dim=1).median() < 0.1 < (plain - field)[inner].norm(
+    assert (kept - field)[inner].norm(dim=1).median() < 0.05 < (plain - field)[inner].norm(
         dim=1).median()
 
 
