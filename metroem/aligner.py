@@ -285,7 +285,7 @@ def load_aligner(
     refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
-    translation_init: bool = False,
+    translation_init: bool | None = None,
     spec_changes: Mapping | Sequence[Mapping] | None = None,
     smoothing_gate: tuple[float, float] | str | bool | None = None,
 ) -> PyramidAligner:
@@ -305,8 +305,9 @@ def load_aligner(
     part of the field that is affine over about that length, except where the images match as
     a same-section pair does: ``smoothing_gate`` ``(low, high)`` correlations, ``"off"``, or
     None for the pyramid's default, else :data:`metroem.regularize.GATE`.
-    ``translation_init`` starts from a phase-correlation translation (see
-    :class:`PyramidAligner`).
+    ``translation_init`` starts a pair given no incoming field from its phase-correlation
+    translation (see :class:`PyramidAligner`); None: the pyramid's default (``pyramid.json``),
+    else off.
 
     ``spec_changes`` overrides parameter-free spec keys at load time (``iterations``,
     ``prior_factor``, ``learned_levels``, ...; :mod:`metroem.nets`): one mapping for every
@@ -322,6 +323,8 @@ def load_aligner(
     mods = modules.select_stages(modules.discover(pyramid_path), stages)
     if smoothing_gate is None:
         smoothing_gate = settings.get("smoothing_gate", regularize.GATE)
+    if translation_init is None:
+        translation_init = settings.get("translation_init", False)
     smoothing = {}
     if smoothing_nm:
         if resolution_nm is None:

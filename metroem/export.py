@@ -168,9 +168,13 @@ def export_pyramid(
         raise MetroemError(
             f"input MIP {aligner.input_mip} is coarser than every stage (MIPs {aligner.mips})"
         )
-    if aligner.translation_init or aligner.refine:
-        log.warning("the phase-correlation start and refinement are not exported: the program "
-                    "starts from no field and does not refine")
+    if aligner.translation_init:
+        log.warning("the phase-correlation start (--translation_init, or the pyramid's "
+                    "pyramid.json) is not exported: the program starts each pair from no field; "
+                    "for drift beyond the coarse stage's reach warp the source by a translation "
+                    "first")
+    if aligner.refine:
+        log.warning("online refinement is not exported: the program does not refine")
     if aligner.smoothing_px > 0:
         log.info("smoothing over %.4g px at the input MIP (gate %s) is part of the program",
                  aligner.smoothing_px, aligner.smoothing_gate or "off")

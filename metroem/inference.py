@@ -89,7 +89,7 @@ def read_image(path: str):
 
 
 def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_options,
-                smoothing_nm=None, resolution_nm=None, translation_init=False,
+                smoothing_nm=None, resolution_nm=None, translation_init=None,
                 smoothing_gate=None):
     if isinstance(pyramid, PyramidAligner):
         aligner = pyramid
@@ -105,8 +105,8 @@ def _as_aligner(pyramid, checkpoint_name, stages, device, mip, refine, refine_op
             for key, value in smoothing_settings(smoothing_nm, resolution_nm,
                                                  aligner.input_mip, gate).items():
                 setattr(aligner, key, value)
-        if translation_init:
-            aligner.translation_init = True
+        if translation_init is not None:
+            aligner.translation_init = bool(translation_init)
         return aligner
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained stages warn once per module; fine here
@@ -165,7 +165,7 @@ def pyramid_input(pyramid, data_nm: float | None, mip: int | None,
 
 def volume_aligner(pyramid, info: volumes.VolumeInfo, mip: int | None, checkpoint_name,
                    stages, device, refine=False, refine_options=None, smoothing_nm=None,
-                   translation_init=False, smoothing_gate=None) -> tuple[PyramidAligner, int]:
+                   translation_init=None, smoothing_gate=None) -> tuple[PyramidAligner, int]:
     """The aligner for a CloudVolume layer and the layer MIP it reads: :func:`data_aligner`
     with the layer's own MIP 0 pixel size."""
     return data_aligner(pyramid, layer_resolution_nm(info), mip, checkpoint_name, stages, device,
@@ -174,7 +174,7 @@ def volume_aligner(pyramid, info: volumes.VolumeInfo, mip: int | None, checkpoin
 
 def data_aligner(pyramid, data_nm: float | None, mip: int | None, checkpoint_name, stages,
                  device, refine=False, refine_options=None, smoothing_nm=None,
-                 translation_init=False, smoothing_gate=None) -> tuple[PyramidAligner, int]:
+                 translation_init=None, smoothing_gate=None) -> tuple[PyramidAligner, int]:
     """The aligner for images at MIP ``mip`` of data whose MIP 0 pixels are ``data_nm``, and
     that MIP (by default the one matching the pyramid's finest stage).
 
@@ -376,7 +376,7 @@ def align_files(
     refine_options: dict | None = None,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
-    translation_init: bool = False,
+    translation_init: bool | None = None,
     smoothing_gate: tuple[float, float] | str | None = None,
     src_mask: str | None = None,
     tgt_mask: str | None = None,
@@ -639,7 +639,7 @@ def align_volume(
     refine: bool = False,
     refine_options: dict | None = None,
     smoothing_nm: float | None = None,
-    translation_init: bool = False,
+    translation_init: bool | None = None,
     smoothing_gate: tuple[float, float] | str | None = None,
     mask_path: str | None = None,
     mask_mip: int | None = None,
@@ -1263,9 +1263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nm per MIP0 pixel of image files (default: the pyramid's "
                    "pyramid.json; volumes: read from the layer): sets the smoothing's pixels "
                    "and the pyramid MIP the images run at")
-    m.add_argument("--translation_init", action="store_true",
-                   help="start from one global translation found by phase correlation (drift "
-                   "larger than the coarse stage's search window)")
+    m.add_argument("--translation_init", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each pair from one global translation found by phase "
+                   "correlation (drift larger than the coarse stage's search window, or a "
+                   "shading that misleads it; default: the pyramid's pyramid.json, else off)")
     m.add_argument("--refine", action="store_true",
                    help="refine each field online on its pair (metroem.refine)")
     m.add_argument("--refine_steps", type=int, default=60, help="steps per level")

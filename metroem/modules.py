@@ -175,13 +175,15 @@ SETTINGS_FILE = "pyramid.json"
 # on, and the default smoothing length (metroem.regularize) for aligning with it.
 SETTINGS = {"resolution_nm": "nm per MIP0 pixel (> 0)",
             "smoothing_nm": "default smoothing length in nm (>= 0; 0 = off)",
-            "smoothing_gate": "the smoothing's match gate: [low, high] correlations, or \"off\""}
+            "smoothing_gate": "the smoothing's match gate: [low, high] correlations, or \"off\"",
+            "translation_init": "true or false: start a pair from its phase-correlation "
+                                "translation"}
 
 
 def pyramid_settings(pyramid_path: str | os.PathLike) -> dict:
     """The pyramid's ``pyramid.json`` (``{}`` when there is none), checked: known keys only,
     finite numbers, ``resolution_nm > 0``, ``smoothing_nm >= 0``, ``smoothing_gate`` two
-    correlations (a tuple) or ``"off"``."""
+    correlations (a tuple) or ``"off"``, ``translation_init`` a boolean."""
     path = Path(pyramid_path).expanduser() / SETTINGS_FILE
     if not path.is_file():
         return {}
@@ -203,6 +205,12 @@ def pyramid_settings(pyramid_path: str | os.PathLike) -> dict:
                 raise MetroemError(f"{path}: {key} = {json.dumps(value)}; it must be "
                                    f"{SETTINGS[key]}") from None
             out[key] = "off" if gate is None else gate
+            continue
+        if key == "translation_init":
+            if not isinstance(value, bool):
+                raise MetroemError(f"{path}: {key} = {json.dumps(value)}; it must be "
+                                   f"{SETTINGS[key]}")
+            out[key] = value
             continue
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             value > 0 if key == "resolution_nm" else value >= 0) and value < float("inf")

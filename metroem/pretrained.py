@@ -60,9 +60,9 @@ REGISTRY: dict[str, Pretrained] = {p.name: p for p in (
         checkpoint="isbi",
         modules=("0_mip2in_isbi", "1_mip1in_isbi", "2_mip0in_isbi"),
         sha256={
-            "0_mip2in_isbi": "4b54cdbc966144aebc92c72549967261aa339484591ba3ea384557d1053c504e",
-            "1_mip1in_isbi": "d15088349639eca3a77105e7b8b10553b811d35f721f70118f37f559cc03a18c",
-            "2_mip0in_isbi": "eb5731aec444bb639eafbd5e9139ba3313e1775ac7249ca9691d4a4c1a614d0d",
+            "0_mip2in_isbi": "44a974b9210ce0b3450f8d64c365a9de78049c58ba1d407aeb16a9225f44d70a",
+            "1_mip1in_isbi": "c44ae11d35dad3b07ddd2240c4708fe21a0aa90134746a7d2c8f160379a5ee88",
+            "2_mip0in_isbi": "0ba59462ba886cf621678e51949d6d16d71f68b75ff07d05c012048e612df091",
         },
         recipe="make isbi",
         resolution_nm=4.0,  # trained on 4 nm ssTEM and on 10 nm FIB-SEM resampled to 4-16 nm

@@ -244,6 +244,36 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
     assert not (tmp_path / "g.npy").exists()
 
 
+def test_pyramid_default_translation_init_and_its_cli_override(pyramid, tmp_path):
+    """A pyramid.json with translation_init starts metroem align from the phase correlation;
+    --no-translation_init turns it off for one run."""
+    import shutil
+
+    pyr = tmp_path / "pyr"
+    shutil.copytree(pyramid, pyr)
+    (pyr / "pyramid.json").write_text('{"translation_init": true}')
+    size = 128
+    a, b = section(0, size + 24)[24:, 24:], section(1, size)
+    np.save(tmp_path / "s.npy", np.ascontiguousarray(a))
+    np.save(tmp_path / "t.npy", b)
+    src, tgt = (torch.from_numpy(v)[None, None] for v in (np.ascontiguousarray(a), b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fields_by_option = {
+            flag: load_aligner(pyr, translation_init=on)(src, tgt)[0].numpy()
+            for flag, on in (("--translation_init", True), ("--no-translation_init", False))}
+    gap = np.abs(fields_by_option["--translation_init"]
+                 - fields_by_option["--no-translation_init"]).max()
+    assert gap > 0.1  # the two starts give different fields on this pair
+    for flags, key in (([], "--translation_init"),  # the pyramid's default
+                       (["--no-translation_init"], "--no-translation_init")):
+        out = tmp_path / f"f{len(flags)}.npy"
+        assert inference.main(["--pyramid_path", str(pyr), "--src", str(tmp_path / "s.npy"),
+                               "--tgt", str(tmp_path / "t.npy"), "--field_out", str(out),
+                               "--chunk", "64", "--no_progress", *flags]) == 0
+        assert np.abs(np.load(out) - fields_by_option[key]).max() < 1e-3, key
+
+
 def test_align_volume_smoothing_uses_the_layer_resolution(pyramid, tmp_path):
     src = make_volume(tmp_path / "img", size=128)
     res = volumes.volume_info(src).resolution[0][0]

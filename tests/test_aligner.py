@@ -334,7 +334,12 @@ def test_pyramid_json_sets_the_pixel_size_and_a_default_length(pyramid, tmp_path
     (pyr / "pyramid.json").write_text('{"resolution_nm": 4, "smoothing_nm": 64, '
                                       '"smoothing_gate": "off"}')
     assert metroem.load_aligner(pyr, "rand").smoothing_gate is None
+    assert not metroem.load_aligner(pyr, "rand").translation_init  # off unless asked
+    (pyr / "pyramid.json").write_text('{"resolution_nm": 4, "translation_init": true}')
+    assert metroem.load_aligner(pyr, "rand").translation_init
+    assert not metroem.load_aligner(pyr, "rand", translation_init=False).translation_init
     for text, words in (('{"resolution_nm": 0}', "resolution_nm = 0"),
+                        ('{"translation_init": 1}', "translation_init = 1; it must be true"),
                         ('{"smoothing_gate": [0.9, 0.1]}', "smoothing_gate = \\[0.9, 0.1\\]"),
                         ('{"smoothing_gate": false}', "smoothing_gate = false"),
                         ('{"pixel": 4}', "unknown key"), ("[1]", "JSON object"),
@@ -344,8 +349,10 @@ def test_pyramid_json_sets_the_pixel_size_and_a_default_length(pyramid, tmp_path
             metroem.load_aligner(pyr, "rand")
     assert modules.pyramid_settings(pyramid) == {}
     shipped = Path(__file__).resolve().parents[1] / "models" / "isbi"
-    # the shipped ISBI pyramid smooths over 640 nm by default (gated: regularize.GATE)
-    assert modules.pyramid_settings(shipped) == {"resolution_nm": 4.0, "smoothing_nm": 640.0}
+    # the shipped ISBI pyramid smooths over 640 nm by default (gated: regularize.GATE) and
+    # starts each pair from its phase-correlation translation
+    assert modules.pyramid_settings(shipped) == {"resolution_nm": 4.0, "smoothing_nm": 640.0,
+                                                 "translation_init": True}
 
 
 def test_a_pyramid_without_weights_is_a_warning_not_a_quiet_info(tmp_path, caplog):

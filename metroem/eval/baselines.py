@@ -267,7 +267,7 @@ def metroem_method(
     input_mip: int = 0,
     smoothing_nm: float | None = None,
     resolution_nm: float | None = None,
-    translation_init: bool = False,
+    translation_init: bool | None = None,
     spec_changes=None,
     smoothing_gate=None,
     stages: list[int] | None = None,
@@ -280,8 +280,9 @@ def metroem_method(
     ``refine=True`` asks :func:`metroem.aligner.load_aligner` for its per-pair online
     refinement (:mod:`metroem.refine`; an error if this metroem's aligner has none).
     ``smoothing_nm`` / ``resolution_nm`` / ``smoothing_gate`` regularise the field and
-    ``translation_init`` starts it from a phase correlation, and ``spec_changes`` overrides
-    parameter-free spec keys (:func:`metroem.aligner.load_aligner`); ``stages`` picks stages.
+    ``translation_init`` starts it from a phase correlation (None: the pyramid's default),
+    and ``spec_changes`` overrides parameter-free spec keys
+    (:func:`metroem.aligner.load_aligner`); ``stages`` picks stages.
     """
     from metroem.aligner import load_aligner
 
@@ -290,8 +291,8 @@ def metroem_method(
         extra.update(smoothing_nm=smoothing_nm, resolution_nm=resolution_nm)
     if smoothing_gate is not None:
         extra["smoothing_gate"] = smoothing_gate
-    if translation_init:
-        extra["translation_init"] = True
+    if translation_init is not None:
+        extra["translation_init"] = bool(translation_init)
     if spec_changes is not None:
         extra["spec_changes"] = spec_changes
     try:
