@@ -187,3 +187,26 @@ def test_export_carries_the_field_smoothing_and_its_gate(pyramid, tmp_path):
             expected, unsmoothed = smooth(s, t), raw(s, t)
         assert (got - expected).abs().max() < export.CHECK_TOLERANCE
         assert (expected - unsmoothed).abs().max() > 0.05  # the smoothing is in the program
+
+
+def test_export_of_a_pyramid_that_starts_from_phase_correlation_says_it_does_not(
+        pyramid, tmp_path, caplog):
+    """A pyramid whose pyramid.json starts pairs from the phase-correlation translation exports
+    the field without that start (the program has no such step) and says so."""
+    import logging
+    import shutil
+
+    pyr = tmp_path / "pyr"
+    shutil.copytree(pyramid, pyr)
+    (pyr / "pyramid.json").write_text('{"translation_init": true}')
+    out = tmp_path / "pc.pt2"
+    with caplog.at_level(logging.WARNING, logger="metroem.export"):
+        assert export.main(["--pyramid_path", str(pyr), str(out)]) == 0
+    assert "phase-correlation start" in caplog.text and "not exported" in caplog.text
+    model, _ = export.load_exported(str(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unstarted = load_aligner(pyr, translation_init=False)
+    for s, t in real_inputs([(96, 64)]):
+        with torch.no_grad():
+            assert (run(model, s, t) - unstarted(s, t)).abs().max() < export.CHECK_TOLERANCE
