@@ -1263,10 +1263,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nm per MIP0 pixel of image files (default: the pyramid's "
                    "pyramid.json; volumes: read from the layer): sets the smoothing's pixels "
                    "and the pyramid MIP the images run at")
-    m.add_argument("--translation_init", action=argparse.BooleanOptionalAction, default=None,
-                   help="start each pair from one global translation found by phase "
-                   "correlation (drift larger than the coarse stage's search window, or a "
-                   "shading that misleads it; default: the pyramid's pyramid.json, else off)")
+    start = m.add_mutually_exclusive_group()
+    start.add_argument("--translation_init", action="store_const", const=True, default=None,
+                       help="start each pair from one global translation found by phase "
+                       "correlation (drift larger than the coarse stage's search window, or a "
+                       "shading that misleads it; default: the pyramid's pyramid.json, else "
+                       "off)")
+    start.add_argument("--no_translation_init", dest="translation_init", action="store_const",
+                       const=False, help="start each pair from no field, whatever the "
+                       "pyramid's pyramid.json says")
     m.add_argument("--refine", action="store_true",
                    help="refine each field online on its pair (metroem.refine)")
     m.add_argument("--refine_steps", type=int, default=60, help="steps per level")

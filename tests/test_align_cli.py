@@ -246,7 +246,7 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
 
 def test_pyramid_default_translation_init_and_its_cli_override(pyramid, tmp_path):
     """A pyramid.json with translation_init starts metroem align from the phase correlation;
-    --no-translation_init turns it off for one run."""
+    --no_translation_init turns it off for one run."""
     import shutil
 
     pyr = tmp_path / "pyr"
@@ -261,12 +261,12 @@ def test_pyramid_default_translation_init_and_its_cli_override(pyramid, tmp_path
         warnings.simplefilter("ignore")
         fields_by_option = {
             flag: load_aligner(pyr, translation_init=on)(src, tgt)[0].numpy()
-            for flag, on in (("--translation_init", True), ("--no-translation_init", False))}
+            for flag, on in (("--translation_init", True), ("--no_translation_init", False))}
     gap = np.abs(fields_by_option["--translation_init"]
-                 - fields_by_option["--no-translation_init"]).max()
+                 - fields_by_option["--no_translation_init"]).max()
     assert gap > 0.1  # the two starts give different fields on this pair
     for flags, key in (([], "--translation_init"),  # the pyramid's default
-                       (["--no-translation_init"], "--no-translation_init")):
+                       (["--no_translation_init"], "--no_translation_init")):
         out = tmp_path / f"f{len(flags)}.npy"
         assert inference.main(["--pyramid_path", str(pyr), "--src", str(tmp_path / "s.npy"),
                                "--tgt", str(tmp_path / "t.npy"), "--field_out", str(out),
