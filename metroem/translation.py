@@ -59,8 +59,10 @@ def phase_translation(src: Tensor, tgt: Tensor, max_size: int = 512) -> Tensor:
     Images are ``(N, 1, H, W)`` with 0 = no data. They are box-averaged by powers of two until
     both sides are at most ``max_size`` (fast on any image, sub-pixel refined there), normalised
     locally (:func:`_flattened`: shading does not count) and over their data, and
-    cross-correlated through the FFT with zero padding (no wrap-around);
-    the peak is refined with a parabola per axis. Items without data get 0.
+    cross-correlated through the FFT with zero padding (no wrap-around); each shift scores the
+    significance of its correlation over the pixels the two images share (at least a quarter
+    of the smaller one's data), so a match over the whole image beats an equally good one over
+    part of it; the peak is refined with a parabola per axis. Items without data get 0.
     """
     src = src.float()
     tgt = tgt.float()
@@ -75,14 +77,17 @@ def phase_translation(src: Tensor, tgt: Tensor, max_size: int = 512) -> Tensor:
     cross = torch.fft.irfft2(
         torch.fft.rfft2(s, s=(fh, fw)).conj() * torch.fft.rfft2(t, s=(fh, fw)), s=(fh, fw)
     )[:, 0]  # cross[d] = sum_p s(p) t(p + d): t(p) ~ s(p - d), so the pull shift is -d
-    # weight by overlap so large shifts with few pixels do not win by noise
+    # score each shift by the significance of its correlation, r sqrt(n) ~ cross / sqrt(n) over
+    # its n overlapping pixels: the mean (cross / n) lets a shift whose overlap is half the
+    # image tie with no shift when the two halves look alike (repeated or neighbouring
+    # tissue), the plain sum lets large overlaps win whatever their correlation
     ones_s, ones_t = (src != 0).float(), (tgt != 0).float()
     overlap = torch.fft.irfft2(
         torch.fft.rfft2(ones_s, s=(fh, fw)).conj() * torch.fft.rfft2(ones_t, s=(fh, fw)),
         s=(fh, fw),
     )[:, 0]
     min_overlap = 0.25 * torch.minimum(ones_s.sum((-3, -2, -1)), ones_t.sum((-3, -2, -1)))
-    score = torch.where(overlap > min_overlap.view(n, 1, 1), cross / overlap.clamp_min(1),
+    score = torch.where(overlap > min_overlap.view(n, 1, 1), cross / overlap.clamp_min(1).sqrt(),
                         torch.full_like(cross, -1e9))
     flat = score.reshape(n, -1).argmax(1)
     py, px = flat // fw, flat % fw
