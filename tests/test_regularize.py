@@ -236,6 +236,7 @@ def test_a_padded_tile_gives_the_whole_image_gated_result(window, size, wobble_p
     noisy = field + wobble_px * wobble  # the gate is partly open: shut in places, kept in others
     r = regularize.match_similarity(src, tgt, noisy, window)
     assert (r < shut_below).float().mean() > shut_share and (r > 0.95).float().mean() > 0.3
+    assert (r < regularize.GATE[1]).float().mean() > 0.3  # and blended in places
     sigma = 12.0
     assert regularize.gate_step(window) == (1 if window < 10 else 2)
     whole = regularize.regularized_field(noisy, src, tgt, sigma, regularize.GATE, window)
