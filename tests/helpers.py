@@ -48,6 +48,16 @@ def isbi_section(index: int) -> Path:
     return shared_data("isbi") / f"{index:02d}.png"
 
 
+def pyramid_with_settings(pyramid: Path, dest: Path, settings: str) -> Path:
+    """A copy of the pyramid folder ``pyramid`` at ``dest`` whose ``pyramid.json`` holds the
+    JSON text ``settings``."""
+    import shutil
+
+    shutil.copytree(pyramid, dest)
+    (dest / modules.SETTINGS_FILE).write_text(settings)
+    return dest
+
+
 def tiny_pyramid(
     root: str | os.PathLike,
     spec: dict,

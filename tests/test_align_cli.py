@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import isbi_section, tiny_pyramid
+from helpers import isbi_section, pyramid_with_settings, tiny_pyramid
 from PIL import Image
 
 from metroem import cli, fields, inference, nets, tiling, volumes
@@ -247,11 +247,7 @@ def test_smoothing_and_translation_init_tiled_equal_the_whole_image_aligner(pyra
 def test_pyramid_default_translation_init_and_its_cli_override(pyramid, tmp_path):
     """A pyramid.json with translation_init starts metroem align from the phase correlation;
     --no_translation_init turns it off for one run."""
-    import shutil
-
-    pyr = tmp_path / "pyr"
-    shutil.copytree(pyramid, pyr)
-    (pyr / "pyramid.json").write_text('{"translation_init": true}')
+    pyr = pyramid_with_settings(pyramid, tmp_path / "pyr", '{"translation_init": true}')
     size = 128
     a, b = section(0, size + 24)[24:, 24:], section(1, size)
     np.save(tmp_path / "s.npy", np.ascontiguousarray(a))

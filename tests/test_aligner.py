@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import isbi_section, tiny_pyramid
+from helpers import isbi_section, pyramid_with_settings, tiny_pyramid
 from PIL import Image
 
 import metroem
@@ -315,13 +315,10 @@ def test_smoothing_nm_keeps_the_affine_part_and_drops_the_rest(pyramid):
 def test_pyramid_json_sets_the_pixel_size_and_a_default_length(pyramid, tmp_path):
     """pyramid.json holds the MIP0 pixel size and an optional default smoothing length;
     explicit arguments win (0 turns the default off); a bad file is a one-line error."""
-    import shutil
-
     from metroem.errors import MetroemError
 
-    pyr = tmp_path / "pyr"
-    shutil.copytree(pyramid, pyr)
-    (pyr / "pyramid.json").write_text('{"resolution_nm": 4, "smoothing_nm": 64}')
+    pyr = pyramid_with_settings(pyramid, tmp_path / "pyr",
+                                '{"resolution_nm": 4, "smoothing_nm": 64}')
     assert modules.pyramid_settings(pyr) == {"resolution_nm": 4.0, "smoothing_nm": 64.0}
     assert metroem.load_aligner(pyr, "rand").smoothing_px == 16.0
     assert metroem.load_aligner(pyr, "rand", smoothing_nm=32).smoothing_px == 8.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import isbi_section, tiny_pyramid
+from helpers import isbi_section, pyramid_with_settings, tiny_pyramid
 from PIL import Image
 
 from metroem import export, modules, nets, regularize
@@ -194,11 +194,8 @@ def test_export_of_a_pyramid_that_starts_from_phase_correlation_says_it_does_not
     """A pyramid whose pyramid.json starts pairs from the phase-correlation translation exports
     the field without that start (the program has no such step) and says so."""
     import logging
-    import shutil
 
-    pyr = tmp_path / "pyr"
-    shutil.copytree(pyramid, pyr)
-    (pyr / "pyramid.json").write_text('{"translation_init": true}')
+    pyr = pyramid_with_settings(pyramid, tmp_path / "pyr", '{"translation_init": true}')
     out = tmp_path / "pc.pt2"
     with caplog.at_level(logging.WARNING, logger="metroem.export"):
         assert export.main(["--pyramid_path", str(pyr), str(out)]) == 0
